@@ -1,0 +1,103 @@
+"""The Python API: `moepager.load(model, device=..., **runtime_options)` -> Engine.
+
+Builds the decoder on the meta device, loads the resident weights, and plugs in an implementation of the
+experts contract. Runtime choices arrive here as arguments; the model config never carries them.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import MoepagerError
+from .generate import SamplingParams, Timings, generate_step
+from .layers import KVCache
+from .model import Transformer
+from .moe import ResidentExperts
+from .store.checkpoint import Checkpoint
+from .tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MoepagerError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise MoepagerError(f"device {device!r} is not supported; use cpu or cuda")
+    return dev
+
+
+def _as_batch(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    return ids[None] if ids.dim() == 1 else ids
+
+
+class Engine:
+    def __init__(self, model: Transformer, experts, tokenizer: Tokenizer | None, path: Path, device: torch.device):
+        self.model, self.experts, self.tokenizer = model, experts, tokenizer
+        self.config, self.path, self.device = model.config, path, device
+        self.timings = Timings()
+
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        """A full forward without cache: ids [B, T] (or [T]) -> logits [B, T, V] (float32, on the CPU)."""
+        return self.model(_as_batch(input_ids).to(self.device)).float().cpu()
+
+    def stream(self, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop_ids: list[int] | None = None,
+               cache: KVCache | None = None) -> Iterator[int]:  # fmt: skip
+        """Yield generated ids one by one. stop_ids defaults to the model's end-of-sequence ids."""
+        if stop_ids is None:
+            stop_ids = list(self.config.eos_token_ids) + (self.tokenizer.eos_ids if self.tokenizer else [])
+        params = SamplingParams(temperature, top_p, top_k, seed, stop_ids)
+        prompt = torch.as_tensor(input_ids, dtype=torch.long).flatten().to(self.device)
+        if prompt.numel() == 0:
+            raise MoepagerError("the prompt is empty")
+        yield from generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings)
+
+    def generate(self, input_ids, max_new_tokens: int = 64, **sampling) -> list[int]:
+        return list(self.stream(input_ids, max_new_tokens, **sampling))
+
+    def stats(self) -> dict:
+        out = self.timings.as_dict()
+        out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            out["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if hasattr(self.experts, "stats"):
+            out["experts"] = self.experts.stats()
+        return out
+
+
+def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, **runtime_options) -> Engine:
+    """Load a checkpoint folder or cached hub id. dtype defaults to the checkpoint's own."""
+    if runtime_options:
+        raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
+    dev = parse_device(device)
+    ckpt = Checkpoint(model)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise MoepagerError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    state = ckpt.dense_state_dict()
+    dtype = dtype or state["embed.weight"].dtype
+    with torch.device("meta"):
+        net = Transformer(ckpt.config)
+    missing = set(net.state_dict()) - set(state)
+    if missing:
+        raise MoepagerError(f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}")
+    net.load_state_dict(state, strict=True, assign=True)
+    net.to(device=dev, dtype=dtype)
+    net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
+    net.eval()
+    experts = ResidentExperts(
+        ckpt.config,
+        {key: {k: t.to(dev, dtype) for k, t in ckpt.read_expert(*key).items()} for key in ckpt.experts},
+    )
+    net.set_experts(experts)
+    return Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev)

@@ -1,0 +1,93 @@
+"""Token generation as layered generators: prefill, one decode step, and generate_step yielding token ids.
+
+Knows nothing of text: tokenization and streaming text live in tokenizer.py, HTTP above that.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .layers import KVCache
+from .model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    seed: int | None = None
+    stop_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Timings:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
+        return {
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_s": self.prefill_s,
+            "prefill_tokens_per_s": rate(self.prefill_tokens, self.prefill_s),
+            "decode_tokens": self.decode_tokens,
+            "decode_s": self.decode_s,
+            "decode_tokens_per_s": rate(self.decode_tokens, self.decode_s),
+        }
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if p.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate_step(
+    model: Transformer,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    params: SamplingParams,
+    cache: KVCache | None = None,
+    timings: Timings | None = None,
+) -> Iterator[int]:
+    """Yield up to max_new_tokens ids for one prompt [T]; stops after a stop id (which is yielded)."""
+    cache = cache if cache is not None else KVCache(model.config.num_layers)
+    timings = timings if timings is not None else Timings()
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=prompt.device).manual_seed(params.seed)
+    t0 = time.perf_counter()
+    logits = model(prompt[None], cache, last_only=True)[:, -1]
+    token = sample(logits, params, generator)
+    timings.prefill_tokens += prompt.shape[0]
+    timings.prefill_s += time.perf_counter() - t0
+    for i in range(max_new_tokens):
+        tid = int(token)
+        yield tid
+        if tid in params.stop_ids or i == max_new_tokens - 1:
+            return
+        t0 = time.perf_counter()
+        logits = model(token.view(1, 1), cache, last_only=True)[:, -1]
+        token = sample(logits, params, generator)
+        timings.decode_tokens += 1
+        timings.decode_s += time.perf_counter() - t0

@@ -1,0 +1,62 @@
+"""One decoder for every supported family. Family differences are ModelConfig fields, not code paths.
+
+The model holds the resident weights (embeddings, attention, norms, routers, shared experts, dense MLPs).
+Routed experts are reached only through the Experts contract (moe.py); this module never imports the
+store, the cache or the prefetcher.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP, Attention, KVCache, MLAttention, RotaryEmbedding, make_norm
+from .moe import MoE, Experts
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config, config.hidden_size)
+        self.attn = (MLAttention if config.attention == "mla" else Attention)(config, layer)
+        self.ffn_norm = make_norm(config, config.hidden_size)
+        if config.moe_layers[layer]:
+            self.ffn = MoE(config, layer)
+        else:
+            self.ffn = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
+        rope_dim = config.rope_dim or config.head_dim
+        with torch.device("cpu"):  # computed, not loaded: keep it real even when built on meta
+            self.rotary = RotaryEmbedding(config, rope_dim)
+
+    def set_experts(self, experts: Experts) -> None:
+        """Plug an implementation of the experts contract into every MoE layer."""
+        for block in self.layers:
+            if isinstance(block.ffn, MoE):
+                block.ffn.experts = experts
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only). Continues the cache if given."""
+        start = cache.seq_len if cache is not None else 0
+        x = self.embed(ids)  # [B, T, D]
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        rope = self.rotary(positions, x.dtype)
+        for block in self.layers:
+            x = block(x, rope, cache, start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

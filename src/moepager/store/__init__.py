@@ -1,0 +1,1 @@
+"""The on-disk world: checkpoint indexes, the expert-aligned store, readers. Never imported by the model."""

@@ -1,0 +1,71 @@
+"""Tiny random MoE checkpoints of every supported family, written with transformers' own classes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.05,
+    bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)  # fmt: skip
+
+
+def configs():
+    import transformers as tf
+
+    return {
+        "mixtral": lambda: tf.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+            **COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            shared_expert_intermediate_size=24),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+            **{**COMMON, "num_hidden_layers": 3}, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=16,
+            head_dim=16, norm_topk_prob=True, mlp_only_layers=[1]),
+        "olmoe": lambda: tf.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2),
+        "deepseek_v3": lambda: tf.DeepseekV3Config(
+            **{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, n_routed_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1,
+            first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8),
+        "gpt_oss": lambda: tf.GptOssConfig(
+            **COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8),
+        "phimoe": lambda: tf.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    }  # fmt: skip
+
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe"]
+
+
+def build(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None):
+    """Write a random fp32 checkpoint of `family` to `out`; return the transformers model."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = configs()[family]()
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias") or name.endswith("sinks"):
+                p.normal_(0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return model
+
+
+def write_word_tokenizer(out: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary ("w0".."w127"), so text prompts work."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
