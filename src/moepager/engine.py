@@ -17,7 +17,7 @@ from .generate import SamplingParams, Timings, generate_step
 from .layers import KVCache
 from .model import Transformer
 from .moe import ResidentExperts
-from .store.checkpoint import Checkpoint
+from .store.source import open_source
 from .tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -79,7 +79,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
     dev = parse_device(device)
-    ckpt = Checkpoint(model)
+    ckpt = open_source(model)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise MoepagerError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
@@ -97,7 +97,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     net.eval()
     experts = ResidentExperts(
         ckpt.config,
-        {key: {k: t.to(dev, dtype) for k, t in ckpt.read_expert(*key).items()} for key in ckpt.experts},
+        {key: {k: t.to(dev, dtype) for k, t in ckpt.read_expert(*key).items()} for key in ckpt.expert_keys()},
     )
     net.set_experts(experts)
     return Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev)

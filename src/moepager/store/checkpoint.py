@@ -160,8 +160,16 @@ class Checkpoint:
     def expert_nbytes(self, layer: int, expert: int) -> int:
         return sum(p.nbytes for p in self.experts[(layer, expert)])
 
-    def read_expert(self, layer: int, expert: int) -> ExpertWeights:
+    def expert_keys(self) -> list[tuple[int, int]]:
+        return sorted(self.experts)
+
+    def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
         raw = {}
         for p in self.experts[(layer, expert)]:
             raw[p.part] = read_tensor(TensorInfo(p.part, p.file, p.offset, p.nbytes, p.dtype, p.shape))
-        return decode_expert(raw)
+        weights = decode_expert(raw)
+        if out is None:
+            return weights
+        for name, t in weights.items():
+            out[name].copy_(t)
+        return out

@@ -1,0 +1,46 @@
+"""The ModelSource contract: where a model's weights come from, with routed experts readable one at a time.
+
+Implementations: Checkpoint (Hugging Face safetensors folder, read in place), the expert-aligned store
+written by `moepager convert`, GGUF files. The engine, the expert cache and the benchmarks only see this.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..config import ModelConfig
+from ..moe import ExpertWeights
+
+
+class ModelSource(Protocol):
+    path: Path  # folder or file the model came from (tokenizer files are looked for beside it)
+    config: ModelConfig
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every resident tensor under moepager's names (see checkpoint.NAME_RULES)."""
+        ...
+
+    def expert_keys(self) -> list[tuple[int, int]]:
+        """(layer, expert) of every routed expert, sorted."""
+        ...
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        """Bytes one read of this expert costs on disk."""
+        ...
+
+    def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
+        """The expert in canonical form (gate [I, D], up [I, D], down [D, I], optional *_bias) on the CPU.
+
+        With `out` (tensors of the right shapes and dtype), fill it in place and return it, so a cache can
+        reuse its buffers. Safe to call from several threads at once.
+        """
+        ...
+
+
+def open_source(model: str | Path) -> ModelSource:
+    from .checkpoint import Checkpoint
+
+    return Checkpoint(model)
