@@ -51,6 +51,54 @@ def cmd_run(args) -> None:
         print()
 
 
+def cmd_synth(args) -> None:
+    from .synth import SynthSpec, parse_size, synth
+
+    spec = SynthSpec(family=args.family, hidden=args.hidden, intermediate=args.intermediate, experts=args.experts,
+                     top_k=args.top_k, layers=args.layers or 0, dtype=args.dtype, seed=args.seed)  # fmt: skip
+    size = parse_size(args.size) if args.size else None
+    print(synth(args.out, spec, size, progress_bar=not args.quiet))
+
+
+def cmd_bench(args) -> None:
+    from .bench import BenchOptions, main as bench_main
+
+    bench_main(BenchOptions.from_cli(args))
+
+
+def _add_synth_bench(sub) -> None:
+    s = sub.add_parser("synth", help="write a large random MoE checkpoint (Hugging Face layout) for benchmarks")
+    s.add_argument("out", help="folder to create")
+    s.add_argument("--family", default="mixtral", help="mixtral or qwen3_moe")
+    s.add_argument("--size", help="target size, e.g. 8GiB (sets the number of layers)")
+    s.add_argument("--layers", type=int, help="number of layers (instead of --size)")
+    s.add_argument("--hidden", type=int, default=2048)
+    s.add_argument("--intermediate", type=int, default=6144, help="intermediate size of one expert")
+    s.add_argument("--experts", type=int, default=8)
+    s.add_argument("--top-k", type=int, default=2)
+    s.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_synth)
+
+    b = sub.add_parser("bench", help="tokens/s and memory vs expert budget, against peers and the disk limit")
+    b.add_argument("model", help="checkpoint folder")
+    b.add_argument("--budgets", default="10%,25%,50%,100%", help="expert memory budgets: percents or sizes")
+    b.add_argument("--rounds", type=int, default=3, help="alternating rounds; median and range are reported")
+    b.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--peers", default="accelerate,naive,llamacpp", help="comma list, or 'none'")
+    b.add_argument("--memory-cap", default="auto",
+                   help="total memory cap per run incl. page cache: auto (resident + budget + overhead) or a size")  # fmt: skip
+    b.add_argument("--overhead", default="1GiB", help="added to resident + budget by --memory-cap auto")
+    b.add_argument("--no-cgroup", action="store_true", help="do not use a cgroup even when one is available")
+    b.add_argument("--work-dir", help="where peers' files go (per-expert .pt files, offload folder)")
+    b.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG")
+    b.add_argument("--name", help="file stem of the results (default: the model folder's name)")
+    b.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
+    b.set_defaults(func=cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -69,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
     r.set_defaults(func=cmd_run)
+    _add_synth_bench(sub)
     return p
 
 
