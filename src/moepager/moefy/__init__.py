@@ -1,0 +1,1 @@
+"""moefy: turn a dense llama-family model into a Mixture-of-Experts checkpoint (see build.py)."""

@@ -1,0 +1,190 @@
+"""A dense llama-architecture GGUF file -> a standard Hugging Face llama checkpoint folder.
+
+Owns: reading the GGUF metadata and tensors (dequantized to fp32 with gguf.quants), undoing llama.cpp's
+q/k row permutation, and rebuilding tokenizer.json / tokenizer_config.json from the GGUF vocabulary.
+Does not own the MoE GGUF source of the engine (store/gguf*.py); this is only the input side of moefy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MoepagerError
+
+# GGUF tensor name -> Hugging Face llama name; {} is the layer index
+_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_CONTROL = 3  # tokenizer.ggml.token_type of special (control) tokens
+
+
+def _hf_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return _NAMES.get(".".join(["blk", "{}", *parts[2:]]), "").format(parts[1]) or None
+    return _NAMES.get(name)
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's convert-time permutation of q/k rows (interleaved pairs -> rotate-half order)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(HF config.json dict, HF-named fp32 state dict, tokenizer metadata) of a dense llama GGUF."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoepagerError(f"no such GGUF file: {path}")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError/struct errors on a bad file
+        raise MoepagerError(f"{path}: not a readable GGUF file ({e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise MoepagerError(f"{path}: general.architecture is {arch!r}; only dense 'llama' GGUF files are supported")
+    a = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
+    heads, hidden = a("attention.head_count"), a("embedding_length")
+    kv_heads = a("attention.head_count_kv", heads)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    state = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":
+                raise MoepagerError(f"{path}: rope_freqs (llama3 rope scaling) is not supported")
+            raise MoepagerError(f"{path}: unknown tensor {t.name!r} for a llama model")
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        if ".attn_q." in t.name:
+            w = unpermute_rope(w, heads)
+        elif ".attn_k." in t.name:
+            w = unpermute_rope(w, kv_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    tied = "lm_head.weight" not in state
+    eps = float(f"{a('attention.layer_norm_rms_epsilon', 1e-5):.7g}")  # stored as fp32: 1e-5 -> 9.9999997e-06
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(a("vocab_size", len(tokens) if tokens else state["model.embed_tokens.weight"].shape[0])),
+        "hidden_size": int(hidden),
+        "intermediate_size": int(a("feed_forward_length")),
+        "num_hidden_layers": int(a("block_count")),
+        "num_attention_heads": int(heads),
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(a("rope.dimension_count", hidden // heads)),
+        "max_position_embeddings": int(a("context_length", 4096)),
+        "rms_norm_eps": eps,
+        "rope_theta": float(a("rope.freq_base", 10000.0)),
+        "tie_word_embeddings": tied,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    tok = {
+        "model": _field(reader, "tokenizer.ggml.model"),
+        "pre": _field(reader, "tokenizer.ggml.pre"),
+        "tokens": tokens,
+        "token_type": _field(reader, "tokenizer.ggml.token_type"),
+        "merges": _field(reader, "tokenizer.ggml.merges"),
+        "bos_id": config["bos_token_id"],
+        "eos_id": config["eos_token_id"],
+        "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "context": config["max_position_embeddings"],
+    }
+    return config, state, tok
+
+
+def build_tokenizer(tok: dict):
+    """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary, merges and token types."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    if tok["model"] != "gpt2" or not tok["tokens"] or not tok["merges"]:
+        raise MoepagerError(f"GGUF tokenizer model {tok['model']!r} is not supported; only byte-level BPE ('gpt2')")
+    vocab = {t: i for i, t in enumerate(tok["tokens"])}
+    merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
+    t = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    # llama.cpp's 'smollm' (and 'starcoder') pre-tokenizers split every digit before the GPT-2 regex
+    split_digits = tok["pre"] in ("smollm", "starcoder", "refact", "deepseek-coder")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    t.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
+    t.decoder = decoders.ByteLevel()
+    t.post_processor = processors.ByteLevel(trim_offsets=False)
+    types = tok["token_type"] or []
+    special = [tok["tokens"][i] for i, ty in enumerate(types) if ty == _CONTROL]
+    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
+    if tok["add_bos"] and tok["bos_id"] is not None:
+        bos = tok["tokens"][tok["bos_id"]]
+        t.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok["bos_id"])]
+        )
+    return t
+
+
+def tokenizer_config(tok: dict) -> dict:
+    name = lambda i: tok["tokens"][i] if i is not None else None  # noqa: E731
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name(tok["bos_id"]),
+        "eos_token": name(tok["eos_id"]),
+        "add_bos_token": tok["add_bos"],
+        "model_max_length": tok["context"],
+    }
+    if tok["chat_template"]:
+        cfg["chat_template"] = tok["chat_template"]
+    return cfg
+
+
+def write_hf_folder(config: dict, state: dict[str, torch.Tensor], tok: dict | None, out: Path) -> None:
+    """Write config.json, model.safetensors and the tokenizer files into `out` (which must exist)."""
+    from safetensors.torch import save_file
+
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), {"format": "pt"})
+    if tok is not None and tok["tokens"]:
+        build_tokenizer(tok).save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
+
+
+def convert_gguf(path: str | Path, out: str | Path) -> Path:
+    """Convert a dense llama GGUF into an HF checkpoint folder at `out`, written under a temp name then renamed."""
+    out = Path(out)
+    config, state, tok = read_gguf_llama(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    write_hf_folder(config, state, tok, tmp)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,97 @@
+"""moefy: dense llama GGUF -> HF folder, and dense llama -> Qwen2-MoE, checked against transformers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import moepager
+from moepager.moefy.gguf_dense import convert_gguf
+
+H, I, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 128, 2, 4, 2, 300
+
+
+def _byte_vocab() -> tuple[list[str], list[str]]:
+    """A byte-level BPE vocabulary: the 256 GPT-2 byte symbols, a few merges, then filler tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = ["Ġ t", "h e", "Ġt he"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet, "Ġt", "he", "Ġthe"]
+    tokens += [f"<extra_{i}>" for i in range(VOCAB - len(tokens))]
+    return tokens, merges
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert-time q/k permutation (rotate-half order -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama_gguf(path, seed: int = 0) -> None:
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    rand = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)  # noqa: E731
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(256)
+    w.add_embedding_length(H)
+    w.add_feed_forward_length(I)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(VOCAB)
+    tokens, merges = _byte_vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    # Q8_0 for the matrices (as real files are quantized), F32 for norms
+    q8 = lambda name, a: w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),  # noqa: E731
+                                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
+    q8("token_embd.weight", rand(VOCAB, H))
+    w.add_tensor("output_norm.weight", 1 + rand(H))
+    for i in range(LAYERS):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + rand(H))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + rand(H))
+        q8(f"blk.{i}.attn_q.weight", _permute(rand(H, H), HEADS))
+        q8(f"blk.{i}.attn_k.weight", _permute(rand(H // HEADS * KV_HEADS, H), KV_HEADS))
+        q8(f"blk.{i}.attn_v.weight", rand(H // HEADS * KV_HEADS, H))
+        q8(f"blk.{i}.attn_output.weight", rand(H, H))
+        q8(f"blk.{i}.ffn_gate.weight", rand(I, H))
+        q8(f"blk.{i}.ffn_up.weight", rand(I, H))
+        q8(f"blk.{i}.ffn_down.weight", rand(H, I))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    write_tiny_llama_gguf(path)
+    return path
+
+
+def test_gguf_to_hf_matches_transformers(tiny_gguf, tmp_path):
+    import transformers as tf
+
+    out = convert_gguf(tiny_gguf, tmp_path / "dense")
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    ref = tf.AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    with torch.no_grad():
+        expected = ref.eval()(ids).logits
+    engine = moepager.load(out)
+    torch.testing.assert_close(engine.logits(ids), expected, atol=1e-4, rtol=0)
+    assert engine.tokenizer.chat_template.startswith("{% for m in messages %}")
+    ref_tok = tf.AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    for text in ["the theme 12", " the\n\nthe <|im_end|>"]:
+        assert engine.tokenizer.encode(text) == ref_tok.encode(text)
+    assert engine.tokenizer.encode("<|im_end|>") == [2]
