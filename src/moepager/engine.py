@@ -74,8 +74,18 @@ class Engine:
         return out
 
 
-def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, **runtime_options) -> Engine:
-    """Load a checkpoint folder or cached hub id. dtype defaults to the checkpoint's own."""
+def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
+         memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
+         max_context: int | None = None, **runtime_options) -> Engine:  # fmt: skip
+    """Load a checkpoint folder or cached hub id. dtype defaults to the checkpoint's own.
+
+    Paging (any of these turns it on; without them every expert is loaded into memory):
+    expert_memory: bytes for routed experts ("512MiB", "2GB", an int) or a share of them ("25%").
+    memory_limit: a whole-process budget ("700MiB"); the experts get what the dense part leaves.
+    policy: eviction policy name (lru, lfu, nextuse) or object. prefetch: guess the next layer's experts.
+    pins: (layer, expert) pairs never evicted; hot_set: a file of them. max_context: the KV size memory_limit
+    plans for (default 4096). record_trace: keep each step's routing in engine.trace (see trace.py).
+    """
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
     dev = parse_device(device)
@@ -95,9 +105,22 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     net.to(device=dev, dtype=dtype)
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
-    experts = ResidentExperts(
-        ckpt.config,
-        {key: {k: t.to(dev, dtype) for k, t in ckpt.read_expert(*key).items()} for key in ckpt.expert_keys()},
-    )
-    net.set_experts(experts)
-    return Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev)
+    if expert_memory is not None or memory_limit is not None or pins or hot_set is not None:
+        from .paged import build_paged
+
+        experts = build_paged(net, ckpt, dev, dtype, expert_memory, memory_limit, policy, prefetch, pins, hot_set,
+                              max_context)  # fmt: skip
+    else:
+        experts = ResidentExperts(
+            ckpt.config,
+            {key: {k: t.to(dev, dtype) for k, t in ckpt.read_expert(*key).items()} for key in ckpt.expert_keys()},
+        )
+    recorder = None
+    if record_trace:
+        from .trace import TraceRecorder
+
+        recorder = TraceRecorder(experts, ckpt.config)
+    net.set_experts(recorder or experts)
+    engine = Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev)
+    engine.trace = recorder.trace if recorder else None
+    return engine

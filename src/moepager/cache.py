@@ -1,0 +1,501 @@
+"""The expert cache: a byte budget of preallocated slots holding routed experts, filled from a ModelSource.
+
+Owns the budget (parsing, the minimum working set), the slots (allocated once, reused on every miss), which
+expert sits in which slot (Residency), what may not be evicted (experts in use by the current layer, experts
+being read, pins), the reads themselves (demand reads and background prefetch reads), and the stats.
+Which expert to evict is the policy's choice (policies.py). What to prefetch is prefetch.py's; how experts
+are computed is moe.py's.
+
+Tiers: the slots live on the compute device (GPU memory for CUDA, read through pinned RAM staging
+buffers; RAM for the CPU); below them is the source on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import ModelConfig
+from .errors import MoepagerError
+from .moe import ExpertWeights
+from .policies import Policy, make_policy
+
+Key = tuple[int, int]  # (layer, expert)
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
+
+
+def parse_bytes(value: int | str, total: int | None = None, what: str = "expert_memory") -> int:
+    """"512MiB", "2GB", 1234 or, when `total` is given, "25%" of it -> bytes."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise MoepagerError(f"{what}: expected a size like 512MiB, 2GB or 25%, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise MoepagerError(f"{what}: must be positive, got {value}")
+        return value
+    text = value.strip()
+    if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text):
+        if total is None:
+            raise MoepagerError(f"{what}: a percentage ({text}) is not meaningful here; give bytes like 700MiB")
+        pct = float(m[1])
+        if not 0 < pct <= 100:
+            raise MoepagerError(f"{what}: {text} is not a percentage in (0, 100]")
+        return max(1, int(total * pct / 100))
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)", text)
+    if not m or m[2].lower() not in _UNITS:
+        raise MoepagerError(
+            f"{what}: cannot read {value!r}; use bytes with a unit (512MiB, 2GB, 1.5GiB) or a percentage (25%)"
+        )
+    n = int(float(m[1]) * _UNITS[m[2].lower()])
+    if n <= 0:
+        raise MoepagerError(f"{what}: must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0  # expert already resident when its layer needed it
+    prefetch_hits: int = 0  # resident (or arriving) because prefetch guessed it
+    misses: int = 0  # read on demand while compute waited
+    bytes_read: int = 0  # demand and prefetch reads
+    read_s: float = 0.0  # time spent in reads, summed over threads
+    wait_s: float = 0.0  # time compute waited on I/O
+    evictions: int = 0
+    prefetch_reads: int = 0
+    prefetch_wasted: int = 0  # prefetched, then evicted without being used
+
+    def add(self, other: CacheStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        used = self.hits + self.prefetch_hits + self.misses
+        d["hit_rate"] = (self.hits + self.prefetch_hits) / used if used else 0.0
+        return d
+
+
+class Residency:
+    """Which key holds which slot, and what may be evicted. Pure bookkeeping: no tensors, no I/O, no lock
+    (the caller holds one). The offline replay runs policies through this same class."""
+
+    def __init__(self, capacity: int, policy: Policy):
+        self.capacity, self.policy = capacity, policy
+        self.slot: dict[Key, int] = {}  # resident or arriving key -> slot index
+        self.free = list(range(capacity - 1, -1, -1))
+        self.in_use: dict[Key, int] = {}  # key -> holders (the current layer step, a read in flight)
+        self.pinned: set[Key] = set()
+        self.unranked: dict[Key, None] = {}  # loaded by a guess, never used yet: the policy has not seen them
+
+    def evictable(self, key: Key) -> bool:
+        return key not in self.in_use and key not in self.pinned
+
+    def hold(self, key: Key) -> None:
+        self.in_use[key] = self.in_use.get(key, 0) + 1
+
+    def drop(self, key: Key) -> None:
+        n = self.in_use[key] - 1
+        if n:
+            self.in_use[key] = n
+        else:
+            del self.in_use[key]
+
+    def victim(self, may_evict=None) -> Key | None:
+        ok = self.evictable if may_evict is None else (lambda k: self.evictable(k) and may_evict(k))
+        # a guess that was never used goes first: nothing says it will be
+        stale = next((k for k in self.unranked if ok(k)), None)
+        return stale if stale is not None else self.policy.victim(ok)
+
+    def claim(self, key: Key, may_evict=None) -> tuple[int, Key | None] | None:
+        """A slot for key: a free one, or one taken from a victim. (slot, evicted key) or None if all busy."""
+        if self.free:
+            slot, evicted = self.free.pop(), None
+        else:
+            evicted = self.victim(may_evict)
+            if evicted is None:
+                return None
+            slot = self.evict(evicted)
+        self.slot[key] = slot
+        return slot, evicted
+
+    def evict(self, key: Key) -> int:
+        slot = self.slot.pop(key)
+        self.policy.remove(key)
+        self.unranked.pop(key, None)
+        return slot
+
+    def release(self, key: Key) -> None:
+        """Take key out of the cache now, its slot back to the free list."""
+        self.free.append(self.evict(key))
+
+    def used(self, key: Key) -> None:
+        self.unranked.pop(key, None)
+        self.policy.access(key)
+
+
+class ExpertCache:
+    """Routed experts of one model in a byte budget of slots on `device`, read from `source` on demand."""
+
+    def __init__(self, source, config: ModelConfig, budget: int | str | None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None, policy: str | Policy | None = None, io_threads: int = 2,
+                 limit: int | None = None):  # fmt: skip
+        """budget: bytes, a size string or a percentage of all expert bytes; None = every expert.
+        limit: bytes left for the cache by a whole-process memory limit (its staging buffers included)."""
+        self.source, self.config, self.device = source, config, torch.device(device)
+        keys = source.expert_keys()
+        if not keys:
+            raise MoepagerError(f"{source.path}: this model has no routed experts to page")
+        template = source.read_expert(*keys[0])
+        self.src_dtype = {n: t.dtype for n, t in template.items()}
+        self.shapes = {n: tuple(t.shape) for n, t in template.items()}
+        self.dtype = dtype or template["gate"].dtype
+        self.slot_bytes = sum(torch.Size(s).numel() for s in self.shapes.values()) * self.dtype.itemsize
+        self.total_bytes = self.slot_bytes * len(keys)
+        self.num_keys = len(keys)
+
+        self.budget_bytes = self.total_bytes if budget is None else parse_bytes(budget, self.total_bytes)
+        pin = self.device.type == "cuda"
+        self.direct = not pin and all(d == self.dtype for d in self.src_dtype.values())
+        self.staging_bytes = 0 if self.direct else (io_threads + 2) * sum(
+            torch.Size(s).numel() * self.src_dtype[n].itemsize for n, s in self.shapes.items()
+        )  # one staging set per reading thread
+        if limit is not None:
+            self.budget_bytes = max(0, min(self.budget_bytes, limit - self.staging_bytes))
+        capacity = min(self.budget_bytes // self.slot_bytes, len(keys))
+        self.min_slots = min(config.top_k, len(keys))
+        if capacity < self.min_slots:
+            warnings.warn(
+                f"expert memory {format_bytes(self.budget_bytes)} holds {capacity} experts, below the minimum "
+                f"working set (top_k = {self.min_slots} experts of {format_bytes(self.slot_bytes)}); raised to "
+                f"{format_bytes(self.min_slots * self.slot_bytes)}",
+                stacklevel=2,
+            )
+            capacity = self.min_slots
+        self.capacity = capacity
+        # one tensor per part holding every slot: allocated once, never per miss
+        self.buffers = {n: torch.empty((capacity, *s), dtype=self.dtype, device=self.device)
+                        for n, s in self.shapes.items()}  # fmt: skip
+        self.views = [{n: b[i] for n, b in self.buffers.items()} for i in range(capacity)]
+        # a read lands straight in the slot when the slot has the source's dtype and lives in RAM
+        self.pin_staging = pin
+        self._staging = threading.local()
+        self._slot_events: dict[int, torch.cuda.Event] = {}
+
+        self.lock = threading.Lock()
+        self.res = Residency(capacity, make_policy(policy))
+        self.policy = self.res.policy
+        self.loading: dict[Key, Future] = {}
+        self.prefetched: set[Key] = set()  # arrived by prefetch, not used since
+        self.uses: dict[Key, int] = {}  # layer steps that used each expert (for hot sets)
+        self.layer_stats: dict[int, CacheStats] = {}
+        self.peak_resident_bytes = 0
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="moepager-read")
+        self.prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="moepager-prefetch")
+
+    # -------------------------------------------------------------------------------- reads
+
+    def _stats(self, layer: int) -> CacheStats:
+        if layer not in self.layer_stats:
+            self.layer_stats[layer] = CacheStats()
+        return self.layer_stats[layer]
+
+    def _staging_buffers(self) -> ExpertWeights:
+        buf = getattr(self._staging, "buf", None)
+        if buf is None:  # one set per reading thread, allocated on its first read
+            buf = {n: torch.empty(s, dtype=self.src_dtype[n], pin_memory=self.pin_staging)
+                   for n, s in self.shapes.items()}  # fmt: skip
+            self._staging.buf = buf
+            self._staging.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        return buf
+
+    def _fill(self, key: Key, slot: int, prefetch: bool) -> None:
+        """Read key into slot. Runs in any thread, without the lock."""
+        t0 = time.perf_counter()
+        try:
+            if self.direct:
+                self.source.read_expert(*key, out=self.views[slot])
+            else:
+                staged = self.source.read_expert(*key, out=self._staging_buffers())
+                stream = self._staging.stream
+                if stream is None:
+                    for n, t in staged.items():
+                        self.views[slot][n].copy_(t)
+                else:
+                    with torch.cuda.stream(stream):
+                        if (event := self._slot_events.get(slot)) is not None:
+                            stream.wait_event(event)  # the slot's previous expert may still be computing
+                        for n, t in staged.items():
+                            self.views[slot][n].copy_(t, non_blocking=True)
+                    stream.synchronize()  # staging is reused by this thread's next read
+        except BaseException:
+            with self.lock:  # the slot holds garbage: give it back
+                self.res.drop(key)
+                self.res.release(key)
+                self.loading.pop(key, None)
+            raise
+        dt = time.perf_counter() - t0
+        with self.lock:
+            st = self._stats(key[0])
+            st.read_s += dt
+            st.bytes_read += self.source.expert_nbytes(*key)
+            if prefetch:
+                st.prefetch_reads += 1
+                self.prefetched.add(key)
+                self.res.drop(key)
+            self.loading.pop(key, None)
+
+    def _track_peak(self) -> None:
+        self.peak_resident_bytes = max(self.peak_resident_bytes, len(self.res.slot) * self.slot_bytes)
+
+    def _claim(self, key: Key, may_evict=None) -> int | None:
+        got = self.res.claim(key, may_evict)
+        if got is None:
+            return None
+        slot, evicted = got
+        if evicted is not None:
+            self._stats(evicted[0]).evictions += 1
+            if evicted in self.prefetched:
+                self.prefetched.discard(evicted)
+                self._stats(evicted[0]).prefetch_wasted += 1
+        self._track_peak()
+        return slot
+
+    # -------------------------------------------------------------------------------- layer steps
+
+    def acquire(self, layer: int, experts: Iterable[int], before_wait=None) -> dict[int, ExpertWeights]:
+        """Make experts of `layer` resident and hold them until `release_held`. Returns as many as fit (every
+        requested expert that is resident, then misses in order while a slot can be had): call again with the
+        rest after releasing, so a layer whose experts exceed the budget runs in waves. `before_wait` runs once
+        this step's slots are claimed and its reads started (prefetch goes there: it overlaps, never competes)."""
+        experts = list(experts)
+        while True:
+            held, reads, waits = self._reserve(layer, experts)
+            if held:
+                break
+            with self.lock:  # every slot is busy with reads in flight: let them land, then retry
+                inflight = list(self.loading.values())
+            if not inflight:
+                raise RuntimeError(f"expert cache: no slot can be freed for layer {layer} (capacity {self.capacity})")
+            for f in inflight:
+                f.exception()
+        t0 = time.perf_counter()
+        inline = reads[:1] if before_wait is None else []  # one read in this thread saves a handoff
+        futures = [self.pool.submit(self._fill, k, s, False) for k, s in reads[len(inline) :]]
+        if before_wait is not None:
+            before_wait()
+            t0 = time.perf_counter()
+        for key, slot in inline:
+            self._fill(key, slot, False)
+        for f in futures + waits:
+            f.result()
+        wait = time.perf_counter() - t0 if reads or waits else 0.0
+        with self.lock:
+            self._stats(layer).wait_s += wait
+            for e in held:
+                self.res.used((layer, e))
+                self.uses[(layer, e)] = self.uses.get((layer, e), 0) + 1
+        return {e: self.views[self.res.slot[(layer, e)]] for e in held}
+
+    def _reserve(self, layer: int, experts: list[int]):
+        held, reads, waits = [], [], []
+        with self.lock:
+            st = self._stats(layer)
+            for e in experts:  # protect what is already here before claiming anything
+                key = (layer, e)
+                if key in self.res.slot:
+                    self.res.hold(key)
+                    held.append(e)
+                    if key in self.loading:
+                        waits.append(self.loading[key])
+                    if key in self.prefetched or key in self.loading:
+                        st.prefetch_hits += 1
+                        self.prefetched.discard(key)
+                    else:
+                        st.hits += 1
+            for e in experts:
+                key = (layer, e)
+                if key in self.res.slot:
+                    continue
+                slot = self._claim(key)
+                if slot is None:
+                    break
+                self.res.hold(key)
+                held.append(e)
+                reads.append((key, slot))
+                self.loading[key] = _DONE
+                st.misses += 1
+        return sorted(held), reads, waits
+
+    def release_held(self, layer: int, experts: Iterable[int]) -> None:
+        """End of a layer step (or wave): the experts may be evicted again."""
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        with self.lock:
+            for e in experts:
+                self.res.drop((layer, e))
+                if event is not None:
+                    self._slot_events[self.res.slot[(layer, e)]] = event
+
+    def prefetch(self, layer: int, experts: Iterable[int]) -> int:
+        """Start background reads of guessed experts. A guess takes a free slot, a stale guess's slot, or the
+        policy's victim, never an expert in use, pinned or of `layer` itself. Returns reads started."""
+        started = 0
+        with self.lock:
+            for e in experts:
+                key = (layer, e)
+                if key in self.res.slot:
+                    continue
+                slot = self._claim(key, may_evict=lambda k: k[0] != layer)
+                if slot is None:
+                    break
+                self.res.hold(key)
+                self.res.unranked[key] = None
+                self.loading[key] = self.prefetch_pool.submit(self._fill, key, slot, True)
+                started += 1
+        return started
+
+    # -------------------------------------------------------------------------------- explicit residency
+
+    def load(self, layer: int, expert: int) -> None:
+        """Make an expert resident now (it may be evicted later, unless pinned)."""
+        self.acquire(layer, [expert])
+        self.release_held(layer, [expert])
+
+    def release(self, layer: int, expert: int) -> None:
+        """Drop an expert from the cache now (unpinning it). Experts in use cannot be released."""
+        key = (layer, expert)
+        self._wait_for(key)
+        with self.lock:
+            if key not in self.res.slot:
+                return
+            if key in self.res.in_use:
+                raise MoepagerError(f"expert {expert} of layer {layer} is in use and cannot be released now")
+            self.res.pinned.discard(key)
+            self.prefetched.discard(key)
+            self.res.release(key)
+
+    def pin(self, layer: int, expert: int) -> None:
+        """Load an expert and never evict it. At least top_k slots stay unpinned, for the other experts."""
+        key = (layer, expert)
+        if key not in set(self.source.expert_keys()):
+            raise MoepagerError(f"cannot pin expert {expert} of layer {layer}: the model has no such routed expert")
+        with self.lock:
+            if key not in self.res.pinned and len(self.res.pinned) + 1 + self.min_slots > self.capacity:
+                raise MoepagerError(
+                    f"cannot pin expert {expert} of layer {layer}: with {len(self.res.pinned)} pinned already, the "
+                    f"cache of {self.capacity} slots would not keep the {self.min_slots} a layer needs free; "
+                    f"raise the expert memory or pin fewer"
+                )
+        self.load(layer, expert)
+        with self.lock:
+            self.res.pinned.add(key)
+
+    def unpin(self, layer: int, expert: int) -> None:
+        with self.lock:
+            self.res.pinned.discard((layer, expert))
+
+    def resident(self) -> list[Key]:
+        """(layer, expert) of every expert in the cache (arrived or arriving), sorted."""
+        with self.lock:
+            return sorted(self.res.slot)
+
+    def pinned(self) -> list[Key]:
+        with self.lock:
+            return sorted(self.res.pinned)
+
+    def _wait_for(self, key: Key) -> None:
+        with self.lock:
+            f = self.loading.get(key)
+        if f is not None:
+            f.exception()
+
+    # -------------------------------------------------------------------------------- hot sets and stats
+
+    def stats(self) -> dict:
+        with self.lock:
+            total = CacheStats()
+            per_layer = {}
+            for layer in sorted(self.layer_stats):
+                total.add(self.layer_stats[layer])
+                per_layer[str(layer)] = self.layer_stats[layer].as_dict()
+                per_layer[str(layer)]["resident_bytes"] = sum(k[0] == layer for k in self.res.slot) * self.slot_bytes
+            out = total.as_dict()
+            out.update(
+                resident_bytes=len(self.res.slot) * self.slot_bytes,
+                peak_resident_bytes=self.peak_resident_bytes,
+                allocated_bytes=self.capacity * self.slot_bytes,
+                budget_bytes=self.budget_bytes,
+                total_expert_bytes=self.total_bytes,
+                slot_bytes=self.slot_bytes,
+                capacity=self.capacity,
+                pinned=len(self.res.pinned),
+                policy=getattr(self.policy, "name", type(self.policy).__name__),
+                device=str(self.device),
+                layers=per_layer,
+            )
+            return out
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.prefetch_pool.shutdown(wait=True)
+
+
+class _Done:
+    """Stands in the loading table for a demand read: the reading thread itself waits on it."""
+
+    def exception(self):
+        return None
+
+    def result(self):
+        return None
+
+
+_DONE = _Done()
+
+HOT_SET_FORMAT = "moepager-hot-set"
+
+
+def save_hot_set(path: str | Path, experts: Iterable[Key], config: ModelConfig) -> None:
+    record = {"format": HOT_SET_FORMAT, "version": 1, "family": config.family, "num_layers": config.num_layers,
+              "num_experts": config.num_experts, "experts": [list(k) for k in experts]}  # fmt: skip
+    Path(path).write_text(json.dumps(record) + "\n")
+
+
+def load_hot_set(path: str | Path, config: ModelConfig) -> list[Key]:
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MoepagerError(f"hot set file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise MoepagerError(f"{path}: not a hot set file (invalid JSON: {e})") from None
+    if not isinstance(record, dict) or record.get("format") != HOT_SET_FORMAT:
+        raise MoepagerError(f"{path}: not a hot set file (no \"format\": \"{HOT_SET_FORMAT}\")")
+    if record.get("version") != 1:
+        raise MoepagerError(f"{path}: hot set version {record.get('version')!r} is not supported (expected 1)")
+    if (record.get("num_layers"), record.get("num_experts")) != (config.num_layers, config.num_experts):
+        raise MoepagerError(
+            f"{path}: hot set is for a model with {record.get('num_layers')} layers and {record.get('num_experts')} "
+            f"experts, this one has {config.num_layers} and {config.num_experts}"
+        )
+    return [(int(k[0]), int(k[1])) for k in record["experts"]]

@@ -1,0 +1,140 @@
+"""PagedExperts: the experts contract over an ExpertCache, so a model runs with any expert memory budget.
+
+Owns the layer step: route groups -> acquire the layer's experts from the cache (in waves when they do not
+all fit) -> compute them with moe.expert_forward -> release. It also hands the residency API
+(load/release/pin/unpin/resident) and the stats to the engine. Caching is cache.py's, guessing prefetch.py's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .cache import ExpertCache, load_hot_set, save_hot_set
+from .config import ModelConfig
+from .moe import expert_forward, group_by_expert
+from .prefetch import Router, RouterPrefetcher
+
+
+class PagedExperts:
+    def __init__(self, config: ModelConfig, cache: ExpertCache, routers: dict[int, Router] | None = None,
+                 prefetch: bool = True):  # fmt: skip
+        self.config, self.cache = config, cache
+        self.prefetcher = RouterPrefetcher(routers, cache) if prefetch and routers else None
+
+    def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, D], ids [N, K], weights [N, K] -> y [N, D]; the same sum as moe.combine, expert by expert."""
+        c = self.config
+        pending = group_by_expert(ids)  # [(expert, rows [n], slots [n])], experts ascending
+        if self.prefetcher is not None:
+            self.prefetcher.observe(layer, [g[0] for g in pending])
+        y = torch.zeros_like(x)
+        flat_w = weights.flatten()
+        first = True
+        while pending:  # one wave when the layer's experts fit; more when they do not
+            guess = None
+            if first and self.prefetcher is not None:
+                guess = lambda: self.prefetcher.predict(layer, x)  # noqa: E731
+            held = self.cache.acquire(layer, [g[0] for g in pending], before_wait=guess)
+            first = False
+            for e, rows, slots in pending:
+                if e in held:
+                    out = expert_forward(held[e], x[rows], c.expert_act, c.swiglu_alpha, c.swiglu_limit)
+                    y.index_add_(0, rows, out * flat_w[slots, None].to(out.dtype))
+            self.cache.release_held(layer, held)
+            pending = [g for g in pending if g[0] not in held]
+        return y
+
+    # the residency API: engine.experts.load(layer, expert) and friends
+    def load(self, layer: int, expert: int) -> None:
+        self.cache.load(layer, expert)
+
+    def release(self, layer: int, expert: int) -> None:
+        self.cache.release(layer, expert)
+
+    def pin(self, layer: int, expert: int) -> None:
+        self.cache.pin(layer, expert)
+
+    def unpin(self, layer: int, expert: int) -> None:
+        self.cache.unpin(layer, expert)
+
+    def resident(self) -> list[tuple[int, int]]:
+        return self.cache.resident()
+
+    def load_hot_set(self, path: str | Path) -> list[tuple[int, int]]:
+        """Pin the experts listed in a hot set file."""
+        keys = load_hot_set(path, self.config)
+        for layer, e in keys:
+            self.pin(layer, e)
+        return keys
+
+    def save_hot_set(self, path: str | Path, n: int | None = None) -> list[tuple[int, int]]:
+        """Write the n most used experts so far (default: the pins plus half the unpinned slots)."""
+        uses = self.cache.uses
+        n = n if n is not None else (self.cache.capacity - self.cache.min_slots) // 2 + len(self.cache.pinned())
+        keys = sorted(sorted(uses, key=lambda k: (-uses[k], k))[:n])
+        save_hot_set(path, keys, self.config)
+        return keys
+
+    def nbytes(self) -> int:
+        return self.cache.capacity * self.cache.slot_bytes
+
+    def stats(self) -> dict:
+        out = self.cache.stats()
+        out["prefetch"] = self.prefetcher.stats() if self.prefetcher is not None else None
+        return out
+
+
+def dense_footprint(model, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_context: int) -> dict:
+    """What the process needs besides the expert cache, measured after the dense weights are loaded:
+    the runtime and dense weights (RSS, or allocated GPU memory for CUDA), the KV cache at max_context
+    (buffers grow by doubling, so up to twice that), and working buffers."""
+    import psutil
+
+    if device.type == "cuda":
+        process = torch.cuda.memory_allocated(device)
+    else:
+        process = psutil.Process().memory_info().rss
+    c = config
+    if c.attention == "mla":
+        per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
+    else:
+        per_token = 2 * c.num_kv_heads * c.head_dim
+    kv = 2 * per_token * dtype.itemsize * c.num_layers * max_context
+    # activations of a prefill chunk plus allocator slack
+    buffers = 32 * 2**20 + 16 * max_context * c.hidden_size * 4
+    return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers}
+
+
+def build_paged(model, source, device: torch.device, dtype: torch.dtype, expert_memory=None, memory_limit=None,
+                policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None):  # fmt: skip
+    """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch."""
+    from .cache import format_bytes, parse_bytes
+    from .errors import MoepagerError
+    from .moe import MoE
+
+    config = model.config
+    limit, footprint = None, None
+    if memory_limit is not None:
+        total = parse_bytes(memory_limit, what="memory_limit")
+        ctx = min(max_context or 4096, config.max_position_embeddings)
+        footprint = dense_footprint(model, config, device, dtype, ctx)
+        if total <= footprint["total"]:
+            raise MoepagerError(
+                f"memory_limit {format_bytes(total)} is below what the model needs without its experts: "
+                f"{format_bytes(footprint['total'])} (runtime and dense weights {format_bytes(footprint['process'])}, "
+                f"KV cache for {ctx} tokens {format_bytes(footprint['kv_cache'])}, buffers "
+                f"{format_bytes(footprint['buffers'])}); raise the limit or lower max_context"
+            )
+        limit = total - footprint["total"]
+    cache = ExpertCache(source, config, expert_memory if expert_memory is not None else (None if limit is None else "100%"),
+                        device, dtype, policy, limit=limit)  # fmt: skip
+    cache.footprint = footprint
+    routers = {b.ffn.layer: (lambda x, r=b.ffn.router: r(x)[1]) for b in model.layers if isinstance(b.ffn, MoE)}
+    experts = PagedExperts(config, cache, routers, prefetch)
+    for layer, e in pins:
+        experts.pin(layer, e)
+    if hot_set is not None:
+        experts.load_hot_set(hot_set)
+    return experts

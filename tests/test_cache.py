@@ -1,0 +1,168 @@
+"""ExpertCache over a fake source: budgets, slots, waves, in-use and pinned experts, prefetch slots."""
+
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from moepager.cache import ExpertCache, parse_bytes
+from moepager.config import ModelConfig
+from moepager.errors import MoepagerError
+
+LAYERS, EXPERTS, K, D, I = 2, 8, 2, 4, 3
+
+
+class FakeSource:
+    """Expert (l, e) is filled with the value 100 * l + e; counts reads."""
+
+    path = Path("fake")
+
+    def __init__(self):
+        self.reads = []
+        self.lock = threading.Lock()
+
+    def expert_keys(self):
+        return [(layer, e) for layer in range(LAYERS) for e in range(EXPERTS)]
+
+    def expert_nbytes(self, layer, e):
+        return (2 * I * D + D * I) * 4
+
+    def read_expert(self, layer, e, out=None):
+        with self.lock:
+            self.reads.append((layer, e))
+        v = float(100 * layer + e)
+        w = {"gate": torch.full((I, D), v), "up": torch.full((I, D), v), "down": torch.full((D, I), v)}
+        if out is None:
+            return w
+        for n, t in w.items():
+            out[n].copy_(t)
+        return out
+
+
+def _config():
+    return ModelConfig(family="fake", vocab_size=8, hidden_size=D, num_layers=LAYERS, num_heads=1, num_kv_heads=1,
+                       head_dim=D, max_position_embeddings=8, norm_eps=1e-6, num_experts=EXPERTS, top_k=K,
+                       moe_layers=[True] * LAYERS)  # fmt: skip
+
+
+SLOT = (2 * I * D + D * I) * 4
+
+
+def _cache(slots, **kw):
+    return ExpertCache(FakeSource(), _config(), slots * SLOT, **kw)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5GiB", 3 << 29), ("100", 100), (4096, 4096), ("25%", 250)],
+)
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text, total=1000) == expected
+
+
+@pytest.mark.parametrize("bad,match", [("25%", "percentage"), ("5 bananas", "cannot read"), (0, "positive"),
+                                       ("0%", "percentage"), (1.5, "expected a size")])  # fmt: skip
+def test_parse_bytes_errors(bad, match):
+    with pytest.raises(MoepagerError, match=match):
+        parse_bytes(bad, total=None if bad == "25%" else 1000)
+
+
+def test_budget_in_slots_and_percent():
+    c = _cache(5)
+    assert c.capacity == 5 and c.slot_bytes == SLOT
+    assert ExpertCache(FakeSource(), _config(), "50%").capacity == LAYERS * EXPERTS // 2
+    with pytest.warns(UserWarning, match="raised to"):
+        assert _cache(1).capacity == K
+
+
+def test_hits_misses_and_values():
+    c = _cache(4, policy="lru")
+    held = c.acquire(0, [1, 2])
+    assert held[2]["gate"][0, 0].item() == 2.0
+    c.release_held(0, held)
+    held = c.acquire(1, [1, 2])
+    assert held[1]["down"][0, 0].item() == 101.0
+    c.release_held(1, held)
+    c.release_held(0, c.acquire(0, [1, 3]))  # evicts (0, 2), the least recent
+    s = c.stats()
+    assert (s["hits"], s["misses"], s["evictions"]) == (1, 5, 1)
+    assert c.resident() == [(0, 1), (0, 3), (1, 1), (1, 2)]
+    assert s["layers"]["0"]["misses"] == 3
+
+
+def test_waves_when_a_layer_needs_more_than_the_budget():
+    c = _cache(3)
+    wanted, seen = list(range(EXPERTS)), []
+    while wanted:
+        held = c.acquire(0, wanted)
+        assert 0 < len(held) <= 3
+        for e, w in held.items():
+            assert w["up"][0, 0].item() == e  # a slot of this wave was not overwritten by the next one
+        seen += held
+        c.release_held(0, held)
+        wanted = [e for e in wanted if e not in held]
+    assert sorted(seen) == list(range(EXPERTS))
+    assert c.peak_resident_bytes <= 3 * SLOT
+
+
+def test_in_use_experts_are_never_evicted():
+    c = _cache(3)
+    held = c.acquire(0, [0, 1])
+    assert c.prefetch(1, [5, 6, 7]) == 1  # one free slot; never the held ones
+    more = c.acquire(0, [2, 3])  # waits for the guess to land, then takes its slot, not a held one
+    assert list(more) == [2]
+    assert {(0, 0), (0, 1), (0, 2)} == set(c.resident())
+    assert c.stats()["prefetch_wasted"] == 1
+
+
+def test_prefetch_never_evicts_its_own_layer_and_counts_hits():
+    c = _cache(4, policy="lru")
+    c.release_held(1, c.acquire(1, [0, 1]))
+    c.release_held(0, c.acquire(0, [0, 1]))
+    assert c.prefetch(1, [4, 5]) == 2  # evicts layer 0's, not the guessed layer's own
+    for f in list(c.loading.values()):
+        f.exception()
+    assert {(1, 4), (1, 5), (1, 0), (1, 1)} == set(c.resident())
+    c.release_held(1, c.acquire(1, [4, 0]))
+    s = c.stats()
+    assert s["prefetch_hits"] == 1 and s["hits"] == 1 and s["prefetch_reads"] == 2
+
+
+def test_pins_survive_and_release_drops():
+    c = _cache(4, policy="lru")
+    c.pin(0, 7)
+    for layer in range(LAYERS):
+        for e in range(EXPERTS - 1):
+            c.release_held(layer, c.acquire(layer, [e]))
+    assert (0, 7) in c.resident()
+    with pytest.raises(MoepagerError, match="pin fewer"):
+        c.pin(0, 6)
+        c.pin(1, 6)
+    c.unpin(0, 7)
+    c.release(0, 7)
+    assert (0, 7) not in c.resident()
+    c.load(1, 3)
+    assert (1, 3) in c.resident()
+
+
+def test_read_error_gives_the_slot_back():
+    c = _cache(3)
+
+    def broken(layer, e, out=None):
+        raise OSError("disk on fire")
+
+    c.source.read_expert = broken
+    with pytest.raises(OSError):
+        c.acquire(0, [1])
+    assert c.resident() == [] and len(c.res.free) == 3
+
+
+def test_dtype_conversion_goes_through_staging():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = _cache(4, dtype=torch.bfloat16)
+    held = c.acquire(1, [3])
+    assert held[3]["gate"].dtype == torch.bfloat16 and held[3]["gate"][0, 0].item() == 103.0
+    assert not c.direct

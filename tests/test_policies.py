@@ -1,0 +1,106 @@
+"""Eviction policies on their own: the order they evict in, aging, and the cache's rules around them."""
+
+import pytest
+
+from moepager.cache import Residency
+from moepager.errors import MoepagerError
+from moepager.policies import LFU, LRU, NextUse, make_policy
+
+ALL = [LRU, LFU, NextUse]
+
+
+def _touch(policy, keys):
+    for k in keys:
+        policy.access(k)
+
+
+def test_lru_evicts_least_recent():
+    p = LRU()
+    _touch(p, [(0, 1), (0, 2), (0, 3), (0, 1)])
+    assert p.victim(lambda k: True) == (0, 2)
+    p.remove((0, 2))
+    assert p.victim(lambda k: True) == (0, 3)
+    assert p.victim(lambda k: k != (0, 3)) == (0, 1)
+
+
+def test_lfu_evicts_least_frequent_then_least_recent():
+    p = LFU()
+    _touch(p, [(0, 1), (0, 1), (0, 2), (0, 3), (0, 3), (0, 2), (0, 2)])
+    assert p.victim(lambda k: True) == (0, 1)  # counts 2, 3, 2: the older of the two 2s
+    p.access((0, 1))
+    assert p.victim(lambda k: True) == (0, 3)
+
+
+def test_lfu_aging_forgets_old_popularity():
+    p = LFU(age_every=8)
+    _touch(p, [(0, 1)] * 6)  # popular long ago
+    _touch(p, [(0, 2)] * 2)  # clock 8: counts halve to 3 and 1
+    assert p.count[(0, 1)] == 3 and p.count[(0, 2)] == 1
+    _touch(p, [(0, 2)] * 8)  # clock 16: halved again
+    assert p.count[(0, 2)] > p.count[(0, 1)]
+    assert p.victim(lambda k: True) == (0, 1)
+
+
+def test_lfu_keeps_history_across_eviction():
+    p = LFU()
+    _touch(p, [(0, 1)] * 3 + [(0, 2)])
+    p.remove((0, 1))
+    assert p.victim(lambda k: True) == (0, 2)
+    p.access((0, 1))
+    assert p.count[(0, 1)] == 4
+
+
+def test_nextuse_prefers_frequent_experts_of_each_layer():
+    p = NextUse(half_life=1000)
+    for _ in range(10):  # two layers, expert 0 chosen every token, others once in a while
+        _touch(p, [(0, 0), (0, 1)])
+        _touch(p, [(1, 0), (1, 2)])
+    for e in (3, 4):
+        p.access((0, e))
+        p.access((1, e))
+    keep = {(0, 0), (1, 0)}
+    victim = p.victim(lambda k: True)
+    assert victim not in keep
+    assert victim in {(0, 3), (0, 4), (1, 3), (1, 4)}
+
+
+def test_nextuse_breaks_ties_by_layer_distance():
+    p = NextUse(half_life=1000)
+    for _ in range(4):  # identical history in three layers
+        _touch(p, [(0, 0)])
+        _touch(p, [(1, 0)])
+        _touch(p, [(2, 0)])
+    p.access((0, 0))  # now at layer 0: layer 1 runs next, layer 0 last
+    # (0, 0) was just used and returns last; (1, 0) is needed next
+    assert p.victim(lambda k: k != (0, 0)) == (2, 0)
+    assert p.victim(lambda k: True) == (0, 0)
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_residency_never_evicts_in_use_or_pinned(make):
+    res = Residency(3, make())
+    for e in range(3):
+        assert res.claim((0, e)) is not None
+        res.used((0, e))
+    res.pinned.add((0, 0))
+    res.hold((0, 1))
+    slot, evicted = res.claim((0, 9))
+    assert evicted == (0, 2)
+    res.hold((0, 9))
+    assert res.claim((0, 10)) is None  # the rest are pinned or in use
+    res.drop((0, 9))
+    res.used((0, 9))
+    assert res.claim((0, 10))[1] == (0, 9)
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_policies_obey_evictable(make):
+    p = make()
+    _touch(p, [(0, e) for e in range(5)] * 2)
+    assert p.victim(lambda k: k == (0, 3)) == (0, 3)
+    assert p.victim(lambda k: False) is None
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(MoepagerError, match="unknown eviction policy 'mru'"):
+        make_policy("mru")
