@@ -96,6 +96,10 @@ def _add_synth_bench(sub) -> None:
     b.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG")
     b.add_argument("--name", help="file stem of the results (default: the model folder's name)")
     b.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
+    b.add_argument("--engine-option", action="append", metavar="KEY=VALUE",
+                   help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable)")
+    b.add_argument("--gguf", help="GGUF file of the same model, for the llamacpp peer")
+    b.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
     b.set_defaults(func=cmd_bench)
 
 

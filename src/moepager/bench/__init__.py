@@ -1,0 +1,237 @@
+"""`moepager bench`: decode speed and memory against the expert budget, peers and the physical limit.
+
+Owns the plan of a benchmark: which engines run at which budget under which memory cap, in alternating
+rounds, plus the one-time preparation the peers need (per-expert .pt files for the naive peer). Each run
+happens in its own child process (isolate.py) and is measured there (worker.py); the disk bandwidth is
+measured between rounds (limits.py); report.py turns the records into tables, ratios and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import MoepagerError
+from ..synth import parse_size
+from . import report
+from .isolate import cgroup_unavailable_reason, drop_page_cache, run_isolated
+from .limits import disk_bandwidth, machine
+
+PEERS = ("accelerate", "naive", "llamacpp")
+
+
+@dataclass
+class BenchOptions:
+    model: str
+    budgets: list[str] = field(default_factory=lambda: ["10%", "25%", "50%", "100%"])
+    rounds: int = 3
+    tokens: int = 16  # generated per run; the first comes from the prefill
+    prompt_tokens: int = 32
+    peers: list[str] = field(default_factory=lambda: list(PEERS))
+    memory_cap: str = "auto"  # "auto" = resident weights + expert budget + overhead, or a size for every run
+    overhead: str = "1GiB"  # interpreter, torch, activations, KV cache: added to every engine's cap alike
+    use_cgroup: bool = True
+    work_dir: str | None = None  # peers' files; default: beside the model
+    out: str = "benchmarks/results"
+    name: str | None = None
+    dtype: str | None = None
+    engine_options: dict = field(default_factory=dict)  # extra moepager.load options (policy, prefetch...)
+    gguf: str | None = None  # for the llama.cpp peer
+    timeout_s: float = 1800
+    drop_caches: bool = True  # echo 3 > drop_caches before each run (root); else evict only the model files
+    command: str = ""
+
+    @classmethod
+    def from_cli(cls, args) -> BenchOptions:
+        peers = [] if args.peers.strip().lower() in ("", "none") else [p.strip() for p in args.peers.split(",")]
+        bad = [p for p in peers if p not in PEERS]
+        if bad:
+            raise MoepagerError(f"--peers: unknown peer {bad[0]!r}; use any of {', '.join(PEERS)} or none")
+        if args.rounds < 1 or args.tokens < 2 or args.prompt_tokens < 1:
+            raise MoepagerError("--rounds must be >= 1, --tokens >= 2 and --prompt-tokens >= 1")
+        options = {}
+        for item in getattr(args, "engine_option", None) or []:
+            key, _, value = item.partition("=")
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+        return cls(model=args.model, budgets=[b.strip() for b in args.budgets.split(",") if b.strip()],
+                   rounds=args.rounds, tokens=args.tokens, prompt_tokens=args.prompt_tokens, peers=peers,
+                   memory_cap=args.memory_cap, overhead=args.overhead, use_cgroup=not args.no_cgroup,
+                   work_dir=args.work_dir, out=args.out, name=args.name, dtype=args.dtype,
+                   engine_options=options, gguf=args.gguf, timeout_s=args.timeout,
+                   command="moepager " + shlex.join(sys.argv[1:]))  # fmt: skip
+
+
+def resolve_model(model: str) -> Path:
+    if model == "default":
+        try:
+            from ..default_model import default_model_path
+        except ImportError:
+            raise MoepagerError("this moepager build has no default model; give a checkpoint folder") from None
+        return Path(default_model_path())
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise MoepagerError(f"{path}: not a checkpoint folder (no config.json)")
+    return path
+
+
+def describe_model(path: Path) -> dict:
+    from ..store.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(path)
+    keys = ckpt.expert_keys()
+    expert_bytes = sum(ckpt.expert_nbytes(*k) for k in keys)
+    all_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+    c = ckpt.config
+    files = sorted({info.file for info in ckpt.tensors.values()})
+    desc = (f"{c.family}, {c.num_layers} layers, D={c.hidden_size}, {c.num_experts} experts top-{c.top_k} "
+            f"(I={c.moe_intermediate_size}), {all_bytes / 2**30:.2f} GiB on disk of which routed experts "
+            f"{expert_bytes / 2**30:.2f} GiB ({len(keys)} x {expert_bytes / max(1, len(keys)) / 2**20:.1f} MiB)")  # fmt: skip
+    return {"path": str(path), "description": desc, "family": c.family, "vocab_size": c.vocab_size,
+            "dense_bytes": all_bytes - expert_bytes, "expert_bytes": expert_bytes, "experts": len(keys),
+            "files": [str(f) for f in files]}  # fmt: skip
+
+
+def budget_bytes(budget: str, expert_bytes: int) -> int:
+    if budget.endswith("%"):
+        try:
+            share = float(budget[:-1]) / 100
+        except ValueError:
+            share = -1
+        if not 0 < share <= 1:
+            raise MoepagerError(f"--budgets: {budget!r} must be a share in (0%, 100%]")
+        return int(share * expert_bytes)
+    return parse_size(budget)
+
+
+def write_naive_files(model: Path, folder: Path, dtype: str | None) -> Path:
+    """One torch.save file per (layer, expert), written once: what the naive peer loads per token."""
+    from ..store.checkpoint import Checkpoint
+
+    marker = folder / "complete.json"
+    if marker.exists() and json.loads(marker.read_text()).get("model") == str(model.resolve()):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    ckpt = Checkpoint(model)
+    cast = getattr(torch, dtype) if dtype else None
+    keys = ckpt.expert_keys()
+    print(f"bench: writing {len(keys)} per-expert .pt files for the naive peer to {folder}", file=sys.stderr)
+    for layer, e in keys:
+        w = {k: (v.to(cast) if cast else v).contiguous().clone() for k, v in ckpt.read_expert(layer, e).items()}
+        torch.save(w, folder / f"{layer}_{e}.pt")
+        fd = os.open(folder / f"{layer}_{e}.pt", os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    marker.write_text(json.dumps({"model": str(model.resolve()), "files": len(keys)}))
+    return folder
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] bench: {msg}", file=sys.stderr, flush=True)
+
+
+def main(opts: BenchOptions) -> dict:
+    path = resolve_model(opts.model)
+    info = describe_model(path)
+    name = opts.name or path.name
+    out_dir = Path(opts.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(opts.work_dir) if opts.work_dir else path.parent / f".{path.name}.bench"
+    work.mkdir(parents=True, exist_ok=True)
+    why_no_cgroup = cgroup_unavailable_reason() if opts.use_cgroup else "--no-cgroup was given"
+    use_cgroup = why_no_cgroup is None
+    if not use_cgroup:
+        _log(f"no memory cgroup ({why_no_cgroup}): runs are not capped; peak memory = RSS + fincore")
+    overhead = parse_size(opts.overhead)
+    files = [Path(f) for f in info["files"]]
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, info["vocab_size"], (opts.prompt_tokens,), generator=gen).tolist()
+
+    peers = list(opts.peers)
+    if "naive" in peers:
+        write_naive_files(path, work / "naive", opts.dtype)
+    cache_files = files + sorted((work / "naive").glob("*.pt"))  # evicted before each run
+
+    m = machine(path)
+    record = {
+        "workload": name, "command": opts.command, "machine": m, "options": asdict(opts), "model": info,
+        "machine_line": f"{m['cpu']}, {m['cpus']} CPUs, {m['ram_bytes'] / 2**30:.0f} GiB RAM, disk {m['disk']}, "
+                        f"Linux {m['kernel']}, torch {m['torch']}",
+        "memory_method": "cgroup v1 (memory.max_usage_in_bytes: RSS + page cache)" if use_cgroup
+                         else f"RSS + fincore, no cap ({why_no_cgroup})",
+        "bandwidth": [], "runs": [],
+    }  # fmt: skip
+
+    def cap_for(budget_b: int) -> int | None:
+        if opts.memory_cap == "auto":
+            return info["dense_bytes"] + budget_b + overhead
+        return parse_size(opts.memory_cap)
+
+    def spec(engine: str, budget: str, cap: int | None) -> dict:
+        s = {"engine": engine, "model": str(path), "budget": budget, "prompt": prompt, "tokens": opts.tokens,
+             "dtype": opts.dtype, "engine_options": opts.engine_options, "naive_dir": str(work / "naive"),
+             "offload_dir": str(work / "offload"), "gguf": opts.gguf}  # fmt: skip
+        if cap:
+            s["accelerate_cpu_bytes"] = max(1 << 20, cap - overhead)
+        else:
+            s["accelerate_cpu_bytes"] = info["dense_bytes"] + budget_bytes(budget, info["expert_bytes"])
+        return s
+
+    def one(engine: str, budget: str, rnd: int) -> None:
+        b = info["expert_bytes"] if engine == "resident" else budget_bytes(budget, info["expert_bytes"])
+        cap = cap_for(b)
+        t = time.perf_counter()
+        r = run_isolated(spec(engine, budget, cap), cap, use_cgroup, cache_files, work, opts.timeout_s,
+                         opts.drop_caches)
+        shutil.rmtree(work / "offload", ignore_errors=True)
+        r.update(engine=engine, budget=budget, budget_bytes=b, cap_bytes=cap if use_cgroup else None, round=rnd)
+        r.pop("traceback", None) if r.get("status") == "ok" else None
+        record["runs"].append(r)
+        rate = r.get("decode_tokens_per_s")
+        _log(f"round {rnd} {engine:10s} {budget:>6s}: {r.get('status')}"
+             + (f" {rate:.3f} tok/s" if rate else f" ({r.get('message', '')[:200]})")
+             + f" [{time.perf_counter() - t:.0f} s]")  # fmt: skip
+
+    skip_forever: dict[str, str] = {}
+    for rnd in range(opts.rounds):
+        drop_page_cache(cache_files, opts.drop_caches)
+        bw = disk_bandwidth(files)
+        record["bandwidth"].append(bw["bytes_per_s"])
+        record["bandwidth_method"] = bw["method"]
+        _log(f"round {rnd} disk bandwidth {bw['bytes_per_s'] / 1e9:.2f} GB/s ({bw['method']})")
+        engines = ["moepager"] + peers
+        if rnd % 2:
+            engines.reverse()  # alternate the order, so slow drift in the machine hits every engine alike
+        one("resident", "100%", rnd)
+        for budget in opts.budgets:
+            for engine in engines:
+                if engine in skip_forever:  # a missing package does not appear between rounds
+                    record["runs"].append({"engine": engine, "budget": budget, "round": rnd, "status": "skipped",
+                                           "message": skip_forever[engine]})  # fmt: skip
+                    continue
+                one(engine, budget, rnd)
+                if record["runs"][-1].get("status") == "skipped":
+                    skip_forever[engine] = record["runs"][-1]["message"]
+        record["summary"] = report.summarize(record["runs"], record["bandwidth"])
+        write_outputs(record, out_dir / name)
+    _log(f"wrote {out_dir / name}.json, .md, .png")
+    print(report.markdown(record))
+    return record
+
+
+def write_outputs(record: dict, stem: Path) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
+    stem.with_suffix(".md").write_text(report.markdown(record))
+    try:
+        report.plot(record, stem.with_suffix(".png"))
+    except ImportError:
+        _log("matplotlib is not installed: no plot (pip install -e '.[bench]')")

@@ -1,0 +1,157 @@
+"""Benchmark results -> summary rows (median and range per engine and budget), the limit, ratios,
+a markdown table and a PNG plot. Pure functions of the run records; nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+METRICS = {  # name -> how to read it from a run record
+    "decode_tokens_per_s": lambda r: r.get("decode_tokens_per_s"),
+    "prefill_tokens_per_s": lambda r: r.get("prefill_tokens_per_s"),
+    "ttft_s": lambda r: r.get("ttft_s"),
+    "load_s": lambda r: r.get("load_s"),
+    "hit_rate": lambda r: (r.get("expert") or {}).get("hit_rate"),
+    "bytes_read_per_token": lambda r: (r.get("expert") or {}).get(
+        "bytes_read_per_token", r.get("decode_disk_bytes_per_token")),
+    "disk_bytes_per_token": lambda r: r.get("decode_disk_bytes_per_token"),
+    "wait_fraction": lambda r: (r.get("expert") or {}).get("wait_fraction"),
+    "peak_memory_bytes": lambda r: (r.get("memory") or {}).get("peak_bytes"),
+    "failcnt": lambda r: (r.get("memory") or {}).get("failcnt"),
+}  # fmt: skip
+
+
+def spread(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(runs: list[dict], bandwidth: list[float]) -> dict:
+    """Per (budget, engine): medians and ranges; per budget: the limit and the ratios."""
+    rows = {}
+    for r in runs:
+        key = (r["budget"], r["engine"])
+        row = rows.setdefault(key, {"budget": r["budget"], "engine": r["engine"], "cap_bytes": r.get("cap_bytes"),
+                                    "runs": 0, "ok": 0, "messages": []})  # fmt: skip
+        row["runs"] += 1
+        if r.get("status") == "ok":
+            row["ok"] += 1
+        elif r.get("message") and r["message"] not in row["messages"]:
+            row["messages"].append(f"{r['status']}: {r['message']}")
+    for (budget, engine), row in rows.items():
+        ok = [r for r in runs if r["budget"] == budget and r["engine"] == engine and r.get("status") == "ok"]
+        for name, get in METRICS.items():
+            row[name] = spread([get(r) for r in ok])
+    bw = spread(bandwidth)
+    resident = [r for r in runs if r["engine"] == "resident" and r.get("status") == "ok"]
+    compute = spread([1 / r["decode_tokens_per_s"] for r in resident if r.get("decode_tokens_per_s")])
+    limits, ratios = {}, {}
+    for budget in dict.fromkeys(r["budget"] for r in runs if r["engine"] != "resident"):
+        mp = rows.get((budget, "moepager"))
+        if not (mp and mp["decode_tokens_per_s"] and compute and bw):
+            continue
+        missed = mp["bytes_read_per_token"]["median"] if mp["bytes_read_per_token"] else 0.0
+        io_s = missed / bw["median"]
+        floor = max(compute["median"], io_s)
+        measured = 1 / mp["decode_tokens_per_s"]["median"]
+        limits[budget] = {"compute_s_per_token": compute["median"], "missed_bytes_per_token": missed,
+                          "io_s_per_token": io_s, "floor_s_per_token": floor, "limit_tokens_per_s": 1 / floor,
+                          "bound": "compute" if compute["median"] >= io_s else "disk",
+                          "efficiency": floor / measured}  # fmt: skip
+        ratios[budget] = {"moepager_over_limit": floor / measured}
+        for peer in ("accelerate", "naive", "llamacpp"):
+            p = rows.get((budget, peer))
+            if p and p["decode_tokens_per_s"]:
+                ratios[budget][f"moepager_over_{peer}"] = (
+                    mp["decode_tokens_per_s"]["median"] / p["decode_tokens_per_s"]["median"])
+    return {"rows": list(rows.values()), "bandwidth": bw, "compute_s_per_token": compute, "limits": limits,
+            "ratios": ratios}  # fmt: skip
+
+
+def _fmt(s: dict | None, scale: float = 1.0, digits: int = 2, pct: bool = False) -> str:
+    if not s:
+        return "-"
+    f = (lambda v: f"{100 * v:.0f}%") if pct else (lambda v: f"{v * scale:.{digits}f}")
+    if s["n"] == 1 or abs(s["max"] - s["min"]) < 1e-12:
+        return f(s["median"])
+    return f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})"
+
+
+def markdown(record: dict) -> str:
+    s, mi = record["summary"], 1 / 2**20
+    gib = 1 / 2**30
+    lines = [f"### {record['workload']}", "", f"`{record['command']}`", "",
+             f"Model: {record['model']['description']}. Machine: {record['machine_line']}.", "",
+             f"Disk (O_DIRECT, {s['bandwidth']['n'] if s['bandwidth'] else 0} samples): "
+             f"{_fmt(s['bandwidth'], 1e-9)} GB/s. All experts resident (compute floor): "
+             f"{_fmt(s['compute_s_per_token'], 1e3, 1)} ms/token. "
+             f"Median (min-max) over {record['options']['rounds']} alternating rounds; "
+             f"{record['options']['prompt_tokens']}-token prompt, {record['options']['tokens']} tokens generated.",
+             "", "| budget | cap | engine | decode tok/s | prefill tok/s | TTFT s | hit rate | MiB read/token "
+             "| I/O wait | peak mem GiB | failcnt |", "|" + " --- |" * 11]  # fmt: skip
+    for row in s["rows"]:
+        cap = f"{row['cap_bytes'] * gib:.2f} GiB" if row.get("cap_bytes") else "none"
+        if not row["ok"]:
+            lines.append(f"| {row['budget']} | {cap} | {row['engine']} | {'; '.join(row['messages'])[:160]} |"
+                         + " |" * 7)  # fmt: skip
+            continue
+        lines.append(
+            f"| {row['budget']} | {cap} | {row['engine']} | {_fmt(row['decode_tokens_per_s'])} | "
+            f"{_fmt(row['prefill_tokens_per_s'], digits=1)} | {_fmt(row['ttft_s'])} | {_fmt(row['hit_rate'], pct=True)} | "
+            f"{_fmt(row['bytes_read_per_token'], mi, 0)} | {_fmt(row['wait_fraction'], pct=True)} | "
+            f"{_fmt(row['peak_memory_bytes'], gib)} | {_fmt(row['failcnt'], digits=0)} |")  # fmt: skip
+    if s["limits"]:
+        lines += ["", "| budget | bound | floor ms/token | limit tok/s | moepager / limit | moepager / accelerate "
+                  "| moepager / naive |", "|" + " --- |" * 7]  # fmt: skip
+        for budget, lim in s["limits"].items():
+            r = s["ratios"][budget]
+            g = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+            lines.append(f"| {budget} | {lim['bound']} | {lim['floor_s_per_token'] * 1e3:.0f} | "
+                         f"{lim['limit_tokens_per_s']:.2f} | {lim['efficiency']:.2f} | {g('moepager_over_accelerate')} "
+                         f"| {g('moepager_over_naive')} |")  # fmt: skip
+    skipped = sorted({m for row in s["rows"] if not row["ok"] for m in row["messages"]})
+    if skipped:
+        lines += [""] + [f"- {m}" for m in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = record["summary"]
+    budgets = list(dict.fromkeys(r["budget"] for r in s["rows"] if r["engine"] != "resident"))
+    x = range(len(budgets))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
+    styles = {"moepager": ("C0", "o", 2.4), "accelerate": ("C3", "s", 1.6), "naive": ("C2", "^", 1.6),
+              "llamacpp": ("C4", "D", 1.6)}  # fmt: skip
+    for engine, (color, marker, lw) in styles.items():
+        pts = [(i, next((r for r in s["rows"] if r["budget"] == b and r["engine"] == engine), None))
+               for i, b in enumerate(budgets)]  # fmt: skip
+        pts = [(i, r["decode_tokens_per_s"]) for i, r in pts if r and r["decode_tokens_per_s"]]
+        if not pts:
+            continue
+        xs, med = [p[0] for p in pts], [p[1]["median"] for p in pts]
+        err = [[m - p[1]["min"] for m, p in zip(med, pts)], [p[1]["max"] - m for m, p in zip(med, pts)]]
+        ax.errorbar(xs, med, yerr=err, color=color, marker=marker, lw=lw, capsize=3, label=engine)
+    lim = [(i, s["limits"][b]["limit_tokens_per_s"]) for i, b in enumerate(budgets) if b in s["limits"]]
+    if lim:
+        ax.plot([p[0] for p in lim], [p[1] for p in lim], "k--", lw=1.4, label="limit: max(compute, misses / disk bw)")
+    if s["compute_s_per_token"]:
+        ax.axhline(1 / s["compute_s_per_token"]["median"], color="0.5", ls=":", lw=1.2,
+                   label="all experts resident (compute only)")  # fmt: skip
+    ax.set_xticks(list(x), budgets)
+    ax.set_yscale("log")
+    ax.set_xlabel("expert memory budget (share of all routed experts)")
+    ax.set_ylabel("decode tokens/s (log)")
+    ax.set_title(f"{record['workload']}: decode speed at equal total memory caps", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
