@@ -51,6 +51,46 @@ def cmd_run(args) -> None:
         print()
 
 
+def cmd_serve(args) -> None:
+    from . import load
+    from .server import serve
+
+    model = args.model
+    if model is None:
+        try:
+            from .default_model import default_model_path
+        except ImportError:
+            raise MoepagerError("give a MODEL to serve: a checkpoint folder or a hub id in the local Hugging Face "
+                                "cache (this build has no embedded default model)") from None  # fmt: skip
+        model = default_model_path()
+    options = {k: v for k, v in (("expert_memory", args.expert_memory), ("memory_limit", args.memory_limit)) if v}
+    try:
+        engine = load(model, device=args.device, dtype=args.dtype, **options)
+    except TypeError as e:
+        if not options:
+            raise
+        raise MoepagerError(f"moepager.load does not accept {', '.join(options)} in this build: {e}") from None
+    name = args.model_name or (str(args.model) if args.model else "default")
+    serve(engine, name, host=args.host, port=args.port, api_key=args.api_key)
+
+
+def _add_serve(sub) -> None:
+    import os
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("model", nargs="?", help="checkpoint folder or hub id (default: the embedded default model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind; the default is loopback only")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("MOEPAGER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEPAGER_API_KEY, else none)")  # fmt: skip
+    s.add_argument("--model-name", help="the model id clients send (default: MODEL as given)")
+    s.add_argument("--expert-memory", help="expert cache budget, passed to moepager.load (e.g. 25%% or 4GiB)")
+    s.add_argument("--memory-limit", help="total memory limit, passed to moepager.load")
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    s.set_defaults(func=cmd_serve)
+
+
 def cmd_synth(args) -> None:
     from .synth import SynthSpec, parse_size, synth
 
@@ -122,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
     r.set_defaults(func=cmd_run)
     _add_synth_bench(sub)
+    _add_serve(sub)
     return p
 
 

@@ -60,3 +60,18 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def decode_batch(self, tokens: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decode step for B sequences of different lengths: tokens [B] -> logits [B, V].
+
+        Attention runs per sequence on its own cache and position; norms, MoE and lm_head run on the
+        whole batch, so each MoE layer routes all B tokens together and calls each needed expert once.
+        """
+        starts = [c.seq_len for c in caches]  # read before layer 0 appends to the caches
+        x = self.embed(tokens)[:, None]  # [B, 1, D]
+        ropes = [self.rotary(torch.tensor([s], device=tokens.device), x.dtype) for s in starts]
+        for block in self.layers:
+            h = block.attn_norm(x)
+            x = x + torch.cat([block.attn(h[i : i + 1], ropes[i], c, starts[i]) for i, c in enumerate(caches)])
+            x = x + block.ffn(block.ffn_norm(x))
+        return self.lm_head(self.norm(x))[:, 0]

@@ -1,0 +1,173 @@
+"""Continuous batching: one worker thread owns the model and decodes every live sequence together.
+
+Owns: the queue of new sequences, prefill, the batched decode step (Transformer.decode_batch), sampling,
+token-level stopping (stop ids, max_tokens) and freeing a sequence's KV cache when it ends or is cancelled.
+Does not own: text, stop strings, HTTP. Callers submit a Sequence and read its events through `on_event`,
+which is called on the worker thread and must not block.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .engine import Engine
+from .generate import SamplingParams, sample
+from .layers import KVCache
+
+log = logging.getLogger("moepager.server")
+
+# Events a sequence receives: ("token", id), ("done", "stop" | "length" | "cancelled"), ("error", message).
+Event = tuple[str, object]
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    on_event: Callable[[Event], None]
+    cancelled: bool = False  # set by the caller from any thread; the worker drops the sequence at its next step
+    # worker-side state
+    cache: KVCache | None = None
+    last: torch.Tensor | None = None  # the latest sampled token, [1]
+    generator: torch.Generator | None = None
+    produced: int = 0
+    finished: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class BatchStats:
+    """Counters read by /metrics; written only by the worker thread."""
+
+    steps: int = 0  # batched decode steps
+    step_sequences: int = 0  # sum of batch sizes over steps (mean batch = step_sequences / steps)
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    active: int = 0
+    waiting: int = 0
+
+
+class Scheduler:
+    """Admits new sequences at token boundaries; each step runs the whole batch through one forward."""
+
+    def __init__(self, engine: Engine, max_batch: int = 32):
+        self.engine, self.max_batch = engine, max_batch
+        self.stats = BatchStats()
+        self._inbox: queue.Queue[Sequence] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moepager-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def submit(self, seq: Sequence) -> None:
+        self._inbox.put(seq)
+        self.stats.waiting = self._inbox.qsize()
+
+    # --------------------------------------------------------------------------------- worker thread
+
+    def _run(self) -> None:
+        active: list[Sequence] = []
+        while not self._stop.is_set():
+            try:
+                self._admit(active)
+                active = [s for s in active if not self._dropped(s)]
+                if active:
+                    self._step(active)
+                    active = [s for s in active if not self._dropped(s)]
+            except Exception as e:  # a failed forward ends the sequences in it, never the worker
+                log.exception("decode step failed")
+                for s in active:
+                    self._finish(s, ("error", f"{type(e).__name__}: {e}"))
+                active = []
+            self.stats.active = len(active)
+
+    def _admit(self, active: list[Sequence]) -> None:
+        """Prefill waiting sequences (blocking briefly when idle) and add them to the batch."""
+        while len(active) < self.max_batch:
+            try:
+                seq = self._inbox.get(timeout=0.05) if not active else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self.stats.waiting = self._inbox.qsize()
+            if seq.cancelled:
+                self._finish(seq, ("done", "cancelled"))
+                continue
+            try:
+                self._prefill(seq)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._finish(seq, ("error", f"{type(e).__name__}: {e}"))
+                continue
+            if not self._dropped(seq):
+                active.append(seq)
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence) -> None:
+        model, device = self.engine.model, self.engine.device
+        seq.cache = KVCache(model.config.num_layers)
+        if seq.params.seed is not None:
+            seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+        t0 = time.perf_counter()
+        prompt = torch.tensor(seq.prompt, dtype=torch.long, device=device)
+        logits = model(prompt[None], seq.cache, last_only=True)[:, -1]  # [1, V]
+        dt = time.perf_counter() - t0
+        self.stats.prefill_tokens += len(seq.prompt)
+        self.stats.prefill_s += dt
+        self.engine.timings.prefill_tokens += len(seq.prompt)
+        self.engine.timings.prefill_s += dt
+        self._emit(seq, sample(logits, seq.params, seq.generator))
+
+    @torch.inference_mode()
+    def _step(self, active: list[Sequence]) -> None:
+        t0 = time.perf_counter()
+        tokens = torch.cat([s.last for s in active])  # [B]
+        logits = self.engine.model.decode_batch(tokens, [s.cache for s in active])  # [B, V]
+        dt = time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.step_sequences += len(active)
+        self.stats.decode_tokens += len(active)
+        self.stats.decode_s += dt
+        self.engine.timings.decode_tokens += len(active)
+        self.engine.timings.decode_s += dt
+        for i, s in enumerate(active):
+            self._emit(s, sample(logits[i : i + 1], s.params, s.generator))
+
+    def _emit(self, seq: Sequence, token: torch.Tensor) -> None:
+        seq.last = token.view(1)
+        seq.produced += 1
+        tid = int(token)
+        seq.on_event(("token", tid))
+        if tid in seq.params.stop_ids:
+            self._finish(seq, ("done", "stop"))
+        elif seq.produced >= seq.max_tokens:
+            self._finish(seq, ("done", "length"))
+
+    def _dropped(self, seq: Sequence) -> bool:
+        """True once the sequence has ended; a cancelled one is ended here and its cache freed."""
+        if seq.cancelled and not seq.finished:
+            self._finish(seq, ("done", "cancelled"))
+        return seq.finished
+
+    def _finish(self, seq: Sequence, event: Event) -> None:
+        if seq.finished:
+            return
+        seq.finished, seq.cache, seq.last = True, None, None  # drops the KV cache
+        seq.on_event(event)
