@@ -143,6 +143,37 @@ def _add_synth_bench(sub) -> None:
     b.set_defaults(func=cmd_bench)
 
 
+def cmd_convert(args) -> None:
+    from .store.convert import convert
+
+    out = convert(args.model, args.out, force=args.force, progress=not args.quiet)
+    print(f"wrote {out}")
+
+
+def cmd_verify(args) -> None:
+    from .errors import CorruptFile
+    from .store.verify import format_report, verify
+
+    report = verify(args.store, args.source, progress=not args.quiet)
+    print(format_report(report))
+    if not report.ok:
+        raise CorruptFile(f"{report.store}: verify found {len(report.problems)} problem(s); re-convert the store")
+
+
+def _add_store(sub) -> None:
+    c = sub.add_parser("convert", help="write an expert-aligned store (one O_DIRECT read per expert)")
+    c.add_argument("model", help="checkpoint folder or a hub id in the local Hugging Face cache")
+    c.add_argument("out", help="folder to create; written beside it first and renamed when complete")
+    c.add_argument("--force", action="store_true", help="replace OUT if it is an existing moepager store")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+    v = sub.add_parser("verify", help="check a store's checksums, or compare it bit for bit with its source")
+    v.add_argument("store", help="a folder written by `moepager convert`")
+    v.add_argument("--source", help="the checkpoint it was converted from: compare every tensor")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -162,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
     r.set_defaults(func=cmd_run)
     _add_synth_bench(sub)
+    _add_store(sub)
     _add_serve(sub)
     return p
 

@@ -3,6 +3,7 @@
 The one table translating hub tensor names to moepager's lives here (NAME_RULES). Routed experts are
 described as byte ranges (ExpertPart), one list per (layer, expert), so any reader can fetch an expert alone;
 `decode_expert` turns the raw tensors of one expert into the canonical form of the experts contract.
+Experts are read in place from the original safetensors files through a DirectReader (O_DIRECT, no page cache).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..config import ModelConfig, config_from_hf
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
+from .reader import ALIGN, DirectReader
 from .safetensors import TensorInfo, read_index, read_tensor
 
 # hub name (regex, anchored) -> moepager name. Layer index is group 1 where present.
@@ -106,7 +108,7 @@ def read_config(folder: Path) -> tuple[ModelConfig, dict]:
 class Checkpoint:
     """A safetensors checkpoint folder, indexed by byte range."""
 
-    def __init__(self, model: str | Path):
+    def __init__(self, model: str | Path, reader: DirectReader | None = None):
         self.path = resolve(model)
         self.config, self.raw_config = read_config(self.path)
         self.tensors = read_index(self.path)
@@ -115,6 +117,8 @@ class Checkpoint:
         for info in self.tensors.values():
             self._classify(info)
         self._check_complete()
+        largest = max((self.expert_nbytes(*k) for k in self.experts), default=0)
+        self.reader = reader or DirectReader(buffer_bytes=largest + 2 * ALIGN)  # + alignment padding
 
     def _classify(self, info: TensorInfo) -> None:
         name, n_layers = info.name, self.config.num_layers
@@ -164,12 +168,19 @@ class Checkpoint:
         return sorted(self.experts)
 
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
-        raw = {}
-        for p in self.experts[(layer, expert)]:
-            raw[p.part] = read_tensor(TensorInfo(p.part, p.file, p.offset, p.nbytes, p.dtype, p.shape))
+        parts = self.experts[(layer, expert)]
+        views = self.reader.read_ranges([(p.file, p.offset, p.nbytes) for p in parts])
+        # views into this thread's staging buffer: valid until its next read, so copy before returning
+        raw = {p.part: _tensor(v, p.dtype, p.shape) for p, v in zip(parts, views)}
         weights = decode_expert(raw)
         if out is None:
-            return weights
+            return {name: t.clone() for name, t in weights.items()}
         for name, t in weights.items():
             out[name].copy_(t)
         return out
+
+
+def _tensor(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(view) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(view, dtype=torch.uint8).view(dtype).view(shape)

@@ -40,7 +40,17 @@ class ModelSource(Protocol):
         ...
 
 
-def open_source(model: str | Path) -> ModelSource:
-    from .checkpoint import Checkpoint
+def open_source(model: str | Path, **options) -> ModelSource:
+    """A store written by `moepager convert` when the folder holds its manifest, else a safetensors checkpoint.
 
-    return Checkpoint(model)
+    options go to the source's constructor (e.g. reader=DirectReader(...); verify_checksums for a store).
+    """
+    from .checkpoint import Checkpoint, resolve
+    from .format import is_store
+    from .store_source import StoreSource
+
+    path = resolve(model)
+    if is_store(path):
+        return StoreSource(path, **options)
+    options.pop("verify_checksums", None)  # a checkpoint has no checksums
+    return Checkpoint(path, **options)

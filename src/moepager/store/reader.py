@@ -1,0 +1,206 @@
+"""Reading byte ranges of weight files without the page cache: O_DIRECT `preadv` into reused aligned buffers.
+
+Owns the file descriptors, one aligned staging buffer per calling thread (reused, grown only when a request
+is larger than any before), and the read counters. It does not own decoding: callers get a memoryview of the
+staging buffer, valid until that thread's next read, and copy what they keep.
+
+Where O_DIRECT is refused (tmpfs, some network filesystems) reads fall back to buffered `preadv` followed
+by `posix_fadvise(DONTNEED)` over the same aligned range, so the page cache never quietly holds the model.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CorruptFile, MoepagerError
+
+ALIGN = 4096  # O_DIRECT needs 512 here; 4096 also matches the page size, so DONTNEED evicts whole ranges
+COALESCE_GAP = 64 << 10  # ranges of one file closer than this are fetched by one read
+
+
+def align_down(x: int) -> int:
+    return x & ~(ALIGN - 1)
+
+
+def align_up(x: int) -> int:
+    return (x + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """A zero-filled, page-aligned buffer (anonymous mmap), usable as an O_DIRECT target."""
+    return mmap.mmap(-1, max(align_up(nbytes), ALIGN))
+
+
+@dataclass
+class ReadStats:
+    reads: int = 0  # preadv calls
+    bytes_read: int = 0  # bytes transferred from the file, alignment padding included
+    bytes_requested: int = 0  # bytes the callers asked for
+    read_seconds: float = 0.0  # summed over threads, so it can exceed wall time
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class DirectReader:
+    """Thread-safe range reader. `direct=False` forces the buffered + DONTNEED path (for tests and tmpfs)."""
+
+    def __init__(self, direct: bool = True, buffer_bytes: int = 0):
+        self.direct = direct
+        self.buffer_bytes = buffer_bytes  # initial size of each thread's staging buffer
+        self._fds: dict[Path, tuple[int, bool]] = {}  # path -> (fd, opened with O_DIRECT)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._stats = ReadStats()
+
+    # ---------------------------------------------------------------------------------------- files
+
+    def _fd(self, path: Path) -> tuple[int, bool]:
+        got = self._fds.get(path)
+        if got is not None:
+            return got
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = self._open(path)
+            return self._fds[path]
+
+    def _open(self, path: Path) -> tuple[int, bool]:
+        try:
+            if self.direct and hasattr(os, "O_DIRECT"):
+                try:
+                    return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+            return _open_buffered(path), False
+        except FileNotFoundError:
+            raise MoepagerError(f"{path}: file is missing") from None
+        except OSError as e:
+            raise MoepagerError(f"cannot open {path}: {e.strerror}") from None
+
+    def _reopen_buffered(self, path: Path, fd: int) -> tuple[int, bool]:
+        """The filesystem accepted O_DIRECT at open but refuses it on read: use the fallback for this file."""
+        with self._lock:
+            if self._fds.get(path, (None,))[0] == fd:
+                self._fds[path] = (_open_buffered(path), False)
+                os.close(fd)
+            return self._fds[path]
+
+    def is_direct(self, path: str | Path) -> bool:
+        return self._fd(Path(path))[1]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------------------------------- reads
+
+    def _staging(self, nbytes: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            # never close the old buffer: views handed out earlier may still point into it
+            buf = aligned_buffer(max(nbytes, self.buffer_bytes))
+            self._local.buf = buf
+            self._local.view = memoryview(buf)
+        return self._local.view
+
+    def read(self, path: str | Path, offset: int, nbytes: int) -> memoryview:
+        """Bytes [offset, offset + nbytes) of a file, as a view valid until this thread's next read."""
+        return self.read_ranges([(path, offset, nbytes)])[0]
+
+    def read_ranges(self, ranges: list[tuple[str | Path, int, int]]) -> list[memoryview]:
+        """Several ranges at once (e.g. the tensors of one expert); neighbours in one file share a read.
+
+        Returns one view per range, in order, all valid until this thread's next read.
+        """
+        spans = _coalesce([(Path(p), off, n, i) for i, (p, off, n) in enumerate(ranges)])
+        total = sum(end - start for _, start, end, _ in spans)
+        staging = self._staging(total)
+        views: list[memoryview | None] = [None] * len(ranges)
+        pos, moved, seconds, calls = 0, 0, 0.0, 0
+        for path, start, end, members in spans:
+            t0 = time.perf_counter()
+            n_calls, got = self._read_span(path, start, staging[pos : pos + end - start])
+            seconds += time.perf_counter() - t0
+            calls += n_calls
+            for i, off, n in members:
+                if off + n > start + got:
+                    raise CorruptFile(f"{path}: truncated: bytes {off}..{off + n} are wanted but the file "
+                                      f"ends at byte {start + got}")  # fmt: skip
+                views[i] = staging[pos + off - start : pos + off - start + n]
+            pos += end - start
+            moved += got
+        with self._lock:
+            s = self._stats
+            s.reads += calls
+            s.bytes_read += moved
+            s.bytes_requested += sum(n for _, _, n in ranges)
+            s.read_seconds += seconds
+        return views  # type: ignore[return-value]
+
+    def _read_span(self, path: Path, start: int, dest: memoryview) -> tuple[int, int]:
+        """Fill dest from byte `start` (aligned) -> (preadv calls, bytes got); short only at end of file."""
+        fd, direct = self._fd(path)
+        done, calls = 0, 0
+        while done < len(dest):
+            try:
+                n = os.preadv(fd, [dest[done:]], start + done)
+            except OSError as e:
+                if e.errno == errno.EINVAL and direct:
+                    fd, direct = self._reopen_buffered(path, fd)
+                    continue
+                raise MoepagerError(f"cannot read {path}: {e.strerror}") from None
+            calls += 1
+            if n == 0:
+                break
+            done += n
+            if direct and n % ALIGN:
+                break  # an unaligned O_DIRECT read means end of file; the next offset would be refused
+        if not direct:
+            os.posix_fadvise(fd, start, len(dest), os.POSIX_FADV_DONTNEED)
+        return calls, done
+
+    def stats(self) -> dict:
+        with self._lock:
+            return self._stats.as_dict()
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = ReadStats()
+
+
+def _open_buffered(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    # no readahead: it would cache pages past the range that DONTNEED then leaves behind
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return fd
+
+
+def _coalesce(ranges: list[tuple[Path, int, int, int]]):
+    """(path, offset, nbytes, index) -> [(path, aligned start, aligned end, [(index, offset, nbytes)])]."""
+    spans: list = []
+    for path, off, n, i in sorted(ranges, key=lambda r: (str(r[0]), r[1])):
+        if off < 0 or n < 0:
+            raise ValueError(f"bad range {off}+{n} of {path}")
+        start, end = align_down(off), align_up(off + n)
+        if spans and spans[-1][0] == path and start <= spans[-1][2] + COALESCE_GAP:
+            last = spans[-1]
+            last[2] = max(last[2], end)
+            last[3].append((i, off, n))
+        else:
+            spans.append([path, start, end, [(i, off, n)]])
+    return spans

@@ -1,0 +1,105 @@
+"""StoreSource: the ModelSource of a store written by `moepager convert` (format in format.py).
+
+Owns reading a store: the manifest checked on open (magic, version, file sizes), dense tensors from
+dense.safetensors, and each routed expert with one O_DIRECT read, checksum-verified by default.
+It does not write stores (convert.py) or cache experts (the expert cache does).
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import torch
+
+from ..config import config_from_hf
+from ..errors import CorruptFile, MoepagerError
+from ..moe import ExpertWeights
+from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
+from .reader import DirectReader, align_up
+from .safetensors import read_bytes, read_header, read_tensor
+
+
+class StoreSource:
+    """A converted store. `verify_checksums` checks each expert's crc32 as it is read (~6 GB/s of one core)."""
+
+    def __init__(self, path: str | Path, reader: DirectReader | None = None, verify_checksums: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        check_files(self.path, self.manifest)
+        self.raw_config = self.manifest.config
+        self.config = config_from_hf(self.raw_config)
+        self.verify_checksums = verify_checksums
+        self.experts_file = self.path / EXPERTS_FILE
+        largest = max((align_up(x.nbytes) for x in self.manifest.experts.values()), default=0)
+        self.reader = reader or DirectReader(buffer_bytes=largest)
+        self._keys = sorted(self.manifest.experts)
+        self._check_complete()
+
+    def _check_complete(self) -> None:
+        c = self.config
+        for layer in range(c.num_layers):
+            if c.moe_layers[layer]:
+                for e in range(c.num_experts):
+                    if (layer, e) not in self.manifest.experts:
+                        raise CorruptFile(f"{self.path}: expert {e} of layer {layer} is not in the manifest; {RECONVERT}")
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        path = self.path / DENSE_FILE
+        infos = sorted(read_header(path).values(), key=lambda i: i.offset)
+        sd = {info.name: read_tensor(info) for info in infos}
+        if self.verify_checksums:
+            self._check_dense(path, infos, sd)
+        if "embed.weight" not in sd:
+            raise CorruptFile(f"{self.path / DENSE_FILE}: no embed.weight; {RECONVERT}")
+        if self.config.tie_embeddings or "lm_head.weight" not in sd:
+            sd["lm_head.weight"] = sd["embed.weight"]
+        return sd
+
+    def _check_dense(self, path: Path, infos: list, sd: dict[str, torch.Tensor]) -> None:
+        """crc32 of the whole file, from its header bytes and the tensors just read (they tile the data)."""
+        first = infos[0].offset if infos else path.stat().st_size
+        crc = zlib.crc32(read_bytes(path, 0, first))
+        for info in infos:
+            if info.offset != first:
+                raise CorruptFile(f"{path}: tensor data is not contiguous at {info.name!r}; {RECONVERT}")
+            crc = zlib.crc32(sd[info.name].contiguous().view(-1).view(torch.uint8).numpy(), crc)
+            first += info.nbytes
+        if crc != self.manifest.files[DENSE_FILE]["crc32"]:
+            raise CorruptFile(f"{path}: checksum mismatch; the store is damaged: {RECONVERT}")
+
+    def expert_keys(self) -> list[tuple[int, int]]:
+        return list(self._keys)
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        return align_up(self.manifest.experts[(layer, expert)].nbytes)
+
+    def read_raw(self, layer: int, expert: int) -> memoryview:
+        """The expert's bytes as stored (checksum-verified if asked), valid until this thread's next read."""
+        entry = self.manifest.experts[(layer, expert)]
+        view = self.reader.read(self.experts_file, entry.offset, align_up(entry.nbytes))[: entry.nbytes]
+        if self.verify_checksums:
+            self.check(layer, expert, view)
+        return view
+
+    def check(self, layer: int, expert: int, view: memoryview) -> None:
+        entry = self.manifest.experts[(layer, expert)]
+        if zlib.crc32(view) != entry.crc32:
+            raise CorruptFile(
+                f"{self.experts_file}: checksum mismatch for expert {expert} of layer {layer} (bytes "
+                f"{entry.offset}..{entry.offset + entry.nbytes}); the store is damaged: {RECONVERT}"
+            )
+
+    def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
+        if (layer, expert) not in self.manifest.experts:
+            raise MoepagerError(f"{self.path}: no expert {expert} in layer {layer}")
+        layout = self.manifest.layouts[self.manifest.experts[(layer, expert)].layout]
+        flat = torch.frombuffer(self.read_raw(layer, expert), dtype=torch.uint8)
+        weights = {}
+        for t in layout.tensors:  # encoding "plain": the stored tensors are the canonical ones
+            src = flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape)
+            if out is None:
+                weights[t.name] = src.clone()  # the staging buffer is reused by this thread's next read
+            else:
+                out[t.name].copy_(src)
+        return weights if out is None else out
