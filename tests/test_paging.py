@@ -43,9 +43,26 @@ def references(tiny):
     return get
 
 
+@pytest.fixture(scope="module")
+def stores(tiny, tmp_path_factory):
+    from moepager.store.convert import convert
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = convert(tiny(family)[0], tmp_path_factory.mktemp("stores") / family, progress=False)
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("source", ["safetensors", "store"])
 @pytest.mark.parametrize("family", PAGED)
-def test_paged_matches_transformers_at_every_budget(references, family):
+def test_paged_matches_transformers_at_every_budget(references, stores, family, source):
     path, prompt, tokens, ids, logits = references(family)
+    if source == "store":  # the expert-aligned store written by moepager convert, read with O_DIRECT
+        path = stores(family)
     probe = _load(path, expert_memory="100%")
     budgets = _budgets(probe)
     for budget in budgets:

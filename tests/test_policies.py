@@ -51,7 +51,7 @@ def test_lfu_keeps_history_across_eviction():
 
 
 def test_nextuse_prefers_frequent_experts_of_each_layer():
-    p = NextUse(half_life=1000)
+    p = NextUse(long_half_life=1000)
     for _ in range(10):  # two layers, expert 0 chosen every token, others once in a while
         _touch(p, [(0, 0), (0, 1)])
         _touch(p, [(1, 0), (1, 2)])
@@ -65,7 +65,7 @@ def test_nextuse_prefers_frequent_experts_of_each_layer():
 
 
 def test_nextuse_breaks_ties_by_layer_distance():
-    p = NextUse(half_life=1000)
+    p = NextUse(long_half_life=1000, short_weight=0.0)
     for _ in range(4):  # identical history in three layers
         _touch(p, [(0, 0)])
         _touch(p, [(1, 0)])

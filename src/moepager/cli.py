@@ -34,7 +34,7 @@ def cmd_run(args) -> None:
 
     if args.model is None:
         raise MoepagerError("give a model: a checkpoint folder or a hub id in the local Hugging Face cache")
-    engine = load(args.model, device=args.device, dtype=args.dtype)
+    engine = load(args.model, device=args.device, dtype=args.dtype, **_paging_options(args))
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
@@ -45,6 +45,7 @@ def cmd_run(args) -> None:
         text.append(piece)
         if not args.json:
             print(piece, end="", flush=True)
+    _save_paging_outputs(engine, args)
     if args.json:
         print(json.dumps({"text": "".join(text), "token_ids": out_ids, "stats": engine.stats()}))
     else:
@@ -174,6 +175,76 @@ def _add_store(sub) -> None:
     v.set_defaults(func=cmd_verify)
 
 
+def _pins(text: str | None) -> list[tuple[int, int]]:
+    if not text:
+        return []
+    try:
+        return [(int(a), int(b)) for a, b in (p.split(":") for p in text.split(",") if p.strip())]
+    except ValueError:
+        raise MoepagerError(f"--pin must be LAYER:EXPERT pairs separated by commas (e.g. 0:3,1:7), got {text!r}") from None
+
+
+def _paging_options(args) -> dict:
+    """moepager.load's paging options from `run`'s flags."""
+    return {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
+            "prefetch": not args.no_prefetch, "pins": _pins(args.pin), "hot_set": args.hot_set,
+            "record_trace": args.trace is not None, "max_context": args.max_context}  # fmt: skip
+
+
+def _save_paging_outputs(engine, args) -> None:
+    if args.trace is not None:
+        engine.trace.save(args.trace)
+    if args.save_hot_set is not None:
+        if not hasattr(engine.experts, "save_hot_set"):
+            raise MoepagerError("--save-hot-set needs paging: give --expert-memory or --memory-limit")
+        engine.experts.save_hot_set(args.save_hot_set)
+
+
+def cmd_replay(args) -> None:
+    from .trace import capacity_for, compare, load_trace, plot
+
+    trace = load_trace(args.trace)
+    budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
+    rows = {b: compare(trace, capacity_for(b, trace)) for b in budgets}
+    if args.json:
+        print(json.dumps({"trace": args.trace, "hit_rate": rows}))
+    else:
+        names = list(next(iter(rows.values())))
+        print(f"{'budget':>8} " + " ".join(f"{n:>8}" for n in names))
+        for b, r in rows.items():
+            print(f"{b:>8} " + " ".join(f"{r[n]:8.3f}" for n in names))
+    if args.plot:
+        plot(trace, args.plot)
+
+
+def cmd_stats(args) -> None:
+    from .paged import render_stats
+
+    try:
+        record = json.loads(open(args.record).read())
+    except FileNotFoundError:
+        raise MoepagerError(f"{args.record} does not exist; save one with moepager run ... --json > FILE") from None
+    except json.JSONDecodeError as e:
+        raise MoepagerError(f"{args.record}: not a JSON record of moepager run --json ({e})") from None
+    stats = record.get("stats", record) if isinstance(record, dict) else None
+    if not isinstance(stats, dict) or "experts" not in stats:
+        raise MoepagerError(f"{args.record}: no expert stats in it; record a run with --expert-memory ... --json")
+    print(render_stats(stats))
+
+
+def _add_paging(sub) -> None:
+    p = sub.add_parser("replay", help="hit rate of each eviction policy on a routing trace, with Belady's bound")
+    p.add_argument("trace", help="a trace file from moepager run ... --trace FILE")
+    p.add_argument("--budget", default="10%,25%,50%", help="share of all experts (25%%) or a count of experts; "
+                   "several separated by commas")  # fmt: skip
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", help="write a PNG of hit rate vs budget (needs matplotlib)")
+    p.set_defaults(func=cmd_replay)
+    s = sub.add_parser("stats", help="render the expert cache stats of a saved moepager run --json record")
+    s.add_argument("record", help="a file holding the output of moepager run ... --json")
+    s.set_defaults(func=cmd_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,7 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    r.add_argument("--expert-memory", help="memory for routed experts: 512MiB, 2GB or a share of them (25%%); "
+                   "turns paging on")  # fmt: skip
+    r.add_argument("--memory-limit", help="whole-process budget (e.g. 700MiB): experts get what the rest leaves")
+    r.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
+    r.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default nextuse)")
+    r.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
+    r.add_argument("--pin", help="experts never evicted, as LAYER:EXPERT pairs: 0:3,1:7")
+    r.add_argument("--hot-set", help="pin the experts listed in this file (see --save-hot-set)")
+    r.add_argument("--save-hot-set", help="after the run, save the most used experts to this file")
+    r.add_argument("--trace", help="save the routing trace (experts chosen per token and layer) to this file")
     r.set_defaults(func=cmd_run)
+    _add_paging(sub)
     _add_synth_bench(sub)
     _add_store(sub)
     _add_serve(sub)

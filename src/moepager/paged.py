@@ -138,3 +138,37 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype, expert_
     if hot_set is not None:
         experts.load_hot_set(hot_set)
     return experts
+
+
+def render_stats(stats: dict) -> str:
+    """The expert cache part of `engine.stats()` (or of a `moepager run --json` record) as a table."""
+    from .cache import format_bytes
+
+    x = stats["experts"]
+    cols = ["hits", "prefetch_hits", "misses", "hit_rate", "evictions", "bytes_read", "read_s", "wait_s",
+            "resident_bytes"]  # fmt: skip
+
+    def cell(d, c):
+        v = d.get(c, 0)
+        if c.endswith("bytes") or c == "bytes_read":
+            return format_bytes(v)
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = [[f"layer {k}"] + [cell(v, c) for c in cols] for k, v in sorted(x["layers"].items(), key=lambda i: int(i[0]))]
+    rows.append(["total"] + [cell(x, c) for c in cols])
+    head = ["", *cols]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))  # noqa: E731
+    out = [
+        f"expert cache: {x['capacity']} slots of {format_bytes(x['slot_bytes'])} = {format_bytes(x['allocated_bytes'])}"
+        f" (budget {format_bytes(x['budget_bytes'])}, all experts {format_bytes(x['total_expert_bytes'])}), "
+        f"policy {x['policy']}, {x['pinned']} pinned, peak resident {format_bytes(x['peak_resident_bytes'])}",
+        line(head),
+        *[line(r) for r in rows],
+    ]
+    if x.get("prefetch"):
+        p = x["prefetch"]
+        out.append(f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads")
+    if "decode_tokens_per_s" in stats:
+        out.append(f"decode {stats['decode_tokens_per_s']:.2f} tokens/s, prefill {stats['prefill_tokens_per_s']:.2f}")
+    return "\n".join(out)

@@ -86,23 +86,24 @@ class NextUse:
     with an estimate of the future).
 
     Layers run in a cycle, one step per layer per token. An expert of layer l chosen with probability p per
-    token is next needed after about dist(current layer -> l) + L * (1 / p - 1) layer steps. p is a
-    per-layer frequency with exponential decay (half-life `half_life` tokens), so it follows drifts in routing
-    that plain LFU is slow to see, and, unlike LRU, it remembers which experts a layer keeps coming back to.
+    token is next needed after about dist(current layer -> l) + L * (1 / p - 1) layer steps. p blends two
+    decayed per-token frequencies: a long one (half-life `long_half_life` tokens: which experts a layer keeps
+    coming back to, what LRU forgets) and a short one (half-life `short_half_life`: consecutive tokens route
+    alike, what LFU misses).
     """
 
     name = "nextuse"
 
-    def __init__(self, half_life: float = 64.0):
-        self.decay = 0.5 ** (1.0 / half_life)  # per token
-        self.score: dict[Key, tuple[float, int]] = {}  # key -> (decayed count, token of that count)
-        self.resident: dict[Key, int] = {}  # resident key -> step of last use
-        self.layers: list = []  # layers in the order of their first step: the cycle
-        self.pos: dict = {}  # layer -> index in that cycle
-        self.token = 0  # tokens seen (a step of the first layer in the cycle starts one)
+    def __init__(self, long_half_life: float = 128.0, short_half_life: float = 1.0, short_weight: float = 0.3):
+        self.d_long = 0.5 ** (1.0 / long_half_life)  # decay per token
+        self.d_short = 0.5 ** (1.0 / short_half_life)
+        self.w = short_weight
+        self.counts: dict[Key, tuple[float, float, int]] = {}  # key -> (long count, short count, at token)
+        self.resident: dict[Key, int] = {}  # resident key -> step of its last use
+        self.pos: dict = {}  # layer -> its place in the cycle of layers
+        self.token = 0  # a step of the first layer of the cycle starts a token
         self.step = 0
         self.layer = None
-        self.tokens_per_layer: dict = {}  # layer -> layer steps seen: the denominator of p
 
     def _enter(self, layer) -> None:
         if layer == self.layer:
@@ -110,34 +111,33 @@ class NextUse:
         self.layer = layer
         self.step += 1
         if layer not in self.pos:
-            self.pos[layer] = len(self.layers)
-            self.layers.append(layer)
+            self.pos[layer] = len(self.pos)
         elif self.pos[layer] == 0:
             self.token += 1
-        self.tokens_per_layer[layer] = self.tokens_per_layer.get(layer, 0) + 1
 
-    def _p(self, key) -> float:
-        count, at = self.score.get(key, (0.0, self.token))
-        seen = self.tokens_per_layer.get(key[0], 1)
-        # decayed count over the decayed number of steps of that layer: a probability per token
-        steps = (1 - self.decay ** min(seen, 10_000)) / (1 - self.decay)
-        return count * self.decay ** (self.token - at) / steps
+    def _decayed(self, key) -> tuple[float, float]:
+        long, short, at = self.counts.get(key, (0.0, 0.0, self.token))
+        age = self.token - at
+        return long * self.d_long**age, short * self.d_short**age
 
     def access(self, key):
         self._enter(key[0])
-        count, at = self.score.get(key, (0.0, self.token))
-        self.score[key] = (count * self.decay ** (self.token - at) + 1.0, self.token)
+        long, short = self._decayed(key)
+        self.counts[key] = (long + 1.0, short + 1.0, self.token)
         self.resident[key] = self.step
 
     def remove(self, key):
         self.resident.pop(key, None)
 
     def _expected_next_use(self, key) -> float:
-        n = max(len(self.layers), 1)
-        here = self.pos.get(self.layer, 0)
-        dist = (self.pos.get(key[0], 0) - here - 1) % n + 1  # layer steps until that layer runs again
-        p = min(self._p(key), 1.0)
-        return dist + n * (1.0 / max(p, 1e-6) - 1.0) - 1e-9 * self.resident[key]
+        long, short = self._decayed(key)
+        # a count decayed per token over the same decayed count of tokens: a probability per token
+        seen = self.token + 1
+        p_long = long * (1 - self.d_long) / (1 - self.d_long ** min(seen, 100_000))
+        p = self.w * short * (1 - self.d_short) + (1 - self.w) * p_long
+        n = max(len(self.pos), 1)
+        dist = (self.pos.get(key[0], 0) - self.pos.get(self.layer, 0) - 1) % n + 1  # steps until its layer runs
+        return dist + n * (1.0 / max(min(p, 1.0), 1e-6) - 1.0) - 1e-9 * self.resident[key]
 
     def victim(self, evictable):
         keys = [k for k in self.resident if evictable(k)]
