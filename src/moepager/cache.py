@@ -166,14 +166,16 @@ class ExpertCache:
         template = source.read_expert(*keys[0])
         self.src_dtype = {n: t.dtype for n, t in template.items()}
         self.shapes = {n: tuple(t.shape) for n, t in template.items()}
-        self.dtype = dtype or template["gate"].dtype
-        self.slot_bytes = sum(torch.Size(s).numel() for s in self.shapes.values()) * self.dtype.itemsize
+        # floating parts take the compute dtype; anything else (quantized codes) is kept as the source has it
+        floating = all(t.is_floating_point() for t in template.values())
+        self.dtypes = {n: dtype if dtype is not None and floating else t.dtype for n, t in template.items()}
+        self.slot_bytes = sum(torch.Size(s).numel() * self.dtypes[n].itemsize for n, s in self.shapes.items())
         self.total_bytes = self.slot_bytes * len(keys)
         self.num_keys = len(keys)
 
         self.budget_bytes = self.total_bytes if budget is None else parse_bytes(budget, self.total_bytes)
         pin = self.device.type == "cuda"
-        self.direct = not pin and all(d == self.dtype for d in self.src_dtype.values())
+        self.direct = not pin and self.dtypes == self.src_dtype
         self.staging_bytes = 0 if self.direct else (io_threads + 2) * sum(
             torch.Size(s).numel() * self.src_dtype[n].itemsize for n, s in self.shapes.items()
         )  # one staging set per reading thread
@@ -191,7 +193,7 @@ class ExpertCache:
             capacity = self.min_slots
         self.capacity = capacity
         # one tensor per part holding every slot: allocated once, never per miss
-        self.buffers = {n: torch.empty((capacity, *s), dtype=self.dtype, device=self.device)
+        self.buffers = {n: torch.empty((capacity, *s), dtype=self.dtypes[n], device=self.device)
                         for n, s in self.shapes.items()}  # fmt: skip
         self.views = [{n: b[i] for n, b in self.buffers.items()} for i in range(capacity)]
         # a read lands straight in the slot when the slot has the source's dtype and lives in RAM

@@ -86,7 +86,7 @@ class PagedExperts:
         return out
 
 
-def dense_footprint(model, config: ModelConfig, device: torch.device, dtype: torch.dtype, max_context: int) -> dict:
+def dense_footprint(model, config: ModelConfig, device: torch.device, max_context: int) -> dict:
     """What the process needs besides the expert cache, measured after the dense weights are loaded:
     the runtime and dense weights (RSS, or allocated GPU memory for CUDA), the KV cache at max_context
     (buffers grow by doubling, so up to twice that), and working buffers."""
@@ -101,15 +101,16 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, dtype: tor
         per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
     else:
         per_token = 2 * c.num_kv_heads * c.head_dim
-    kv = 2 * per_token * dtype.itemsize * c.num_layers * max_context
+    kv = 2 * per_token * model.embed.weight.dtype.itemsize * c.num_layers * max_context
     # activations of a prefill chunk plus allocator slack
     buffers = 32 * 2**20 + 16 * max_context * c.hidden_size * 4
     return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers}
 
 
-def build_paged(model, source, device: torch.device, dtype: torch.dtype, expert_memory=None, memory_limit=None,
+def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
                 policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None):  # fmt: skip
-    """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch."""
+    """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
+    dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts)."""
     from .cache import format_bytes, parse_bytes
     from .errors import MoepagerError
     from .moe import MoE
@@ -119,7 +120,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype, expert_
     if memory_limit is not None:
         total = parse_bytes(memory_limit, what="memory_limit")
         ctx = min(max_context or 4096, config.max_position_embeddings)
-        footprint = dense_footprint(model, config, device, dtype, ctx)
+        footprint = dense_footprint(model, config, device, ctx)
         if total <= footprint["total"]:
             raise MoepagerError(
                 f"memory_limit {format_bytes(total)} is below what the model needs without its experts: "

@@ -188,7 +188,7 @@ def plot(trace: Trace, path: str | Path, fractions=(0.05, 0.1, 0.15, 0.25, 0.35,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise MoepagerError("plotting needs matplotlib: pip install 'moepager[plot]'") from None
+        raise MoepagerError("plotting needs matplotlib: pip install 'moepager[bench]'") from None
     caps = [max(trace.top_k, int(f * trace.num_keys())) for f in fractions]
     rows = [compare(trace, c) for c in caps]
     fig, ax = plt.subplots(figsize=(6, 4))
