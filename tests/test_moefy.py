@@ -95,3 +95,82 @@ def test_gguf_to_hf_matches_transformers(tiny_gguf, tmp_path):
     for text in ["the theme 12", " the\n\nthe <|im_end|>"]:
         assert engine.tokenizer.encode(text) == ref_tok.encode(text)
     assert engine.tokenizer.encode("<|im_end|>") == [2]
+
+
+# ------------------------------------------------------------------------------------- moefy
+
+
+def _calibration_text(n: int = 1024, seed: int = 1) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(f"w{i}" for i in torch.randint(0, 128, (n,), generator=g).tolist())
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random dense llama (hidden 32, 64 neurons per layer) with the word tokenizer."""
+    import transformers as tf
+
+    from tiny_models import COMMON, write_word_tokenizer
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**{**COMMON, "initializer_range": 0.2})
+    model = tf.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("llama")
+    model.save_pretrained(path)
+    write_word_tokenizer(path)
+    return path, model
+
+
+def _moefy(src, out, top_k, seed=0):
+    from moepager.moefy.build import moefy
+
+    return moefy(src, out, experts=4, top_k=top_k, seed=seed, shared=16, calibration_text=_calibration_text(),
+                 tokens=1024)  # fmt: skip
+
+
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_moefy_all_experts_reproduce_dense(tiny_llama, tmp_path):
+    src, dense = tiny_llama
+    out = _moefy(src, tmp_path / "moe", top_k=4)
+    with torch.no_grad():
+        expected = dense(IDS).logits
+    torch.testing.assert_close(moepager.load(out).logits(IDS), expected, atol=1e-4, rtol=0)
+
+
+def test_moefy_output_loads_in_transformers(tiny_llama, tmp_path):
+    import transformers as tf
+
+    src, dense = tiny_llama
+    out = _moefy(src, tmp_path / "moe", top_k=2)
+    ref = tf.Qwen2MoeForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(IDS).logits
+        full = dense(IDS).logits
+    got = moepager.load(out).logits(IDS)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(got, full, atol=1e-3)  # top-2 of 4 is a real approximation
+
+
+def test_moefy_is_deterministic_given_seed(tiny_llama, tmp_path):
+    from moepager.moefy.build import PLAN_FILE, Plan
+
+    src, _ = tiny_llama
+    a = Plan.load(_moefy(src, tmp_path / "a", top_k=2, seed=5) / PLAN_FILE)
+    b = Plan.load(_moefy(src, tmp_path / "b", top_k=2, seed=5) / PLAN_FILE)
+    c = Plan.load(_moefy(src, tmp_path / "c", top_k=2, seed=6) / PLAN_FILE)
+    assert torch.equal(a.order, b.order) and torch.equal(a.router, b.router)
+    assert not torch.equal(a.order, c.order)
+    # every neuron is used exactly once per layer
+    assert torch.equal(a.order.sort(dim=1).values, torch.arange(64).expand(2, 64))
+
+
+def test_moefy_reads_gguf_directly(tiny_gguf, tmp_path):
+    from moepager.moefy.build import moefy
+
+    text = "the theme then " * 200
+    out = moefy(tiny_gguf, tmp_path / "moe", experts=4, top_k=4, shared=16, calibration_text=text, tokens=512)
+    dense = convert_gguf(tiny_gguf, tmp_path / "dense")
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(moepager.load(out).logits(ids), moepager.load(dense).logits(ids), atol=1e-4, rtol=0)
