@@ -11,7 +11,7 @@ from moepager.cache import ExpertCache, parse_bytes
 from moepager.config import ModelConfig
 from moepager.errors import MoepagerError
 
-LAYERS, EXPERTS, K, D, I = 2, 8, 2, 4, 3
+LAYERS, EXPERTS, K, D, I = 2, 8, 2, 4, 3  # noqa: E741 (the legend letters)
 
 
 class FakeSource:
@@ -56,7 +56,14 @@ def _cache(slots, **kw):
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("512MiB", 512 << 20), ("2GB", 2 * 10**9), ("1.5GiB", 3 << 29), ("100", 100), (4096, 4096), ("25%", 250)],
+    [
+        ("512MiB", 512 << 20),
+        ("2GB", 2 * 10**9),
+        ("1.5GiB", 3 << 29),
+        ("100", 100),
+        (4096, 4096),
+        ("25%", 250),
+    ],
 )
 def test_parse_bytes(text, expected):
     assert parse_bytes(text, total=1000) == expected
@@ -109,7 +116,7 @@ def test_waves_when_a_layer_needs_more_than_the_budget():
 
 def test_in_use_experts_are_never_evicted():
     c = _cache(3)
-    held = c.acquire(0, [0, 1])
+    c.acquire(0, [0, 1])  # held until released
     assert c.prefetch(1, [5, 6, 7]) == 1  # one free slot; never the held ones
     more = c.acquire(0, [2, 3])  # waits for the guess to land, then takes its slot, not a held one
     assert list(more) == [2]

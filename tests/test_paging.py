@@ -35,7 +35,9 @@ def references(tiny):
             prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
             ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
-                tokens = ref.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[0, 7:].tolist()
+                tokens = ref.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False)[
+                    0, 7:
+                ].tolist()
                 logits = ref(ids).logits
             made[family] = (path, prompt[0], tokens, ids, logits)
         return made[family]
@@ -51,7 +53,9 @@ def stores(tiny, tmp_path_factory):
 
     def get(family):
         if family not in made:
-            made[family] = convert(tiny(family)[0], tmp_path_factory.mktemp("stores") / family, progress=False)
+            made[family] = convert(
+                tiny(family)[0], tmp_path_factory.mktemp("stores") / family, progress=False
+            )
         return made[family]
 
     return get
@@ -177,3 +181,14 @@ def test_record_trace(references):
     steps = engine.trace.steps
     assert len(steps) == 5 * engine.config.num_layers
     assert steps[0][0] == 0 and len(steps[0][1]) == 7 and len(steps[0][1][0]) == engine.config.top_k
+
+
+def test_wrong_guesses_never_change_the_output(references):
+    path, prompt, tokens, _, _ = references("qwen3_moe")
+    engine = _load(path, expert_memory="50%", prefetch=True)
+    pf = engine.experts.prefetcher
+    bad = torch.Generator().manual_seed(0)
+    pf.routers = {layer: (lambda x: torch.randint(0, 16, (x.shape[0], 4), generator=bad)) for layer in pf.routers}
+    assert engine.generate(prompt, max_new_tokens=24, stop_ids=[]) == tokens
+    s = engine.stats()["experts"]
+    assert s["prefetch_reads"] > 0 and s["prefetch"]["precision"] < 0.6

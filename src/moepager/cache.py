@@ -36,7 +36,7 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 
 
 def parse_bytes(value: int | str, total: int | None = None, what: str = "expert_memory") -> int:
-    """"512MiB", "2GB", 1234 or, when `total` is given, "25%" of it -> bytes."""
+    """Bytes from "512MiB", "2GB", 1234 or, when `total` is given, "25%" of it."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise MoepagerError(f"{what}: expected a size like 512MiB, 2GB or 25%, got {value!r}")
     if isinstance(value, int):
@@ -46,7 +46,9 @@ def parse_bytes(value: int | str, total: int | None = None, what: str = "expert_
     text = value.strip()
     if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", text):
         if total is None:
-            raise MoepagerError(f"{what}: a percentage ({text}) is not meaningful here; give bytes like 700MiB")
+            raise MoepagerError(
+                f"{what}: a percentage ({text}) is not meaningful here; give bytes like 700MiB"
+            )
         pct = float(m[1])
         if not 0 < pct <= 100:
             raise MoepagerError(f"{what}: {text} is not a percentage in (0, 100]")
@@ -176,8 +178,11 @@ class ExpertCache:
         self.budget_bytes = self.total_bytes if budget is None else parse_bytes(budget, self.total_bytes)
         pin = self.device.type == "cuda"
         self.direct = not pin and self.dtypes == self.src_dtype
-        self.staging_bytes = 0 if self.direct else (io_threads + 2) * sum(
-            torch.Size(s).numel() * self.src_dtype[n].itemsize for n, s in self.shapes.items()
+        self.staging_bytes = (
+            0
+            if self.direct
+            else (io_threads + 2)
+            * sum(torch.Size(s).numel() * self.src_dtype[n].itemsize for n, s in self.shapes.items())
         )  # one staging set per reading thread
         if limit is not None:
             self.budget_bytes = max(0, min(self.budget_bytes, limit - self.staging_bytes))
@@ -286,7 +291,8 @@ class ExpertCache:
         """Make experts of `layer` resident and hold them until `release_held`. Returns as many as fit (every
         requested expert that is resident, then misses in order while a slot can be had): call again with the
         rest after releasing, so a layer whose experts exceed the budget runs in waves. `before_wait` runs once
-        this step's slots are claimed and its reads started (prefetch goes there: it overlaps, never competes)."""
+        this step's slots are claimed and its reads started, if they all fit (prefetch goes there: it overlaps
+        this step's reads and compute, never takes their slots)."""
         experts = list(experts)
         while True:
             held, reads, waits = self._reserve(layer, experts)
@@ -295,13 +301,15 @@ class ExpertCache:
             with self.lock:  # every slot is busy with reads in flight: let them land, then retry
                 inflight = list(self.loading.values())
             if not inflight:
-                raise RuntimeError(f"expert cache: no slot can be freed for layer {layer} (capacity {self.capacity})")
+                raise RuntimeError(
+                    f"expert cache: no slot can be freed for layer {layer} (capacity {self.capacity})"
+                )
             for f in inflight:
                 f.exception()
         t0 = time.perf_counter()
         inline = reads[:1] if before_wait is None else []  # one read in this thread saves a handoff
         futures = [self.pool.submit(self._fill, k, s, False) for k, s in reads[len(inline) :]]
-        if before_wait is not None:
+        if before_wait is not None and len(held) == len(experts):  # in waves a guess would take their slots
             before_wait()
             t0 = time.perf_counter()
         for key, slot in inline:
@@ -400,7 +408,9 @@ class ExpertCache:
         """Load an expert and never evict it. At least top_k slots stay unpinned, for the other experts."""
         key = (layer, expert)
         if key not in set(self.source.expert_keys()):
-            raise MoepagerError(f"cannot pin expert {expert} of layer {layer}: the model has no such routed expert")
+            raise MoepagerError(
+                f"cannot pin expert {expert} of layer {layer}: the model has no such routed expert"
+            )
         with self.lock:
             if key not in self.res.pinned and len(self.res.pinned) + 1 + self.min_slots > self.capacity:
                 raise MoepagerError(
@@ -440,7 +450,9 @@ class ExpertCache:
             for layer in sorted(self.layer_stats):
                 total.add(self.layer_stats[layer])
                 per_layer[str(layer)] = self.layer_stats[layer].as_dict()
-                per_layer[str(layer)]["resident_bytes"] = sum(k[0] == layer for k in self.res.slot) * self.slot_bytes
+                per_layer[str(layer)]["resident_bytes"] = (
+                    sum(k[0] == layer for k in self.res.slot) * self.slot_bytes
+                )
             out = total.as_dict()
             out.update(
                 resident_bytes=len(self.res.slot) * self.slot_bytes,
@@ -492,9 +504,11 @@ def load_hot_set(path: str | Path, config: ModelConfig) -> list[Key]:
     except json.JSONDecodeError as e:
         raise MoepagerError(f"{path}: not a hot set file (invalid JSON: {e})") from None
     if not isinstance(record, dict) or record.get("format") != HOT_SET_FORMAT:
-        raise MoepagerError(f"{path}: not a hot set file (no \"format\": \"{HOT_SET_FORMAT}\")")
+        raise MoepagerError(f'{path}: not a hot set file (no "format": "{HOT_SET_FORMAT}")')
     if record.get("version") != 1:
-        raise MoepagerError(f"{path}: hot set version {record.get('version')!r} is not supported (expected 1)")
+        raise MoepagerError(
+            f"{path}: hot set version {record.get('version')!r} is not supported (expected 1)"
+        )
     if (record.get("num_layers"), record.get("num_experts")) != (config.num_layers, config.num_experts):
         raise MoepagerError(
             f"{path}: hot set is for a model with {record.get('num_layers')} layers and {record.get('num_experts')} "

@@ -72,7 +72,11 @@ class PagedExperts:
     def save_hot_set(self, path: str | Path, n: int | None = None) -> list[tuple[int, int]]:
         """Write the n most used experts so far (default: the pins plus half the unpinned slots)."""
         uses = self.cache.uses
-        n = n if n is not None else (self.cache.capacity - self.cache.min_slots) // 2 + len(self.cache.pinned())
+        n = (
+            n
+            if n is not None
+            else (self.cache.capacity - self.cache.min_slots) // 2 + len(self.cache.pinned())
+        )
         keys = sorted(sorted(uses, key=lambda k: (-uses[k], k))[:n])
         save_hot_set(path, keys, self.config)
         return keys
@@ -132,7 +136,9 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
     cache = ExpertCache(source, config, expert_memory if expert_memory is not None else (None if limit is None else "100%"),
                         device, dtype, policy, limit=limit)  # fmt: skip
     cache.footprint = footprint
-    routers = {b.ffn.layer: (lambda x, r=b.ffn.router: r(x)[1]) for b in model.layers if isinstance(b.ffn, MoE)}
+    routers = {
+        b.ffn.layer: (lambda x, r=b.ffn.router: r(x)[1]) for b in model.layers if isinstance(b.ffn, MoE)
+    }
     experts = PagedExperts(config, cache, routers, prefetch)
     for layer, e in pins:
         experts.pin(layer, e)
@@ -155,7 +161,10 @@ def render_stats(stats: dict) -> str:
             return format_bytes(v)
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    rows = [[f"layer {k}"] + [cell(v, c) for c in cols] for k, v in sorted(x["layers"].items(), key=lambda i: int(i[0]))]
+    rows = [
+        [f"layer {k}"] + [cell(v, c) for c in cols]
+        for k, v in sorted(x["layers"].items(), key=lambda i: int(i[0]))
+    ]
     rows.append(["total"] + [cell(x, c) for c in cols])
     head = ["", *cols]
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
@@ -169,7 +178,11 @@ def render_stats(stats: dict) -> str:
     ]
     if x.get("prefetch"):
         p = x["prefetch"]
-        out.append(f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads")
+        out.append(
+            f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads"
+        )
     if "decode_tokens_per_s" in stats:
-        out.append(f"decode {stats['decode_tokens_per_s']:.2f} tokens/s, prefill {stats['prefill_tokens_per_s']:.2f}")
+        out.append(
+            f"decode {stats['decode_tokens_per_s']:.2f} tokens/s, prefill {stats['prefill_tokens_per_s']:.2f}"
+        )
     return "\n".join(out)

@@ -94,7 +94,9 @@ class NextUse:
 
     name = "nextuse"
 
-    def __init__(self, long_half_life: float = 128.0, short_half_life: float = 1.0, short_weight: float = 0.3):
+    def __init__(
+        self, long_half_life: float = 128.0, short_half_life: float = 1.0, short_weight: float = 0.3
+    ):
         self.d_long = 0.5 ** (1.0 / long_half_life)  # decay per token
         self.d_short = 0.5 ** (1.0 / short_half_life)
         self.w = short_weight
@@ -136,7 +138,9 @@ class NextUse:
         p_long = long * (1 - self.d_long) / (1 - self.d_long ** min(seen, 100_000))
         p = self.w * short * (1 - self.d_short) + (1 - self.w) * p_long
         n = max(len(self.pos), 1)
-        dist = (self.pos.get(key[0], 0) - self.pos.get(self.layer, 0) - 1) % n + 1  # steps until its layer runs
+        dist = (
+            self.pos.get(key[0], 0) - self.pos.get(self.layer, 0) - 1
+        ) % n + 1  # steps until its layer runs
         return dist + n * (1.0 / max(min(p, 1.0), 1e-6) - 1.0) - 1e-9 * self.resident[key]
 
     def victim(self, evictable):

@@ -21,7 +21,9 @@ class RouterPrefetcher:
         self.routers, self.cache = routers, cache
         order = sorted(routers)
         self.next = dict(zip(order, order[1:]))  # MoE layer -> the MoE layer after it
-        self.max_guess = max(1, int(cache.capacity * max_fraction))  # a prefill guessing every expert is no guess
+        self.max_guess = max(
+            1, int(cache.capacity * max_fraction)
+        )  # a prefill guessing every expert is no guess
         self.predicted: dict[int, set[int]] = {}  # layer -> its guessed experts, until the layer runs
         self.correct = self.guessed = self.needed = self.reads = 0
 
@@ -45,7 +47,9 @@ class RouterPrefetcher:
 
     def stats(self) -> dict:
         return {
-            "precision": self.correct / self.guessed if self.guessed else 0.0,  # guessed experts that were used
+            "precision": self.correct / self.guessed
+            if self.guessed
+            else 0.0,  # guessed experts that were used
             "recall": self.correct / self.needed if self.needed else 0.0,  # used experts that were guessed
             "guessed": self.guessed,
             "correct": self.correct,

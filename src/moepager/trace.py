@@ -52,11 +52,13 @@ def load_trace(path: str | Path) -> Trace:
     try:
         record = json.loads(path.read_text())
     except FileNotFoundError:
-        raise MoepagerError(f"trace file {path} does not exist; record one with moepager run ... --trace FILE") from None
+        raise MoepagerError(
+            f"trace file {path} does not exist; record one with moepager run ... --trace FILE"
+        ) from None
     except json.JSONDecodeError as e:
         raise MoepagerError(f"{path}: not a trace file (invalid JSON: {e})") from None
     if not isinstance(record, dict) or record.get("format") != TRACE_FORMAT:
-        raise MoepagerError(f"{path}: not a routing trace (no \"format\": \"{TRACE_FORMAT}\")")
+        raise MoepagerError(f'{path}: not a routing trace (no "format": "{TRACE_FORMAT}")')
     if record.get("version") != 1:
         raise MoepagerError(f"{path}: trace version {record.get('version')!r} is not supported (expected 1)")
     steps = [(int(layer), ids) for layer, ids in record["steps"]]
@@ -138,11 +140,15 @@ def capacity_for(budget: str | int, trace: Trace) -> int:
         try:
             n = int(budget)
         except ValueError:
-            raise MoepagerError(f"--budget {budget!r}: give a percentage of all experts (25%) or a count of experts") from None
+            raise MoepagerError(
+                f"--budget {budget!r}: give a percentage of all experts (25%) or a count of experts"
+            ) from None
     return max(n, trace.top_k)
 
 
-def compare(trace: Trace, capacity: int, policies: dict[str, Callable[[], Policy]] | None = None) -> dict[str, float]:
+def compare(
+    trace: Trace, capacity: int, policies: dict[str, Callable[[], Policy]] | None = None
+) -> dict[str, float]:
     """Hit rate of every policy and of Belady's bound at one capacity."""
     requests = trace.requests()
     out = {name: replay(requests, capacity, make()) for name, make in (policies or POLICIES).items()}
