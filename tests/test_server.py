@@ -4,6 +4,7 @@ The server runs in this process (uvicorn in a thread, on a free port) and each t
 Greedy output over HTTP is compared with `moepager run`, and the batched decode step with model.forward.
 """
 
+import contextlib
 import json
 import shutil
 import socket
@@ -52,13 +53,11 @@ def _free_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
-def server(model_dir):
-    """(base_url, engine, app) of a live server; stopped when the module's tests are done."""
+@contextlib.contextmanager
+def _serving(app):
+    """Run `app` with uvicorn in a thread on a free loopback port; yield its base URL; stop it after."""
     import uvicorn
 
-    engine = moepager.load(model_dir)
-    app = create_app(engine, MODEL, api_key=KEY)
     sock = _free_socket()
     srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -67,11 +66,22 @@ def server(model_dir):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine, app
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        sock.close()
     assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    """(base_url, engine, app) of a live server; stopped when the module's tests are done."""
+    engine = moepager.load(model_dir)
+    app = create_app(engine, MODEL, api_key=KEY)
+    with _serving(app) as base:
+        yield base, engine, app
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +255,31 @@ def test_concurrent_requests_share_decode_steps(server, client):
     assert rows == len(prompts) * 39 and steps < rows  # some steps ran several sequences at once
 
 
+def test_paged_experts_in_a_batch(model_dir):
+    """Experts paged at half the budget: batched output is still exact, and /metrics shows the reads."""
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4], [40]]
+    resident = moepager.load(model_dir)
+    expected = [resident.tokenizer.decode(resident.generate(p, 24, stop_ids=[])) for p in prompts]
+    engine = moepager.load(model_dir, expert_memory="50%")
+    with _serving(create_app(engine, MODEL)) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
+        results = [None] * len(prompts)
+
+        def ask(i):
+            out = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24, temperature=0)
+            results[i] = out.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        m = _metrics(base)
+    assert results == expected
+    assert m["moepager_experts_bytes_read"] > 0 and m["moepager_experts_misses"] > 0
+    assert "moepager_experts_resident_bytes" in m
+
+
 class _SlowExperts:
     """Wraps the experts so that a long generation is still running when the client leaves."""
 
@@ -261,7 +296,9 @@ def test_client_disconnect_cancels_the_sequence(server, client):
     engine.model.set_experts(_SlowExperts(engine.experts))
     try:
         before = _metrics(base)["moepager_decode_tokens_total"]
-        stream = client.completions.create(model=MODEL, prompt="w1 w2", max_tokens=200, temperature=0, stream=True)
+        stream = client.completions.create(
+            model=MODEL, prompt="w1 w2", max_tokens=200, temperature=0, stream=True
+        )
         next(iter(stream))
         stream.close()
         deadline = time.monotonic() + 10
@@ -271,6 +308,23 @@ def test_client_disconnect_cancels_the_sequence(server, client):
         assert _metrics(base)["moepager_decode_tokens_total"] - before < 150
     finally:
         engine.model.set_experts(engine.experts)
+
+
+def _failing_experts(*args):
+    raise RuntimeError("disk gone")
+
+
+def test_failed_generation_is_a_500_and_the_server_recovers(server, client):
+    _, engine, _ = server
+    engine.model.set_experts(_failing_experts)
+    try:
+        with pytest.raises(openai.InternalServerError, match="disk gone"):
+            client.completions.create(model=MODEL, prompt="w1", max_tokens=3)
+        with pytest.raises(openai.APIError, match="disk gone"):
+            list(client.completions.create(model=MODEL, prompt="w1", max_tokens=3, stream=True))
+    finally:
+        engine.model.set_experts(engine.experts)
+    assert client.completions.create(model=MODEL, prompt="w1", max_tokens=2).usage.completion_tokens == 2
 
 
 ERRORS = [  # (body, status, param)
@@ -285,6 +339,7 @@ ERRORS = [  # (body, status, param)
     ({"model": MODEL, "prompt": "w1", "max_tokens": 1000}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "w1", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "w1", "temperature": 5}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "w1", "seed": 2**70}, 400, "seed"),
 ]
 
 
@@ -321,7 +376,9 @@ def test_server_survives_bad_requests(server, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="w1")
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "w1"}], max_tokens=-1)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "w1"}], max_tokens=-1
+        )
     assert client.completions.create(model=MODEL, prompt="w1", max_tokens=2).usage.completion_tokens == 2
 
 
@@ -342,7 +399,17 @@ def test_serve_command(model_dir):
     sock = _free_socket()
     port = sock.getsockname()[1]
     sock.close()
-    cmd = [sys.executable, "-m", "moepager", "serve", str(model_dir), "--port", str(port), "--model-name", MODEL]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moepager",
+        "serve",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--model-name",
+        MODEL,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -355,7 +422,9 @@ def test_serve_command(model_dir):
                 assert proc.poll() is None, proc.stderr.read()
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
-        code, out = _post(base, "/v1/completions", {"model": MODEL, "prompt": "w1", "max_tokens": 3}, key=None)
+        code, out = _post(
+            base, "/v1/completions", {"model": MODEL, "prompt": "w1", "max_tokens": 3}, key=None
+        )
         assert code == 200 and out["usage"]["completion_tokens"] == 3
     finally:
         proc.terminate()

@@ -33,7 +33,9 @@ class Sequence:
     max_tokens: int
     params: SamplingParams
     on_event: Callable[[Event], None]
-    cancelled: bool = False  # set by the caller from any thread; the worker drops the sequence at its next step
+    cancelled: bool = (
+        False  # set by the caller from any thread; the worker drops the sequence at its next step
+    )
     # worker-side state
     cache: KVCache | None = None
     last: torch.Tensor | None = None  # the latest sampled token, [1]
@@ -122,7 +124,10 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> None:
         model, device = self.engine.model, self.engine.device
-        seq.cache = KVCache(model.config.num_layers)
+        # the engine makes the KV cache it is configured for (e.g. one that spills to disk) when it can
+        seq.cache = (
+            self.engine.new_cache() if hasattr(self.engine, "new_cache") else KVCache(model.config.num_layers)
+        )
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
         t0 = time.perf_counter()
@@ -169,5 +174,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, event: Event) -> None:
         if seq.finished:
             return
+        if hasattr(seq.cache, "close"):  # a cache that spilled to disk removes its file
+            seq.cache.close()
         seq.finished, seq.cache, seq.last = True, None, None  # drops the KV cache
         seq.on_event(event)

@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
 
-Owns: request validation, OpenAI's response, chunk and error schemas, text (detokenizing, stop strings),
-server-sent events and Prometheus metrics. Handlers only enqueue a Sequence and await its events; the one
+Owns: request validation, OpenAI's response, chunk and error schemas, text (detokenizing, stop strings)
+and server-sent events. Metrics are metrics.py's. Handlers only enqueue a Sequence and await its events; the one
 worker thread in batching.py owns the model.
 """
 
@@ -11,8 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections import Counter
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +23,7 @@ from starlette.exceptions import HTTPException
 from .batching import Scheduler, Sequence
 from .engine import Engine
 from .generate import SamplingParams
+from .metrics import MeasureRequests, Metrics
 from .tokenizer import StreamingDetokenizer
 
 # ------------------------------------------------------------------------------------- request schema
@@ -36,7 +36,7 @@ class _Body(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
@@ -92,92 +92,15 @@ async def _parse(request: Request, schema: type[BaseModel]):
         raise APIError(400, f"{where}: {first['msg']}", param=param, code=kind) from None
 
 
-# ------------------------------------------------------------------------------------------- metrics
-
-_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
-_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
-
-
-class Metrics:
-    """Counters for /metrics, updated on the event loop; the model-side numbers are read at scrape time."""
-
-    def __init__(self):
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.prompt_tokens = self.completion_tokens = 0
-        self.latency = {name: [0] * len(_LATENCY_BUCKETS) + [0.0] for name in ("request", "first_token")}
-
-    def observe(self, name: str, seconds: float) -> None:
-        h = self.latency[name]
-        for i, edge in enumerate(_LATENCY_BUCKETS):
-            h[i] += seconds <= edge
-        h[-1] += seconds
-
-    def render(self, scheduler: Scheduler, engine: Engine) -> str:
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]):
-            out.extend([f"# HELP moepager_{name} {help}", f"# TYPE moepager_{name} {kind}"])
-            out.extend(f"moepager_{name}{labels} {value}" for labels, value in samples)
-
-        metric("requests_total", "counter", "HTTP requests by path and status",
-               [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(self.requests.items())])  # fmt: skip
-        metric("prompt_tokens_total", "counter", "prompt tokens of finished requests", [("", self.prompt_tokens)])
-        metric("completion_tokens_total", "counter", "tokens generated for clients", [("", self.completion_tokens)])
-        for name, help in (("request", "time from request to the last byte"), ("first_token", "time to first token")):
-            h = self.latency[name]
-            samples = [(f'_bucket{{le="{"+Inf" if e == float("inf") else e}"}}', h[i]) for i, e in enumerate(_LATENCY_BUCKETS)]
-            samples += [("_sum", h[-1]), ("_count", h[len(_LATENCY_BUCKETS) - 1])]
-            metric(f"{name}_duration_seconds", "histogram", help, samples)
-        s = scheduler.stats
-        metric("active_sequences", "gauge", "sequences in the running batch", [("", s.active)])
-        metric("waiting_sequences", "gauge", "sequences waiting to join the batch", [("", s.waiting)])
-        metric("decode_steps_total", "counter", "batched decode steps", [("", s.steps)])
-        metric("decode_step_sequences_total", "counter", "sum of batch sizes over decode steps", [("", s.step_sequences)])  # fmt: skip
-        metric("prefill_tokens_total", "counter", "prompt tokens prefilled", [("", s.prefill_tokens)])
-        metric("prefill_seconds_total", "counter", "time spent in prefill", [("", s.prefill_s)])
-        metric("decode_tokens_total", "counter", "tokens decoded", [("", s.decode_tokens)])
-        metric("decode_seconds_total", "counter", "time spent in decode steps", [("", s.decode_s)])
-        stats = engine.stats()
-        metric("peak_memory_bytes", "gauge", "peak resident memory of the process", [("", stats["peak_memory_bytes"])])
-        # the expert cache names its own stats (hits, misses, bytes_read, resident_bytes, ...)
-        for key, value in sorted((stats.get("experts") or {}).items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metric(f"experts_{key}", "gauge", f"expert cache: {key}", [("", value)])
-        return "\n".join(out) + "\n"
-
-
-class _MeasureRequests:
-    """ASGI middleware: counts requests by path and status and times them, streams included."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            path = scope["path"] if scope["path"] in _PATHS else "other"
-            self.metrics.requests[(path, status[0])] += 1
-            if path.startswith("/v1/") and path != "/v1/models":
-                self.metrics.observe("request", time.perf_counter() - t0)
-
-
 # ---------------------------------------------------------------------------------------- generation
 
 
 class Generation:
     """One request's sequence, seen as text: detokenizes, applies stop strings, counts usage."""
 
-    def __init__(self, app_state, prompt: list[int], max_tokens: int, params: SamplingParams, stops: list[str]):
+    def __init__(
+        self, app_state, prompt: list[int], max_tokens: int, params: SamplingParams, stops: list[str]
+    ):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
 
@@ -222,7 +145,10 @@ class Generation:
                     self.state.metrics.observe("first_token", time.perf_counter() - self.t0)
                 self.completion_tokens += 1
                 text += self.detok.add(value) if self.detok else f"{value} "
-                cut = min((i for i in (text.find(s, max(0, sent - len(s))) for s in self.stops) if i >= 0), default=-1)
+                cut = min(
+                    (i for i in (text.find(s, max(0, sent - len(s))) for s in self.stops) if i >= 0),
+                    default=-1,
+                )
                 if cut >= 0:
                     self.finish_reason, text = "stop", text[:cut]
                     if sent < len(text):
@@ -263,7 +189,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
 
     app = FastAPI(title="moepager", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
-    app.add_middleware(_MeasureRequests, metrics=metrics)
+    app.add_middleware(MeasureRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -276,7 +202,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return _error_response(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind))
+        return _error_response(
+            APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
@@ -289,7 +217,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "moepager"}
 
-    def check_common(body: _Body, prompt: list[int], default_max: int | None) -> tuple[int, SamplingParams, list[str]]:
+    def check_common(
+        body: _Body, prompt: list[int], default_max: int | None
+    ) -> tuple[int, SamplingParams, list[str]]:
         if body.model != model_id:
             raise APIError(404, f"the model {body.model!r} does not exist; this server has {model_id!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -347,7 +277,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             prompt = prompt[0]
         if isinstance(prompt, str):
             if engine.tokenizer is None:
-                raise APIError(400, "this model has no tokenizer.json; send the prompt as token ids", param="prompt")
+                raise APIError(
+                    400, "this model has no tokenizer.json; send the prompt as token ids", param="prompt"
+                )
             prompt = engine.tokenizer.encode(prompt)
         max_tokens, params, stops = check_common(body, prompt, default_max=16)
         gen = Generation(app.state, prompt, max_tokens, params, stops)
@@ -367,7 +299,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         body = await _parse(request, ChatBody)
         tok = engine.tokenizer
         if tok is None or not tok.chat_template:
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+            raise APIError(
+                400, "this model's tokenizer has no chat template; use /v1/completions", param="messages"
+            )
         messages = [{"role": m.role, "content": _content_text(m.content)} for m in body.messages]
         try:
             prompt = tok.encode_chat(messages)
@@ -382,7 +316,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
         if body.stream:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            first = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
             return _stream(gen, rid, "chat.completion.chunk", model_id, choice, first, include_usage(body))
         text = "".join([d async for d in gen.deltas(request)])
         message = {"role": "assistant", "content": text}
