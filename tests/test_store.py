@@ -12,7 +12,7 @@ import torch
 
 import moepager
 from moepager.cli import main
-from moepager.errors import CorruptFile, MoepagerError
+from moepager.errors import CorruptFile
 from moepager.store import convert as convert_mod
 from moepager.store.checkpoint import Checkpoint
 from moepager.store.convert import convert
@@ -157,7 +157,9 @@ def test_truncated_store(store_copy, capsys):
 
 def test_missing_store_file(store_copy, capsys):
     (store_copy / DENSE_FILE).unlink()
-    assert "dense.safetensors: missing" in _one_line_error(["run", str(store_copy), "--prompt-ids", "1"], capsys)
+    assert "dense.safetensors: missing" in _one_line_error(
+        ["run", str(store_copy), "--prompt-ids", "1"], capsys
+    )
 
 
 def test_newer_format_version(store_copy, capsys):
@@ -206,6 +208,18 @@ def test_overwrite_needs_force(tiny, tmp_path, capsys):
     (other / "precious.txt").write_text("keep")
     assert "not a moepager store" in _one_line_error(["convert", str(src), str(other), "--force"], capsys)
     assert (other / "precious.txt").exists()
+
+
+def test_sharded_checkpoint_converts(tmp_path, capsys):
+    from tiny_models import build
+
+    build("olmoe", tmp_path / "src", max_shard_size="20KB")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["verify", str(tmp_path / "out"), "--source", str(tmp_path / "src"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert "already a moepager store" in _one_line_error(
+        ["convert", str(tmp_path / "out"), str(tmp_path / "x")], capsys
+    )
 
 
 def test_tokenizer_files_are_copied(tiny, tmp_path):
@@ -293,7 +307,10 @@ def test_expert_reads_leave_no_pages_cached(tiny, tmp_path, direct):
     store = convert(src, tmp_path / "store", progress=False)
     files = [src / "model.safetensors", store / EXPERTS_FILE]
     reader = DirectReader(direct=direct)
-    sources = [Checkpoint(src, reader=reader), StoreSource(store, reader=reader)]  # headers read, then evicted
+    sources = [
+        Checkpoint(src, reader=reader),
+        StoreSource(store, reader=reader),
+    ]  # headers read, then evicted
     for f in files:
         _evict(f)
         if _resident_pages(f) != 0:

@@ -23,9 +23,10 @@ from .format import (
     DENSE_FILE, EXPERTS_FILE, MANIFEST, TENSOR_ALIGN, ExpertEntry, Layout, Manifest, TensorEntry, is_store,
     write_manifest,
 )  # fmt: skip
-from .reader import ALIGN, aligned_buffer, align_up
+from .reader import aligned_buffer, align_up
 from .safetensors import DTYPES as ST_DTYPES
 from .safetensors import read_tensor
+from ..quant import SCALES, check_experts_dtype, convert_expert, expert_tensors
 
 CANONICAL = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")  # order of tensors inside an expert
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
@@ -33,8 +34,16 @@ _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 SYNC_EVERY = 1 << 30  # flush and evict written pages every GiB, so conversion does not fill the page cache
 
 
-def convert(model: str | Path, out: str | Path, force: bool = False, progress: bool = True) -> Path:
-    """Write the store for `model` (checkpoint folder or cached hub id) to `out`; return its path."""
+def convert(model: str | Path, out: str | Path, force: bool = False, progress: bool = True,
+            experts_dtype: str | None = None, dense_dtype: str | None = None) -> Path:
+    """Write the store for `model` (checkpoint folder or cached hub id) to `out`; return its path.
+
+    experts_dtype (bf16, fp16, int8, int4) converts routed experts, dense_dtype (bf16, fp16, fp32) the
+    floating-point resident tensors; None keeps the checkpoint's. int8/int4 are lossy (quant.py).
+    """
+    experts_dtype, dense = check_experts_dtype(experts_dtype), _dense_torch_dtype(dense_dtype)
+    if is_store(Path(model)):
+        raise MoepagerError(f"{model} is already a moepager store; convert the original checkpoint instead")
     src = Checkpoint(model)
     out = Path(out).expanduser().absolute()
     _check_target(src, out, force)
@@ -43,11 +52,14 @@ def convert(model: str | Path, out: str | Path, force: bool = False, progress: b
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        layouts, experts, experts_size = _write_experts(src, tmp / EXPERTS_FILE, progress)
-        dense_size, dense_crc = _write_dense(src, tmp / DENSE_FILE)
+        layouts, experts, experts_size = _write_experts(src, tmp / EXPERTS_FILE, progress, experts_dtype)
+        dense_size, dense_crc = _write_dense(src, tmp / DENSE_FILE, dense)
         copied = _copy_side_files(src.path, tmp)
-        dtype = str(src.dense["embed.weight"].dtype).removeprefix("torch.")
-        files = {EXPERTS_FILE: {"size": experts_size, "crc32": None}, DENSE_FILE: {"size": dense_size, "crc32": dense_crc}}
+        dtype = str(dense or src.dense["embed.weight"].dtype).removeprefix("torch.")
+        files = {
+            EXPERTS_FILE: {"size": experts_size, "crc32": None},
+            DENSE_FILE: {"size": dense_size, "crc32": dense_crc},
+        }
         files.update({name: {"size": (tmp / name).stat().st_size, "crc32": None} for name in copied})
         write_manifest(tmp, Manifest(src.raw_config, dtype, layouts, experts, files, source=str(src.path)))
         _fsync_dir(tmp)
@@ -65,7 +77,9 @@ def _check_target(src: Checkpoint, out: Path, force: bool) -> None:
         if not force:
             raise MoepagerError(f"{out} already exists; pass --force to replace it")
         if not (out.is_dir() and (is_store(out) or not any(out.iterdir()))):
-            raise MoepagerError(f"{out} exists and is not a moepager store; refusing to replace it even with --force")
+            raise MoepagerError(
+                f"{out} exists and is not a moepager store; refusing to replace it even with --force"
+            )
     need = sum(align_up(src.expert_nbytes(*k)) for k in src.expert_keys()) + sum(
         i.nbytes for i in src.dense.values()
     )  # fmt: skip
@@ -78,19 +92,19 @@ def _check_target(src: Checkpoint, out: Path, force: bool) -> None:
 def layout_of(weights: dict[str, torch.Tensor]) -> Layout:
     """Where each canonical tensor sits inside the expert: in CANONICAL order, TENSOR_ALIGN-aligned."""
     tensors, pos = [], 0
-    for name in CANONICAL:
+    for name in (*CANONICAL, *SCALES):  # SCALES: only in quantized encodings
         if name in weights:
             t = weights[name]
             nbytes = t.numel() * t.element_size()
             tensors.append(TensorEntry(name, t.dtype, tuple(t.shape), pos, nbytes))
             pos = (pos + nbytes + TENSOR_ALIGN - 1) // TENSOR_ALIGN * TENSOR_ALIGN
-    unknown = set(weights) - set(CANONICAL)
+    unknown = set(weights) - set(CANONICAL) - set(SCALES)
     if unknown:
         raise MoepagerError(f"expert tensors {sorted(unknown)} have no place in the store format")
     return Layout("plain", tuple(tensors))
 
 
-def _write_experts(src: Checkpoint, path: Path, progress: bool):
+def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: str | None = None):
     from tqdm import tqdm
 
     keys = src.expert_keys()
@@ -103,8 +117,12 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool):
     with open(path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="experts",
                                      disable=not progress) as bar:  # fmt: skip
         for layer, e in keys:
-            weights = src.read_expert(layer, e)
+            weights, encoding = src.read_expert(layer, e), "plain"
+            if experts_dtype is not None:
+                weights, encoding = expert_tensors(convert_expert(weights, experts_dtype))
             layout = layout_of(weights)
+            if encoding != "plain":  # same positions; the codes and scales need their decoder
+                layout = Layout(encoding, layout.tensors)
             if layout not in layout_keys:
                 layout_keys[layout] = str(len(layouts))
                 layouts[layout_keys[layout]] = layout
@@ -116,7 +134,9 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool):
             view = memoryview(buf)
             flat[:padded].zero_()  # padding between tensors and experts is zeros, so crc and files are stable
             for t in layout.tensors:
-                flat[t.offset : t.offset + t.nbytes].copy_(weights[t.name].contiguous().view(-1).view(torch.uint8))
+                flat[t.offset : t.offset + t.nbytes].copy_(
+                    weights[t.name].contiguous().view(-1).view(torch.uint8)
+                )
             experts[(layer, e)] = ExpertEntry(pos, nbytes, layout_keys[layout], zlib.crc32(view[:nbytes]))
             f.write(view[:padded])
             pos += padded
@@ -129,14 +149,18 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool):
     return layouts, experts, pos
 
 
-def _write_dense(src: Checkpoint, path: Path) -> tuple[int, int]:
+def _write_dense(src: Checkpoint, path: Path, dense: torch.dtype | None = None) -> tuple[int, int]:
     """A safetensors file of the dense tensors, streamed one tensor at a time -> (size, crc32 of the file)."""
     names = sorted(src.dense)
     header, pos = {"__metadata__": {"format": "pt"}}, 0
     for name in names:
         info = src.dense[name]
-        header[name] = {"dtype": _ST_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [pos, pos + info.nbytes]}
-        pos += info.nbytes
+        header[name] = {
+            "dtype": _ST_NAMES[_stored_dtype(info, dense)],
+            "shape": list(info.shape),
+            "data_offsets": [pos, pos + _stored_nbytes(info, dense)],
+        }
+        pos += _stored_nbytes(info, dense)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # safetensors wants the data 8-byte aligned
     head = struct.pack("<Q", len(blob)) + blob
@@ -144,11 +168,28 @@ def _write_dense(src: Checkpoint, path: Path) -> tuple[int, int]:
     with open(path, "wb") as f:
         f.write(head)
         for name in names:
-            data = memoryview(read_tensor(src.dense[name]).contiguous().view(-1).view(torch.uint8).numpy())
+            stored = read_tensor(src.dense[name]).to(_stored_dtype(src.dense[name], dense))
+            data = memoryview(stored.contiguous().view(-1).view(torch.uint8).numpy())
             crc = zlib.crc32(data, crc)
             f.write(data)
         _flush_and_evict(f)
     return len(head) + pos, crc
+
+
+def _dense_torch_dtype(name: str | None) -> torch.dtype | None:
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name is not None and name not in names:
+        raise MoepagerError(f"dense dtype {name!r} is not supported; use one of {', '.join(names)}")
+    return names.get(name)
+
+
+def _stored_dtype(info, dense: torch.dtype | None) -> torch.dtype:
+    """The dense tensor's dtype in the store: --dense-dtype for floating-point tensors, else its own."""
+    return dense if dense is not None and info.dtype.is_floating_point else info.dtype
+
+
+def _stored_nbytes(info, dense: torch.dtype | None) -> int:
+    return info.nbytes // info.dtype.itemsize * _stored_dtype(info, dense).itemsize
 
 
 def _copy_side_files(folder: Path, tmp: Path) -> list[str]:

@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 EXPERTS_FILE = "experts.bin"
 DENSE_FILE = "dense.safetensors"
 TENSOR_ALIGN = 64  # offset of each tensor inside an expert: keeps every dtype's views aligned
-ENCODINGS = ("plain",)  # expert encodings this version can decode
+ENCODINGS = ("plain", "int8", "int4")  # expert encodings this version can decode (int*: see quant.py)
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,
@@ -154,8 +154,13 @@ def _parse(raw: dict, path: Path) -> Manifest:
     for x in raw["experts"]:
         entry = ExpertEntry(int(x["offset"]), int(x["nbytes"]), str(x["layout"]), int(x["crc32"]))
         layout = layouts[entry.layout]
-        if entry.offset % ALIGN or max((t.offset + t.nbytes for t in layout.tensors), default=0) > entry.nbytes:
-            raise CorruptFile(f"{path}: expert {x['expert']} of layer {x['layer']}: bad offset or size; {RECONVERT}")
+        if (
+            entry.offset % ALIGN
+            or max((t.offset + t.nbytes for t in layout.tensors), default=0) > entry.nbytes
+        ):
+            raise CorruptFile(
+                f"{path}: expert {x['expert']} of layer {x['layer']}: bad offset or size; {RECONVERT}"
+            )
         experts[(int(x["layer"]), int(x["expert"]))] = entry
     files = {str(k): dict(v) for k, v in raw["files"].items()}
     return Manifest(raw["config"], str(raw["dtype"]), layouts, experts, files, str(raw.get("source", "")),

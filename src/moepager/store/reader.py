@@ -55,6 +55,7 @@ class DirectReader:
         self.direct = direct
         self.buffer_bytes = buffer_bytes  # initial size of each thread's staging buffer
         self._fds: dict[Path, tuple[int, bool]] = {}  # path -> (fd, opened with O_DIRECT)
+        self._retired: list[int] = []
         self._lock = threading.Lock()
         self._local = threading.local()
         self._stats = ReadStats()
@@ -89,7 +90,7 @@ class DirectReader:
         with self._lock:
             if self._fds.get(path, (None,))[0] == fd:
                 self._fds[path] = (_open_buffered(path), False)
-                os.close(fd)
+                self._retired.append(fd)  # another thread may be mid-read on it: close it in close()
             return self._fds[path]
 
     def is_direct(self, path: str | Path) -> bool:
@@ -97,9 +98,10 @@ class DirectReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd, _ in self._fds.values():
+            for fd in [fd for fd, _ in self._fds.values()] + self._retired:
                 os.close(fd)
             self._fds.clear()
+            self._retired.clear()
 
     def __del__(self):
         try:

@@ -15,6 +15,7 @@ import torch
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError
 from ..moe import ExpertWeights
+from ..quant import expert_from_tensors
 from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
 from .reader import DirectReader, align_up
 from .safetensors import read_bytes, read_header, read_tensor
@@ -42,7 +43,9 @@ class StoreSource:
             if c.moe_layers[layer]:
                 for e in range(c.num_experts):
                     if (layer, e) not in self.manifest.experts:
-                        raise CorruptFile(f"{self.path}: expert {e} of layer {layer} is not in the manifest; {RECONVERT}")
+                        raise CorruptFile(
+                            f"{self.path}: expert {e} of layer {layer} is not in the manifest; {RECONVERT}"
+                        )
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         path = self.path / DENSE_FILE
@@ -95,6 +98,15 @@ class StoreSource:
             raise MoepagerError(f"{self.path}: no expert {expert} in layer {layer}")
         layout = self.manifest.layouts[self.manifest.experts[(layer, expert)].layout]
         flat = torch.frombuffer(self.read_raw(layer, expert), dtype=torch.uint8)
+        if layout.encoding != "plain":  # quantized: codes and scales become QuantizedWeights (quant.py)
+            stored = {t.name: flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape).clone()
+                      for t in layout.tensors}  # fmt: skip
+            weights = expert_from_tensors(stored, layout.encoding)
+            if out is None:
+                return weights
+            for name, w in weights.items():
+                out[name].copy_(w)
+            return out
         weights = {}
         for t in layout.tensors:  # encoding "plain": the stored tensors are the canonical ones
             src = flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape)

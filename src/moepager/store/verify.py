@@ -58,7 +58,9 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
         ref = src.dense_state_dict()
         for name in sorted(set(ref) | set(dense)):
             if name not in dense or name not in ref:
-                report.problems.append(f"dense tensor {name!r} is only in the {'source' if name in ref else 'store'}")
+                report.problems.append(
+                    f"dense tensor {name!r} is only in the {'source' if name in ref else 'store'}"
+                )
             elif not _same_bits(ref[name], dense[name]):
                 report.problems.append(f"dense tensor {name!r} differs from the source")
             report.dense_compared += 1
@@ -74,7 +76,9 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
             names = sorted(set(got) | set(want))
             bad = [n for n in names if n not in got or n not in want or not _same_bits(got[n], want[n])]
             if bad:
-                report.problems.append(f"expert {e} of layer {layer}: {', '.join(bad)} differ from the source")
+                report.problems.append(
+                    f"expert {e} of layer {layer}: {', '.join(bad)} differ from the source"
+                )
             report.experts_compared += 1
     report.bytes_read = st.reader.stats()["bytes_read"] + (src.reader.stats()["bytes_read"] if src else 0)
     return report
@@ -83,10 +87,11 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
 def format_report(r: Report) -> str:
     lines = [f"{r.store}: {r.experts_checked} experts with a good checksum, {len(r.problems)} problem(s)"]
     if r.experts_compared or r.dense_compared:
-        lines.append(f"compared with the source bit for bit: {r.experts_compared} experts, {r.dense_compared} dense tensors")
+        lines.append(
+            f"compared with the source bit for bit: {r.experts_compared} experts, {r.dense_compared} dense tensors"
+        )
     lines += [f"PROBLEM: {p}" for p in r.problems[:50]]
     if len(r.problems) > 50:
         lines.append(f"... and {len(r.problems) - 50} more problems")
     lines.append("OK" if r.ok else f"FAILED: {len(r.problems)} problem(s)")
     return "\n".join(lines)
-
