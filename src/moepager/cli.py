@@ -34,7 +34,8 @@ def cmd_run(args) -> None:
 
     if args.model is None:
         raise MoepagerError("give a model: a checkpoint folder or a hub id in the local Hugging Face cache")
-    engine = load(args.model, device=args.device, dtype=args.dtype, **_paging_options(args))
+    engine = load(args.model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype,
+                  **_paging_options(args))
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
@@ -147,7 +148,8 @@ def _add_synth_bench(sub) -> None:
 def cmd_convert(args) -> None:
     from .store.convert import convert
 
-    out = convert(args.model, args.out, force=args.force, progress=not args.quiet)
+    out = convert(args.model, args.out, force=args.force, progress=not args.quiet,
+                  experts_dtype=args.experts_dtype, dense_dtype=args.dense_dtype)  # fmt: skip
     print(f"wrote {out}")
 
 
@@ -167,6 +169,11 @@ def _add_store(sub) -> None:
     c.add_argument("out", help="folder to create; written beside it first and renamed when complete")
     c.add_argument("--force", action="store_true", help="replace OUT if it is an existing moepager store")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
+                   help="routed experts in this dtype (default: the checkpoint's); int8/int4 are lossy: "
+                   "measure them with `moepager eval`")  # fmt: skip
+    c.add_argument("--dense-dtype", choices=["bf16", "fp16", "fp32"],
+                   help="floating-point resident weights in this dtype (default: the checkpoint's)")
     c.set_defaults(func=cmd_convert)
     v = sub.add_parser("verify", help="check a store's checksums, or compare it bit for bit with its source")
     v.add_argument("store", help="a folder written by `moepager convert`")
@@ -262,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    r.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
+                   help="convert routed experts as they are read (int8/int4 are lossy)")
     r.add_argument("--expert-memory", help="memory for routed experts: 512MiB, 2GB or a share of them (25%%); "
                    "turns paging on")  # fmt: skip
     r.add_argument("--memory-limit", help="whole-process budget (e.g. 700MiB): experts get what the rest leaves")

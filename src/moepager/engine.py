@@ -17,6 +17,7 @@ from .generate import SamplingParams, Timings, generate_step
 from .layers import KVCache
 from .model import Transformer
 from .moe import ResidentExperts
+from .quant import expert_to
 from .store.source import open_source
 from .tokenizer import Tokenizer
 
@@ -76,7 +77,8 @@ class Engine:
 
 def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
          memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
-         max_context: int | None = None, **runtime_options) -> Engine:  # fmt: skip
+         max_context: int | None = None, experts_dtype: str | None = None,
+         **runtime_options) -> Engine:  # fmt: skip
     """Load a checkpoint folder or cached hub id. dtype defaults to the checkpoint's own.
 
     Paging (any of these turns it on; without them every expert is loaded into memory):
@@ -85,11 +87,17 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     policy: eviction policy name (lru, lfu, nextuse) or object. prefetch: guess the next layer's experts.
     pins: (layer, expert) pairs never evicted; hot_set: a file of them. max_context: the KV size memory_limit
     plans for (default 4096). record_trace: keep each step's routing in engine.trace (see trace.py).
+    experts_dtype: "bf16", "fp16", "int8" or "int4" converts routed experts as they are read (lossy: measure it
+    with `moepager eval`); None keeps the source's own experts.
     """
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
     dev = parse_device(device)
     ckpt = open_source(model)
+    if experts_dtype is not None:
+        from .quant import QuantizingSource
+
+        ckpt = QuantizingSource(ckpt, experts_dtype)
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise MoepagerError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
@@ -113,7 +121,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     else:
         experts = ResidentExperts(
             ckpt.config,
-            {key: {k: t.to(dev, dtype) for k, t in ckpt.read_expert(*key).items()} for key in ckpt.expert_keys()},
+            {key: expert_to(ckpt.read_expert(*key), dev, None if experts_dtype else dtype)
+             for key in ckpt.expert_keys()},  # experts_dtype, when given, is kept
         )
     recorder = None
     if record_trace:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .layers import MLP
+from .quant import linear
 
 ExpertWeights = dict[str, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]; optional *_bias
 
@@ -30,15 +31,15 @@ class Experts(Protocol):
 
 def expert_forward(w: ExpertWeights, x: torch.Tensor, act: str, alpha: float = 1.702, limit: float = 7.0):
     """One expert on its tokens x [n, D] -> [n, D]."""
-    gate = F.linear(x, w["gate"], w.get("gate_bias"))  # [n, I]
-    up = F.linear(x, w["up"], w.get("up_bias"))  # [n, I]
+    gate = linear(x, w["gate"], w.get("gate_bias"), w.get("gate_scales"))  # [n, I]
+    up = linear(x, w["up"], w.get("up_bias"), w.get("up_scales"))  # [n, I]
     if act == "gptoss":  # GPT-OSS clamps, then gates with x * sigmoid(alpha x) and shifts up by one
         gate = gate.clamp(max=limit)
         up = up.clamp(-limit, limit)
         h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
     else:
         h = F.silu(gate) * up
-    return F.linear(h, w["down"], w.get("down_bias"))
+    return linear(h, w["down"], w.get("down_bias"), w.get("down_scales"))
 
 
 def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

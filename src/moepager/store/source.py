@@ -49,6 +49,10 @@ def open_source(model: str | Path, **options) -> ModelSource:
     from .format import is_store
     from .store_source import StoreSource
 
+    if str(model).endswith(".gguf"):  # a single llama.cpp file, not a folder
+        from .gguf_source import GgufSource
+
+        return GgufSource(model)
     path = resolve(model)
     if is_store(path):
         return StoreSource(path, **options)

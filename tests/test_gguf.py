@@ -1,0 +1,218 @@
+"""MoE GGUF files (llama.cpp names, stacked experts) written with the gguf package, run against transformers."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import moepager
+from moepager.store.checkpoint import Checkpoint
+from moepager.store.gguf_source import EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
+from moepager.store.source import open_source
+from tiny_models import VOCAB
+
+Q = gguf.GGMLQuantizationType
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
+_TO_GGUF = {v: k for k, v in {**LAYER_NAMES, **GLOBAL_NAMES}.items()}
+
+
+def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf does to q/k rows of llama-architecture models."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """Rows of 256 -> Q4_K blocks (the gguf package only dequantizes this type): per 32-value sub-block a
+    6-bit scale and min of the block's fp16 d and dmin, 4-bit codes; x ~= d * sc * q - dmin * m."""
+    x = w.reshape(-1, 8, 32).astype(np.float32)  # [blocks, sub-blocks, 32]
+    lo, hi = np.minimum(x.min(-1), 0), x.max(-1)
+    step, low = (hi - lo) / 15, -lo  # [blocks, 8]
+    d = np.maximum(step.max(-1) / 63, 1e-8).astype(np.float16)
+    dmin = np.maximum(low.max(-1) / 63, 1e-8).astype(np.float16)
+    sc = np.clip(np.round(step / d.astype(np.float32)[:, None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.round(low / dmin.astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
+    scale = (d.astype(np.float32)[:, None] * sc)[..., None]
+    offset = (dmin.astype(np.float32)[:, None] * mn)[..., None]
+    q = np.clip(np.round((x + offset) / scale), 0, 15).astype(np.uint8)  # [blocks, 8, 32]
+    packed_scales = np.concatenate([
+        sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+        (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=-1)  # fmt: skip
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2c and 2c+1 share 32 bytes
+    blocks = np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed_scales, qs], axis=-1)
+    return blocks.reshape(*w.shape[:-1], w.shape[-1] // 256 * 144)
+
+
+def _add(writer, name: str, w: np.ndarray, qtype) -> None:
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == Q.F32:
+        writer.add_tensor(name, w)
+    elif qtype == Q.F16:
+        writer.add_tensor(name, w.astype(np.float16))
+    elif qtype == Q.Q4_K:
+        writer.add_tensor(name, quantize_q4_k(w), raw_dtype=qtype)
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
+
+def write_gguf(folder, out, expert_type=Q.F32) -> None:
+    """The checkpoint in `folder` as llama.cpp would write it: stacked experts, its names, its metadata."""
+    ckpt = Checkpoint(folder)
+    c, raw = ckpt.config, ckpt.raw_config
+    arch = ARCH[c.family]
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(c.num_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(raw.get("intermediate_size", c.moe_intermediate_size))
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(c.rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_expert_count(c.num_experts)
+    w.add_expert_used_count(c.top_k)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if c.shared_expert_size:
+        w.add_expert_shared_feed_forward_length(c.shared_expert_size)
+    if c.family == "qwen2_moe":
+        w.add_expert_weights_norm(c.norm_topk_prob)
+    sd = ckpt.dense_state_dict()
+    if c.tie_embeddings:
+        sd.pop("lm_head.weight")
+    for name, t in sd.items():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            gname = f"blk.{parts[1]}.{_TO_GGUF['.'.join(parts[2:])]}"
+        else:
+            gname = _TO_GGUF[name]
+        a = t.float().numpy()
+        if arch == "llama" and gname.endswith("attn_q.weight"):
+            a = llama_permute(a, c.num_heads)
+        elif arch == "llama" and gname.endswith("attn_k.weight"):
+            a = llama_permute(a, c.num_kv_heads)
+        elif gname.endswith("ffn_gate_inp_shexp.weight"):
+            a = a.reshape(-1)  # llama.cpp keeps the shared-expert gate as a [D] vector
+        _add(w, gname, a, Q.F32)
+    for layer in range(c.num_layers):
+        if not c.moe_layers[layer]:
+            continue
+        experts = [ckpt.read_expert(layer, e) for e in range(c.num_experts)]
+        for gname, part in EXPERT_PARTS.items():
+            stacked = np.stack([x[part].float().numpy() for x in experts])  # [E, rows, cols], expert outermost
+            _add(w, f"blk.{layer}.{gname}", stacked, expert_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tiny, tmp_path_factory):
+    made = {}
+
+    def get(family, expert_type=Q.F32):
+        key = (family, expert_type)
+        if key not in made:
+            path = tmp_path_factory.mktemp("gguf") / f"{family}-{expert_type.name}.gguf"
+            write_gguf(tiny(family)[0], path, expert_type)
+            made[key] = path
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("family", list(ARCH))
+def test_f32_gguf_matches_transformers(tiny, gguf_files, family):
+    _, ref = tiny(family)
+    path = gguf_files(family)
+    assert isinstance(open_source(path), GgufSource)
+    engine = moepager.load(path)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+    prompt = ids[0, :5]
+    with torch.no_grad():
+        greedy = ref.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 5:].tolist()
+    assert engine.generate(prompt, max_new_tokens=16, stop_ids=[]) == greedy
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.F16])
+def test_expert_reads_equal_gguf_dequantization(gguf_files, qtype):
+    path = gguf_files("mixtral", qtype)
+    src = GgufSource(path)
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    for layer, e in [(0, 0), (1, 3)]:
+        got = src.read_expert(layer, e)
+        for gname, part in EXPERT_PARTS.items():
+            t = tensors[f"blk.{layer}.{gname}"]
+            assert t.tensor_type == qtype
+            full = gguf.quants.dequantize(t.data, t.tensor_type)  # [E, rows, cols], the package's reference
+            assert torch.equal(got[part].float(), torch.from_numpy(np.asarray(full[e], dtype=np.float32)))
+        per_expert = sum(tensors[f"blk.{layer}.{g}"].n_bytes for g in EXPERT_PARTS) // 4
+        assert src.expert_nbytes(layer, e) == per_expert  # one range per matrix: the quantized bytes only
+
+
+@pytest.mark.parametrize("qtype,max_rel,min_agree", [(Q.Q8_0, 0.02, 0.9), (Q.Q4_0, 0.25, 0.6)])
+def test_quantized_gguf_runs_close_to_the_reference(tiny, gguf_files, qtype, max_rel, min_agree):
+    _, ref = tiny("mixtral")
+    engine = moepager.load(gguf_files("mixtral", qtype))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    got = engine.logits(ids)
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert 0 < rel < max_rel
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= min_agree
+
+
+def test_q4_k_experts(tmp_path):
+    """Q4_K needs rows of 256: a one-layer Mixtral with D = I = 256."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.MixtralConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                              max_position_embeddings=64, initializer_range=0.05, bos_token_id=None,
+                              eos_token_id=None, pad_token_id=None)  # fmt: skip
+    ref = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    write_gguf(tmp_path / "hf", tmp_path / "m.gguf", Q.Q4_K)
+    src = GgufSource(tmp_path / "m.gguf")
+    t = next(t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.0.ffn_down_exps.weight")
+    full = gguf.quants.dequantize(t.data, t.tensor_type)
+    assert torch.equal(src.read_expert(0, 2)["down"], torch.from_numpy(np.asarray(full[2], dtype=np.float32)))
+    engine = moepager.load(tmp_path / "m.gguf")
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    rel = ((engine.logits(ids) - expected).norm() / expected.norm()).item()
+    assert 0 < rel < 0.1
+
+
+def test_gguf_with_quantized_experts_at_load(gguf_files):
+    """A GGUF's experts can be re-quantized for the CPU kernels like any source's."""
+    path = gguf_files("mixtral", Q.Q8_0)
+    exact, q8 = moepager.load(path), moepager.load(path, experts_dtype="int8")
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    a, b = exact.logits(ids), q8.logits(ids)
+    assert ((a - b).norm() / a.norm()).item() < 0.03
+
+
+def test_cli_runs_a_gguf(gguf_files, capsys):
+    from moepager.cli import main
+
+    assert main(["run", str(gguf_files("mixtral")), "--prompt-ids", "1,2,3", "--max-tokens", "4", "--json"]) == 0
+    assert '"token_ids"' in capsys.readouterr().out
+
+
+def test_not_a_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(moepager.MoepagerError, match="not a readable GGUF"):
+        moepager.load(bad)
+    with pytest.raises(moepager.MoepagerError, match="no such GGUF"):
+        moepager.load(tmp_path / "missing.gguf")
