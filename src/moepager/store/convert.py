@@ -114,8 +114,8 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: s
     total = sum(src.expert_nbytes(*k) for k in keys)
     buf = None
     pos = unsynced = 0
-    with open(path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="experts",
-                                     disable=not progress) as bar:  # fmt: skip
+    out = _ExpertsFile(path)
+    with out, tqdm(total=total, unit="B", unit_scale=True, desc="experts", disable=not progress) as bar:
         for layer, e in keys:
             weights, encoding = src.read_expert(layer, e), "plain"
             if experts_dtype is not None:
@@ -138,14 +138,14 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: s
                     weights[t.name].contiguous().view(-1).view(torch.uint8)
                 )
             experts[(layer, e)] = ExpertEntry(pos, nbytes, layout_keys[layout], zlib.crc32(view[:nbytes]))
-            f.write(view[:padded])
+            out.write(view[:padded])
             pos += padded
             unsynced += padded
             if unsynced >= SYNC_EVERY:
-                _flush_and_evict(f)
+                out.sync()
                 unsynced = 0
             bar.update(src.expert_nbytes(layer, e))
-        _flush_and_evict(f)
+        out.sync()
     return layouts, experts, pos
 
 
@@ -206,6 +206,33 @@ def _copy_side_files(folder: Path, tmp: Path) -> list[str]:
             os.fsync(f.fileno())
         copied.append(name)
     return copied
+
+
+class _ExpertsFile:
+    """experts.bin, appended in ALIGN-multiples from an aligned buffer: written with O_DIRECT, so conversion
+    neither fills the page cache nor stalls on dirty-page throttling; buffered + DONTNEED where refused."""
+
+    def __init__(self, path: Path):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd, self.direct = os.open(path, flags | os.O_DIRECT, 0o644), True
+        except (OSError, AttributeError):
+            self.fd, self.direct = os.open(path, flags, 0o644), False
+
+    def write(self, view: memoryview) -> None:
+        while len(view):
+            view = view[os.write(self.fd, view) :]
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+        if not self.direct:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
 
 
 def _flush_and_evict(f) -> None:
