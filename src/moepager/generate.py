@@ -69,15 +69,23 @@ def generate_step(
     params: SamplingParams,
     cache: KVCache | None = None,
     timings: Timings | None = None,
+    prefill_chunk: int = 512,
 ) -> Iterator[int]:
-    """Yield up to max_new_tokens ids for one prompt [T]; stops after a stop id (which is yielded)."""
+    """Yield up to max_new_tokens ids for one prompt [T]; stops after a stop id (which is yielded).
+
+    The prompt goes through the model prefill_chunk tokens at a time, so activations stay bounded by the
+    chunk, not the prompt; a given cache is continued (its positions come before the prompt).
+    """
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
     cache = cache if cache is not None else KVCache(model.config.num_layers)
     timings = timings if timings is not None else Timings()
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(params.seed)
     t0 = time.perf_counter()
-    logits = model(prompt[None], cache, last_only=True)[:, -1]
+    for i in range(0, prompt.shape[0], prefill_chunk):
+        logits = model(prompt[None, i : i + prefill_chunk], cache, last_only=True)[:, -1]
     token = sample(logits, params, generator)
     timings.prefill_tokens += prompt.shape[0]
     timings.prefill_s += time.perf_counter() - t0

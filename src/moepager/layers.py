@@ -176,6 +176,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
+    def attend(self, layer, q, k_new, v_new, start, window, scale, sinks=None) -> torch.Tensor:
+        """Append this step's keys/values and attend over every cached position (the layers call only this)."""
+        k, v = self.update(layer, k_new, v_new)
+        return attend(q, k, v, attention_mask(start, q.shape[2], window, q.device), scale, sinks)
+
 
 def attention_mask(start: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Additive mask [T, S] for queries at positions start..start+T-1 over keys 0..start+T-1."""
@@ -239,7 +244,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            return self.o_proj(cache.attend(self.layer, q, k, v, start, self.window, self.scale, self.sinks))
         mask = attention_mask(start, t, self.window, x.device)
         return self.o_proj(attend(q, k, v, mask, self.scale, self.sinks))
 
@@ -288,7 +293,7 @@ class MLAttention(nn.Module):
         q = torch.cat((q_pass, q_rot), dim=-1)
         k = torch.cat((k_pass, k_rot.expand(b, self.h, t, self.rope_dim)), dim=-1)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            return self.o_proj(cache.attend(self.layer, q, k, v, start, self.window, self.scale))
         mask = attention_mask(start, t, self.window, x.device)
         return self.o_proj(attend(q, k, v, mask, self.scale))
 

@@ -12,7 +12,9 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +48,7 @@ class BenchOptions:
     engine_options: dict = field(default_factory=dict)  # extra moepager.load options (policy, prefetch...)
     gguf: str | None = None  # for the llama.cpp peer
     timeout_s: float = 1800
+    threads: int | None = None  # torch threads in every run (default: torch's own choice)
     drop_caches: bool = True  # echo 3 > drop_caches before each run (root); else evict only the model files
     command: str = ""
 
@@ -65,7 +68,7 @@ class BenchOptions:
                    rounds=args.rounds, tokens=args.tokens, prompt_tokens=args.prompt_tokens, peers=peers,
                    memory_cap=args.memory_cap, overhead=args.overhead, use_cgroup=not args.no_cgroup,
                    work_dir=args.work_dir, out=args.out, name=args.name, dtype=args.dtype,
-                   engine_options=options, gguf=args.gguf, timeout_s=args.timeout,
+                   engine_options=options, gguf=args.gguf, timeout_s=args.timeout, threads=args.threads,
                    command="moepager " + shlex.join(sys.argv[1:]))  # fmt: skip
 
 
@@ -140,6 +143,8 @@ def _log(msg: str) -> None:
 
 
 def main(opts: BenchOptions) -> dict:
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds, so runs clean up after them
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     path = resolve_model(opts.model)
     info = describe_model(path)
     name = opts.name or path.name
@@ -179,7 +184,7 @@ def main(opts: BenchOptions) -> dict:
     def spec(engine: str, budget: str, cap: int | None) -> dict:
         s = {"engine": engine, "model": str(path), "budget": budget, "prompt": prompt, "tokens": opts.tokens,
              "dtype": opts.dtype, "engine_options": opts.engine_options, "naive_dir": str(work / "naive"),
-             "offload_dir": str(work / "offload"), "gguf": opts.gguf}  # fmt: skip
+             "offload_dir": str(work / "offload"), "gguf": opts.gguf, "threads": opts.threads}  # fmt: skip
         if cap:
             s["accelerate_cpu_bytes"] = max(1 << 20, cap - overhead)
         else:

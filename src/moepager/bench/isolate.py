@@ -114,18 +114,27 @@ def run_isolated(spec: dict, cap_bytes: int | None, use_cgroup: bool, files: lis
     group = MemoryCgroup(tag, cap_bytes) if use_cgroup and cap_bytes else None
     cmd = [sys.executable, "-m", "moepager.bench.worker", str(spec_file), str(result_file)]
     t0 = time.perf_counter()
+    # Spinning OpenMP barriers collapse when the cores are shared (a 2-thread matvec waits on a descheduled
+    # partner): measured 300x slower decode on a busy 2-core machine. Passive waiting, for every engine alike.
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=group.add_self if group else None)  # fmt: skip
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
+        except BaseException:  # interrupted: leave no child and no cgroup behind
+            proc.kill()
+            proc.wait()
+            if group:
+                group.close()
+            raise
     wall = time.perf_counter() - t0
     child_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # max over children so far
     out = json.loads(result_file.read_text()) if result_file.exists() else {}
-    out.update(wall_s=wall, returncode=rc, page_cache_dropped_by=dropped)
+    out.update(wall_s=wall, returncode=rc, page_cache_dropped_by=dropped, omp_wait_policy=env["OMP_WAIT_POLICY"])
     if group:
         out["memory"] = {"method": "cgroup_v1", "cap_bytes": cap_bytes, **group.usage()}
         group.close()

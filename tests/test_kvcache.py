@@ -1,0 +1,143 @@
+"""The blocked, spilling KV cache and chunked prefill against the in-RAM KVCache, which the parity tests
+tie to transformers: same greedy tokens, logits within 1e-5, with most of the cache on disk."""
+
+import os
+
+import pytest
+import torch
+
+import moepager
+from moepager.kvcache import BlockKVCache
+from moepager.layers import KVCache
+from tiny_models import VOCAB
+
+BLOCK = 16
+SPILLING = ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_moe"]  # GQA, sliding window 8 + sinks, MLA, head norm
+
+
+@pytest.fixture(scope="module")
+def engines(tiny):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = moepager.load(tiny(family)[0])
+        return made[family]
+
+    return get
+
+
+def _block_bytes(engine) -> int:
+    """Bytes of one layer's block (k and v) for batch 1, from a probe forward."""
+    probe = BlockKVCache(engine.config.num_layers, BLOCK)
+    with torch.inference_mode():
+        engine.model(torch.zeros(1, 1, dtype=torch.long), probe)
+    return probe.resident_bytes // engine.config.num_layers
+
+
+def _stepwise(engine, ids, cache, prefill):
+    with torch.inference_mode():
+        steps = [engine.model(ids[:, :prefill], cache)]
+        steps += [engine.model(ids[:, t : t + 1], cache) for t in range(prefill, ids.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("family", SPILLING)
+def test_spilled_cache_matches_in_ram(engines, family, tmp_path):
+    engine = engines(family)
+    layers, block = engine.config.num_layers, _block_bytes(engine)
+    budget = 3 * block  # a few blocks in all, fewer than one per layer beyond the tails
+    ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(4))
+    spilled = BlockKVCache(layers, BLOCK, budget, tmp_path)
+    got = _stepwise(engine, ids, spilled, 37)  # the prefill spans blocks and ends mid-block
+    expected = _stepwise(engine, ids, KVCache(layers), 37)
+    assert (got - expected).abs().max().item() < 1e-5
+    total = layers * -(-100 // BLOCK) * block
+    assert total >= 4 * budget and spilled.counters["blocks_spilled"] > 0 and spilled.counters["bytes_read"] > 0
+    assert spilled.resident_bytes <= budget + layers * block  # the budget plus one writable tail per layer
+    spilled.close()
+
+
+@pytest.mark.parametrize("family", SPILLING)
+def test_spilled_generation_gives_the_same_tokens(tiny, engines, family, tmp_path):
+    ref = engines(family)
+    block = _block_bytes(ref)
+    engine = moepager.load(tiny(family)[0], kv_memory=2 * block, kv_block_size=BLOCK, kv_spill_dir=tmp_path,
+                           prefill_chunk=13)  # fmt: skip
+    prompt = torch.randint(0, VOCAB, (70,), generator=torch.Generator().manual_seed(5))
+    expected = ref.generate(prompt, 40, stop_ids=[])
+    assert engine.generate(prompt, 40, stop_ids=[]) == expected
+    assert engine.stats()["kv_cache"]["blocks_spilled"] > 0
+
+
+def test_batch_of_two(engines, tmp_path):
+    engine = engines("gpt_oss")
+    ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(6))
+    layers = engine.config.num_layers
+    got = _stepwise(engine, ids, BlockKVCache(layers, BLOCK, 1, tmp_path), 20)
+    assert (got - _stepwise(engine, ids, KVCache(layers), 20)).abs().max().item() < 1e-5
+
+
+def test_bfloat16_is_as_close_to_float32_as_the_in_ram_cache(tiny, engines, tmp_path):
+    # in bf16 the blocked path accumulates in fp32, so it cannot match bf16 SDPA bit for bit; it must be
+    # no less accurate than it, measured against the fp32 model
+    engine = moepager.load(tiny("mixtral")[0], dtype="bfloat16")
+    ids = torch.randint(0, VOCAB, (2, 60), generator=torch.Generator().manual_seed(6))
+    layers = engine.config.num_layers
+    got = _stepwise(engine, ids, BlockKVCache(layers, BLOCK, 1, tmp_path), 20).float()
+    in_ram = _stepwise(engine, ids, KVCache(layers), 20).float()
+    ref = engines("mixtral").logits(ids)
+    assert (got - ref).abs().mean() <= 1.1 * (in_ram - ref).abs().mean()
+
+
+def test_buffered_fallback_when_o_direct_is_refused(engines, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "O_DIRECT")
+    engine = engines("mixtral")
+    ids = torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(7))
+    cache = BlockKVCache(engine.config.num_layers, BLOCK, 1, tmp_path)
+    got = _stepwise(engine, ids, cache, 30)
+    assert cache.stats()["direct_io"] is False and cache.counters["blocks_spilled"] > 0
+    assert (got - _stepwise(engine, ids, KVCache(engine.config.num_layers), 30)).abs().max().item() < 1e-5
+
+
+def test_spill_file_is_unlinked(engines, tmp_path):
+    engine = engines("mixtral")
+    cache = BlockKVCache(engine.config.num_layers, BLOCK, 1, tmp_path)
+    _stepwise(engine, torch.randint(0, VOCAB, (1, 40)), cache, 40)
+    assert cache.counters["blocks_spilled"] > 0 and list(tmp_path.iterdir()) == []
+
+
+def test_truncate_into_a_spilled_block_then_continue(engines, tmp_path):
+    engine = engines("gpt_oss")
+    layers = engine.config.num_layers
+    ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(8))
+    cache = BlockKVCache(layers, BLOCK, 1, tmp_path)
+    _stepwise(engine, ids, cache, 80)
+    cache.truncate(21)  # block 1 was spilled; it comes back as the writable tail
+    with torch.inference_mode():
+        got = engine.model(ids[:, 21:50], cache)
+    assert (got - engine.logits(ids[:, :50])[:, 21:]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_chunked_prefill_equals_unchunked(tiny, family):
+    path = tiny(family)[0]
+    whole = moepager.load(path, prefill_chunk=10_000)
+    chunked = moepager.load(path, prefill_chunk=7)
+    prompt = torch.randint(0, VOCAB, (60,), generator=torch.Generator().manual_seed(9))
+    assert chunked.generate(prompt, 20, stop_ids=[]) == whole.generate(prompt, 20, stop_ids=[])
+    cache_a, cache_b = KVCache(whole.config.num_layers), KVCache(whole.config.num_layers)
+    with torch.inference_mode():
+        a = whole.model(prompt[None], cache_a, last_only=True)
+        for i in range(0, 60, 7):
+            b = chunked.model(prompt[None, i : i + 7], cache_b, last_only=True)
+    assert (a - b).abs().max().item() < 1e-5
+    assert (cache_a.k[0][:, :, :60] - cache_b.k[0][:, :, :60]).abs().max().item() < 1e-5
+
+
+def test_bad_kv_options_are_clear_errors(tiny):
+    path = tiny("mixtral")[0]
+    with pytest.raises(moepager.MoepagerError, match="block_size"):
+        moepager.load(path, kv_memory="1MiB", kv_block_size=0)
+    with pytest.raises(moepager.MoepagerError, match="not understood"):
+        moepager.load(path, kv_memory="lots")
