@@ -34,7 +34,8 @@ def cmd_run(args) -> None:
 
     if args.model is None:
         raise MoepagerError("give a model: a checkpoint folder or a hub id in the local Hugging Face cache")
-    engine = load(args.model, device=args.device, dtype=args.dtype, **_paging_options(args))
+    engine = load(args.model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype,
+                  **_paging_options(args))
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
@@ -64,9 +65,7 @@ def cmd_serve(args) -> None:
             raise MoepagerError("give a MODEL to serve: a checkpoint folder or a hub id in the local Hugging Face "
                                 "cache (this build has no embedded default model)") from None  # fmt: skip
         model = default_model_path()
-    given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
-             "max_context": args.max_context, "prefetch": False if args.no_prefetch else None}  # fmt: skip
-    options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
+    options = {k: v for k, v in (("expert_memory", args.expert_memory), ("memory_limit", args.memory_limit)) if v}
     try:
         engine = load(model, device=args.device, dtype=args.dtype, **options)
     except TypeError as e:
@@ -89,9 +88,6 @@ def _add_serve(sub) -> None:
     s.add_argument("--model-name", help="the model id clients send (default: MODEL as given)")
     s.add_argument("--expert-memory", help="expert cache budget, passed to moepager.load (e.g. 25%% or 4GiB)")
     s.add_argument("--memory-limit", help="total memory limit, passed to moepager.load")
-    s.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
-    s.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy")
-    s.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     s.set_defaults(func=cmd_serve)
@@ -146,13 +142,15 @@ def _add_synth_bench(sub) -> None:
                    help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable)")
     b.add_argument("--gguf", help="GGUF file of the same model, for the llamacpp peer")
     b.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
+    b.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
     b.set_defaults(func=cmd_bench)
 
 
 def cmd_convert(args) -> None:
     from .store.convert import convert
 
-    out = convert(args.model, args.out, force=args.force, progress=not args.quiet)
+    out = convert(args.model, args.out, force=args.force, progress=not args.quiet,
+                  experts_dtype=args.experts_dtype, dense_dtype=args.dense_dtype)  # fmt: skip
     print(f"wrote {out}")
 
 
@@ -172,6 +170,11 @@ def _add_store(sub) -> None:
     c.add_argument("out", help="folder to create; written beside it first and renamed when complete")
     c.add_argument("--force", action="store_true", help="replace OUT if it is an existing moepager store")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
+                   help="routed experts in this dtype (default: the checkpoint's); int8/int4 are lossy: "
+                   "measure them with `moepager eval`")  # fmt: skip
+    c.add_argument("--dense-dtype", choices=["bf16", "fp16", "fp32"],
+                   help="floating-point resident weights in this dtype (default: the checkpoint's)")
     c.set_defaults(func=cmd_convert)
     v = sub.add_parser("verify", help="check a store's checksums, or compare it bit for bit with its source")
     v.add_argument("store", help="a folder written by `moepager convert`")
@@ -267,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    r.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
+                   help="convert routed experts as they are read (int8/int4 are lossy)")
     r.add_argument("--expert-memory", help="memory for routed experts: 512MiB, 2GB or a share of them (25%%); "
                    "turns paging on")  # fmt: skip
     r.add_argument("--memory-limit", help="whole-process budget (e.g. 700MiB): experts get what the rest leaves")
