@@ -409,6 +409,10 @@ def test_serve_command(model_dir):
         str(port),
         "--model-name",
         MODEL,
+        "--expert-memory",
+        "50%",
+        "--policy",
+        "lru",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -426,6 +430,8 @@ def test_serve_command(model_dir):
             base, "/v1/completions", {"model": MODEL, "prompt": "w1", "max_tokens": 3}, key=None
         )
         assert code == 200 and out["usage"]["completion_tokens"] == 3
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            assert "moepager_experts_bytes_read" in r.read().decode()  # paged, as asked for
     finally:
         proc.terminate()
         proc.wait(20)

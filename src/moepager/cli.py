@@ -65,7 +65,9 @@ def cmd_serve(args) -> None:
             raise MoepagerError("give a MODEL to serve: a checkpoint folder or a hub id in the local Hugging Face "
                                 "cache (this build has no embedded default model)") from None  # fmt: skip
         model = default_model_path()
-    options = {k: v for k, v in (("expert_memory", args.expert_memory), ("memory_limit", args.memory_limit)) if v}
+    given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
+             "max_context": args.max_context, "prefetch": False if args.no_prefetch else None}  # fmt: skip
+    options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
     try:
         engine = load(model, device=args.device, dtype=args.dtype, **options)
     except TypeError as e:
@@ -88,6 +90,9 @@ def _add_serve(sub) -> None:
     s.add_argument("--model-name", help="the model id clients send (default: MODEL as given)")
     s.add_argument("--expert-memory", help="expert cache budget, passed to moepager.load (e.g. 25%% or 4GiB)")
     s.add_argument("--memory-limit", help="total memory limit, passed to moepager.load")
+    s.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
+    s.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy")
+    s.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     s.set_defaults(func=cmd_serve)
