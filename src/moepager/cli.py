@@ -34,13 +34,18 @@ def cmd_run(args) -> None:
 
     if args.model is None:
         raise MoepagerError("give a model: a checkpoint folder or a hub id in the local Hugging Face cache")
+    kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
     engine = load(args.model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype,
-                  **_paging_options(args))
+                  **_paging_options(args), **kv)
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
-    for tid in engine.stream(ids, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                             top_k=args.top_k, seed=args.seed):  # fmt: skip
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    if args.session:  # resumes the file if it exists (reusing the shared prefix), saves it at the end
+        tokens = engine.stream_session(args.session, ids, args.max_tokens, **sampling)
+    else:
+        tokens = engine.stream(ids, args.max_tokens, **sampling)
+    for tid in tokens:
         out_ids.append(tid)
         piece = detok.add(tid) if detok else f"{tid} "
         text.append(piece)
@@ -287,6 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hot-set", help="pin the experts listed in this file (see --save-hot-set)")
     r.add_argument("--save-hot-set", help="after the run, save the most used experts to this file")
     r.add_argument("--trace", help="save the routing trace (experts chosen per token and layer) to this file")
+    r.add_argument("--kv-memory", help="RAM for the KV cache (e.g. 64MiB); older blocks spill to disk beyond it")
+    r.add_argument("--kv-spill-dir", help="folder for the KV spill file (default: the system temp folder)")
+    r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "
+                   "its saved prefix is not recomputed), saved after generating")  # fmt: skip
     r.set_defaults(func=cmd_run)
     _add_paging(sub)
     _add_synth_bench(sub)

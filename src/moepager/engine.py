@@ -14,6 +14,8 @@ import torch
 
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
+from . import sessions
+from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
 from .moe import ResidentExperts
@@ -40,10 +42,15 @@ def _as_batch(input_ids) -> torch.Tensor:
 
 
 class Engine:
-    def __init__(self, model: Transformer, experts, tokenizer: Tokenizer | None, path: Path, device: torch.device):
+    def __init__(self, model: Transformer, experts, tokenizer: Tokenizer | None, path: Path, device: torch.device,
+                 kv: KVOptions | None = None):  # fmt: skip
         self.model, self.experts, self.tokenizer = model, experts, tokenizer
         self.config, self.path, self.device = model.config, path, device
         self.timings = Timings()
+        self.kv = kv or KVOptions()
+        self.kv_stats: dict = {}  # the last generation's KV cache stats
+        self.session_reused_tokens: int | None = None  # prompt tokens the last resumed session did not recompute
+        self._identity: str | None = None
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -60,10 +67,65 @@ class Engine:
         prompt = torch.as_tensor(input_ids, dtype=torch.long).flatten().to(self.device)
         if prompt.numel() == 0:
             raise MoepagerError("the prompt is empty")
-        yield from generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings)
+        cache = cache if cache is not None else self.new_cache()
+        yield from generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings,
+                                 self.kv.prefill_chunk)  # fmt: skip
+        if hasattr(cache, "stats"):
+            self.kv_stats = cache.stats()
 
     def generate(self, input_ids, max_new_tokens: int = 64, **sampling) -> list[int]:
         return list(self.stream(input_ids, max_new_tokens, **sampling))
+
+    # -------------------------------------------------------------------------------- KV cache, sessions
+
+    def new_cache(self) -> KVCache | BlockKVCache:
+        """An empty cache: blocked and spilling past kv_memory when that was given, else the in-RAM KVCache."""
+        if self.kv.memory_bytes is None:
+            return KVCache(self.config.num_layers)
+        return self._blocked_cache()
+
+    def _blocked_cache(self) -> BlockKVCache:
+        kv = self.kv
+        return BlockKVCache(self.config.num_layers, kv.block_size, kv.memory_bytes, kv.spill_dir)
+
+    def identity(self) -> str:
+        """Hash of the config and dense weights that session files are checked against (computed once)."""
+        if self._identity is None:
+            self._identity = sessions.model_identity(self.model)
+        return self._identity
+
+    def save_session(self, path: str | Path, cache: KVCache | BlockKVCache, token_ids: list[int]) -> None:
+        """Save a cache and the ids of the positions it holds (len(token_ids) == cache.seq_len)."""
+        sessions.save(path, cache, [int(i) for i in token_ids], self.identity())
+
+    def load_session(self, path: str | Path) -> tuple[BlockKVCache, list[int]]:
+        """(cache, token ids) from a session file; a file from another model or format is refused."""
+        return sessions.load(path, self.identity(), self.model.embed.weight.dtype, self._blocked_cache)
+
+    def stream_session(self, path: str | Path, input_ids, max_new_tokens: int = 64, **sampling) -> Iterator[int]:
+        """Like stream, continuing the session at `path` if it exists, and saving it when generation ends.
+
+        input_ids is the whole conversation so far; the longest prefix it shares with the saved ids is
+        reused, and only the rest is computed (at least one token, for the next-token logits).
+        """
+        ids = [int(i) for i in torch.as_tensor(input_ids, dtype=torch.long).flatten().tolist()]
+        if not ids:
+            raise MoepagerError("the prompt is empty")
+        reuse, cache = 0, None
+        if Path(path).exists():
+            cache, saved = self.load_session(path)
+            while reuse < min(len(saved), len(ids) - 1) and saved[reuse] == ids[reuse]:
+                reuse += 1
+            cache.truncate(reuse)
+        cache = cache if cache is not None else self.new_cache()
+        self.session_reused_tokens = reuse
+        out: list[int] = []
+        for tid in self.stream(ids[reuse:], max_new_tokens, cache=cache, **sampling):
+            out.append(tid)
+            yield tid
+        self.save_session(path, cache, (ids + out)[: cache.seq_len])  # the last id yielded is not in the cache
+        if hasattr(cache, "close"):
+            cache.close()
 
     def stats(self) -> dict:
         out = self.timings.as_dict()
@@ -72,12 +134,25 @@ class Engine:
             out["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if hasattr(self.experts, "stats"):
             out["experts"] = self.experts.stats()
+        if self.kv_stats:
+            out["kv_cache"] = self.kv_stats
+        if self.session_reused_tokens is not None:
+            out["session_reused_tokens"] = self.session_reused_tokens
         return out
+
+
+def _kv_bytes(kv_memory: int | str | None) -> int | None:
+    if kv_memory is None or isinstance(kv_memory, int):
+        return kv_memory
+    from .synth import parse_size
+
+    return parse_size(kv_memory)
 
 
 def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
          memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
-         max_context: int | None = None, experts_dtype: str | None = None,
+         max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
+         kv_block_size: int = 256, kv_spill_dir: str | None = None, prefill_chunk: int = 512,
          **runtime_options) -> Engine:  # fmt: skip
     """Load a checkpoint folder or cached hub id. dtype defaults to the checkpoint's own.
 
@@ -87,6 +162,9 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     policy: eviction policy name (lru, lfu, nextuse) or object. prefetch: guess the next layer's experts.
     pins: (layer, expert) pairs never evicted; hot_set: a file of them. max_context: the KV size memory_limit
     plans for (default 4096). record_trace: keep each step's routing in engine.trace (see trace.py).
+
+    KV cache: kv_memory ("64MiB", an int) keeps at most that much of it in RAM, in blocks of kv_block_size
+    positions, spilling older blocks to a file in kv_spill_dir; prefill_chunk bounds the prompt tokens per pass.
     experts_dtype: "bf16", "fp16", "int8" or "int4" converts routed experts as they are read (lossy: measure it
     with `moepager eval`); None keeps the source's own experts.
     """
@@ -130,6 +208,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
 
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)
-    engine = Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev)
+    kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
+    engine = Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
     return engine
