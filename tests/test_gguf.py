@@ -1,4 +1,4 @@
-"""MoE GGUF files (llama.cpp names, stacked experts) written with the gguf package, run against transformers."""
+"""MoE GGUF files (llama.cpp names, stacked experts) written with the gguf package, run vs transformers."""
 
 import gguf
 import numpy as np
@@ -38,7 +38,9 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
         sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
         (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=-1)  # fmt: skip
     qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2c and 2c+1 share 32 bytes
-    blocks = np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed_scales, qs], axis=-1)
+    blocks = np.concatenate(
+        [d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed_scales, qs], axis=-1
+    )
     return blocks.reshape(*w.shape[:-1], w.shape[-1] // 256 * 144)
 
 
@@ -100,7 +102,9 @@ def write_gguf(folder, out, expert_type=Q.F32) -> None:
             continue
         experts = [ckpt.read_expert(layer, e) for e in range(c.num_experts)]
         for gname, part in EXPERT_PARTS.items():
-            stacked = np.stack([x[part].float().numpy() for x in experts])  # [E, rows, cols], expert outermost
+            stacked = np.stack(
+                [x[part].float().numpy() for x in experts]
+            )  # [E, rows, cols], expert outermost
             _add(w, f"blk.{layer}.{gname}", stacked, expert_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -135,7 +139,9 @@ def test_f32_gguf_matches_transformers(tiny, gguf_files, family):
     assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
     prompt = ids[0, :5]
     with torch.no_grad():
-        greedy = ref.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 5:].tolist()
+        greedy = ref.generate(prompt[None], max_new_tokens=16, min_new_tokens=16, do_sample=False)[
+            0, 5:
+        ].tolist()
     assert engine.generate(prompt, max_new_tokens=16, stop_ids=[]) == greedy
 
 
@@ -174,15 +180,28 @@ def test_q4_k_experts(tmp_path):
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.MixtralConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
-                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                              max_position_embeddings=64, initializer_range=0.05, bos_token_id=None,
-                              eos_token_id=None, pad_token_id=None)  # fmt: skip
+    config = tf.MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        initializer_range=0.05,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     ref = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     ref.save_pretrained(tmp_path / "hf")
     write_gguf(tmp_path / "hf", tmp_path / "m.gguf", Q.Q4_K)
     src = GgufSource(tmp_path / "m.gguf")
-    t = next(t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.0.ffn_down_exps.weight")
+    t = next(
+        t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.0.ffn_down_exps.weight"
+    )
     full = gguf.quants.dequantize(t.data, t.tensor_type)
     assert torch.equal(src.read_expert(0, 2)["down"], torch.from_numpy(np.asarray(full[2], dtype=np.float32)))
     engine = moepager.load(tmp_path / "m.gguf")
@@ -205,7 +224,9 @@ def test_gguf_with_quantized_experts_at_load(gguf_files):
 def test_cli_runs_a_gguf(gguf_files, capsys):
     from moepager.cli import main
 
-    assert main(["run", str(gguf_files("mixtral")), "--prompt-ids", "1,2,3", "--max-tokens", "4", "--json"]) == 0
+    assert (
+        main(["run", str(gguf_files("mixtral")), "--prompt-ids", "1,2,3", "--max-tokens", "4", "--json"]) == 0
+    )
     assert '"token_ids"' in capsys.readouterr().out
 
 

@@ -113,7 +113,11 @@ def test_stored_form_round_trips():
 @pytest.mark.parametrize("kind,tol", [("int8", 0.02), ("int4", 0.2)])
 def test_expert_forward_close_to_float(kind, tol):
     d, i = 64, 128
-    float_w = {"gate": _randn(i, d, seed=12) * 0.1, "up": _randn(i, d, seed=13) * 0.1, "down": _randn(d, i, seed=14) * 0.1}
+    float_w = {
+        "gate": _randn(i, d, seed=12) * 0.1,
+        "up": _randn(i, d, seed=13) * 0.1,
+        "down": _randn(d, i, seed=14) * 0.1,
+    }
     q = convert_expert(float_w, kind)
     x = _randn(6, d, seed=15)
     ref = expert_forward(float_w, x, "swiglu")
@@ -163,7 +167,9 @@ def test_quantized_store_reads_fewer_bytes_and_pages(tiny, tmp_path, experts_dty
     paged = moepager.load(store, expert_memory="25%", prefetch=False)
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(17))
     expected = at_load.logits(ids)
-    assert torch.equal(from_store.logits(ids), expected)  # the store holds exactly what load-time quantization makes
+    assert torch.equal(
+        from_store.logits(ids), expected
+    )  # the store holds exactly what load-time quantization makes
     assert torch.equal(paged.logits(ids), expected)  # and paging it changes nothing
     prompt = ids[0, :4]
     assert paged.generate(prompt, 12, stop_ids=[]) == at_load.generate(prompt, 12, stop_ids=[])

@@ -35,7 +35,7 @@ FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 INT4_GROUP_SIZES = (128, 64, 32)  # the int4 kernel's group sizes, largest (fewest scales) first
 
 
-# int4 byte layouts. "rows" (what stores hold, what CUDA reads): byte [n, c] = code [n, 2c] | code [n, 2c+1] << 4.
+# int4 byte layouts. "rows" (what stores hold): byte [n, c] = code [n, 2c] | code [n, 2c+1] << 4.
 # The CPU kernel wants its own, which depends on the CPU torch dispatches to: rows in tiles, each tile
 # stored input-column-major, its rows paired either half-with-half or neighbour-with-neighbour; a last
 # partial tile always pairs neighbours. (tile rows, pair halves) per layout:
@@ -153,7 +153,12 @@ class QuantizedWeight:
         if self.kind == "int8":  # the kernel reads K in steps of 16; other K give wrong sums
             return k % 16 == 0
         layout = cpu_int4_layout()
-        return layout is not None and self.layout == layout and n % 16 == 0 and self.group_size in INT4_GROUP_SIZES
+        return (
+            layout is not None
+            and self.layout == layout
+            and n % 16 == 0
+            and self.group_size in INT4_GROUP_SIZES
+        )
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x @ w.T [..., N], in x's dtype."""
@@ -172,7 +177,7 @@ class QuantizedWeight:
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
            scales: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """F.linear for a float weight, quantized codes with their scales, or a QuantizedWeight.
-    A float weight of x's dtype takes F.linear itself, so unquantized experts are computed exactly as before."""
+    A float weight of x's dtype takes F.linear itself: unquantized experts compute exactly as before."""
     if scales is not None:
         w = QuantizedWeight.of(w, scales)
     if isinstance(w, QuantizedWeight):
@@ -205,7 +210,9 @@ def quantize(w: torch.Tensor, kind: str, group_size: int | None = None) -> Quant
     if kind == "int4":
         g = group_size or int4_group_size(k)
         if k % g:
-            raise MoepagerError(f"int4 group size {g} does not divide the {k} input columns of a {n}x{k} matrix")
+            raise MoepagerError(
+                f"int4 group size {g} does not divide the {k} input columns of a {n}x{k} matrix"
+            )
         if n % 2 or k % 2:
             raise MoepagerError(f"int4 packs two codes a byte: a {n}x{k} matrix needs even sides; use int8")
         groups = wf.view(n, k // g, g)

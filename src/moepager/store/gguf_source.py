@@ -40,12 +40,20 @@ LAYER_NAMES = {
     "ffn_up.weight": "ffn.up_proj.weight",
     "ffn_down.weight": "ffn.down_proj.weight",
 }  # fmt: skip
-GLOBAL_NAMES = {"token_embd.weight": "embed.weight", "output_norm.weight": "norm.weight", "output.weight": "lm_head.weight"}
+GLOBAL_NAMES = {
+    "token_embd.weight": "embed.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
 # general.architecture -> (HF model_type, rows of q/k permuted by llama.cpp for its interleaved rope)
-ARCHITECTURES = {"llama": ("mixtral", True), "qwen2moe": ("qwen2_moe", False), "qwen3moe": ("qwen3_moe", False),
-                 "olmoe": ("olmoe", False)}  # fmt: skip
+ARCHITECTURES = {
+    "llama": ("mixtral", True),
+    "qwen2moe": ("qwen2_moe", False),
+    "qwen3moe": ("qwen3_moe", False),
+    "olmoe": ("olmoe", False),
+}
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -56,17 +64,23 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def dequantize(raw: np.ndarray | bytes | bytearray, qtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bytes of a GGUF tensor (or a whole-row slice of one) -> a tensor of `shape` (numpy order, outer first)."""
+    """Bytes of a GGUF tensor (or whole rows of one) -> a tensor of `shape` (numpy order, outer first)."""
     import gguf
 
-    data = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw.reshape(-1).view(np.uint8)
+    data = (
+        np.frombuffer(raw, dtype=np.uint8)
+        if not isinstance(raw, np.ndarray)
+        else raw.reshape(-1).view(np.uint8)
+    )
     name = gguf.GGMLQuantizationType(qtype).name
     if name in _PLAIN:  # stored as is: view, keep the dtype
         owned = raw if isinstance(raw, bytearray) else bytearray(data)  # a bytearray read is ours to keep
         return torch.frombuffer(owned, dtype=_PLAIN[name]).reshape(shape)
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rows = data.reshape(-1, shape[-1] // block * block_bytes)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(
+        shape
+    )
 
 
 def _field(reader, key: str, default=None):
@@ -90,8 +104,9 @@ class GgufSource:
         arch = _field(self.reader, "general.architecture")
         if arch not in ARCHITECTURES:
             raise UnsupportedArchitecture(
-                f"{self.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
-                " (DeepSeek's MLA layout is not read from GGUF yet; convert the Hugging Face checkpoint instead)"
+                f"{self.path}: GGUF architecture {arch!r} is not supported; supported: "
+                f"{', '.join(ARCHITECTURES)} (DeepSeek's MLA layout is not read from GGUF yet; run the "
+                "Hugging Face checkpoint instead)"
             )
         self.arch = arch
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -115,7 +130,9 @@ class GgufSource:
         layers = int(m("block_count"))
         expert_ff = int(m("expert_feed_forward_length", 0) or m("feed_forward_length"))
         moe_layers = [f"blk.{i}.ffn_gate_inp.weight" in self.tensors for i in range(layers)]
-        eps = float(f"{m('attention.layer_norm_rms_epsilon', 1e-5):.7g}")  # stored as fp32: 1e-6 -> 9.99999997e-07
+        eps = float(
+            f"{m('attention.layer_norm_rms_epsilon', 1e-5):.7g}"
+        )  # stored as fp32: 1e-6 -> 9.99999997e-07
         eos = _field(self.reader, "tokenizer.ggml.eos_token_id")
         d = {
             "model_type": family,
@@ -134,7 +151,9 @@ class GgufSource:
             "num_local_experts": int(m("expert_count")),
             "num_experts": int(m("expert_count")),
             "num_experts_per_tok": int(m("expert_used_count")),
-            "intermediate_size": expert_ff if family in ("mixtral", "olmoe") else int(m("feed_forward_length", 0)),
+            "intermediate_size": expert_ff
+            if family in ("mixtral", "olmoe")
+            else int(m("feed_forward_length", 0)),
             "moe_intermediate_size": expert_ff,
             "mlp_only_layers": [i for i, moe in enumerate(moe_layers) if not moe],
         }
@@ -159,7 +178,9 @@ class GgufSource:
                 continue
             shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
             if len(shape) != 3 or shape[0] != n_experts:
-                raise CorruptFile(f"{self.path}: {name} has shape {shape}; expected ({n_experts}, rows, cols)")
+                raise CorruptFile(
+                    f"{self.path}: {name} has shape {shape}; expected ({n_experts}, rows, cols)"
+                )
             per_expert = int(t.n_bytes) // n_experts
             for e in range(n_experts):
                 part = (int(t.data_offset) + e * per_expert, per_expert, t.tensor_type, shape[1:])
@@ -188,8 +209,12 @@ class GgufSource:
             name = self._name(gguf_name)
             if name is None:
                 if gguf_name == "rope_freqs.weight":
-                    raise UnsupportedArchitecture(f"{self.path}: rope_freqs (llama3 rope scaling) is not supported")
-                raise CorruptFile(f"{self.path}: tensor {gguf_name!r} is not known for a {self.arch} MoE GGUF")
+                    raise UnsupportedArchitecture(
+                        f"{self.path}: rope_freqs (llama3 rope scaling) is not supported"
+                    )
+                raise CorruptFile(
+                    f"{self.path}: tensor {gguf_name!r} is not known for a {self.arch} MoE GGUF"
+                )
             w = dequantize(t.data, t.tensor_type, tuple(int(s) for s in reversed(t.shape)))
             if permuted and name.endswith("attn.q_proj.weight"):
                 w = unpermute_rope(w, c.num_heads)
