@@ -102,6 +102,27 @@ def describe_model(path: Path) -> dict:
             "files": [str(f) for f in files]}  # fmt: skip
 
 
+PROMPT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+    "movable metal type, oil-based ink and a screw press. Within fifty years printers worked in more than two "
+    "hundred European towns, and the price of books fell so far that reading spread beyond monasteries and "
+    "universities. Explain in plain words why this mattered for science, religion and politics. "
+)
+
+
+def make_prompt(path: Path, vocab_size: int, n: int) -> tuple[list[int], str]:
+    """`n` ids of real English text where the model has a tokenizer (real routing), else seeded random ids."""
+    from ..tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(path)
+    if tok is not None:
+        ids = tok.encode(PROMPT_TEXT * (1 + n // 40))[:n]
+        if len(ids) == n:
+            return ids, "English text (benchmarks' PROMPT_TEXT) through the model's tokenizer"
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab_size, (n,), generator=gen).tolist(), "random token ids (seed 0): no tokenizer"
+
+
 def budget_bytes(budget: str, expert_bytes: int) -> int:
     if budget.endswith("%"):
         try:
@@ -158,8 +179,7 @@ def main(opts: BenchOptions) -> dict:
         _log(f"no memory cgroup ({why_no_cgroup}): runs are not capped; peak memory = RSS + fincore")
     overhead = parse_size(opts.overhead)
     files = [Path(f) for f in info["files"]]
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(3, info["vocab_size"], (opts.prompt_tokens,), generator=gen).tolist()
+    prompt, prompt_source = make_prompt(path, info["vocab_size"], opts.prompt_tokens)
 
     peers = list(opts.peers)
     if "naive" in peers:
@@ -173,7 +193,7 @@ def main(opts: BenchOptions) -> dict:
                         f"Linux {m['kernel']}, torch {m['torch']}",
         "memory_method": "cgroup v1 (memory.max_usage_in_bytes: RSS + page cache)" if use_cgroup
                          else f"RSS + fincore, no cap ({why_no_cgroup})",
-        "bandwidth": [], "runs": [],
+        "prompt_source": prompt_source, "bandwidth": [], "runs": [],
     }  # fmt: skip
 
     def cap_for(budget_b: int) -> int | None:
@@ -226,7 +246,8 @@ def main(opts: BenchOptions) -> dict:
                 one(engine, budget, rnd)
                 if record["runs"][-1].get("status") == "skipped":
                     skip_forever[engine] = record["runs"][-1]["message"]
-        record["summary"] = report.summarize(record["runs"], record["bandwidth"])
+        record["summary"] = report.summarize(record["runs"], record["bandwidth"],
+                                             info["expert_bytes"] / max(1, info["experts"]))  # fmt: skip
         write_outputs(record, out_dir / name)
     _log(f"wrote {out_dir / name}.json, .md, .png")
     print(report.markdown(record))

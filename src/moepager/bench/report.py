@@ -16,10 +16,23 @@ METRICS = {  # name -> how to read it from a run record
     "bytes_read_per_token": lambda r: (r.get("expert") or {}).get(
         "bytes_read_per_token", r.get("decode_disk_bytes_per_token")),
     "disk_bytes_per_token": lambda r: r.get("decode_disk_bytes_per_token"),
+    "needed_bytes_per_token": lambda r: _needed(r),
     "wait_fraction": lambda r: (r.get("expert") or {}).get("wait_fraction"),
     "peak_memory_bytes": lambda r: (r.get("memory") or {}).get("peak_bytes"),
     "failcnt": lambda r: (r.get("memory") or {}).get("failcnt"),
 }  # fmt: skip
+
+
+def _needed(r: dict) -> float | None:
+    """Bytes of the experts the decode needed that were not resident when first asked for (demand misses
+    plus prefetched ones): what any reader had to fetch given this cache's contents. Wasted prefetches
+    are left out: they are the pager's overhead, not part of the limit."""
+    e, per = r.get("expert") or {}, r.get("expert_nbytes")
+    if not per or "misses" not in e or not r.get("decode_tokens"):
+        return None
+    needed = (e["misses"] + e.get("prefetch_hits", 0)) * per / r["decode_tokens"]
+    # a prefetch hit may have been read before the decode began (during the prefill): never above what was read
+    return min(needed, e["bytes_read_per_token"]) if "bytes_read_per_token" in e else needed
 
 
 def spread(values: list[float]) -> dict | None:
@@ -29,8 +42,10 @@ def spread(values: list[float]) -> dict | None:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summarize(runs: list[dict], bandwidth: list[float]) -> dict:
+def summarize(runs: list[dict], bandwidth: list[float], expert_nbytes: float | None = None) -> dict:
     """Per (budget, engine): medians and ranges; per budget: the limit and the ratios."""
+    if expert_nbytes:
+        runs = [{**r, "expert_nbytes": expert_nbytes} for r in runs]
     rows = {}
     for r in runs:
         key = (r["budget"], r["engine"])
@@ -53,7 +68,8 @@ def summarize(runs: list[dict], bandwidth: list[float]) -> dict:
         mp = rows.get((budget, "moepager"))
         if not (mp and mp["decode_tokens_per_s"] and compute and bw):
             continue
-        missed = mp["bytes_read_per_token"]["median"] if mp["bytes_read_per_token"] else 0.0
+        missed = mp["needed_bytes_per_token"] or mp["bytes_read_per_token"]
+        missed = missed["median"] if missed else 0.0
         io_s = missed / bw["median"]
         floor = max(compute["median"], io_s)
         measured = 1 / mp["decode_tokens_per_s"]["median"]
@@ -88,7 +104,8 @@ def markdown(record: dict) -> str:
              f"Disk (O_DIRECT, {s['bandwidth']['n'] if s['bandwidth'] else 0} samples): "
              f"{_fmt(s['bandwidth'], 1e-9)} GB/s. All experts resident (compute floor): "
              f"{_fmt(s['compute_s_per_token'], 1e3, 1)} ms/token. "
-             f"Median (min-max) over {record['options']['rounds']} alternating rounds; "
+             f"Median (min-max) over {1 + max((r.get('round', 0) for r in record.get('runs', [])), default=0)} "
+             f"alternating rounds; "
              f"{record['options']['prompt_tokens']}-token prompt, {record['options']['tokens']} tokens generated.",
              "", "| budget | cap | engine | decode tok/s | prefill tok/s | TTFT s | hit rate | MiB read/token "
              "| I/O wait | peak mem GiB | failcnt |", "|" + " --- |" * 11]  # fmt: skip
@@ -155,3 +172,23 @@ def plot(record: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def rerender(json_path: str | Path) -> None:
+    """Rewrite the markdown and the plot beside a results JSON (after a change to this module)."""
+    import json
+
+    path = Path(json_path)
+    record = json.loads(path.read_text())
+    m = record["model"]
+    record["summary"] = summarize(record["runs"], record["bandwidth"], m["expert_bytes"] / max(1, m["experts"]))
+    path.write_text(json.dumps(record, indent=1, default=str))
+    path.with_suffix(".md").write_text(markdown(record))
+    plot(record, path.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    for arg in sys.argv[1:]:
+        rerender(arg)
