@@ -95,6 +95,30 @@ def test_read_expert_fills_out_in_place_from_threads(tiny, stores):
                 assert all(torch.equal(out[n], want[key][n]) for n in want[key])
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_streamed_reads_into_out_match_whole_reads(tiny, stores, family):
+    """With `out` of the stored dtype, experts are copied in small pieces; the bytes must not change."""
+    sources = [Checkpoint(tiny(family)[0]), StoreSource(stores(family)[0])]
+    small = DirectReader(chunk_bytes=ALIGN)  # many pieces per tensor, boundaries inside tensors
+    streamed = [Checkpoint(tiny(family)[0], reader=small), StoreSource(stores(family)[0], reader=small)]
+    for whole, piecewise in zip(sources, streamed):
+        for key in whole.expert_keys():
+            want = whole.read_expert(*key)
+            out = {n: torch.full_like(t, float("nan")) for n, t in want.items()}
+            piecewise.read_expert(*key, out=out)
+            assert all(torch.equal(out[n], want[n]) for n in want)
+    assert small.stats()["reads"] > 2 * len(sources[1].expert_keys())
+
+
+def test_streamed_read_checks_the_checksum(store_copy):
+    entry = read_manifest(store_copy).experts[(0, 3)]
+    _flip(store_copy / EXPERTS_FILE, entry.offset + entry.nbytes - 1)
+    src = StoreSource(store_copy, reader=DirectReader(chunk_bytes=ALIGN))
+    want = StoreSource(store_copy, verify_checksums=False).read_expert(0, 3)
+    with pytest.raises(CorruptFile, match="checksum mismatch for expert 3 of layer 0"):
+        src.read_expert(0, 3, out={n: torch.empty_like(t) for n, t in want.items()})
+
+
 def test_checkpoint_expert_is_few_reads(tiny):
     ckpt = Checkpoint(tiny("mixtral")[0])
     ckpt.read_expert(0, 1)

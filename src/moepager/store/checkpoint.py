@@ -18,7 +18,7 @@ import torch
 from ..config import ModelConfig, config_from_hf
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
-from .reader import ALIGN, DirectReader
+from .reader import CHUNK, DirectReader, takes_bytes
 from .safetensors import TensorInfo, read_index, read_tensor
 
 # hub name (regex, anchored) -> moepager name. Layer index is group 1 where present.
@@ -118,7 +118,7 @@ class Checkpoint:
             self._classify(info)
         self._check_complete()
         largest = max((self.expert_nbytes(*k) for k in self.experts), default=0)
-        self.reader = reader or DirectReader(buffer_bytes=largest + 2 * ALIGN)  # + alignment padding
+        self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
 
     def _classify(self, info: TensorInfo) -> None:
         name, n_layers = info.name, self.config.num_layers
@@ -167,8 +167,18 @@ class Checkpoint:
     def expert_keys(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
 
+    def _stream_into(self, parts: list[ExpertPart], out: ExpertWeights) -> ExpertWeights:
+        """Stored form is canonical: copy each part into `out` chunk by chunk (bounded staging per thread)."""
+        for p in parts:
+            dst = out[p.part].view(-1).view(torch.uint8)
+            for pos, view in self.reader.read_chunks(p.file, p.offset, p.nbytes):
+                dst[pos : pos + len(view)].copy_(torch.frombuffer(view, dtype=torch.uint8))
+        return out
+
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
         parts = self.experts[(layer, expert)]
+        if out is not None and all(takes_bytes(out.get(p.part), p.dtype, p.shape) for p in parts):
+            return self._stream_into(parts, out)
         views = self.reader.read_ranges([(p.file, p.offset, p.nbytes) for p in parts])
         # views into this thread's staging buffer: valid until its next read, so copy before returning
         raw = {p.part: _tensor(v, p.dtype, p.shape) for p, v in zip(parts, views)}

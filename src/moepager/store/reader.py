@@ -22,6 +22,7 @@ from ..errors import CorruptFile, MoepagerError
 
 ALIGN = 4096  # O_DIRECT needs 512 here; 4096 also matches the page size, so DONTNEED evicts whole ranges
 COALESCE_GAP = 64 << 10  # ranges of one file closer than this are fetched by one read
+CHUNK = 16 << 20  # streamed reads: as fast as larger requests here, and bounds each thread's staging
 
 
 def align_down(x: int) -> int:
@@ -51,8 +52,9 @@ class ReadStats:
 class DirectReader:
     """Thread-safe range reader. `direct=False` forces the buffered + DONTNEED path (for tests and tmpfs)."""
 
-    def __init__(self, direct: bool = True, buffer_bytes: int = 0):
+    def __init__(self, direct: bool = True, buffer_bytes: int = 0, chunk_bytes: int = CHUNK):
         self.direct = direct
+        self.chunk_bytes = chunk_bytes  # piece size of read_chunks
         self.buffer_bytes = buffer_bytes  # initial size of each thread's staging buffer
         self._fds: dict[Path, tuple[int, bool]] = {}  # path -> (fd, opened with O_DIRECT)
         self._retired: list[int] = []
@@ -154,6 +156,35 @@ class DirectReader:
             s.read_seconds += seconds
         return views  # type: ignore[return-value]
 
+    def read_chunks(self, path: str | Path, offset: int, nbytes: int):
+        """Yield (position in the range, view) pieces covering [offset, offset + nbytes) in order.
+
+        Each view is valid until the next piece (or this thread's next read), so staging stays at
+        self.chunk_bytes however large the range: the way to copy a big expert into buffers the caller owns.
+        """
+        path = Path(path)
+        start, end = align_down(offset), align_up(offset + nbytes)
+        chunk = max(ALIGN, align_down(self.chunk_bytes))
+        staging = self._staging(min(chunk, end - start))
+        pos = start
+        while pos < end:
+            n = min(chunk, end - pos)
+            t0 = time.perf_counter()
+            calls, got = self._read_span(path, pos, staging[:n])
+            seconds = time.perf_counter() - t0
+            lo, hi = max(pos, offset), min(pos + n, offset + nbytes)
+            if pos + got < hi:
+                raise CorruptFile(f"{path}: truncated: bytes {offset}..{offset + nbytes} are wanted but the file "
+                                  f"ends at byte {pos + got}")  # fmt: skip
+            with self._lock:
+                s = self._stats
+                s.reads += calls
+                s.bytes_read += got
+                s.bytes_requested += hi - lo
+                s.read_seconds += seconds
+            yield lo - offset, staging[lo - pos : hi - pos]
+            pos += n
+
     def _read_span(self, path: Path, start: int, dest: memoryview) -> tuple[int, int]:
         """Fill dest from byte `start` (aligned) -> (preadv calls, bytes got); short only at end of file."""
         fd, direct = self._fd(path)
@@ -183,6 +214,12 @@ class DirectReader:
     def reset_stats(self) -> None:
         with self._lock:
             self._stats = ReadStats()
+
+
+def takes_bytes(t, dtype, shape: tuple[int, ...]) -> bool:
+    """A destination tensor that can take stored bytes as they are: same dtype and shape, contiguous, CPU."""
+    return (t is not None and t.device.type == "cpu" and t.dtype == dtype and tuple(t.shape) == tuple(shape)
+            and t.is_contiguous())  # fmt: skip
 
 
 def _open_buffered(path: Path) -> int:

@@ -17,7 +17,7 @@ from ..errors import CorruptFile, MoepagerError
 from ..moe import ExpertWeights
 from ..quant import expert_from_tensors
 from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
-from .reader import DirectReader, align_up
+from .reader import CHUNK, DirectReader, align_up, takes_bytes
 from .safetensors import read_bytes, read_header, read_tensor
 
 
@@ -33,7 +33,7 @@ class StoreSource:
         self.verify_checksums = verify_checksums
         self.experts_file = self.path / EXPERTS_FILE
         largest = max((align_up(x.nbytes) for x in self.manifest.experts.values()), default=0)
-        self.reader = reader or DirectReader(buffer_bytes=largest)
+        self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
         self._keys = sorted(self.manifest.experts)
         self._check_complete()
 
@@ -86,17 +86,47 @@ class StoreSource:
         return view
 
     def check(self, layer: int, expert: int, view: memoryview) -> None:
+        if zlib.crc32(view) != self.manifest.experts[(layer, expert)].crc32:
+            raise self._mismatch(layer, expert)
+
+    def _mismatch(self, layer: int, expert: int) -> CorruptFile:
         entry = self.manifest.experts[(layer, expert)]
-        if zlib.crc32(view) != entry.crc32:
-            raise CorruptFile(
-                f"{self.experts_file}: checksum mismatch for expert {expert} of layer {layer} (bytes "
-                f"{entry.offset}..{entry.offset + entry.nbytes}); the store is damaged: {RECONVERT}"
-            )
+        return CorruptFile(
+            f"{self.experts_file}: checksum mismatch for expert {expert} of layer {layer} (bytes "
+            f"{entry.offset}..{entry.offset + entry.nbytes}); the store is damaged: {RECONVERT}"
+        )
+
+    def _stream_into(self, layer: int, expert: int, out: ExpertWeights) -> ExpertWeights:
+        """Copy the expert into `out` chunk by chunk, so a reading thread stages CHUNK bytes, not a whole expert."""
+        entry = self.manifest.experts[(layer, expert)]
+        layout = self.manifest.layouts[entry.layout]
+        dests = [
+            (t.offset, t.offset + t.nbytes, out[t.name].view(-1).view(torch.uint8)) for t in layout.tensors
+        ]
+        crc = 0
+        for pos, view in self.reader.read_chunks(self.experts_file, entry.offset, entry.nbytes):
+            if self.verify_checksums:
+                crc = zlib.crc32(view, crc)
+            chunk, end = torch.frombuffer(view, dtype=torch.uint8), pos + len(view)
+            for a, b, dst in dests:
+                lo, hi = max(a, pos), min(b, end)
+                if lo < hi:
+                    dst[lo - a : hi - a].copy_(chunk[lo - pos : hi - pos])
+        if self.verify_checksums and crc != entry.crc32:
+            raise self._mismatch(layer, expert)  # `out` holds damaged bytes: the caller must drop it
+        return out
 
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
         if (layer, expert) not in self.manifest.experts:
             raise MoepagerError(f"{self.path}: no expert {expert} in layer {layer}")
-        layout = self.manifest.layouts[self.manifest.experts[(layer, expert)].layout]
+        entry = self.manifest.experts[(layer, expert)]
+        layout = self.manifest.layouts[entry.layout]
+        if (
+            out is not None
+            and layout.encoding == "plain"
+            and all(takes_bytes(out.get(t.name), t.dtype, t.shape) for t in layout.tensors)
+        ):
+            return self._stream_into(layer, expert, out)
         flat = torch.frombuffer(self.read_raw(layer, expert), dtype=torch.uint8)
         if layout.encoding != "plain":  # quantized: codes and scales become QuantizedWeights (quant.py)
             stored = {t.name: flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape).clone()
