@@ -194,8 +194,9 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     if expert_memory is not None or memory_limit is not None or pins or hot_set is not None:
         from .paged import build_paged
 
-        experts = build_paged(net, ckpt, dev, dtype, expert_memory, memory_limit, policy, prefetch, pins, hot_set,
-                              max_context)  # fmt: skip
+        expert_dtype = None if experts_dtype else dtype  # converted experts are kept as converted, as below
+        experts = build_paged(net, ckpt, dev, expert_dtype, expert_memory, memory_limit, policy, prefetch, pins,
+                              hot_set, max_context)  # fmt: skip
     else:
         experts = ResidentExperts(
             ckpt.config,
