@@ -167,6 +167,17 @@ def test_flipped_dense_byte(store_copy, capsys):
     assert "dense.safetensors: checksum mismatch" in err
 
 
+@pytest.mark.parametrize("experts_dtype", ["int8", "bf16"])
+def test_verify_converted_dtype_store(tiny, tmp_path, experts_dtype):
+    src, _ = tiny("mixtral")
+    store = convert(src, tmp_path / "store", progress=False, experts_dtype=experts_dtype)
+    report = verify(store, src, progress=False)
+    assert report.ok and report.converted and report.experts_compared == 8
+    entry = read_manifest(store).experts[(0, 0)]
+    _flip(store / EXPERTS_FILE, entry.offset + 7)
+    assert "checksum mismatch for expert 0 of layer 0" in verify(store, src, progress=False).problems[0]
+
+
 def test_verify_with_source_finds_a_different_model(tiny, store_copy):
     report = verify(store_copy, tiny("olmoe")[0], progress=False)
     assert not report.ok and "config.json" in report.problems[0]

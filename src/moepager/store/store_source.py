@@ -77,6 +77,10 @@ class StoreSource:
     def expert_nbytes(self, layer: int, expert: int) -> int:
         return align_up(self.manifest.experts[(layer, expert)].nbytes)
 
+    def encoding(self, layer: int, expert: int) -> str:
+        """How the expert is stored: "plain" (canonical tensors) or a quantized encoding (quant.py)."""
+        return self.manifest.layouts[self.manifest.experts[(layer, expert)].layout].encoding
+
     def read_raw(self, layer: int, expert: int) -> memoryview:
         """The expert's bytes as stored (checksum-verified if asked), valid until this thread's next read."""
         entry = self.manifest.experts[(layer, expert)]

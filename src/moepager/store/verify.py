@@ -20,6 +20,7 @@ class Report:
     experts_checked: int = 0
     experts_compared: int = 0
     dense_compared: int = 0
+    converted: bool = False  # the store holds experts in another dtype: compared after the same conversion
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -32,6 +33,20 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     return torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _as_stored(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A store converted with --dense-dtype/--experts-dtype holds floats cast by .to(): cast the same way."""
+    return ref.to(dtype) if ref.is_floating_point() and dtype.is_floating_point else ref
+
+
+def _expert_as_stored(want: dict, got: dict, encoding: str) -> dict:
+    """The source expert as convert stores it: quantized with the store's encoding, or cast to its dtype."""
+    if encoding != "plain":
+        from ..quant import convert_expert
+
+        return convert_expert(want, encoding)  # deterministic, so still compared bit for bit
+    return {n: _as_stored(t, got[n].dtype) if n in got else t for n, t in want.items()}
 
 
 def verify(store: str | Path, source: str | Path | None = None, progress: bool = True) -> Report:
@@ -61,7 +76,7 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
                 report.problems.append(
                     f"dense tensor {name!r} is only in the {'source' if name in ref else 'store'}"
                 )
-            elif not _same_bits(ref[name], dense[name]):
+            elif not _same_bits(_as_stored(ref[name], dense[name].dtype), dense[name]):
                 report.problems.append(f"dense tensor {name!r} differs from the source")
             report.dense_compared += 1
     for layer, e in tqdm(st.expert_keys(), desc="verify", unit="expert", disable=not progress):
@@ -72,7 +87,9 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
             continue
         report.experts_checked += 1
         if src is not None and (layer, e) in src.experts:
-            want = src.read_expert(layer, e)
+            raw = src.read_expert(layer, e)
+            want = _expert_as_stored(raw, got, st.encoding(layer, e))
+            report.converted |= any(want[n].dtype != raw[n].dtype for n in raw if n in want)
             names = sorted(set(got) | set(want))
             bad = [n for n in names if n not in got or n not in want or not _same_bits(got[n], want[n])]
             if bad:
@@ -87,8 +104,10 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
 def format_report(r: Report) -> str:
     lines = [f"{r.store}: {r.experts_checked} experts with a good checksum, {len(r.problems)} problem(s)"]
     if r.experts_compared or r.dense_compared:
+        how = " (the source converted to the store's dtypes first)" if r.converted else ""
         lines.append(
-            f"compared with the source bit for bit: {r.experts_compared} experts, {r.dense_compared} dense tensors"
+            f"compared with the source bit for bit{how}: {r.experts_compared} experts, "
+            f"{r.dense_compared} dense tensors"
         )
     lines += [f"PROBLEM: {p}" for p in r.problems[:50]]
     if len(r.problems) > 50:
