@@ -184,3 +184,19 @@ def test_unknown_dense_dtype_is_a_clear_error(tiny, tmp_path):
 
     with pytest.raises(moepager.MoepagerError, match="dense dtype 'int8'"):
         convert(tiny("mixtral")[0], tmp_path / "s", progress=False, dense_dtype="int8")
+
+
+def test_cli_convert_and_run_quantized(tiny, tmp_path, capsys):
+    from moepager.cli import main
+
+    path, _ = tiny("mixtral")
+    out = tmp_path / "q"
+    assert (
+        main(["convert", str(path), str(out), "--experts-dtype", "int4", "--dense-dtype", "bf16", "--quiet"])
+        == 0
+    )
+    assert main(["run", str(out), "--prompt-ids", "1,2,3", "--max-tokens", "3", "--json"]) == 0
+    assert (
+        main(["run", str(path), "--prompt-ids", "1,2,3", "--max-tokens", "3", "--experts-dtype", "int8"]) == 0
+    )
+    assert capsys.readouterr().out.count("\n") >= 2
