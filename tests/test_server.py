@@ -137,6 +137,26 @@ def test_decode_batch_matches_forward(tiny, family):
     assert [c.seq_len for c in batched] == [n + 3 for n in lengths]
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_decode_batch_with_spilling_kv_caches(tiny, family):
+    """The engine's block KV cache, small enough to spill, gives the same batched logits."""
+    engine = moepager.load(tiny(family)[0], kv_memory="16KiB", kv_block_size=4)
+    model, g = engine.model, torch.Generator().manual_seed(1)
+    lengths = [3, 11, 6]
+    batched, alone = [engine.new_cache() for _ in lengths], [engine.new_cache() for _ in lengths]
+    with torch.inference_mode():
+        for n, cb, ca in zip(lengths, batched, alone):
+            prompt = torch.randint(0, VOCAB, (1, n), generator=g)
+            model(prompt, cb), model(prompt, ca)
+        for _ in range(8):
+            tokens = torch.randint(0, VOCAB, (len(lengths),), generator=g)
+            got = model.decode_batch(tokens, batched)
+            expected = torch.cat([model(tokens[i].view(1, 1), c)[:, -1] for i, c in enumerate(alone)])
+            assert (got - expected).abs().max().item() < 1e-5
+    for c in batched + alone:
+        c.close()
+
+
 def test_scheduler_cancel_frees_the_sequence(model_dir):
     engine = moepager.load(model_dir)
     scheduler = Scheduler(engine)
@@ -413,6 +433,8 @@ def test_serve_command(model_dir):
         "50%",
         "--policy",
         "lru",
+        "--kv-memory",
+        "64KiB",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -71,7 +71,8 @@ def cmd_serve(args) -> None:
                                 "cache (this build has no embedded default model)") from None  # fmt: skip
         model = default_model_path()
     given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
-             "max_context": args.max_context, "prefetch": False if args.no_prefetch else None}  # fmt: skip
+             "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
+             "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
     try:
         engine = load(model, device=args.device, dtype=args.dtype, **options)
@@ -98,6 +99,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
     s.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy")
     s.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
+    s.add_argument("--kv-memory", help="RAM for each sequence's KV cache (e.g. 64MiB); older blocks spill to disk")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     s.set_defaults(func=cmd_serve)
