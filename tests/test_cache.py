@@ -173,3 +173,26 @@ def test_dtype_conversion_goes_through_staging():
     held = c.acquire(1, [3])
     assert held[3]["gate"].dtype == torch.bfloat16 and held[3]["gate"][0, 0].item() == 103.0
     assert not c.direct
+
+
+def test_queued_guesses_are_cancelled_or_read_on_demand():
+    import time
+
+    c = _cache(8, policy="lru")
+    read = c.source.read_expert
+
+    def slow(layer, e, out=None):
+        time.sleep(0.05)
+        return read(layer, e, out)
+
+    c.source.read_expert = slow
+    assert c.prefetch(1, [1, 2, 3, 4]) == 4  # one prefetch thread: three of them wait in line
+    held = c.acquire(1, [4, 5])  # 4 was guessed right but is still queued: read now; 2 and 3 were wrong
+    assert held[4]["gate"][0, 0].item() == 104.0 and held[5]["up"][0, 0].item() == 105.0
+    c.release_held(1, held)
+    s = c.stats()
+    assert s["prefetch_cancelled"] >= 1
+    assert (1, 4) in c.resident() and (1, 5) in c.resident()
+    for f in list(c.loading.values()):
+        f.exception()
+    assert not c.res.in_use  # every hold was given back

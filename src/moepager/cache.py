@@ -83,6 +83,7 @@ class CacheStats:
     evictions: int = 0
     prefetch_reads: int = 0
     prefetch_wasted: int = 0  # prefetched, then evicted without being used
+    prefetch_cancelled: int = 0  # wrong guesses dropped before their read started
 
     def add(self, other: CacheStats) -> None:
         for f in fields(self):
@@ -328,8 +329,27 @@ class ExpertCache:
         held, reads, waits = [], [], []
         with self.lock:
             st = self._stats(layer)
+            wanted = set(experts)
+            for key, f in list(
+                self.loading.items()
+            ):  # guesses for this layer still queued: drop the wrong ones
+                if key[0] == layer and key[1] not in wanted and isinstance(f, Future) and f.cancel():
+                    del self.loading[key]
+                    self.res.drop(key)
+                    self.res.release(key)
+                    st.prefetch_cancelled += 1
             for e in experts:  # protect what is already here before claiming anything
                 key = (layer, e)
+                f = self.loading.get(key)
+                if isinstance(f, Future) and f.cancel():
+                    # a right guess still queued: read it now beside the misses instead of waiting in line;
+                    # the guess's hold on it becomes this step's
+                    self.loading[key] = _DONE
+                    self.res.unranked.pop(key, None)
+                    held.append(e)
+                    reads.append((key, self.res.slot[key]))
+                    st.misses += 1
+                    continue
                 if key in self.res.slot:
                     self.res.hold(key)
                     held.append(e)
