@@ -45,7 +45,11 @@ def child(args) -> dict:
     """One measurement in this process; prints a JSON record."""
     import moepager
 
-    kv = {"kv_memory": args.kv_memory, "kv_block_size": 256, "kv_spill_dir": args.spill_dir} if args.spill else {}
+    kv = (
+        {"kv_memory": args.kv_memory, "kv_block_size": 256, "kv_spill_dir": args.spill_dir}
+        if args.spill
+        else {}
+    )
     engine = moepager.load(args.model, prefill_chunk=args.prefill_chunk, **kv)
     ids = prompt(args.context)
     record = {"mode": args.mode, "rss_after_load": _rss("VmRSS")}
@@ -89,7 +93,11 @@ def run_child(model: Path, mode: str, a, **extra) -> dict:
             "--prefill-chunk", str(a.prefill_chunk)]  # fmt: skip
     for k, v in extra.items():
         argv += [f"--{k}", str(v)] if v is not True else [f"--{k}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # spinning waits collapse when shared
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }  # spinning waits collapse when shared
     out = subprocess.run(argv, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -103,7 +111,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=4096, help="prompt tokens")
     p.add_argument("--decode", type=int, default=64, help="tokens generated after the prompt")
     p.add_argument("--kv-memory", default="16MiB", help="KV RAM budget of the spilled run")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (every run)")
+    p.add_argument(
+        "--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass (every run)"
+    )
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "moepager-kv-bench"))
     p.add_argument("--spill-dir", default=None)
     p.add_argument("--child")
@@ -129,11 +139,17 @@ def main() -> None:
     ram = run_child(model, "ram", a)
     spill = run_child(model, "spill", a, spill=True)
     assert spill["tokens"] == ram["tokens"], "spilled generation differs from the in-RAM one"
-    print("\n| KV cache | peak RSS while generating | RSS after load | prefill tok/s | decode tok/s | KV resident | read from disk | read wait |")
+    print(
+        "\n| KV cache | peak RSS while generating | RSS after load | prefill tok/s | decode tok/s | KV resident | read from disk | read wait |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in (("in RAM (KVCache)", ram), (f"spilled, {a.kv_memory}", spill)):
         kv = r.get("kv_cache")
-        disk = f"{mib(kv['resident_bytes'])} | {mib(kv['bytes_read'])} | {kv['read_wait_s']:.2f} s" if kv else "- | - | -"
+        disk = (
+            f"{mib(kv['resident_bytes'])} | {mib(kv['bytes_read'])} | {kv['read_wait_s']:.2f} s"
+            if kv
+            else "- | - | -"
+        )
         print(f"| {name} | {mib(r['peak_rss'])} | {mib(r['rss_after_load'])} | {r['prefill_tokens_per_s']:.0f} | "
               f"{r['decode_tokens_per_s']:.2f} | {disk} |")  # fmt: skip
     print(f"generated tokens identical: {spill['tokens'] == ram['tokens']}")
@@ -148,7 +164,9 @@ def main() -> None:
           f"(temp file, fsync, rename)")  # fmt: skip
     print("| first token after 16 new tokens | time to first token | prompt tokens computed | peak RSS |")
     print("| --- | --- | --- | --- |")
-    print(f"| resume the session | {resume['ttft_s']:.2f} s | {resume['prefill_tokens']} | {mib(resume['peak_rss'])} |")
+    print(
+        f"| resume the session | {resume['ttft_s']:.2f} s | {resume['prefill_tokens']} | {mib(resume['peak_rss'])} |"
+    )
     print(f"| recompute the prefix | {recompute['ttft_s']:.2f} s | {recompute['prefill_tokens']} | "
           f"{mib(recompute['peak_rss'])} |")  # fmt: skip
     print(f"same first token: {resume['first_token'] == recompute['first_token']}")

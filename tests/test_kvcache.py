@@ -53,7 +53,9 @@ def test_spilled_cache_matches_in_ram(engines, family, tmp_path):
     expected = _stepwise(engine, ids, KVCache(layers), 37)
     assert (got - expected).abs().max().item() < 1e-5
     total = layers * -(-100 // BLOCK) * block
-    assert total >= 4 * budget and spilled.counters["blocks_spilled"] > 0 and spilled.counters["bytes_read"] > 0
+    assert (
+        total >= 4 * budget and spilled.counters["blocks_spilled"] > 0 and spilled.counters["bytes_read"] > 0
+    )
     assert spilled.resident_bytes <= budget + layers * block  # the budget plus one writable tail per layer
     spilled.close()
 

@@ -33,7 +33,9 @@ def test_resume_gives_the_same_continuation_as_never_stopping(tiny, family, tmp_
     before = engine.timings.prefill_tokens
     second = list(engine.stream_session(session, prompt + first, 18, stop_ids=[]))
     assert first + second == expected
-    assert engine.session_reused_tokens == len(prompt) + len(first) - 1  # all but the last id, never in the cache
+    assert (
+        engine.session_reused_tokens == len(prompt) + len(first) - 1
+    )  # all but the last id, never in the cache
     assert engine.timings.prefill_tokens - before == 1  # the prefix was not recomputed
 
 

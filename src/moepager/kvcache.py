@@ -39,7 +39,10 @@ class SpillFile:
         fd, path = tempfile.mkstemp(prefix="moepager-kv-", suffix=".spill", dir=directory)
         os.close(fd)
         try:
-            self.fd, self.direct = os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0)), hasattr(os, "O_DIRECT")
+            self.fd, self.direct = (
+                os.open(path, os.O_RDWR | getattr(os, "O_DIRECT", 0)),
+                hasattr(os, "O_DIRECT"),
+            )
         except OSError:  # tmpfs and some network filesystems refuse O_DIRECT
             self.fd, self.direct = os.open(path, os.O_RDWR), False
         os.unlink(path)

@@ -132,11 +132,15 @@ def load(path: str | os.PathLike, identity: str, dtype: torch.dtype,
             count, layers, run = header["token_count"], header["num_layers"], header["block_positions"]
             shapes, payload = header["layer_shapes"], header["payload_bytes"]
         except (ValueError, KeyError, TypeError):
-            raise CorruptFile(f"{path}: the session header is corrupt; delete the file to start fresh") from None
+            raise CorruptFile(
+                f"{path}: the session header is corrupt; delete the file to start fresh"
+            ) from None
         expected = _PREFIX.size + hlen + payload + _TRAILER.size
         if size != expected:
             what = "truncated" if size < expected else "longer than its header says"
-            raise CorruptFile(f"{path} is {what} ({size} bytes, expected {expected}); delete it to start fresh")
+            raise CorruptFile(
+                f"{path} is {what} ({size} bytes, expected {expected}); delete it to start fresh"
+            )
         if header.get("model_identity") != identity:
             raise StaleSession(f"{path} was saved with a different model or different weights (identity "
                                f"{str(header.get('model_identity'))[:12]}..., this model {identity[:12]}...); "
