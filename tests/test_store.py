@@ -231,6 +231,14 @@ def test_interrupted_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_killed_conversion_is_cleaned_up_by_the_next(tiny, tmp_path):
+    dead = tmp_path / ".out.partial-999999999"  # no such process
+    dead.mkdir()
+    (dead / "experts.bin").write_bytes(b"half")
+    convert(tiny("mixtral")[0], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_overwrite_needs_force(tiny, tmp_path, capsys):
     src, _ = tiny("mixtral")
     out = tmp_path / "out"

@@ -48,6 +48,7 @@ def convert(model: str | Path, out: str | Path, force: bool = False, progress: b
     out = Path(out).expanduser().absolute()
     _check_target(src, out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -68,6 +69,14 @@ def convert(model: str | Path, out: str | Path, force: bool = False, progress: b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Folders left by conversions to `out` that were killed (SIGKILL, power loss): their process is gone."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _check_target(src: Checkpoint, out: Path, force: bool) -> None:
