@@ -165,9 +165,13 @@ def plot(record: dict, path: Path) -> None:
         ax.plot([p[0] for p in lim], [p[1] for p in lim], "k--", lw=1.4, label="limit: max(compute, misses / disk bw)")
     if s["compute_s_per_token"]:
         ax.axhline(1 / s["compute_s_per_token"]["median"], color="0.5", ls=":", lw=1.2,
-                   label="all experts resident (compute only)")  # fmt: skip
+                   label="all experts resident (median run; the limit uses the fastest)")  # fmt: skip
     ax.set_xticks(list(x), budgets)
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("expert memory budget (share of all routed experts)")
     ax.set_ylabel("decode tokens/s (log)")
     ax.set_title(f"{record['workload']}: decode speed at equal total memory caps", fontsize=10)
