@@ -174,3 +174,23 @@ def test_moefy_reads_gguf_directly(tiny_gguf, tmp_path):
     dense = convert_gguf(tiny_gguf, tmp_path / "dense")
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(moepager.load(out).logits(ids), moepager.load(dense).logits(ids), atol=1e-4, rtol=0)
+
+
+def test_cli_moefy_and_eval(tiny_llama, tmp_path, capsys):
+    import json
+
+    from moepager.cli import main
+
+    src, _ = tiny_llama
+    calib, text = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    calib.write_text(_calibration_text(seed=1))
+    text.write_text(_calibration_text(n=200, seed=2))
+    out = tmp_path / "moe"
+    argv = ["moefy", str(src), str(out), "--experts", "4", "--top-k", "4", "--shared", "16", "--calibration",
+            str(calib), "--tokens", "1024"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["moefy", str(src), str(out), "--experts", "4", "--top-k", "2"]) == 2  # exists already
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(text), "--reference", str(src), "--window", "32", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["tokens"] == 6 * 31 and record["agreement"] == 1.0 and record["perplexity"] > 1

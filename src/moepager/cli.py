@@ -32,8 +32,10 @@ def cmd_run(args) -> None:
     from . import load
     from .tokenizer import StreamingDetokenizer
 
-    if args.model is None:
-        raise MoepagerError("give a model: a checkpoint folder or a hub id in the local Hugging Face cache")
+    if args.model is None:  # the embedded default: SmolLM2 carved into a MoE, built on first use
+        from .default_model import default_model_path
+
+        args.model = default_model_path()
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
     engine = load(args.model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype,
                   **_paging_options(args), **kv)
@@ -265,6 +267,59 @@ def _add_paging(sub) -> None:
     s.set_defaults(func=cmd_stats)
 
 
+def cmd_moefy(args) -> None:
+    from .moefy.build import Plan, moefy
+
+    plan = Plan.load(args.plan) if args.plan else None
+    text = None
+    if args.calibration:
+        try:
+            text = open(args.calibration, errors="replace").read()
+        except FileNotFoundError:
+            raise MoepagerError(f"no such calibration text file: {args.calibration}") from None
+    out = moefy(args.dense, args.out, args.experts, args.top_k, seed=args.seed, shared=args.shared,
+                calibration_text=text, tokens=args.tokens, plan=plan)  # fmt: skip
+    print(out)
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import main as eval_main
+
+    if args.model is None:
+        from .default_model import default_model_path
+
+        args.model = default_model_path()
+    r = eval_main(args.model, args.text, args.reference, args.max_tokens, args.window, args.device)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+        return
+    line = f"perplexity {r.perplexity:.3f} over {r.tokens} tokens"
+    print(line + (f"; greedy agreement with the reference {r.agreement:.2%}" if r.agreement is not None else ""))
+
+
+def _add_moefy(sub) -> None:
+    m = sub.add_parser("moefy", help="carve a dense llama-family model into a Qwen2-MoE checkpoint")
+    m.add_argument("dense", help="dense checkpoint folder (llama family) or a llama GGUF file")
+    m.add_argument("out", help="folder to create")
+    m.add_argument("--experts", type=int, default=16, help="routed experts per layer (E)")
+    m.add_argument("--top-k", type=int, default=8, help="experts per token (K); K = E reproduces the dense model")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shared", type=int, help="neurons of the always-on shared expert (default: about 1/8)")
+    m.add_argument("--calibration", help="calibration text file (default: the Python reference topics)")
+    m.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
+    m.add_argument("--plan", help="reuse a learned plan (OUT/moefy/plan.safetensors of an earlier run)")
+    m.set_defaults(func=cmd_moefy)
+    e = sub.add_parser("eval", help="perplexity on a text file, and greedy agreement with a reference model")
+    e.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded default model)")
+    e.add_argument("--text", required=True, help="a plain text file")
+    e.add_argument("--reference", help="a model with the same tokenizer, e.g. the dense original")
+    e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the text")
+    e.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -304,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_bench(sub)
     _add_store(sub)
     _add_serve(sub)
+    _add_moefy(sub)
     return p
 
 

