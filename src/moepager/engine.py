@@ -165,6 +165,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
 
     KV cache: kv_memory ("64MiB", an int) keeps at most that much of it in RAM, in blocks of kv_block_size
     positions, spilling older blocks to a file in kv_spill_dir; prefill_chunk bounds the prompt tokens per pass.
+
     experts_dtype: "bf16", "fp16", "int8" or "int4" converts routed experts as they are read (lossy: measure it
     with `moepager eval`); None keeps the source's own experts.
     """
