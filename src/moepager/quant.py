@@ -12,8 +12,8 @@ this machine's CPU kernel reads (`native_int4_layout`); in a store they are in "
 
 Compute paths, chosen per call from where the weight lives and what the kernels accept:
 - CPU: torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
-  activations. Measured on the project's 2-core machine they beat fp32 F.linear at every batch size tried
-  (1..256 tokens), while dequantizing to fp32 per call cost 10-50x more, so prefill uses them too.
+  activations. Measured here (benchmarks/quantization_kernels.md) they match or beat fp32 F.linear from 1 to
+  64 tokens, while dequantizing to fp32 per call cost several times more, so prefill uses them too.
 - elsewhere (CUDA) or for shapes the kernels reject: dequantize to the activation dtype, then F.linear.
 
 Letters: N output features, K input features, G groups along K (K / group_size).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .errors import MoepagerError
 
-# names accepted by --experts-dtype; bf16/fp16 are plain casts, int8/int4 are QuantizedWeight
+# names accepted by --experts-dtype; bf16/fp16 are plain casts, int8/int4 are codes + scales
 EXPERT_DTYPES = ("bf16", "fp16", "int8", "int4")
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 INT4_GROUP_SIZES = (128, 64, 32)  # the int4 kernel's group sizes, largest (fewest scales) first
