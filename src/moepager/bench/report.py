@@ -62,7 +62,10 @@ def summarize(runs: list[dict], bandwidth: list[float], expert_nbytes: float | N
     # The limit takes the best the machine showed: the fastest resident decode and the fastest disk sample.
     # On a shared machine that is a floor no engine can beat; the medians are reported beside it.
     bw = spread(bandwidth)
-    resident = [r for r in runs if r["engine"] == "resident" and r.get("status") == "ok"]
+    # "All experts resident" = the resident engine, or a paged run whose decode found every expert in memory
+    resident = [r for r in runs if r.get("status") == "ok" and (r["engine"] == "resident" or (
+        r["engine"] == "moepager" and (r.get("expert") or {}).get("hit_rate") == 1.0
+        and not (r.get("expert") or {}).get("bytes_read")))]  # fmt: skip
     compute = spread([1 / r["decode_tokens_per_s"] for r in resident if r.get("decode_tokens_per_s")])
     limits, ratios = {}, {}
     for budget in dict.fromkeys(r["budget"] for r in runs if r["engine"] != "resident"):
@@ -103,7 +106,8 @@ def markdown(record: dict) -> str:
     lines = [f"### {record['workload']}", "", f"`{record['command']}`", "",
              f"Model: {record['model']['description']}. Machine: {record['machine_line']}.", "",
              f"Disk (O_DIRECT, {s['bandwidth']['n'] if s['bandwidth'] else 0} samples): "
-             f"{_fmt(s['bandwidth'], 1e-9)} GB/s. All experts resident (compute): "
+             f"{_fmt(s['bandwidth'], 1e-9)} GB/s. All experts resident (compute; resident engine and paged runs "
+             f"whose decode read nothing): "
              f"{_fmt(s['compute_s_per_token'], 1e3, 1)} ms/token. The limit uses the best of each (fastest "
              f"resident token, fastest disk sample) and the expert bytes the decode needed at that budget. "
              f"Median (min-max) over {1 + max((r.get('round', 0) for r in record.get('runs', [])), default=0)} "
