@@ -4,6 +4,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models gain nothing from threads, and spinning OpenMP barriers collapse on a busy 2-core machine
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tiny_models import build  # noqa: E402
 

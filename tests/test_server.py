@@ -459,11 +459,15 @@ def test_serve_command(model_dir):
         proc.wait(20)
 
 
-def test_serve_without_model_explains(capsys):
-    try:
-        from moepager.default_model import default_model_path  # noqa: F401
-    except ImportError:
-        assert cli_main(["serve"]) == 2
-        assert "give a MODEL" in capsys.readouterr().err
-    else:
-        pytest.skip("this build embeds a default model")
+def test_serve_without_model_uses_the_default(monkeypatch, tiny):
+    """No MODEL: the embedded default model is loaded and served under the id "default"."""
+    import moepager.default_model as default_model
+    import moepager.server as server
+
+    path, _ = tiny("mixtral")
+    served = {}
+    monkeypatch.setattr(default_model, "default_model_path", lambda: path)
+    monkeypatch.setattr(server, "serve", lambda engine, name, **kw: served.update(engine=engine, name=name, **kw))
+    assert cli_main(["serve", "--port", "8123"]) == 0
+    assert served["engine"].path == path and served["name"] == "default"
+    assert served["host"] == "127.0.0.1" and served["port"] == 8123

@@ -28,14 +28,20 @@ def _prompt_ids(engine, args) -> list[int]:
     return engine.tokenizer.encode(args.prompt)
 
 
+def _model_or_default(model: str | None) -> str:
+    """MODEL as given, or the embedded default: SmolLM2 carved into a MoE, built on first use."""
+    if model is not None:
+        return model
+    from .default_model import default_model_path
+
+    return str(default_model_path())
+
+
 def cmd_run(args) -> None:
     from . import load
     from .tokenizer import StreamingDetokenizer
 
-    if args.model is None:  # the embedded default: SmolLM2 carved into a MoE, built on first use
-        from .default_model import default_model_path
-
-        args.model = default_model_path()
+    args.model = _model_or_default(args.model)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
     engine = load(args.model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype,
                   **_paging_options(args), **kv)
@@ -64,24 +70,12 @@ def cmd_serve(args) -> None:
     from . import load
     from .server import serve
 
-    model = args.model
-    if model is None:
-        try:
-            from .default_model import default_model_path
-        except ImportError:
-            raise MoepagerError("give a MODEL to serve: a checkpoint folder or a hub id in the local Hugging Face "
-                                "cache (this build has no embedded default model)") from None  # fmt: skip
-        model = default_model_path()
+    model = _model_or_default(args.model)
     given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
              "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
              "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
-    try:
-        engine = load(model, device=args.device, dtype=args.dtype, **options)
-    except TypeError as e:
-        if not options:
-            raise
-        raise MoepagerError(f"moepager.load does not accept {', '.join(options)} in this build: {e}") from None
+    engine = load(model, device=args.device, dtype=args.dtype, **options)
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key)
 
@@ -285,10 +279,7 @@ def cmd_moefy(args) -> None:
 def cmd_eval(args) -> None:
     from .evaluate import main as eval_main
 
-    if args.model is None:
-        from .default_model import default_model_path
-
-        args.model = default_model_path()
+    args.model = _model_or_default(args.model)
     r = eval_main(args.model, args.text, args.reference, args.max_tokens, args.window, args.device)
     if args.json:
         print(json.dumps(r.as_dict()))
