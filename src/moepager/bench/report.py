@@ -152,7 +152,7 @@ def plot(record: dict, path: Path) -> None:
     s = record["summary"]
     budgets = list(dict.fromkeys(r["budget"] for r in s["rows"] if r["engine"] != "resident"))
     x = range(len(budgets))
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=120)
+    fig, ax = plt.subplots(figsize=(10, 4.6), dpi=120)
     styles = {"moepager": ("C0", "o", 2.4), "accelerate": ("C3", "s", 1.6), "naive": ("C2", "^", 1.6),
               "llamacpp": ("C4", "D", 1.6)}  # fmt: skip
     for engine, (color, marker, lw) in styles.items():
@@ -166,10 +166,10 @@ def plot(record: dict, path: Path) -> None:
         ax.errorbar(xs, med, yerr=err, color=color, marker=marker, lw=lw, capsize=3, label=engine)
     lim = [(i, s["limits"][b]["limit_tokens_per_s"]) for i, b in enumerate(budgets) if b in s["limits"]]
     if lim:
-        ax.plot([p[0] for p in lim], [p[1] for p in lim], "k--", lw=1.4, label="limit: max(compute, misses / disk bw)")
+        ax.plot([p[0] for p in lim], [p[1] for p in lim], "k--", lw=1.4, label="limit: max(compute,\nneeded bytes / disk bandwidth)")
     if s["compute_s_per_token"]:
         ax.axhline(1 / s["compute_s_per_token"]["median"], color="0.5", ls=":", lw=1.2,
-                   label="all experts resident (median run; the limit uses the fastest)")  # fmt: skip
+                   label="all experts resident\n(median run; the limit uses the fastest)")  # fmt: skip
     ax.set_xticks(list(x), budgets)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -180,7 +180,7 @@ def plot(record: dict, path: Path) -> None:
     ax.set_ylabel("decode tokens/s (log)")
     ax.set_title(f"{record['workload']}: decode speed at equal total memory caps", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a line
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
