@@ -150,7 +150,7 @@ def run_isolated(spec: dict, cap_bytes: int | None, use_cgroup: bool, files: lis
         tail = log_file.read_text()[-1500:] if log_file.exists() else ""
         out["message"] = ("killed at the memory cap" if out["status"] == "oom" else f"exit code {rc}") + (
             f": {tail.strip().splitlines()[-1]}" if tail.strip() and out["status"] != "oom" else "")  # fmt: skip
-    if out.get("status") == "ok":
+    if out.get("status") in ("ok", "skipped"):  # keep the files of failed runs only
         for f in (spec_file, result_file, log_file):
             f.unlink(missing_ok=True)
     else:
