@@ -56,13 +56,18 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
     return groups
 
 
-def combine(x, ids, weights, get: Callable[[int], ExpertWeights], config: ModelConfig) -> torch.Tensor:
-    """Run each routed expert on its tokens and sum the weighted outputs: the shared core of every Experts."""
-    y = torch.zeros_like(x)
-    flat_w = weights.flatten()
-    for e, rows, slots in group_by_expert(ids):
+def accumulate(y, x, flat_w, groups, get: Callable[[int], ExpertWeights], config: ModelConfig) -> None:
+    """y += each group's expert on its tokens, weighted: the expert math every Experts implementation shares.
+    groups: entries of group_by_expert; flat_w: the routing weights flattened [N*K]."""
+    for e, rows, slots in groups:
         out = expert_forward(get(e), x[rows], config.expert_act, config.swiglu_alpha, config.swiglu_limit)
         y.index_add_(0, rows, out * flat_w[slots, None].to(out.dtype))
+
+
+def combine(x, ids, weights, get: Callable[[int], ExpertWeights], config: ModelConfig) -> torch.Tensor:
+    """Run each routed expert on its tokens and sum the weighted outputs."""
+    y = torch.zeros_like(x)
+    accumulate(y, x, weights.flatten(), group_by_expert(ids), get, config)
     return y
 
 

@@ -1,7 +1,7 @@
 """PagedExperts: the experts contract over an ExpertCache, so a model runs with any expert memory budget.
 
 Owns the layer step: route groups -> acquire the layer's experts from the cache (in waves when they do not
-all fit) -> compute them with moe.expert_forward -> release. It also hands the residency API
+all fit) -> compute them with moe.accumulate -> release. It also hands the residency API
 (load/release/pin/unpin/resident) and the stats to the engine. Caching is cache.py's, guessing prefetch.py's.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from .cache import ExpertCache, load_hot_set, save_hot_set
 from .config import ModelConfig
-from .moe import expert_forward, group_by_expert
+from .moe import accumulate, group_by_expert
 from .prefetch import Router, RouterPrefetcher
 
 
@@ -25,7 +25,6 @@ class PagedExperts:
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> y [N, D]; the same sum as moe.combine, expert by expert."""
-        c = self.config
         pending = group_by_expert(ids)  # [(expert, rows [n], slots [n])], experts ascending
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, [g[0] for g in pending])
@@ -38,10 +37,7 @@ class PagedExperts:
                 guess = lambda: self.prefetcher.predict(layer, x)  # noqa: E731
             held = self.cache.acquire(layer, [g[0] for g in pending], before_wait=guess)
             first = False
-            for e, rows, slots in pending:
-                if e in held:
-                    out = expert_forward(held[e], x[rows], c.expert_act, c.swiglu_alpha, c.swiglu_limit)
-                    y.index_add_(0, rows, out * flat_w[slots, None].to(out.dtype))
+            accumulate(y, x, flat_w, [g for g in pending if g[0] in held], held.__getitem__, self.config)
             self.cache.release_held(layer, held)
             pending = [g for g in pending if g[0] not in held]
         return y
