@@ -8,16 +8,12 @@ import sys
 import pytest
 
 from moepager.cli import main
-from tiny_models import write_word_tokenizer
+from tiny_models import copy_with_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model_with_tokenizer(tiny, tmp_path_factory):
-    src, _ = tiny("mixtral")
-    path = tmp_path_factory.mktemp("with_tok")
-    shutil.copytree(src, path, dirs_exist_ok=True)
-    write_word_tokenizer(path)
-    return path
+    return copy_with_tokenizer(tiny("mixtral")[0], tmp_path_factory.mktemp("with_tok"))
 
 
 def test_run_prints_text(model_with_tokenizer, capsys):

@@ -6,7 +6,6 @@ Greedy output over HTTP is compared with `moepager run`, and the batched decode 
 
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from moepager.cli import main as cli_main
 from moepager.generate import SamplingParams
 from moepager.layers import KVCache
 from moepager.server import create_app
-from tiny_models import FAMILIES, VOCAB, write_word_tokenizer
+from tiny_models import FAMILIES, VOCAB, copy_with_tokenizer
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -36,13 +35,7 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def model_dir(tiny, tmp_path_factory):
-    src, _ = tiny("mixtral")
-    path = tmp_path_factory.mktemp("served")
-    shutil.copytree(src, path, dirs_exist_ok=True)
-    write_word_tokenizer(path)
-    cfg = json.loads((path / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = CHAT_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    path = copy_with_tokenizer(tiny("mixtral")[0], tmp_path_factory.mktemp("served"), CHAT_TEMPLATE)
     return path
 
 
@@ -124,17 +117,22 @@ def test_decode_batch_matches_forward(tiny, family):
     lengths = [3, 11, 1, 6]  # past GPT-OSS's sliding window of 8 too
     batched = [KVCache(model.config.num_layers) for _ in lengths]
     alone = [KVCache(model.config.num_layers) for _ in lengths]
+    _check_decode_batch(model, lengths, batched, alone, steps=3, generator=g)
+    assert [c.seq_len for c in batched] == [n + 3 for n in lengths]
+
+
+def _check_decode_batch(model, lengths, batched, alone, steps, generator):
+    """Prefill each sequence into both cache lists, then decode_batch must equal decoding each alone."""
     with torch.inference_mode():
         for n, cb, ca in zip(lengths, batched, alone):
-            prompt = torch.randint(0, VOCAB, (1, n), generator=g)
+            prompt = torch.randint(0, VOCAB, (1, n), generator=generator)
             model(prompt, cb), model(prompt, ca)
-        for _ in range(3):
-            tokens = torch.randint(0, VOCAB, (len(lengths),), generator=g)
+        for _ in range(steps):
+            tokens = torch.randint(0, VOCAB, (len(lengths),), generator=generator)
             got = model.decode_batch(tokens, batched)
             expected = torch.cat([model(tokens[i].view(1, 1), c)[:, -1] for i, c in enumerate(alone)])
             assert got.shape == (len(lengths), VOCAB)
             assert (got - expected).abs().max().item() < 1e-5
-    assert [c.seq_len for c in batched] == [n + 3 for n in lengths]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
@@ -144,15 +142,7 @@ def test_decode_batch_with_spilling_kv_caches(tiny, family):
     model, g = engine.model, torch.Generator().manual_seed(1)
     lengths = [3, 11, 6]
     batched, alone = [engine.new_cache() for _ in lengths], [engine.new_cache() for _ in lengths]
-    with torch.inference_mode():
-        for n, cb, ca in zip(lengths, batched, alone):
-            prompt = torch.randint(0, VOCAB, (1, n), generator=g)
-            model(prompt, cb), model(prompt, ca)
-        for _ in range(8):
-            tokens = torch.randint(0, VOCAB, (len(lengths),), generator=g)
-            got = model.decode_batch(tokens, batched)
-            expected = torch.cat([model(tokens[i].view(1, 1), c)[:, -1] for i, c in enumerate(alone)])
-            assert (got - expected).abs().max().item() < 1e-5
+    _check_decode_batch(model, lengths, batched, alone, steps=8, generator=g)
     for c in batched + alone:
         c.close()
 

@@ -69,3 +69,16 @@ def write_word_tokenizer(out: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": None}))
+
+
+def copy_with_tokenizer(src: Path, out: Path, chat_template: str | None = None) -> Path:
+    """A copy of the tiny checkpoint at src with the word tokenizer (and a chat template, if given)."""
+    import shutil
+
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    write_word_tokenizer(out)
+    if chat_template is not None:
+        cfg = json.loads((out / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
