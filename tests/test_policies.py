@@ -1,10 +1,13 @@
 """Eviction policies on their own: the order they evict in, aging, and the cache's rules around them."""
 
+import random
+
 import pytest
 
 from moepager.cache import Residency
 from moepager.errors import MoepagerError
 from moepager.policies import LFU, LRU, NextUse, make_policy
+from moepager.trace import belady, replay
 
 ALL = [LRU, LFU, NextUse]
 
@@ -74,6 +77,54 @@ def test_nextuse_breaks_ties_by_layer_distance():
     # (0, 0) was just used and returns last; (1, 0) is needed next
     assert p.victim(lambda k: k != (0, 0)) == (2, 0)
     assert p.victim(lambda k: True) == (0, 0)
+    # the cache asks for a slot for layer 1's step before that step's access() calls: distances count from
+    # there, so layer 1's own other experts are needed last, and layer 2's next
+    assert p.victim(lambda k: True, incoming=(1, 5)) == (1, 0)
+    assert p.victim(lambda k: k != (1, 0), incoming=(1, 5)) == (0, 0)
+
+
+def test_nextuse_ages_a_key_by_the_runs_of_its_own_layer():
+    # what counts is how often layer 1 chose the expert when layer 1 ran: the next token starting (layer 0
+    # running again) must not make layer 1's experts look less likely than layer 0's, just ahead of them
+    p = NextUse()
+    for t in range(6):
+        _touch(p, [(0, 0), (1, 0), (1, 1)] if t % 2 else [(0, 0), (1, 0)])
+    before = p._wait((1, 1))
+    p.access((0, 0))
+    assert p._wait((1, 1)) == pytest.approx(before)
+    p.access((1, 0))  # layer 1 ran without it: now it aged
+    assert p._wait((1, 1)) > before
+
+
+def test_nextuse_escapes_the_lru_loop():
+    # one expert per layer, 5 layers, 3 slots: every token cycles through 5 keys. LRU always evicts the key
+    # needed next and never hits; evicting the one needed last (as Belady does) keeps hitting.
+    req = [(layer, [0]) for _ in range(40) for layer in range(5)]
+    assert replay(req, 3, LRU()) == 0.0
+    hit = replay(req, 3, NextUse())
+    assert hit > 0.4 and hit >= 0.9 * belady(req, 3)
+
+
+def test_nextuse_victim_is_the_furthest_expected_next_use():
+    # the per-layer rankings it caches give the same answer as scoring every resident key
+    rng = random.Random(0)
+    p = NextUse()
+    resident = set()
+    for step in range(3000):
+        layer = step % 6
+        for e in rng.sample(range(8), 3):
+            p.access((layer, e))
+            resident.add((layer, e))
+        if len(resident) > 20:
+            banned = set(rng.sample(sorted(resident), 4))
+            ok = lambda k: k not in banned  # noqa: E731
+            here = rng.randrange(6)  # the layer that needs the slot
+            v = p.victim(ok, incoming=(here, 99))
+            assert ok(v)
+            best = max(p._expected_next_use(k, here) for k in resident if ok(k))
+            assert p._expected_next_use(v, here) == pytest.approx(best)
+            p.remove(v)
+            resident.discard(v)
 
 
 @pytest.mark.parametrize("make", ALL)

@@ -121,18 +121,18 @@ class Residency:
         else:
             del self.in_use[key]
 
-    def victim(self, may_evict=None) -> Key | None:
+    def victim(self, may_evict=None, incoming: Key | None = None) -> Key | None:
         ok = self.evictable if may_evict is None else (lambda k: self.evictable(k) and may_evict(k))
         # a guess that was never used goes first: nothing says it will be
         stale = next((k for k in self.unranked if ok(k)), None)
-        return stale if stale is not None else self.policy.victim(ok)
+        return stale if stale is not None else self.policy.victim(ok, incoming)
 
     def claim(self, key: Key, may_evict=None) -> tuple[int, Key | None] | None:
         """A slot for key: a free one, or one taken from a victim. (slot, evicted key) or None if all busy."""
         if self.free:
             slot, evicted = self.free.pop(), None
         else:
-            evicted = self.victim(may_evict)
+            evicted = self.victim(may_evict, key)
             if evicted is None:
                 return None
             slot = self.evict(evicted)

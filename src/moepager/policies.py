@@ -5,11 +5,13 @@ pinned, and asks the policy for a victim among the keys it may evict. A new poli
 `access`, `remove` and `victim`; register it in POLICIES to make it reachable by name.
 
 Keys are (layer, expert). The cache calls `access` once per layer step for every expert that step uses
-(hit or miss), `remove` when a key leaves the cache, and `victim(evictable)` when it needs a slot.
+(hit or miss), `remove` when a key leaves the cache, and `victim(evictable, incoming)` when it needs a slot
+for `incoming`, before that step's `access` calls.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Callable, Hashable, Protocol
 
@@ -29,8 +31,9 @@ class Policy(Protocol):
         """key left the cache."""
         ...
 
-    def victim(self, evictable: Callable[[Key], bool]) -> Key | None:
-        """The resident key to evict among those `evictable` accepts; None when there is none."""
+    def victim(self, evictable: Callable[[Key], bool], incoming: Key | None = None) -> Key | None:
+        """The resident key to evict among those `evictable` accepts, to make room for `incoming` (the key
+        about to be loaded, when known); None when there is none."""
         ...
 
 
@@ -49,7 +52,7 @@ class LRU:
     def remove(self, key):
         self.order.pop(key, None)
 
-    def victim(self, evictable):
+    def victim(self, evictable, incoming=None):
         return next((k for k in self.order if evictable(k)), None)
 
 
@@ -76,7 +79,7 @@ class LFU:
     def remove(self, key):
         self.last.pop(key, None)
 
-    def victim(self, evictable):
+    def victim(self, evictable, incoming=None):
         keys = [k for k in self.last if evictable(k)]
         return min(keys, key=lambda k: (self.count.get(k, 0), self.last[k]), default=None)
 
@@ -85,11 +88,13 @@ class NextUse:
     """Layer-aware expected next use: evict the key whose next use is predicted furthest away (Belady's rule
     with an estimate of the future).
 
-    Layers run in a cycle, one step per layer per token. An expert of layer l chosen with probability p per
-    token is next needed after about dist(current layer -> l) + L * (1 / p - 1) layer steps. p blends two
-    decayed per-token frequencies: a long one (half-life `long_half_life` tokens: which experts a layer keeps
-    coming back to, what LRU forgets) and a short one (half-life `short_half_life`: consecutive tokens route
-    alike, what LFU misses).
+    Layers run in a cycle, one step per layer per token. An expert of layer l chosen with probability p at a
+    step of l is next needed after about dist(current layer -> l) + L * (1 / p - 1) layer steps. p blends two
+    frequencies decayed per step of the expert's own layer, so that every layer is judged on the same number
+    of chances whatever the phase of the cycle: a long one (half-life `long_half_life` tokens: which experts a
+    layer keeps coming back to, what LRU forgets) and a short one (half-life `short_half_life`: consecutive
+    tokens route alike, what LFU misses). Distances count from the layer of the key that needs the slot:
+    victims are chosen before the step's own `access` calls.
     """
 
     name = "nextuse"
@@ -97,55 +102,87 @@ class NextUse:
     def __init__(
         self, long_half_life: float = 128.0, short_half_life: float = 1.0, short_weight: float = 0.3
     ):
-        self.d_long = 0.5 ** (1.0 / long_half_life)  # decay per token
+        self.d_long = 0.5 ** (1.0 / long_half_life)  # decay per step of the key's layer
         self.d_short = 0.5 ** (1.0 / short_half_life)
         self.w = short_weight
-        self.counts: dict[Key, tuple[float, float, int]] = {}  # key -> (long count, short count, at token)
+        self.counts: dict[Key, tuple[float, float, int]] = {}  # key -> (long count, short count, at run)
         self.resident: dict[Key, int] = {}  # resident key -> step of its last use
+        self.by_layer: dict = {}  # layer -> {its resident keys}
+        self.ranked: dict = {}  # layer -> (ahead, [(wait, key)] most evictable first); dropped on change
         self.pos: dict = {}  # layer -> its place in the cycle of layers
-        self.token = 0  # a step of the first layer of the cycle starts a token
+        self.runs: dict = {}  # layer -> steps it has run
         self.step = 0
         self.layer = None
 
     def _enter(self, layer) -> None:
         if layer == self.layer:
-            return
+            return  # the same step (its waves)
         self.layer = layer
         self.step += 1
-        if layer not in self.pos:
-            self.pos[layer] = len(self.pos)
-        elif self.pos[layer] == 0:
-            self.token += 1
+        self.pos.setdefault(layer, len(self.pos))
+        self.runs[layer] = self.runs.get(layer, 0) + 1
+        self.ranked.pop(layer, None)  # its keys aged
 
-    def _decayed(self, key) -> tuple[float, float]:
-        long, short, at = self.counts.get(key, (0.0, 0.0, self.token))
-        age = self.token - at
+    def _decayed(self, key, ahead: int = 0) -> tuple[float, float]:
+        runs = self.runs.get(key[0], 0)
+        long, short, at = self.counts.get(key, (0.0, 0.0, runs))
+        age = runs + ahead - at
         return long * self.d_long**age, short * self.d_short**age
 
     def access(self, key):
         self._enter(key[0])
         long, short = self._decayed(key)
-        self.counts[key] = (long + 1.0, short + 1.0, self.token)
+        self.counts[key] = (long + 1.0, short + 1.0, self.runs[key[0]])
         self.resident[key] = self.step
+        self.by_layer.setdefault(key[0], {})[key] = None
+        self.ranked.pop(key[0], None)
 
     def remove(self, key):
-        self.resident.pop(key, None)
+        if key in self.resident:
+            del self.resident[key], self.by_layer[key[0]][key]
+            self.ranked.pop(key[0], None)
 
-    def _expected_next_use(self, key) -> float:
-        long, short = self._decayed(key)
-        # a count decayed per token over the same decayed count of tokens: a probability per token
-        seen = self.token + 1
+    def _wait(self, key, ahead: int = 0) -> float:
+        """Expected layer steps from its layer's next run to its next use (a tie: the older waits longer);
+        ahead = 1 counts a run of its layer that has started but not reached the policy yet."""
+        long, short = self._decayed(key, ahead)
+        # a count decayed per step over the same decayed count of steps: a probability per step of its layer
+        seen = max(self.runs.get(key[0], 0) + ahead, 1)
         p_long = long * (1 - self.d_long) / (1 - self.d_long ** min(seen, 100_000))
         p = self.w * short * (1 - self.d_short) + (1 - self.w) * p_long
         n = max(len(self.pos), 1)
-        dist = (
-            self.pos.get(key[0], 0) - self.pos.get(self.layer, 0) - 1
-        ) % n + 1  # steps until its layer runs
-        return dist + n * (1.0 / max(min(p, 1.0), 1e-6) - 1.0) - 1e-9 * self.resident[key]
+        return n * (1.0 / max(min(p, 1.0), 1e-6) - 1.0) - 1e-9 * self.resident[key]
 
-    def victim(self, evictable):
-        keys = [k for k in self.resident if evictable(k)]
-        return max(keys, key=self._expected_next_use, default=None)
+    def _dist(self, layer, here) -> int:
+        """Layer steps from a step of `here` until `layer` runs again (1 for the next layer, n for `here`)."""
+        n = max(len(self.pos), 1)
+        return (self.pos.get(layer, 0) - self.pos.get(here, 0) - 1) % n + 1
+
+    def _ahead(self, layer, here) -> int:
+        # a step of `here` that has not reached access() yet: its keys outside that step just missed a chance
+        return int(layer == here != self.layer)
+
+    def _expected_next_use(self, key, here) -> float:
+        return self._dist(key[0], here) + self._wait(key, self._ahead(key[0], here))
+
+    def _ranking(self, layer, ahead: int) -> list[tuple[float, Key]]:
+        # a layer's order only changes when it runs or one of its keys is used or leaves
+        cached = self.ranked.get(layer)
+        if cached is None or cached[0] != ahead:
+            waits = [(self._wait(k, ahead), k) for k in self.by_layer[layer]]
+            cached = self.ranked[layer] = (ahead, sorted(waits, key=lambda wk: -wk[0]))
+        return cached[1]
+
+    def victim(self, evictable, incoming=None):
+        here = self.layer if incoming is None else incoming[0]  # the layer whose step needs the slot
+        # each layer's best candidate, then the best of those: O(layers) per miss, not O(resident keys)
+        best, best_score = None, -math.inf
+        for layer in self.by_layer:
+            ranked = self._ranking(layer, self._ahead(layer, here))
+            wait, key = next(((w, k) for w, k in ranked if evictable(k)), (0.0, None))
+            if key is not None and (score := self._dist(layer, here) + wait) > best_score:
+                best, best_score = key, score
+        return best
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {"lru": LRU, "lfu": LFU, "nextuse": NextUse}

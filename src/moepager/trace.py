@@ -3,18 +3,19 @@
 Owns the trace file format, the recorder (a wrapper of any Experts implementation, so a trace can be taken
 with or without paging), and the replay that measures each eviction policy's hit rate at a budget against
 Belady's optimal (MIN) bound. The replay drives the same Residency bookkeeping as the live cache, one layer
-step at a time, and counts an expert once per layer step, as the cache reads it once per step.
+step at a time, and counts an expert once per layer step, as the cache reads it once per step. Belady's bound
+obeys the same rules (a step's experts are held together), so it is what the best possible policy would reach.
 """
 
 from __future__ import annotations
 
 import heapq
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
 
 from .cache import Residency, parse_bytes
 from .config import ModelConfig
@@ -45,6 +46,27 @@ class Trace:
     def num_keys(self) -> int:
         """Routed experts in the model (only MoE layers that appear in the trace count)."""
         return len({layer for layer, _ in self.steps}) * self.num_experts
+
+    def per_token(self) -> Trace:
+        """The same routing one token at a time, as decode would ask for it: a forward of N tokens (a prefill
+        or an evaluation window: one step per layer) becomes N passes through its layers."""
+        out = Trace(self.num_layers, self.num_experts, self.top_k, model=self.model)
+        forward: list[tuple[int, list[list[int]]]] = []
+        for layer, ids in [*self.steps, (None, [])]:  # a layer seen again (or the end) closes a forward
+            if layer is None or any(layer == seen for seen, _ in forward):
+                for t in range(min((len(ids_) for _, ids_ in forward), default=0)):
+                    out.steps.extend((seen, [ids_[t]]) for seen, ids_ in forward)
+                forward = []
+            forward.append((layer, ids))
+        return out
+
+    def top(self, k: int) -> Trace:
+        """Each token keeps only its first k experts (the router's best k, as recorded in rank order): a trace
+        of the same text for a model routed top-k."""
+        if not 1 <= k <= self.top_k:
+            raise MoepagerError(f"top({k}): choose 1 to the trace's top_k ({self.top_k})")
+        steps = [(layer, [token[:k] for token in ids]) for layer, ids in self.steps]
+        return Trace(self.num_layers, self.num_experts, k, steps, self.model)
 
 
 def load_trace(path: str | Path) -> Trace:
@@ -107,29 +129,49 @@ def replay(requests: list[tuple[int, list[int]]], capacity: int, policy: Policy)
 
 
 def belady(requests: list[tuple[int, list[int]]], capacity: int) -> float:
-    """Belady's MIN on the flattened request sequence: evict the key used furthest in the future. No online
-    policy, whatever it keeps, can hit more often (the in-use rule only constrains the others further)."""
-    seq = [(layer, e) for layer, experts in requests for e in experts]
-    nxt = [0] * len(seq)
+    """Belady's MIN under the replay's rules: no policy can hit more often. A step's experts are held
+    together, so a miss evicts the resident key of another step used furthest in the future (MIN on the
+    flattened key sequence would also evict a key of the step itself to load another, counting hits that no
+    cache holding a step together gets). A step that needs more than fits runs in waves in the replay; there
+    the bound counts every expert resident at the step's start as a hit and keeps, of all it had and read,
+    the `capacity` keys used soonest: more than any order of waves can do."""
+    nxt: list[list[float]] = [[] for _ in requests]  # per step, per expert: the step of its next use
     last: dict = {}
-    for i in range(len(seq) - 1, -1, -1):
-        nxt[i] = last.get(seq[i], len(seq) + i)  # never again: distinct far-future times
-        last[seq[i]] = i
-    resident: dict = {}  # key -> its next use
-    heap: list = []  # (-next use, key), stale entries skipped
-    hits = 0
-    for i, key in enumerate(seq):
-        if key in resident:
-            hits += 1
-        elif len(resident) >= capacity:
-            while True:
-                neg, victim = heapq.heappop(heap)
-                if resident.get(victim) == -neg:
-                    del resident[victim]
-                    break
-        resident[key] = nxt[i]
-        heapq.heappush(heap, (-nxt[i], key))
-    return hits / len(seq) if seq else 0.0
+    for i in range(len(requests) - 1, -1, -1):
+        layer, experts = requests[i]
+        nxt[i] = [last.get((layer, e), math.inf) for e in experts]
+        for e in experts:
+            last[(layer, e)] = i
+    resident: dict = {}  # key -> step of its next use
+    heap: list = []  # (-next use, key); stale entries skipped
+    hits = total = 0
+    for i, (layer, experts) in enumerate(requests):
+        keys = [(layer, e) for e in experts]
+        hits += sum(k in resident for k in keys)
+        total += len(keys)
+        if len(keys) > capacity:
+            pool = {**resident, **dict(zip(keys, nxt[i]))}
+            resident = dict(heapq.nsmallest(capacity, pool.items(), key=lambda kv: (kv[1], kv[0])))
+            heap = [(-n, k) for k, n in resident.items()]
+            heapq.heapify(heap)
+            continue
+        step = set(keys)
+        for key, n in zip(keys, nxt[i]):
+            if key not in resident and len(resident) >= capacity:
+                held = []
+                while True:  # the furthest-used resident key that this step does not use
+                    neg, victim = heapq.heappop(heap)
+                    if resident.get(victim) != -neg:
+                        continue
+                    if victim not in step:
+                        del resident[victim]
+                        break
+                    held.append((neg, victim))
+                for entry in held:
+                    heapq.heappush(heap, entry)
+            resident[key] = n
+            heapq.heappush(heap, (-n, key))
+    return hits / total if total else 0.0
 
 
 def capacity_for(budget: str | int, trace: Trace) -> int:
