@@ -13,7 +13,7 @@ from moepager.moefy.build import Plan
 
 def test_shipped_plan_fits_smollm2():
     plan = Plan.load(default_model.PLAN)
-    assert plan.order.shape == (30, 1536) and plan.router.shape == (30, 16, 576)
+    assert plan.order.shape == (30, 1536) and plan.router.shape == (30, 32, 576) and plan.shared == 768
     assert (plan.order.sort(dim=1).values == plan.order.new_tensor(range(1536))).all()
     assert 1 <= default_model.TOP_K <= plan.experts and plan.meta["source_sha256"]
 

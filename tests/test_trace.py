@@ -168,6 +168,10 @@ def test_run_trace_replay_and_stats_commands(tiny, tmp_path, capsys):
     assert main(["replay", str(trace), "--budget", "25%,50%", "--json"]) == 0
     rates = json.loads(capsys.readouterr().out)["hit_rate"]
     assert set(rates["25%"]) == {"lru", "lfu", "nextuse", "belady"}
+    # the 4-token prompt becomes 4 single-token passes: same experts asked for, one token at a time
+    assert main(["replay", str(trace), "--budget", "50%", "--per-token", "--top-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hit_rate"]["50%"]["belady"] > 0
+    assert main(["replay", str(trace), "--top-k", "99"]) == 2
     assert main(["stats", str(record)]) == 0
     table = capsys.readouterr().out
     assert "layer 0" in table and "total" in table and "hit_rate" in table

@@ -220,6 +220,10 @@ def cmd_replay(args) -> None:
     from .trace import capacity_for, compare, load_trace, plot
 
     trace = load_trace(args.trace)
+    if args.top_k:
+        trace = trace.top(args.top_k)
+    if args.per_token:
+        trace = trace.per_token()
     budgets = [b.strip() for b in args.budget.split(",") if b.strip()]
     rows = {b: compare(trace, capacity_for(b, trace)) for b in budgets}
     if args.json:
@@ -253,6 +257,9 @@ def _add_paging(sub) -> None:
     p.add_argument("trace", help="a trace file from moepager run ... --trace FILE")
     p.add_argument("--budget", default="10%,25%,50%", help="share of all experts (25%%) or a count of experts; "
                    "several separated by commas")  # fmt: skip
+    p.add_argument("--per-token", action="store_true", help="replay each multi-token forward (a prefill, an eval "
+                   "window) one token at a time, as decode would ask for it")  # fmt: skip
+    p.add_argument("--top-k", type=int, help="keep each token's first K experts: the same text routed top-K")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="write a PNG of hit rate vs budget (needs matplotlib)")
     p.set_defaults(func=cmd_replay)
@@ -295,7 +302,7 @@ def _add_moefy(sub) -> None:
     m.add_argument("--experts", type=int, default=16, help="routed experts per layer (E)")
     m.add_argument("--top-k", type=int, default=8, help="experts per token (K); K = E reproduces the dense model")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shared", type=int, help="neurons of the always-on shared expert (default: about 1/8)")
+    m.add_argument("--shared", type=int, help="neurons of the always-on shared expert (default: about half)")
     m.add_argument("--calibration", help="calibration text file (default: the Python reference topics)")
     m.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
     m.add_argument("--plan", help="reuse a learned plan (OUT/moefy/plan.safetensors of an earlier run)")

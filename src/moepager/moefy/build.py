@@ -376,8 +376,8 @@ def moefy(dense: str | Path, out: str | Path, experts: int, top_k: int, seed: in
         folder = dense_folder(dense, Path(work))
         if plan is None:
             inter = json.loads((folder / "config.json").read_text())["intermediate_size"]
-            if shared is None:  # about 1/8 of the neurons; experts of a multiple of 4 neurons (16-byte rows)
-                shared = inter - experts * ((inter - inter // 8) // experts // 4 * 4)
+            if shared is None:  # about half the neurons; experts of a multiple of 4 neurons (16-byte rows)
+                shared = inter - experts * ((inter - inter // 2) // experts // 4 * 4)
             if calibration_text is None:
                 from ..data import calibration_text as default_text
 
