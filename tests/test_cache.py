@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moepager.cache import ExpertCache, parse_bytes
+from moepager.paging.cache import ExpertCache, parse_bytes
 from moepager.config import ModelConfig
 from moepager.errors import MoepagerError
 

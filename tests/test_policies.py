@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from moepager.cache import Residency
+from moepager.paging.cache import Residency
 from moepager.errors import MoepagerError
-from moepager.policies import LFU, LRU, NextUse, make_policy
-from moepager.trace import belady, replay
+from moepager.paging.policies import LFU, LRU, NextUse, make_policy
+from moepager.paging.trace import belady, replay
 
 ALL = [LRU, LFU, NextUse]
 

@@ -9,8 +9,8 @@ import pytest
 
 from moepager.cli import main
 from moepager.errors import MoepagerError
-from moepager.policies import POLICIES
-from moepager.trace import Trace, belady, capacity_for, compare, load_trace, replay, zipf_trace
+from moepager.paging.policies import POLICIES
+from moepager.paging.trace import Trace, belady, capacity_for, compare, load_trace, replay, zipf_trace
 
 
 def _random_trace(seed, layers=3, experts=8, k=2, tokens=60, prefill=5):

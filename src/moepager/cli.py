@@ -217,7 +217,7 @@ def _save_paging_outputs(engine, args) -> None:
 
 
 def cmd_replay(args) -> None:
-    from .trace import capacity_for, compare, load_trace, plot
+    from .paging.trace import capacity_for, compare, load_trace, plot
 
     trace = load_trace(args.trace)
     if args.top_k:
@@ -238,7 +238,7 @@ def cmd_replay(args) -> None:
 
 
 def cmd_stats(args) -> None:
-    from .paged import render_stats
+    from .paging.paged import render_stats
 
     try:
         record = json.loads(open(args.record).read())

@@ -193,7 +193,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
     if expert_memory is not None or memory_limit is not None or pins or hot_set is not None:
-        from .paged import build_paged
+        from .paging.paged import build_paged
 
         expert_dtype = None if experts_dtype else dtype  # converted experts are kept as converted, as below
         experts = build_paged(net, ckpt, dev, expert_dtype, expert_memory, memory_limit, policy, prefetch, pins,
@@ -206,7 +206,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         )
     recorder = None
     if record_trace:
-        from .trace import TraceRecorder
+        from .paging.trace import TraceRecorder
 
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .cache import ExpertCache, load_hot_set, save_hot_set
-from .config import ModelConfig
-from .moe import accumulate, group_by_expert
+from ..config import ModelConfig
+from ..moe import accumulate, group_by_expert
 from .prefetch import Router, RouterPrefetcher
 
 
@@ -112,8 +112,8 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts)."""
     from .cache import format_bytes, parse_bytes
-    from .errors import MoepagerError
-    from .moe import MoE
+    from ..errors import MoepagerError
+    from ..moe import MoE
 
     config = model.config
     limit, footprint = None, None

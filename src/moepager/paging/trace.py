@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from .cache import Residency, parse_bytes
-from .config import ModelConfig
-from .errors import MoepagerError
+from ..config import ModelConfig
+from ..errors import MoepagerError
 from .policies import POLICIES, Policy
 
 TRACE_FORMAT = "moepager-trace"

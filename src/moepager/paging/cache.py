@@ -24,9 +24,9 @@ from typing import Iterable
 
 import torch
 
-from .config import ModelConfig
-from .errors import MoepagerError
-from .moe import ExpertWeights
+from ..config import ModelConfig
+from ..errors import MoepagerError
+from ..moe import ExpertWeights
 from .policies import Policy, make_policy
 
 Key = tuple[int, int]  # (layer, expert)

@@ -15,7 +15,7 @@ import math
 from collections import OrderedDict
 from typing import Callable, Hashable, Protocol
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 Key = Hashable  # (layer, expert) in the cache; any hashable in tests
 
