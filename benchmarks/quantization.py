@@ -127,7 +127,7 @@ def kernel_rows(shapes: list[tuple[int, int]], tokens: list[int], rounds: int) -
     """Time one [N, K] linear per weight form; rounds alternate between forms (the machine is shared)."""
     import torch.nn.functional as F
 
-    from moepager.quant import linear, quantize
+    from moepager.kernels.intquant import linear, quantize
 
     out = []
     for n, k in shapes:
@@ -158,7 +158,7 @@ def kernel_rows(shapes: list[tuple[int, int]], tokens: list[int], rounds: int) -
 
 def kernel_markdown(rows: list[dict], command: str) -> str:
     lines = [
-        "# One expert matrix, one linear: fp32 vs bf16 vs int8 vs int4 (moepager.quant.linear)",
+        "# One expert matrix, one linear: fp32 vs bf16 vs int8 vs int4 (moepager.kernels.intquant.linear)",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, activations fp32 in and out (the "
         "quantized forms run torch's weight-only kernels with bf16 activations inside). Medians of rounds "

@@ -87,10 +87,10 @@ def test_budget_in_slots_and_percent():
 def test_hits_misses_and_values():
     c = _cache(4, policy="lru")
     held = c.acquire(0, [1, 2])
-    assert held[2]["gate"][0, 0].item() == 2.0
+    assert c.views[held[2]]["gate"][0, 0].item() == 2.0
     c.release_held(0, held)
     held = c.acquire(1, [1, 2])
-    assert held[1]["down"][0, 0].item() == 101.0
+    assert c.views[held[1]]["down"][0, 0].item() == 101.0
     c.release_held(1, held)
     c.release_held(0, c.acquire(0, [1, 3]))  # evicts (0, 2), the least recent
     s = c.stats()
@@ -106,7 +106,7 @@ def test_waves_when_a_layer_needs_more_than_the_budget():
         held = c.acquire(0, wanted)
         assert 0 < len(held) <= 3
         for e, w in held.items():
-            assert w["up"][0, 0].item() == e  # a slot of this wave was not overwritten by the next one
+            assert c.views[w]["up"][0, 0].item() == e  # a slot of this wave was not overwritten by the next one
         seen += held
         c.release_held(0, held)
         wanted = [e for e in wanted if e not in held]
@@ -171,7 +171,7 @@ def test_dtype_conversion_goes_through_staging():
         warnings.simplefilter("error")
         c = _cache(4, dtype=torch.bfloat16)
     held = c.acquire(1, [3])
-    assert held[3]["gate"].dtype == torch.bfloat16 and held[3]["gate"][0, 0].item() == 103.0
+    assert c.views[held[3]]["gate"].dtype == torch.bfloat16 and c.views[held[3]]["gate"][0, 0].item() == 103.0
     assert not c.direct
 
 
@@ -188,7 +188,7 @@ def test_queued_guesses_are_cancelled_or_read_on_demand():
     c.source.read_expert = slow
     assert c.prefetch(1, [1, 2, 3, 4]) == 4  # one prefetch thread: three of them wait in line
     held = c.acquire(1, [4, 5])  # 4 was guessed right but is still queued: read now; 2 and 3 were wrong
-    assert held[4]["gate"][0, 0].item() == 104.0 and held[5]["up"][0, 0].item() == 105.0
+    assert c.views[held[4]]["gate"][0, 0].item() == 104.0 and c.views[held[5]]["up"][0, 0].item() == 105.0
     c.release_held(1, held)
     s = c.stats()
     assert s["prefetch_cancelled"] >= 1

@@ -7,10 +7,9 @@ import torch.nn.functional as F
 
 import moepager
 from moepager.moe import expert_forward
-from moepager.quant import (
-    QuantizingSource, _KERNEL_LAYOUTS, convert_expert, cpu_int4_layout, expert_from_tensors,
-    expert_tensors, linear, pack_int4, quantize, unpack_int4,
-)  # fmt: skip
+from moepager.config import ModelConfig
+from moepager.kernels.intquant import _KERNEL_LAYOUTS, cpu_int4_layout, linear, pack_int4, quantize, unpack_int4
+from moepager.store.encoding import QuantizingSource, convert_expert, expert_from_tensors, expert_tensors
 from moepager.store.source import open_source
 from tiny_models import VOCAB
 
@@ -120,8 +119,9 @@ def test_expert_forward_close_to_float(kind, tol):
     }
     q = convert_expert(float_w, kind)
     x = _randn(6, d, seed=15)
-    ref = expert_forward(float_w, x, "swiglu")
-    got = expert_forward(q, x, "swiglu")
+    swiglu = ModelConfig("t", 1, d, 1, 1, 1, d, 1, 1e-6)
+    ref = expert_forward(float_w, x, swiglu)
+    got = expert_forward(q, x, swiglu)
     assert ((got - ref).norm() / ref.norm()).item() < tol
 
 

@@ -18,8 +18,7 @@ from . import sessions
 from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
-from .moe import ResidentExperts
-from .quant import expert_to
+from .moe import ExpertBank, ResidentExperts, bank_spec
 from .store.source import open_source
 from .tokenizer import Tokenizer
 
@@ -149,6 +148,25 @@ def _kv_bytes(kv_memory: int | str | None) -> int | None:
     return parse_size(kv_memory)
 
 
+def resident_experts(source, device: torch.device, dtype: torch.dtype | None) -> ResidentExperts:
+    """Every routed expert read once into its layer's bank (slot = expert id), in the form its format is
+    computed from (quantized experts stay quantized)."""
+    keys = source.expert_keys()
+    banks: dict[int, ExpertBank] = {}
+    if keys:
+        spec = bank_spec(source.read_expert(*keys[0]), expert_formats(source), dtype)
+        for layer in sorted({layer for layer, _ in keys}):
+            banks[layer] = spec.allocate(source.config.num_experts, device)
+        for layer, e in keys:
+            source.read_expert(layer, e, out=banks[layer].slots[e])
+    return ResidentExperts(source.config, banks)
+
+
+def expert_formats(source) -> dict[str, str]:
+    """The source's word on block-quantized expert matrices (GGUF); others are told by their tensors."""
+    return source.expert_formats() if hasattr(source, "expert_formats") else {}
+
+
 def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
          memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
          max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
@@ -174,7 +192,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     dev = parse_device(device)
     ckpt = open_source(model)
     if experts_dtype is not None:
-        from .quant import QuantizingSource
+        from .store.encoding import QuantizingSource
 
         ckpt = QuantizingSource(ckpt, experts_dtype)
     if isinstance(dtype, str):
@@ -199,11 +217,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         experts = build_paged(net, ckpt, dev, expert_dtype, expert_memory, memory_limit, policy, prefetch, pins,
                               hot_set, max_context)  # fmt: skip
     else:
-        experts = ResidentExperts(
-            ckpt.config,
-            {key: expert_to(ckpt.read_expert(*key), dev, None if experts_dtype else dtype)
-             for key in ckpt.expert_keys()},  # experts_dtype, when given, is kept
-        )
+        experts = resident_experts(ckpt, dev, None if experts_dtype else dtype)  # experts_dtype, when given, is kept
     recorder = None
     if record_trace:
         from .paging.trace import TraceRecorder

@@ -1,26 +1,34 @@
-"""Routing and the experts contract.
+"""Routing, the experts contract, and the one experts primitive every implementation shares.
 
 The model never holds routed expert weights. Each MoE layer routes its tokens, then calls
 `experts(layer, x, ids, weights) -> y`, an object swapped in after the model is built: ResidentExperts
-here, paged or quantized experts elsewhere. Every implementation runs an expert only on the tokens routed
-to it, through `expert_forward`.
+here, paged experts (paging/paged.py) elsewhere. Both keep experts in an ExpertBank, one storage per matrix
+over slots ([S, 2I, D] gate and up fused, [S, D, I] down), and compute a whole layer with `switch_glu` over
+the slots the tokens were routed to: resident experts sit in slot = expert id; paged ones wherever the cache
+put them, decided once per layer on the host. Float, int8/int4 and GGUF-quantized banks share this math
+(kernels/banks.py holds the per-format products).
 
-Letters: N tokens (batch*time flattened), D hidden, E experts, K active per token, I expert intermediate.
+Letters: N tokens (batch*time flattened), D hidden, E experts, K active per token, I expert intermediate,
+S slots of a bank.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .kernels.banks import FloatBank, GgufBank, MatrixBank, QuantBank
+from .kernels.intquant import linear, native_int4_layout, tile_rows
 from .layers import MLP
-from .quant import linear
 
-ExpertWeights = dict[str, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]; optional *_bias
+ExpertWeights = dict[str, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]; optional *_bias, *_scales
+DENSE_SHARE = 0.5  # K/E from which a resident layer computes every expert densely (see ResidentExperts)
 
 
 class Experts(Protocol):
@@ -29,17 +37,184 @@ class Experts(Protocol):
         ...
 
 
-def expert_forward(w: ExpertWeights, x: torch.Tensor, act: str, alpha: float = 1.702, limit: float = 7.0):
-    """One expert on its tokens x [n, D] -> [n, D]."""
+def activation(gate: torch.Tensor, up: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """SwiGLU; GPT-OSS clamps, then gates with x * sigmoid(alpha x) and shifts up by one."""
+    if config.expert_act == "gptoss":
+        limit = config.swiglu_limit
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * config.swiglu_alpha))
+    return F.silu(gate) * up
+
+
+def expert_forward(w: ExpertWeights, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """One expert given as plain tensors on its tokens x [n, D] -> [n, D]: the per-expert reference (benchmark
+    peers, tests); the engine computes through banks."""
     gate = linear(x, w["gate"], w.get("gate_bias"), w.get("gate_scales"))  # [n, I]
     up = linear(x, w["up"], w.get("up_bias"), w.get("up_scales"))  # [n, I]
-    if act == "gptoss":  # GPT-OSS clamps, then gates with x * sigmoid(alpha x) and shifts up by one
-        gate = gate.clamp(max=limit)
-        up = up.clamp(-limit, limit)
-        h = (up + 1) * (gate * torch.sigmoid(gate * alpha))
-    else:
-        h = F.silu(gate) * up
-    return linear(h, w["down"], w.get("down_bias"), w.get("down_scales"))
+    return linear(activation(gate, up, config), w["down"], w.get("down_bias"), w.get("down_scales"))
+
+
+# ------------------------------------------------------------------------------------------ banks
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """How S experts shaped like one template expert lie in a bank: storage shape and dtype per part (per
+    slot), the matrix format of each part, and where each of the template's tensors sits in a slot."""
+
+    parts: dict[str, tuple[tuple[int, ...], torch.dtype]]  # "gate_up", "down", "down_scales", ... per slot
+    formats: dict[str, str]  # matrix part -> "float", "int8", "int4" or "gguf:<qtype>"
+    views: dict[str, tuple[str, tuple]]  # template name -> (part, index into the part's slot)
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.parts.values())
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """dtype of each template tensor once in a slot."""
+        return {name: self.parts[part][1] for name, (part, _) in self.views.items()}
+
+    def allocate(self, slots: int, device: torch.device | str) -> ExpertBank:
+        storage = {p: torch.empty((slots, *shape), dtype=dtype, device=device) for p, (shape, dtype) in self.parts.items()}
+        return ExpertBank(self, storage)
+
+
+def matrix_format(template: ExpertWeights, name: str, formats: dict[str, str]) -> str:
+    if name in formats:
+        return formats[name]
+    if f"{name}_scales" in template:
+        return "int8" if template[name].dtype == torch.int8 else "int4"
+    return "float"
+
+
+def bank_spec(template: ExpertWeights, formats: dict[str, str] | None = None, dtype: torch.dtype | None = None):
+    """The bank layout for experts shaped like `template` (as a ModelSource reads them). formats: the source's
+    word on block-quantized matrices (GGUF); dtype: the compute dtype of float parts (None keeps theirs).
+
+    gate and up become one [2I, ...] part (one matmul for both) when they have one format and shape, and,
+    for int4, when I is whole packing tiles (so two packed halves are the packed whole)."""
+    kinds = {m: matrix_format(template, m, formats or {}) for m in ("gate", "up", "down")}
+    parts: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    part_formats: dict[str, str] = {}
+    views: dict[str, tuple[str, tuple]] = {}
+
+    def add(part: str, names: list[str], kind: str, suffix: str = "") -> None:
+        """One part holding the template tensors `names` stacked along their output rows."""
+        ts = [template[n + suffix] for n in names]
+        float_part = kind == "float" or suffix == "_bias"
+        dt = dtype if dtype is not None and float_part and ts[0].is_floating_point() else ts[0].dtype
+        rows_dim = 1 if suffix == "_scales" and ts[0].dim() == 3 else 0  # int4 scales are [G, R, 2]
+        shape = list(ts[0].shape)
+        shape[rows_dim] = sum(t.shape[rows_dim] for t in ts)
+        parts[part + suffix] = (tuple(shape), dt)
+        start = 0
+        for n, t in zip(names, ts):
+            index = (slice(None),) * rows_dim + (slice(start, start + t.shape[rows_dim]),)
+            views[n + suffix] = (part + suffix, index)
+            start += t.shape[rows_dim]
+
+    g, u = template["gate"], template["up"]
+    fuse = kinds["gate"] == kinds["up"] and g.shape == u.shape and g.dtype == u.dtype
+    if kinds["gate"] == "int4":
+        fuse = fuse and g.shape[0] % tile_rows(native_int4_layout()) == 0
+    groups = [("gate_up", ["gate", "up"])] if fuse else [("gate", ["gate"]), ("up", ["up"])]
+    for part, names in groups + [("down", ["down"])]:
+        add(part, names, kinds[names[0]])
+        if f"{names[0]}_scales" in template:
+            add(part, names, kinds[names[0]], "_scales")
+        part_formats[part] = kinds[names[0]]
+    if "gate_bias" in template:
+        add("gate_up", ["gate", "up"], "float", "_bias")
+    if "down_bias" in template:
+        add("down", ["down"], "float", "_bias")
+    return BankSpec(parts, part_formats, views)
+
+
+class ExpertBank:
+    """S experts in one storage per part: the resident experts of a layer (slot = expert id) or an expert
+    cache's slots. `slots[s]` holds slot s's tensors under the template's names: what a source fills."""
+
+    def __init__(self, spec: BankSpec, storage: dict[str, torch.Tensor]):
+        self.spec, self.storage = spec, storage
+        self.size = next(iter(storage.values())).shape[0]
+        self.matrices: dict[str, MatrixBank] = {p: _matrix(f, storage, p) for p, f in spec.formats.items()}
+        self.gate_up = self.matrices.get("gate_up")
+        self.down = self.matrices["down"]
+        self.gate_up_bias = storage.get("gate_up_bias")  # [S, 2I]
+        self.down_bias = storage.get("down_bias")  # [S, D]
+        self.slots = [{n: storage[p][s][i] for n, (p, i) in spec.views.items()} for s in range(self.size)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.storage.values())
+
+    def gate_and_up(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], slots [N, K] -> gate, up [N, K, I] (biases added)."""
+        if self.gate_up is not None:
+            gu = self.gate_up.gather_mv(x, slots)  # [N, K, 2I]
+        else:
+            gu = torch.cat([self.matrices["gate"].gather_mv(x, slots), self.matrices["up"].gather_mv(x, slots)], -1)
+        if self.gate_up_bias is not None:
+            gu = gu + self.gate_up_bias[slots].to(gu.dtype)
+        return gu.chunk(2, dim=-1)
+
+    def expert(self, x: torch.Tensor, slot: int, config: ModelConfig) -> torch.Tensor:
+        """The expert in `slot` on its tokens x [n, D] -> [n, D] (the grouped path)."""
+        if self.gate_up is not None:
+            gu = self.gate_up.apply(x, slot)  # [n, 2I]
+        else:
+            gu = torch.cat([self.matrices["gate"].apply(x, slot), self.matrices["up"].apply(x, slot)], -1)
+        if self.gate_up_bias is not None:
+            gu = gu + self.gate_up_bias[slot].to(gu.dtype)
+        out = self.down.apply(activation(*gu.chunk(2, dim=-1), config), slot)  # [n, D]
+        return out if self.down_bias is None else out + self.down_bias[slot].to(out.dtype)
+
+
+def _matrix(fmt: str, storage: dict[str, torch.Tensor], part: str) -> MatrixBank:
+    if fmt == "float":
+        return FloatBank(storage[part])
+    if fmt in ("int8", "int4"):
+        return QuantBank(storage[part], storage[f"{part}_scales"])
+    return GgufBank(int(fmt.removeprefix("gguf:")), storage[part])
+
+
+# ------------------------------------------------------------------------------------------ the primitive
+
+
+def gathered(bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, config: ModelConfig):
+    """Decode: every (token, expert) pair read straight from the bank, a handful of ops whatever K is."""
+    gate, up = bank.gate_and_up(x, slots)  # [N, K, I] each
+    out = bank.down.gather_mv(activation(gate, up, config), slots)  # [N, K, D]
+    if bank.down_bias is not None:
+        out = out + bank.down_bias[slots].to(out.dtype)
+    return torch.bmm(weights[:, None].to(out.dtype), out)[:, 0]  # sum_k weights * out: [N, D]
+
+
+def grouped(bank, x, ids, slots, weights, config: ModelConfig) -> torch.Tensor:
+    """Prefill: one pass per routed expert over its tokens (ascending expert id, so every bank sums alike).
+    Slots < 0 are skipped: experts the caller computes in another wave."""
+    y = torch.zeros_like(x)
+    flat_w, flat_slots = weights.flatten(), slots.flatten().tolist()
+    for _, rows, pos in group_by_expert(ids):
+        s = flat_slots[int(pos[0])]
+        if s >= 0:
+            out = bank.expert(x[rows], s, config)
+            y.index_add_(0, rows, out * flat_w[pos, None].to(out.dtype))
+    return y
+
+
+def dense(bank: ExpertBank, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, config: ModelConfig):
+    """Every expert of a resident float bank on every token, unrouted ones weighted 0: two big matmuls, for
+    layers that route to most of their experts (K/E >= DENSE_SHARE), where skipping the rest saves little."""
+    n, e = x.shape[0], bank.size
+    gu = F.linear(x, bank.gate_up.all_rows()).view(n, e, -1)  # [N, E, 2I]
+    if bank.gate_up_bias is not None:
+        gu = gu + bank.gate_up_bias
+    h = activation(*gu.chunk(2, dim=-1), config)  # [N, E, I]
+    w = torch.zeros(n, e, dtype=h.dtype, device=x.device).scatter_(1, ids, weights.to(h.dtype))  # [N, E]
+    h = h * w[..., None]
+    y = torch.bmm(h.transpose(0, 1), bank.down.w.transpose(1, 2)).sum(0)  # [E, N, D] -> [N, D]
+    return y if bank.down_bias is None else y + w @ bank.down_bias
 
 
 def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -56,32 +231,36 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
     return groups
 
 
-def accumulate(y, x, flat_w, groups, get: Callable[[int], ExpertWeights], config: ModelConfig) -> None:
-    """y += each group's expert on its tokens, weighted: the expert math every Experts implementation shares.
-    groups: entries of group_by_expert; flat_w: the routing weights flattened [N*K]."""
-    for e, rows, slots in groups:
-        out = expert_forward(get(e), x[rows], config.expert_act, config.swiglu_alpha, config.swiglu_limit)
-        y.index_add_(0, rows, out * flat_w[slots, None].to(out.dtype))
-
-
-def combine(x, ids, weights, get: Callable[[int], ExpertWeights], config: ModelConfig) -> torch.Tensor:
-    """Run each routed expert on its tokens and sum the weighted outputs."""
-    y = torch.zeros_like(x)
-    accumulate(y, x, weights.flatten(), group_by_expert(ids), get, config)
-    return y
+def switch_glu(bank: ExpertBank, x, ids, slots, weights, config: ModelConfig) -> torch.Tensor:
+    """The MoE layer's routed experts: x [N, D], ids/slots/weights [N, K] -> y [N, D]. Few tokens (decode,
+    small batches) take the gathered kernels; many (prefill) the grouped pass, where each expert's matmul
+    over its tokens outweighs the loop."""
+    n, k = ids.shape
+    if n * k <= max(2 * k, config.num_experts):
+        return gathered(bank, x, slots, weights, config)
+    return grouped(bank, x, ids, slots, weights, config)
 
 
 class ResidentExperts:
-    """Every expert held in memory: the reference implementation of the contract."""
+    """Every routed expert in memory, one bank per MoE layer with slot = expert id: no host decision at all."""
 
-    def __init__(self, config: ModelConfig, experts: dict[tuple[int, int], ExpertWeights]):
-        self.config, self.experts = config, experts
+    def __init__(self, config: ModelConfig, banks: dict[int, ExpertBank]):
+        self.config, self.banks = config, banks
+        # most experts of a layer are routed every token: computing all of them densely is two matmuls
+        self.dense = config.top_k >= DENSE_SHARE * config.num_experts
 
     def __call__(self, layer, x, ids, weights):
-        return combine(x, ids, weights, lambda e: self.experts[(layer, e)], self.config)
+        bank = self.banks[layer]
+        if self.dense and _float_bank(bank, x.dtype):
+            return dense(bank, x, ids, weights, self.config)
+        return switch_glu(bank, x, ids, ids, weights, self.config)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.experts.values() for t in w.values())
+        return sum(b.nbytes for b in self.banks.values())
+
+
+def _float_bank(bank: ExpertBank, dtype: torch.dtype) -> bool:
+    return all(isinstance(m, FloatBank) and m.w.dtype == dtype for m in (bank.gate_up, bank.down))
 
 
 # ------------------------------------------------------------------------------------------ routing

@@ -120,7 +120,7 @@ class NaiveExperts:
         self.bytes_read, self.read_s = 0, 0.0
 
     def __call__(self, layer, x, ids, weights):
-        from moepager.moe import combine
+        from moepager.moe import expert_forward, group_by_expert
 
         def get(e: int):
             path = self.folder / f"{layer}_{e}.pt"
@@ -130,7 +130,11 @@ class NaiveExperts:
             self.bytes_read += path.stat().st_size
             return w
 
-        return combine(x, ids, weights, get, self.config)
+        y, flat_w = torch.zeros_like(x), weights.flatten()
+        for e, rows, pos in group_by_expert(ids):  # one torch.load'ed expert at a time
+            out = expert_forward(get(e), x[rows], self.config)
+            y.index_add_(0, rows, out * flat_w[pos, None].to(out.dtype))
+        return y
 
     def stats(self) -> dict:
         return {"bytes_read": self.bytes_read, "read_s": self.read_s, "wait_s": self.read_s}

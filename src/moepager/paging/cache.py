@@ -26,7 +26,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import MoepagerError
-from ..moe import ExpertWeights
+from ..moe import ExpertWeights, bank_spec
 from .policies import Policy, make_policy
 
 Key = tuple[int, int]  # (layer, expert)
@@ -169,10 +169,10 @@ class ExpertCache:
         template = source.read_expert(*keys[0])
         self.src_dtype = {n: t.dtype for n, t in template.items()}
         self.shapes = {n: tuple(t.shape) for n, t in template.items()}
-        # floating parts take the compute dtype; anything else (quantized codes) is kept as the source has it
-        floating = all(t.is_floating_point() for t in template.values())
-        self.dtypes = {n: dtype if dtype is not None and floating else t.dtype for n, t in template.items()}
-        self.slot_bytes = sum(torch.Size(s).numel() * self.dtypes[n].itemsize for n, s in self.shapes.items())
+        # the slots are an ExpertBank: the model computes straight from them (moe.switch_glu)
+        spec = bank_spec(template, source.expert_formats() if hasattr(source, "expert_formats") else {}, dtype)
+        self.dtypes = spec.dtypes()
+        self.slot_bytes = spec.slot_bytes
         self.total_bytes = self.slot_bytes * len(keys)
         self.num_keys = len(keys)
 
@@ -199,9 +199,8 @@ class ExpertCache:
             capacity = self.min_slots
         self.capacity = capacity
         # one tensor per part holding every slot: allocated once, never per miss
-        self.buffers = {n: torch.empty((capacity, *s), dtype=self.dtypes[n], device=self.device)
-                        for n, s in self.shapes.items()}  # fmt: skip
-        self.views = [{n: b[i] for n, b in self.buffers.items()} for i in range(capacity)]
+        self.bank = spec.allocate(capacity, self.device)
+        self.views = self.bank.slots
         # a read lands straight in the slot when the slot has the source's dtype and lives in RAM
         self.pin_staging = pin
         self._staging = threading.local()
@@ -288,8 +287,9 @@ class ExpertCache:
 
     # -------------------------------------------------------------------------------- layer steps
 
-    def acquire(self, layer: int, experts: Iterable[int], before_wait=None) -> dict[int, ExpertWeights]:
-        """Make experts of `layer` resident and hold them until `release_held`. Returns as many as fit (every
+    def acquire(self, layer: int, experts: Iterable[int], before_wait=None) -> dict[int, int]:
+        """Make experts of `layer` resident and hold them until `release_held`. Returns {expert: slot} of
+        as many as fit (every
         requested expert that is resident, then misses in order while a slot can be had): call again with the
         rest after releasing, so a layer whose experts exceed the budget runs in waves. `before_wait` runs once
         this step's slots are claimed and its reads started, if they all fit (prefetch goes there: it overlaps
@@ -323,7 +323,7 @@ class ExpertCache:
             for e in held:
                 self.res.used((layer, e))
                 self.uses[(layer, e)] = self.uses.get((layer, e), 0) + 1
-        return {e: self.views[self.res.slot[(layer, e)]] for e in held}
+        return {e: self.res.slot[(layer, e)] for e in held}
 
     def _reserve(self, layer: int, experts: list[int]):
         held, reads, waits = [], [], []

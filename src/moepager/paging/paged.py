@@ -1,7 +1,7 @@
 """PagedExperts: the experts contract over an ExpertCache, so a model runs with any expert memory budget.
 
-Owns the layer step: route groups -> acquire the layer's experts from the cache (in waves when they do not
-all fit) -> compute them with moe.accumulate -> release. It also hands the residency API
+Owns the layer step: the layer's experts -> acquire them from the cache (in waves when they do not all fit)
+-> compute them with moe.switch_glu over the cache's bank -> release. It also hands the residency API
 (load/release/pin/unpin/resident) and the stats to the engine. Caching is cache.py's, guessing prefetch.py's.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from .cache import ExpertCache, load_hot_set, save_hot_set
 from ..config import ModelConfig
-from ..moe import accumulate, group_by_expert
+from ..moe import grouped, switch_glu
 from .prefetch import Router, RouterPrefetcher
 
 
@@ -21,25 +21,32 @@ class PagedExperts:
     def __init__(self, config: ModelConfig, cache: ExpertCache, routers: dict[int, Router] | None = None,
                  prefetch: bool = True):  # fmt: skip
         self.config, self.cache = config, cache
+        self._slot_of = torch.full((config.num_experts,), -1, dtype=torch.long, device=cache.device)  # expert -> slot
         self.prefetcher = RouterPrefetcher(routers, cache) if prefetch and routers else None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, D], ids [N, K], weights [N, K] -> y [N, D]; the same sum as moe.combine, expert by expert."""
-        pending = group_by_expert(ids)  # [(expert, rows [n], slots [n])], experts ascending
+        """x [N, D], ids [N, K], weights [N, K] -> y [N, D]. One host decision per layer (which experts, which
+        slots, which misses), then moe.switch_glu over the cache's bank, as resident experts compute."""
+        pending = torch.unique(ids).tolist()  # experts ascending
         if self.prefetcher is not None:
-            self.prefetcher.observe(layer, [g[0] for g in pending])
-        y = torch.zeros_like(x)
-        flat_w = weights.flatten()
-        first = True
+            self.prefetcher.observe(layer, pending)
+        y, first = None, True
         while pending:  # one wave when the layer's experts fit; more when they do not
             guess = None
             if first and self.prefetcher is not None:
                 guess = lambda: self.prefetcher.predict(layer, x)  # noqa: E731
-            held = self.cache.acquire(layer, [g[0] for g in pending], before_wait=guess)
+            held = self.cache.acquire(layer, pending, before_wait=guess)  # {expert: slot}
+            self._slot_of.fill_(-1)
+            self._slot_of[list(held)] = torch.tensor(list(held.values()), device=self._slot_of.device)
+            slots = self._slot_of[ids]  # [N, K]; -1: not in this wave
+            if first and len(held) == len(pending):
+                y = switch_glu(self.cache.bank, x, ids, slots, weights, self.config)
+            else:  # waves: each sums its own experts into y
+                part = grouped(self.cache.bank, x, ids, slots, weights, self.config)
+                y = part if y is None else y + part
             first = False
-            accumulate(y, x, flat_w, [g for g in pending if g[0] in held], held.__getitem__, self.config)
             self.cache.release_held(layer, held)
-            pending = [g for g in pending if g[0] not in held]
+            pending = [e for e in pending if e not in held]
         return y
 
     # the residency API: engine.experts.load(layer, expert) and friends

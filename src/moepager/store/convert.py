@@ -26,7 +26,7 @@ from .format import (
 from .reader import aligned_buffer, align_up
 from .safetensors import DTYPES as ST_DTYPES
 from .safetensors import read_tensor
-from ..quant import SCALES, check_experts_dtype, convert_expert, expert_tensors
+from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 
 CANONICAL = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")  # order of tensors inside an expert
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")

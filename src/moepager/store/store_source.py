@@ -15,7 +15,7 @@ import torch
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError
 from ..moe import ExpertWeights
-from ..quant import expert_from_tensors
+from .encoding import expert_from_tensors
 from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
 from .reader import CHUNK, DirectReader, align_up, takes_bytes
 from .safetensors import read_bytes, read_header, read_tensor

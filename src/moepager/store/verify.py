@@ -43,7 +43,7 @@ def _as_stored(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _expert_as_stored(want: dict, got: dict, encoding: str) -> dict:
     """The source expert as convert stores it: quantized with the store's encoding, or cast to its dtype."""
     if encoding != "plain":
-        from ..quant import convert_expert
+        from .encoding import convert_expert
 
         return convert_expert(want, encoding)  # deterministic, so still compared bit for bit
     return {n: _as_stored(t, got[n].dtype) if n in got else t for n, t in want.items()}

@@ -1,14 +1,9 @@
-"""Weight-only quantized expert matrices and `linear`, the one matmul every routed expert goes through.
+"""Weight-only int8/int4 matrices and `linear`: the quantized math of our own int8/int4 experts.
 
-Owns the quantization rules (int8 per output channel; int4 in groups along the input), their byte layouts,
-the compute paths, the stored form of a quantized expert, and QuantizingSource, which quantizes the experts
-of any ModelSource as they are read. Quantization is lossy: nothing here runs unless an experts dtype is
-asked for by name.
-
-A quantized expert is plain tensors, so caches, stores and devices handle it like any expert: each matrix's
-codes under its own name ("gate": int8 [N, K], or uint8 [N, K/2] holding two int4 codes a byte) and its
-scales under "{name}_scales" (bf16, the kernels' own format). In memory, int4 codes are packed in the layout
-this machine's CPU kernel reads (`native_int4_layout`); in a store they are in "rows", which no machine owns.
+Owns the quantization rules (int8 per output channel; int4 in groups along the input), the int4 byte layouts
+(what stores hold, "rows", and what this machine's CPU kernel reads), and the compute paths. The store's
+encoding of a quantized expert (names, repacking on read and write, QuantizingSource) is store/encoding.py's.
+Quantization is lossy: nothing here runs unless an experts dtype is asked for by name.
 
 Compute paths, chosen per call from where the weight lives and what the kernels accept:
 - CPU: torch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16
@@ -27,11 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
-# names accepted by --experts-dtype; bf16/fp16 are plain casts, int8/int4 are codes + scales
-EXPERT_DTYPES = ("bf16", "fp16", "int8", "int4")
-FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 INT4_GROUP_SIZES = (128, 64, 32)  # the int4 kernel's group sizes, largest (fewest scales) first
 
 
@@ -95,6 +87,11 @@ def cpu_int4_layout() -> str | None:
         if theirs.shape == (112, 32) and torch.equal(theirs, pack_int4(codes, layout)):
             return layout
     return None
+
+
+def tile_rows(layout: str) -> int:
+    """Rows of one packing tile: matrices stacked along their rows pack alike only in whole tiles."""
+    return _KERNEL_LAYOUTS[layout][0] if layout in _KERNEL_LAYOUTS else 1
 
 
 @functools.cache
@@ -225,89 +222,3 @@ def quantize(w: torch.Tensor, kind: str, group_size: int | None = None) -> Quant
         layout = native_int4_layout()
         return QuantizedWeight("int4", (n, k), pack_int4(codes, layout), scales, g, layout)
     raise ValueError(f"unknown quantization {kind!r}; use int8 or int4")
-
-
-def check_experts_dtype(name: str | None) -> str | None:
-    if name is not None and name not in EXPERT_DTYPES:
-        raise MoepagerError(f"experts dtype {name!r} is not supported; use one of {', '.join(EXPERT_DTYPES)}")
-    return name
-
-
-def is_quantized(weights: dict[str, torch.Tensor]) -> bool:
-    return any(name.endswith("_scales") for name in weights)
-
-
-def convert_expert(weights: dict[str, torch.Tensor], experts_dtype: str) -> dict[str, torch.Tensor]:
-    """One expert's gate/up/down in `experts_dtype` (bf16, fp16, int8, int4); biases stay as they are."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in weights.items():
-        if name.endswith("_bias"):
-            out[name] = t
-        elif experts_dtype in FLOAT_DTYPES:
-            out[name] = t.to(FLOAT_DTYPES[experts_dtype])
-        else:
-            q = quantize(t, experts_dtype)
-            out[name], out[f"{name}_scales"] = q.data, q.scales
-    return out
-
-
-def expert_to(weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None):
-    """Move an expert to `device`. Float experts take `dtype` (None keeps theirs); quantized ones move as
-    they are: codes are not floats, and the kernels want their scales in bf16."""
-    if is_quantized(weights):
-        dtype = None
-    return {name: t.to(device, dtype) for name, t in weights.items()}
-
-
-class QuantizingSource:
-    """Any ModelSource with its routed experts converted to `experts_dtype` as they are read.
-
-    Disk bytes per read are the wrapped source's (quantizing at load time shrinks memory, not reads);
-    a store written by `moepager convert --experts-dtype` shrinks both.
-    """
-
-    def __init__(self, source, experts_dtype: str):
-        self.source, self.experts_dtype = source, check_experts_dtype(experts_dtype)
-        self.path, self.config = source.path, source.config
-
-    def dense_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.source.dense_state_dict()
-
-    def expert_keys(self) -> list[tuple[int, int]]:
-        return self.source.expert_keys()
-
-    def expert_nbytes(self, layer: int, expert: int) -> int:
-        return self.source.expert_nbytes(layer, expert)
-
-    def read_expert(self, layer: int, expert: int, out=None):
-        weights = convert_expert(self.source.read_expert(layer, expert), self.experts_dtype)
-        if out is None:
-            return weights
-        for name, t in weights.items():
-            out[name].copy_(t)
-        return out
-
-
-# ------------------------------------------------------------------------------------ stored form
-SCALES = ("gate_scales", "up_scales", "down_scales")  # tensors a quantized expert adds in a store
-
-
-def _repack(weights: dict[str, torch.Tensor], src: str, dst: str) -> dict[str, torch.Tensor]:
-    out = dict(weights)
-    for name, t in weights.items():
-        if f"{name}_scales" in weights and t.dtype == torch.uint8 and src != dst:
-            out[name] = pack_int4(unpack_int4(t, src), dst)
-    return out
-
-
-def expert_tensors(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """An expert in memory -> (the tensors a store writes, its encoding: "plain", "int8" or "int4")."""
-    if not is_quantized(weights):
-        return dict(weights), "plain"
-    encoding = "int8" if weights["gate"].dtype == torch.int8 else "int4"
-    return _repack(weights, native_int4_layout(), "rows"), encoding
-
-
-def expert_from_tensors(tensors: dict[str, torch.Tensor], encoding: str) -> dict[str, torch.Tensor]:
-    """Inverse of expert_tensors: stored int4 codes ("rows") -> this machine's native layout."""
-    return _repack(tensors, "rows", native_int4_layout()) if encoding == "int4" else tensors

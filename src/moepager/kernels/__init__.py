@@ -1,0 +1,1 @@
+"""Compute kernels for expert banks: float, int8/int4 and GGUF block formats."""
