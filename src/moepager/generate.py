@@ -6,8 +6,8 @@ Knows nothing of text: tokenization and streaming text live in tokenizer.py, HTT
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -32,7 +32,7 @@ class Timings:
     decode_s: float = 0.0
 
     def as_dict(self) -> dict:
-        rate = lambda n, s: n / s if s > 0 else 0.0  # noqa: E731
+        rate = lambda n, s: n / s if s > 0 else 0.0
         return {
             "prefill_tokens": self.prefill_tokens,
             "prefill_s": self.prefill_s,
@@ -47,16 +47,15 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """logits [B, V] -> token ids [B]."""
     if p.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / p.temperature
+    logits = logits.float() / p.temperature  # [B, V], a copy of its own: the filters below write into it
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits.masked_fill_(logits < kth, float("-inf"))
     if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= p.top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # [B, V] each
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= p.top_p  # keep the smallest set reaching top_p
+        logits.scatter_(-1, order, sorted_logits.masked_fill_(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

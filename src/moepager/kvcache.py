@@ -157,42 +157,40 @@ class BlockKVCache:
                 "resident_bytes": self.resident_bytes, "spilled_blocks_now": spilled,
                 "direct_io": self._file.direct if self._file else None, **self.counters}  # fmt: skip
 
-    def attend(self, layer, q, k_new, v_new, start, window, scale, sinks=None) -> torch.Tensor:
-        """q [B, H, T, Dk], new k/v [B, Hk, T, D] -> [B, T, H*Dv], streaming over the blocks in reach."""
+    def attend(self, layer, q, k_new, v_new, mask, window, scale, sinks=None) -> torch.Tensor:
+        """q [B, H, T, Dk], new k/v [B, Hk, T, D], mask [T, S] or None -> [B, T, H*Dv], streaming over the
+        blocks in reach of the window."""
+        start = self.length[layer]  # the queries' first position
         self.append(layer, k_new, v_new)
         self._windows[layer] = window
         b, h, t, _ = q.shape
         hk, p = k_new.shape[1], self.block_size
-        end = start + t
+        r, end = h // hk, start + t
         lo = 0 if window is None else max(0, start - window + 1)  # the oldest key any of these queries sees
-        qf = q.float().reshape(b, hk, (h // hk) * t, -1)  # [B, Hk, R*T, Dk]: query heads grouped by kv head
-        qpos = torch.arange(start, end, device=q.device)
-        m = qf.new_full((b, hk, qf.shape[2], 1), float("-inf"))  # running max per query row
-        l = qf.new_zeros((b, hk, qf.shape[2], 1))  # running softmax denominator  # noqa: E741
-        acc = qf.new_zeros((b, hk, qf.shape[2], v_new.shape[-1]))  # running numerator [B, Hk, R*T, Dv]
+        qf = q.float().reshape(b, hk, r * t, -1)  # [B, Hk, R*T, Dk]: query heads grouped by kv head
+        m = qf.new_full((b, hk, r * t, 1), float("-inf"))  # running max per query row
+        l = qf.new_zeros((b, hk, r * t, 1))  # running softmax denominator
+        acc = qf.new_zeros((b, hk, r * t, v_new.shape[-1]))  # running numerator [B, Hk, R*T, Dv]
         for i, k, v in self._stream(layer, range(lo // p, (end - 1) // p + 1), q.device):
             n = min(p, end - i * p)
             k, v = k[:, :, :n].float(), v[:, :, :n].float()  # [B, Hk, n, D]
             logits = torch.matmul(qf, k.transpose(2, 3)) * scale  # [B, Hk, R*T, n]
-            kpos = torch.arange(i * p, i * p + n, device=q.device)
-            hidden = kpos[None, :] > qpos[:, None]
-            if window is not None:
-                hidden |= kpos[None, :] <= qpos[:, None] - window
-            logits.masked_fill_(hidden.repeat(h // hk, 1), float("-inf"))
+            if mask is not None:  # the same [T, n] slice for each of the R heads of a group
+                logits.view(b, hk, r, t, n).add_(mask[:, i * p : i * p + n])
             m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows that see nothing yet stay at zero
             probs = torch.exp(logits - m_safe)
             fade = torch.exp(m - m_safe)
-            l = l * fade + probs.sum(dim=-1, keepdim=True)  # noqa: E741
+            l = l * fade + probs.sum(dim=-1, keepdim=True)
             acc = acc * fade + torch.matmul(probs, v)
             m = m_new
         if sinks is not None:  # one extra logit per head that joins the denominator only
-            s = sinks.float().view(hk, h // hk, 1, 1).expand(hk, h // hk, t, 1).reshape(1, hk, -1, 1)
+            s = sinks.float().view(hk, r, 1, 1).expand(hk, r, t, 1).reshape(1, hk, -1, 1)
             m_all = torch.maximum(m, s)
             fade = torch.exp(m - m_all)
-            l = l * fade + torch.exp(s - m_all)  # noqa: E741
+            l = l * fade + torch.exp(s - m_all)
             acc = acc * fade
-        out = (acc / l).view(b, hk, h // hk, t, -1).reshape(b, h, t, -1)  # [B, H, T, Dv]
+        out = (acc / l).view(b, hk, r, t, -1).reshape(b, h, t, -1)  # [B, H, T, Dv]
         self.enforce_budget()
         self._read_ahead((layer + 1) % len(self.blocks))
         return out.transpose(1, 2).flatten(2).to(q.dtype)

@@ -50,7 +50,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_frequencies(rope: dict, dim: int, max_positions: int, positions_seen: int = 0) -> tuple[torch.Tensor, float]:
+def rope_frequencies(
+    rope: dict, dim: int, max_positions: int, positions_seen: int = 0
+) -> tuple[torch.Tensor, float]:
     """(inv_freq [dim/2], attention scaling) for the rope types that the supported families use."""
     base = rope["rope_theta"]
     kind = rope["rope_type"]
@@ -116,29 +118,35 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, dim] (the frequencies repeated for both halves)."""
+        """positions [..., T] (a row per sequence) -> cos, sin [..., T, dim] (frequencies repeated for both
+        halves); sin carries rotate-half's sign (its first half negated), which apply_rope relies on."""
         inv_freq, scaling = self.inv_freq, self.scaling
         if self.rope["rope_type"] == "longrope":  # the factors depend on how long the sequence is
-            inv_freq, scaling = rope_frequencies(self.rope, self.dim, self.max_positions, int(positions.max()) + 1)
+            if positions.dim() > 1:  # sequences of different lengths: one at a time
+                rows = [self(row, dtype) for row in positions]
+                return torch.stack([c for c, _ in rows]), torch.stack([s for _, s in rows])
+            inv_freq, scaling = rope_frequencies(
+                self.rope, self.dim, self.max_positions, int(positions.max()) + 1
+            )
             inv_freq = inv_freq.to(positions.device)
-        freqs = positions[:, None].float() * inv_freq.float()
+        freqs = positions[..., None].float() * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+        cos, sin = (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+        half = self.dim // 2
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False
+) -> torch.Tensor:
     """x [B, H, T, Dr]; cos/sin [T, Dr]. Interleaved pairs come out de-interleaved, as in the reference."""
+    half = x.shape[-1] // 2
     if interleave:
-        half = x.shape[-1] // 2
-        cos, sin = cos[:, :half], sin[:, :half]
+        cos, sin = cos[:, :half], sin[:, half:]  # the unsigned half of sin
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return x * cos + _rotate_half(x) * sin
+    # the reference's x * cos + cat(-x2, x1) * sin, with the minus folded into sin: two ops fewer per call
+    return x * cos + x.roll(half, dims=-1) * sin
 
 
 # ------------------------------------------------------------------------------------------ KV cache
@@ -176,30 +184,47 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
-    def attend(self, layer, q, k_new, v_new, start, window, scale, sinks=None) -> torch.Tensor:
-        """Append this step's keys/values and attend over every cached position (the layers call only this)."""
+    def attend(self, layer, q, k_new, v_new, mask, window, scale, sinks=None) -> torch.Tensor:
+        """Append this step's keys/values and attend over every cached position (the layers call only this).
+
+        mask [T, S] or None comes from attention_mask; window is for caches that skip what it hides."""
         k, v = self.update(layer, k_new, v_new)
-        return attend(q, k, v, attention_mask(start, q.shape[2], window, q.device), scale, sinks)
+        return attend(q, k, v, mask, scale, sinks)
 
 
-def attention_mask(start: int, t: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """Additive mask [T, S] for queries at positions start..start+T-1 over keys 0..start+T-1."""
+def attention_mask(
+    start: int, t: int, window: int | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Additive mask [T, S] for queries at positions start..start+T-1 over keys 0..start+T-1, or None when
+    every query sees every key: one new token with no window, or within its window (the decode step)."""
+    if t == 1 and (window is None or start < window):
+        return None
     q = torch.arange(start, start + t, device=device)[:, None]
     k = torch.arange(start + t, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed &= k > q - window
-    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def attention_masks(
+    windows: list[int | None], start: int, t: int, device: torch.device, dtype: torch.dtype
+) -> dict[int | None, torch.Tensor | None]:
+    """One forward step's masks by window, built once and shared by every layer with that window."""
+    return {w: attention_mask(start, t, w, device, dtype) for w in set(windows)}
 
 
 def attend(q, k, v, mask, scale, sinks=None) -> torch.Tensor:
-    """q [B, H, T, Dk], k/v [B, Hk, S, D] -> [B, T, H*Dv]. Sinks [H] add one logit to each softmax row."""
+    """q [B, H, T, Dk], k/v [B, Hk, S, D], mask [T, S] or None -> [B, T, H*Dv].
+    Sinks [H] add one logit to each softmax row."""
     if sinks is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     else:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        logits = torch.matmul(q, k.transpose(2, 3)) * scale + mask
+        logits = torch.matmul(q, k.transpose(2, 3)) * scale  # [B, H, T, S]
+        if mask is not None:
+            logits = logits + mask
         sink = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
         logits = torch.cat([logits, sink], dim=-1)
         probs = torch.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
@@ -207,7 +232,25 @@ def attend(q, k, v, mask, scale, sinks=None) -> torch.Tensor:
     return out.transpose(1, 2).flatten(2)
 
 
-class Attention(nn.Module):
+class _Attention(nn.Module):
+    """What both attentions share: this layer's mask, and attention over the cache when there is one."""
+
+    layer: int
+    window: int | None
+    scale: float
+
+    def attend(
+        self, q, k, v, cache: KVCache | None, start: int, masks: dict | None, sinks=None
+    ) -> torch.Tensor:
+        """masks: the step's, by window (attention_masks); None builds this layer's own (no model around)."""
+        if masks is None:
+            masks = attention_masks([self.window], start, q.shape[2], q.device, q.dtype)
+        if cache is None:
+            return attend(q, k, v, masks[self.window], self.scale, sinks)
+        return cache.attend(self.layer, q, k, v, masks[self.window], self.window, self.scale, sinks)
+
+
+class Attention(_Attention):
     """Grouped-query attention with the per-family options as config fields."""
 
     def __init__(self, config: ModelConfig, layer: int):
@@ -228,7 +271,9 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(h)) if config.attention_sinks else None
         self.scale = dh**-0.5
 
-    def forward(self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int, masks: dict | None = None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*Dh], [B, T, Hk*Dh] x2
         if self.qk_norm == "full":
@@ -243,13 +288,10 @@ class Attention(nn.Module):
         v = v.view(b, t, self.hk, self.dh).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            return self.o_proj(cache.attend(self.layer, q, k, v, start, self.window, self.scale, self.sinks))
-        mask = attention_mask(start, t, self.window, x.device)
-        return self.o_proj(attend(q, k, v, mask, self.scale, self.sinks))
+        return self.o_proj(self.attend(q, k, v, cache, start, masks, self.sinks))
 
 
-class MLAttention(nn.Module):
+class MLAttention(_Attention):
     """DeepSeek's multi-head latent attention: K and V come from a low-rank latent shared by all heads."""
 
     def __init__(self, config: ModelConfig, layer: int):
@@ -276,7 +318,9 @@ class MLAttention(nn.Module):
             m = _yarn_mscale(config.rope["factor"], config.rope["mscale_all_dim"])
             self.scale *= m * m
 
-    def forward(self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int, masks: dict | None = None
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -292,10 +336,7 @@ class MLAttention(nn.Module):
         k_rot = apply_rope(k_rot.view(b, 1, t, self.rope_dim), cos, sin, self.interleave)
         q = torch.cat((q_pass, q_rot), dim=-1)
         k = torch.cat((k_pass, k_rot.expand(b, self.h, t, self.rope_dim)), dim=-1)
-        if cache is not None:
-            return self.o_proj(cache.attend(self.layer, q, k, v, start, self.window, self.scale))
-        mask = attention_mask(start, t, self.window, x.device)
-        return self.o_proj(attend(q, k, v, mask, self.scale))
+        return self.o_proj(self.attend(q, k, v, cache, start, masks))
 
 
 class MLP(nn.Module):

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP, Attention, KVCache, MLAttention, RotaryEmbedding, make_norm
-from .moe import MoE, Experts
+from .layers import MLP, Attention, KVCache, MLAttention, RotaryEmbedding, attention_masks, make_norm
+from .moe import Experts, MoE
 
 
 class Block(nn.Module):
@@ -26,8 +26,10 @@ class Block(nn.Module):
         else:
             self.ffn = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache, start)
+    def forward(
+        self, x: torch.Tensor, rope: tuple, cache: KVCache | None, start: int, masks: dict
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, start, masks)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -49,14 +51,17 @@ class Transformer(nn.Module):
             if isinstance(block.ffn, MoE):
                 block.ffn.experts = experts
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only). Continues the cache if given."""
-        start = cache.seq_len if cache is not None else 0
+        start, t = (cache.seq_len if cache is not None else 0), ids.shape[1]
         x = self.embed(ids)  # [B, T, D]
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        rope = self.rotary(positions, x.dtype)
+        rope = self.rotary(torch.arange(start, start + t, device=ids.device), x.dtype)  # cos, sin [T, Dr]
+        # the masks are built once per step, not per layer (none at all for a decoded token without a window)
+        masks = attention_masks(self.config.sliding_windows, start, t, ids.device, x.dtype)
         for block in self.layers:
-            x = block(x, rope, cache, start)
+            x = block(x, rope, cache, start, masks)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
@@ -69,9 +74,13 @@ class Transformer(nn.Module):
         """
         starts = [c.seq_len for c in caches]  # read before layer 0 appends to the caches
         x = self.embed(tokens)[:, None]  # [B, 1, D]
-        ropes = [self.rotary(torch.tensor([s], device=tokens.device), x.dtype) for s in starts]
+        cos, sin = self.rotary(torch.tensor(starts, device=tokens.device)[:, None], x.dtype)  # [B, 1, Dr]
+        ropes = list(zip(cos, sin))  # one ([1, Dr], [1, Dr]) per sequence
+        windows, device = self.config.sliding_windows, tokens.device
+        masks = [attention_masks(windows, s, 1, device, x.dtype) for s in starts]  # all None without windows
+        seqs = list(zip(caches, starts, ropes, masks))
         for block in self.layers:
             h = block.attn_norm(x)
-            x = x + torch.cat([block.attn(h[i : i + 1], ropes[i], c, starts[i]) for i, c in enumerate(caches)])
+            x = x + torch.cat([block.attn(h[i : i + 1], r, c, s, m) for i, (c, s, r, m) in enumerate(seqs)])
             x = x + block.ffn(block.ffn_norm(x))
         return self.lm_head(self.norm(x))[:, 0]

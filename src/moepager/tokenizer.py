@@ -23,7 +23,7 @@ class Tokenizer:
         self.eos_ids = [i for i in [self.tok.token_to_id(self.eos_token or "")] if i is not None]
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "Tokenizer | None":
+    def from_folder(cls, folder: Path) -> Tokenizer | None:
         return cls(folder) if (folder / "tokenizer.json").exists() else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -41,7 +41,9 @@ class Tokenizer:
         def raise_exception(message):
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         return env.from_string(self.chat_template).render(
             messages=messages,
@@ -62,15 +64,21 @@ def _token_text(tok) -> str | None:
 
 
 class StreamingDetokenizer:
-    """Feed ids one at a time; get back only the new, complete text (no split UTF-8 characters)."""
+    """Feed ids one at a time; get back only the new, complete text (no split UTF-8 characters).
+
+    Decodes a short window, not the whole sequence (text-generation-inference's decode_token): the window's
+    first `read` ids were emitted already and stay as context, because a token's text depends on its
+    neighbours (a word-level tokenizer puts spaces between words, SentencePiece drops a leading space).
+    """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+        self.tokenizer, self.ids, self.read = tokenizer, [], 0
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
+        done = self.tokenizer.decode(self.ids[: self.read])
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[len(self.emitted) :], text
-        return new
+        if len(text) <= len(done) or text.endswith("\ufffd"):
+            return ""  # nothing new (a skipped special token) or a character still incomplete
+        self.ids, self.read = self.ids[self.read :], len(self.ids) - self.read
+        return text[len(done) :]
