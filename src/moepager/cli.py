@@ -132,7 +132,7 @@ def _add_synth_bench(sub) -> None:
     s.set_defaults(func=cmd_synth)
 
     b = sub.add_parser("bench", help="tokens/s and memory vs expert budget, against peers and the disk limit")
-    b.add_argument("model", help="checkpoint folder")
+    b.add_argument("model", help="checkpoint folder or MoE .gguf file (moepager and llama.cpp run the same)")
     b.add_argument("--budgets", default="10%,25%,50%,100%", help="expert memory budgets: percents or sizes")
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds; median and range are reported")
     b.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")
@@ -148,7 +148,10 @@ def _add_synth_bench(sub) -> None:
     b.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
     b.add_argument("--engine-option", action="append", metavar="KEY=VALUE",
                    help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable)")
-    b.add_argument("--gguf", help="GGUF file of the same model, for the llamacpp peer")
+    b.add_argument("--gguf", help="GGUF file of the same model for the llamacpp peer (default: a GGUF MODEL)")
+    b.add_argument("--tokenizer", metavar="FOLDER", help="folder with tokenizer.json for the prompt text")
+    b.add_argument("--temperature", type=float, default=1.0, help="every engine samples at it (0 = greedy)")
+    b.add_argument("--seed", type=int, default=0, help="of every engine's sampler and of a random prompt")
     b.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
     b.add_argument("--threads", type=int, help="torch threads in every run (default: torch's choice)")
     b.set_defaults(func=cmd_bench)

@@ -4,6 +4,10 @@ Owns the plan of a benchmark: which engines run at which budget under which memo
 rounds, plus the one-time preparation the peers need (per-expert .pt files for the naive peer). Each run
 happens in its own child process (isolate.py) and is measured there (worker.py); the disk bandwidth is
 measured between rounds (limits.py); report.py turns the records into tables, ratios and a plot.
+MODEL is a Hugging Face checkpoint folder or a single GGUF file (then moepager and llama.cpp run the very
+same file; naive and accelerate need a folder and are skipped). Decoding is sampled, seeded, in every
+engine (temperature 0 = greedy): greedy decoding of a random-weight model soon repeats one token, and
+then every token routes to the same experts and paging is never exercised.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ class BenchOptions:
     name: str | None = None
     dtype: str | None = None
     engine_options: dict = field(default_factory=dict)  # extra moepager.load options (policy, prefetch...)
-    gguf: str | None = None  # for the llama.cpp peer
+    gguf: str | None = None  # for the llama.cpp peer; default: MODEL itself when it is a GGUF file
+    tokenizer: str | None = None  # folder with tokenizer.json for the prompt (default: MODEL's own, if any)
+    temperature: float = 1.0  # every engine samples softmax(logits / T); 0 = greedy
+    seed: int = 0  # of every engine's sampler and of a random prompt
     timeout_s: float = 1800
     threads: int | None = None  # torch threads in every run (default: torch's own choice)
     drop_caches: bool = True  # echo 3 > drop_caches before each run (root); else evict only the model files
@@ -54,12 +61,16 @@ class BenchOptions:
 
     @classmethod
     def from_cli(cls, args) -> BenchOptions:
-        peers = [] if args.peers.strip().lower() in ("", "none") else [p.strip() for p in args.peers.split(",")]
+        peers = (
+            [] if args.peers.strip().lower() in ("", "none") else [p.strip() for p in args.peers.split(",")]
+        )
         bad = [p for p in peers if p not in PEERS]
         if bad:
             raise MoepagerError(f"--peers: unknown peer {bad[0]!r}; use any of {', '.join(PEERS)} or none")
         if args.rounds < 1 or args.tokens < 2 or args.prompt_tokens < 1:
             raise MoepagerError("--rounds must be >= 1, --tokens >= 2 and --prompt-tokens >= 1")
+        if not args.temperature >= 0:
+            raise MoepagerError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
         options = {}
         for item in getattr(args, "engine_option", None) or []:
             key, _, value = item.partition("=")
@@ -68,7 +79,8 @@ class BenchOptions:
                    rounds=args.rounds, tokens=args.tokens, prompt_tokens=args.prompt_tokens, peers=peers,
                    memory_cap=args.memory_cap, overhead=args.overhead, use_cgroup=not args.no_cgroup,
                    work_dir=args.work_dir, out=args.out, name=args.name, dtype=args.dtype,
-                   engine_options=options, gguf=args.gguf, timeout_s=args.timeout, threads=args.threads,
+                   engine_options=options, gguf=args.gguf, tokenizer=args.tokenizer, temperature=args.temperature,
+                   seed=args.seed, timeout_s=args.timeout, threads=args.threads,
                    command="moepager " + shlex.join(sys.argv[1:]))  # fmt: skip
 
 
@@ -77,29 +89,54 @@ def resolve_model(model: str) -> Path:
         try:
             from ..default_model import default_model_path
         except ImportError:
-            raise MoepagerError("this moepager build has no default model; give a checkpoint folder") from None
+            raise MoepagerError(
+                "this moepager build has no default model; give a checkpoint folder"
+            ) from None
         return Path(default_model_path())
     path = Path(model)
+    if path.is_file():
+        if path.suffix != ".gguf":  # moepager.load opens a single file as GGUF only by this name
+            raise MoepagerError(f"{path}: a single model file must be a GGUF file named *.gguf")
+        return path
     if not (path / "config.json").exists():
-        raise MoepagerError(f"{path}: not a checkpoint folder (no config.json)")
+        raise MoepagerError(f"{path}: neither a checkpoint folder (no config.json) nor a .gguf file")
     return path
 
 
-def describe_model(path: Path) -> dict:
-    from ..store.checkpoint import Checkpoint
+def is_gguf(path: Path) -> bool:
+    return path.is_file()  # resolve_model lets through no other single file
 
-    ckpt = Checkpoint(path)
-    keys = ckpt.expert_keys()
-    expert_bytes = sum(ckpt.expert_nbytes(*k) for k in keys)
-    all_bytes = sum(info.nbytes for info in ckpt.tensors.values())
-    c = ckpt.config
-    files = sorted({info.file for info in ckpt.tensors.values()})
-    desc = (f"{c.family}, {c.num_layers} layers, D={c.hidden_size}, {c.num_experts} experts top-{c.top_k} "
-            f"(I={c.moe_intermediate_size}), {all_bytes / 2**30:.2f} GiB on disk of which routed experts "
-            f"{expert_bytes / 2**30:.2f} GiB ({len(keys)} x {expert_bytes / max(1, len(keys)) / 2**20:.1f} MiB)")  # fmt: skip
-    return {"path": str(path), "description": desc, "family": c.family, "vocab_size": c.vocab_size,
-            "dense_bytes": all_bytes - expert_bytes, "expert_bytes": expert_bytes, "experts": len(keys),
-            "files": [str(f) for f in files]}  # fmt: skip
+
+def describe_model(path: Path) -> dict:
+    """Sizes the caps are planned from: dense bytes (everything but routed experts) and expert bytes."""
+    if is_gguf(path):
+        import gguf
+
+        from ..store.gguf_source import GgufSource
+
+        src = GgufSource(path)
+        keys = src.expert_keys()
+        expert_bytes = sum(src.expert_nbytes(*k) for k in keys)
+        all_bytes = path.stat().st_size  # tensors + metadata (vocabulary): llama.cpp maps the whole file
+        types = sorted(
+            {gguf.GGMLQuantizationType(p[2]).name for parts in src.experts.values() for p in parts.values()}
+        )
+        kind, c, files = f"GGUF, experts {'/'.join(types)}", src.config, [path]
+    else:
+        from ..store.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(path)
+        keys = ckpt.expert_keys()
+        expert_bytes = sum(ckpt.expert_nbytes(*k) for k in keys)
+        all_bytes = sum(info.nbytes for info in ckpt.tensors.values())
+        kind, c = "safetensors", ckpt.config
+        files = sorted({Path(info.file) for info in ckpt.tensors.values()})
+    desc = (f"{c.family} ({kind}), {c.num_layers} layers, D={c.hidden_size}, {c.num_experts} experts "
+            f"top-{c.top_k} (I={c.moe_intermediate_size}), {all_bytes / 2**30:.2f} GiB on disk of which routed "
+            f"experts {expert_bytes / 2**30:.2f} GiB ({len(keys)} x {expert_bytes / max(1, len(keys)) / 2**20:.2f} MiB)")  # fmt: skip
+    return {"path": str(path), "format": "gguf" if is_gguf(path) else "safetensors", "description": desc,
+            "family": c.family, "vocab_size": c.vocab_size, "dense_bytes": all_bytes - expert_bytes,
+            "expert_bytes": expert_bytes, "experts": len(keys), "files": [str(f) for f in files]}  # fmt: skip
 
 
 PROMPT_TEXT = (
@@ -110,17 +147,26 @@ PROMPT_TEXT = (
 )
 
 
-def make_prompt(path: Path, vocab_size: int, n: int) -> tuple[list[int], str]:
-    """`n` ids of real English text where the model has a tokenizer (real routing), else seeded random ids."""
+def make_prompt(folder: Path | None, vocab_size: int, n: int, seed: int = 0) -> tuple[list[int], str]:
+    """`n` ids of real English text through the tokenizer in `folder` (real routing), else seeded random ids.
+
+    A GGUF carries its vocabulary in a form moepager does not read yet: give it a folder (--tokenizer)."""
     from ..tokenizer import Tokenizer
 
-    tok = Tokenizer.from_folder(path)
+    tok = Tokenizer.from_folder(folder) if folder is not None else None
     if tok is not None:
         ids = tok.encode(PROMPT_TEXT * (1 + n // 40))[:n]
+        if ids and max(ids) >= vocab_size:
+            raise MoepagerError(f"{folder}/tokenizer.json gives id {max(ids)}, past the model's vocabulary "
+                                f"({vocab_size}): not this model's tokenizer")  # fmt: skip
         if len(ids) == n:
-            return ids, "English text (benchmarks' PROMPT_TEXT) through the model's tokenizer"
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(3, vocab_size, (n,), generator=gen).tolist(), "random token ids (seed 0): no tokenizer"
+            return ids, f"English text (benchmarks' PROMPT_TEXT) through {folder}/tokenizer.json"
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (n,), generator=gen).tolist()
+    return (
+        ids,
+        f"random token ids (seed {seed}): {'no tokenizer' if tok is None else 'the text is too short'}",
+    )
 
 
 def budget_bytes(budget: str, expert_bytes: int) -> int:
@@ -149,7 +195,9 @@ def write_naive_files(model: Path, folder: Path, dtype: str | None) -> Path:
     keys = ckpt.expert_keys()
     print(f"bench: writing {len(keys)} per-expert .pt files for the naive peer to {folder}", file=sys.stderr)
     for layer, e in keys:
-        w = {k: (v.to(cast) if cast else v).contiguous().clone() for k, v in ckpt.read_expert(layer, e).items()}
+        w = {
+            k: (v.to(cast) if cast else v).contiguous().clone() for k, v in ckpt.read_expert(layer, e).items()
+        }
         torch.save(w, folder / f"{layer}_{e}.pt")
         fd = os.open(folder / f"{layer}_{e}.pt", os.O_RDONLY)
         os.fsync(fd)
@@ -167,8 +215,12 @@ def main(opts: BenchOptions) -> dict:
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds, so runs clean up after them
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     path = resolve_model(opts.model)
+    if opts.tokenizer and not (Path(opts.tokenizer) / "tokenizer.json").exists():
+        raise MoepagerError(f"--tokenizer {opts.tokenizer}: no tokenizer.json in that folder")
+    if opts.gguf and not Path(opts.gguf).is_file():
+        raise MoepagerError(f"--gguf {opts.gguf}: no such file")
     info = describe_model(path)
-    name = opts.name or path.name
+    name = opts.name or (path.stem if is_gguf(path) else path.name)
     out_dir = Path(opts.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(opts.work_dir) if opts.work_dir else path.parent / f".{path.name}.bench"
@@ -179,12 +231,20 @@ def main(opts: BenchOptions) -> dict:
         _log(f"no memory cgroup ({why_no_cgroup}): runs are not capped; peak memory = RSS + fincore")
     overhead = parse_size(opts.overhead)
     files = [Path(f) for f in info["files"]]
-    prompt, prompt_source = make_prompt(path, info["vocab_size"], opts.prompt_tokens)
+    folder = Path(opts.tokenizer) if opts.tokenizer else (None if is_gguf(path) else path)
+    prompt, prompt_source = make_prompt(folder, info["vocab_size"], opts.prompt_tokens, opts.seed)
 
     peers = list(opts.peers)
-    if "naive" in peers:
+    skip_forever: dict[str, str] = {}  # engine -> why it cannot run here (the same in every round)
+    if is_gguf(path):
+        for peer in ("naive", "accelerate"):
+            skip_forever[peer] = f"{peer} needs a Hugging Face checkpoint folder; MODEL is a GGUF file"
+    gguf_file = opts.gguf or (str(path) if is_gguf(path) else None)  # what the llama.cpp peer runs
+    if "naive" in peers and "naive" not in skip_forever:
         write_naive_files(path, work / "naive", opts.dtype)
     cache_files = files + sorted((work / "naive").glob("*.pt"))  # evicted before each run
+    if gguf_file and Path(gguf_file) not in files and Path(gguf_file).exists():
+        cache_files.append(Path(gguf_file))
 
     m = machine(path)
     record = {
@@ -193,7 +253,8 @@ def main(opts: BenchOptions) -> dict:
                         f"Linux {m['kernel']}, torch {m['torch']}",
         "memory_method": "cgroup v1 (memory.max_usage_in_bytes: RSS + page cache)" if use_cgroup
                          else f"RSS + fincore, no cap ({why_no_cgroup})",
-        "prompt_source": prompt_source, "bandwidth": [], "runs": [],
+        "prompt_source": prompt_source, "llamacpp_gguf": gguf_file, "bandwidth": [], "runs": [],
+        "sampling": f"temperature {opts.temperature:g}, seed {opts.seed}" if opts.temperature > 0 else "greedy",
     }  # fmt: skip
 
     def cap_for(budget_b: int) -> int | None:
@@ -204,7 +265,9 @@ def main(opts: BenchOptions) -> dict:
     def spec(engine: str, budget: str, cap: int | None) -> dict:
         s = {"engine": engine, "model": str(path), "budget": budget, "prompt": prompt, "tokens": opts.tokens,
              "dtype": opts.dtype, "engine_options": opts.engine_options, "naive_dir": str(work / "naive"),
-             "offload_dir": str(work / "offload"), "gguf": opts.gguf, "threads": opts.threads}  # fmt: skip
+             "offload_dir": str(work / "offload"), "gguf": gguf_file,
+             "threads": opts.threads or torch.get_num_threads(),  # torch's default, for llama.cpp too
+             "temperature": opts.temperature, "seed": opts.seed}  # fmt: skip
         if cap:
             s["accelerate_cpu_bytes"] = max(1 << 20, cap - overhead)
         else:
@@ -215,10 +278,13 @@ def main(opts: BenchOptions) -> dict:
         b = info["expert_bytes"] if engine == "resident" else budget_bytes(budget, info["expert_bytes"])
         cap = cap_for(b)
         t = time.perf_counter()
-        r = run_isolated(spec(engine, budget, cap), cap, use_cgroup, cache_files, work, opts.timeout_s,
-                         opts.drop_caches)
+        r = run_isolated(
+            spec(engine, budget, cap), cap, use_cgroup, cache_files, work, opts.timeout_s, opts.drop_caches
+        )
         shutil.rmtree(work / "offload", ignore_errors=True)
-        r.update(engine=engine, budget=budget, budget_bytes=b, cap_bytes=cap if use_cgroup else None, round=rnd)
+        r.update(
+            engine=engine, budget=budget, budget_bytes=b, cap_bytes=cap if use_cgroup else None, round=rnd
+        )
         r.pop("traceback", None) if r.get("status") == "ok" else None
         record["runs"].append(r)
         rate = r.get("decode_tokens_per_s")
@@ -226,7 +292,6 @@ def main(opts: BenchOptions) -> dict:
              + (f" {rate:.3f} tok/s" if rate else f" ({r.get('message', '')[:200]})")
              + f" [{time.perf_counter() - t:.0f} s]")  # fmt: skip
 
-    skip_forever: dict[str, str] = {}
     for rnd in range(opts.rounds):
         drop_page_cache(cache_files, opts.drop_caches)
         bw = disk_bandwidth(files)
@@ -255,9 +320,10 @@ def main(opts: BenchOptions) -> dict:
 
 
 def write_outputs(record: dict, stem: Path) -> None:
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str))
-    stem.with_suffix(".md").write_text(report.markdown(record))
+    out = lambda ext: stem.with_name(stem.name + ext)  # not with_suffix: a name may hold dots (x.q4_0)
+    out(".json").write_text(json.dumps(record, indent=1, default=str))
+    out(".md").write_text(report.markdown(record))
     try:
-        report.plot(record, stem.with_suffix(".png"))
+        report.plot(record, out(".png"))
     except ImportError:
         _log("matplotlib is not installed: no plot (pip install -e '.[bench]')")

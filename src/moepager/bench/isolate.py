@@ -55,7 +55,7 @@ def cached_bytes(files: list[Path]) -> int | None:
     if not exe or not files:
         return None
     out = subprocess.run([exe, "--bytes", "--noheadings", "--raw", "--output", "RES", *map(str, files)],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True, check=False)  # fmt: skip
     try:
         return sum(int(x) for x in out.stdout.split())
     except ValueError:
@@ -105,21 +105,28 @@ class MemoryCgroup:
 
 def run_isolated(spec: dict, cap_bytes: int | None, use_cgroup: bool, files: list[Path], work: Path,
                  timeout_s: float = 1800, drop_all: bool = True) -> dict:  # fmt: skip
-    """Run `python -m moepager.bench.worker` on `spec` under the cap; returns its result plus memory facts."""
+    """Run worker.py on `spec` in a child under the cap; returns its result plus memory facts."""
     work.mkdir(parents=True, exist_ok=True)
     tag = f"moepager-bench-{os.getpid()}-{time.monotonic_ns()}"
-    spec_file, result_file, log_file = work / f"{tag}.spec.json", work / f"{tag}.result.json", work / f"{tag}.log"
+    spec_file, result_file, log_file = (
+        work / f"{tag}.spec.json",
+        work / f"{tag}.result.json",
+        work / f"{tag}.log",
+    )
     spec_file.write_text(json.dumps(spec))
     dropped = drop_page_cache(files, drop_all)
     group = MemoryCgroup(tag, cap_bytes) if use_cgroup and cap_bytes else None
-    cmd = [sys.executable, "-m", "moepager.bench.worker", str(spec_file), str(result_file)]
+    # the worker as a file: `-m moepager.bench.worker` would import torch into every run (see worker.py)
+    cmd = [sys.executable, str(Path(__file__).with_name("worker.py")), str(spec_file), str(result_file)]
     t0 = time.perf_counter()
     # Spinning OpenMP barriers collapse when the cores are shared (a 2-thread matvec waits on a descheduled
     # partner): measured 300x slower decode on a busy 2-core machine. Passive waiting, for every engine alike.
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     with open(log_file, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=group.add_self if group else None)  # fmt: skip
+        # preexec_fn, not a later write of the pid: the child must be in the group before it touches anything
+        # (the harness starts its runs from one thread, so the fork-with-threads hazard does not apply)
+        add_self = group.add_self if group else None
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=add_self)  # noqa: PLW1509
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -134,7 +141,9 @@ def run_isolated(spec: dict, cap_bytes: int | None, use_cgroup: bool, files: lis
     wall = time.perf_counter() - t0
     child_maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # max over children so far
     out = json.loads(result_file.read_text()) if result_file.exists() else {}
-    out.update(wall_s=wall, returncode=rc, page_cache_dropped_by=dropped, omp_wait_policy=env["OMP_WAIT_POLICY"])
+    out.update(
+        wall_s=wall, returncode=rc, page_cache_dropped_by=dropped, omp_wait_policy=env["OMP_WAIT_POLICY"]
+    )
     if group:
         out["memory"] = {"method": "cgroup_v1", "cap_bytes": cap_bytes, **group.usage()}
         group.close()

@@ -1,5 +1,9 @@
 """Benchmark results -> summary rows (median and range per engine and budget), the limit, ratios,
 a markdown table and a PNG plot. Pure functions of the run records; nothing here measures anything.
+
+The limit is moepager's: its own resident decode (compute) and the expert bytes its cache had to fetch at
+a budget, over the best disk bandwidth seen. It says how close the pager comes to what its kernels and the
+disk allow; a peer with faster kernels (llama.cpp's) can beat it, and the table says so when one does.
 """
 
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+PEERS = ("accelerate", "naive", "llamacpp")  # columns of the ratio table, in this order
 METRICS = {  # name -> how to read it from a run record
     "decode_tokens_per_s": lambda r: r.get("decode_tokens_per_s"),
     "prefill_tokens_per_s": lambda r: r.get("prefill_tokens_per_s"),
@@ -26,6 +31,7 @@ def _needed(r: dict) -> float | None:
     """Bytes of the experts the decode needed that were not resident when first asked for (demand misses
     plus prefetched ones): what any reader had to fetch given this cache's contents. Wasted prefetches
     are left out: they are the pager's overhead, not part of the limit."""
+    # per: the mean expert size (a GGUF may mix types across layers, e.g. Q4_K_M: then an estimate)
     e, per = r.get("expert") or {}, r.get("expert_nbytes")
     if not per or "misses" not in e or not r.get("decode_tokens"):
         return None
@@ -82,11 +88,14 @@ def summarize(runs: list[dict], bandwidth: list[float], expert_nbytes: float | N
                           "bound": "compute" if compute["min"] >= io_s else "disk",
                           "efficiency": floor / measured}  # fmt: skip
         ratios[budget] = {"moepager_over_limit": floor / measured}
-        for peer in ("accelerate", "naive", "llamacpp"):
+        for peer in PEERS:
             p = rows.get((budget, peer))
             if p and p["decode_tokens_per_s"]:
                 ratios[budget][f"moepager_over_{peer}"] = (
-                    mp["decode_tokens_per_s"]["median"] / p["decode_tokens_per_s"]["median"])
+                    mp["decode_tokens_per_s"]["median"] / p["decode_tokens_per_s"]["median"]
+                )
+                if p["decode_tokens_per_s"]["median"] > 1 / floor:
+                    limits[budget].setdefault("beaten_by", []).append(peer)
     return {"rows": list(rows.values()), "bandwidth": bw, "compute_s_per_token": compute, "limits": limits,
             "ratios": ratios}  # fmt: skip
 
@@ -103,18 +112,33 @@ def _fmt(s: dict | None, scale: float = 1.0, digits: int = 2, pct: bool = False)
 def markdown(record: dict) -> str:
     s, mi = record["summary"], 1 / 2**20
     gib = 1 / 2**30
+    opts = record["options"]
+    sampling = record.get("sampling") or "greedy"  # records from before sampling was added decoded greedily
+    llamacpp = f" llama.cpp ran {record['llamacpp_gguf']}." if record.get("llamacpp_gguf") else ""
+    rounds = 1 + max((r.get("round", 0) for r in record.get("runs", [])), default=0)
+    samples = s["bandwidth"]["n"] if s["bandwidth"] else 0
+    source = f" ({record['prompt_source']})" if record.get("prompt_source") else ""
+    decoding = (
+        "greedy in every engine"
+        if sampling == "greedy"
+        else f"sampled by each engine's own sampler ({sampling})"
+    )
+    about = (
+        f"Disk ({record.get('bandwidth_method', 'O_DIRECT')}, {samples} sample{'s' if samples != 1 else ''}): "
+        f"{_fmt(s['bandwidth'], 1e-9)} GB/s. All experts resident (moepager's compute; resident "
+        f"engine and paged runs whose decode read nothing): {_fmt(s['compute_s_per_token'], 1e3, 1)} ms/token. "
+        "The limit is moepager's: the best of each (fastest resident token, fastest disk sample) and the expert "
+        f"bytes its decode needed at that budget. Median (min-max) over {rounds} alternating rounds; "
+        f"{opts['prompt_tokens']}-token prompt{source}, {opts['tokens']} tokens "
+        f"generated, {decoding}.{llamacpp}"
+    )
+    header = (
+        "| budget | cap | engine | decode tok/s | prefill tok/s | TTFT s | hit rate | disk MiB/token | I/O wait "
+        "| peak mem GiB | failcnt |"
+    )
     lines = [f"### {record['workload']}", "", f"`{record['command']}`", "",
              f"Model: {record['model']['description']}. Machine: {record['machine_line']}.", "",
-             f"Disk (O_DIRECT, {s['bandwidth']['n'] if s['bandwidth'] else 0} samples): "
-             f"{_fmt(s['bandwidth'], 1e-9)} GB/s. All experts resident (compute; resident engine and paged runs "
-             f"whose decode read nothing): "
-             f"{_fmt(s['compute_s_per_token'], 1e3, 1)} ms/token. The limit uses the best of each (fastest "
-             f"resident token, fastest disk sample) and the expert bytes the decode needed at that budget. "
-             f"Median (min-max) over {1 + max((r.get('round', 0) for r in record.get('runs', [])), default=0)} "
-             f"alternating rounds; "
-             f"{record['options']['prompt_tokens']}-token prompt, {record['options']['tokens']} tokens generated.",
-             "", "| budget | cap | engine | decode tok/s | prefill tok/s | TTFT s | hit rate | disk MiB/token "
-             "| I/O wait | peak mem GiB | failcnt |", "|" + " --- |" * 11]  # fmt: skip
+             about, "", header, "|" + " --- |" * 11]  # fmt: skip
     for row in s["rows"]:
         if not row["ok"] and all(m.startswith("skipped") for m in row["messages"]):
             continue  # listed once below the table
@@ -129,14 +153,20 @@ def markdown(record: dict) -> str:
             f"{_fmt(row['disk_bytes_per_token'], mi, 0)} | {_fmt(row['wait_fraction'], pct=True)} | "
             f"{_fmt(row['peak_memory_bytes'], gib)} | {_fmt(row['failcnt'], digits=0)} |")  # fmt: skip
     if s["limits"]:
-        lines += ["", "| budget | bound | floor ms/token | limit tok/s | moepager / limit | moepager / accelerate "
-                  "| moepager / naive |", "|" + " --- |" * 7]  # fmt: skip
+        peers = [p for p in PEERS if any(f"moepager_over_{p}" in r for r in s["ratios"].values())]
+        lines += ["", "| budget | bound | floor ms/token | limit tok/s | moepager / limit |"
+                  + "".join(f" moepager / {p} |" for p in peers), "|" + " --- |" * (5 + len(peers))]  # fmt: skip
         for budget, lim in s["limits"].items():
             r = s["ratios"][budget]
-            g = lambda k: f"{r[k]:.2f}x" if k in r else "-"  # noqa: E731
+            vs = "".join(
+                f" {r[k]:.2f}x |" if k in r else " - |" for k in (f"moepager_over_{p}" for p in peers)
+            )
             lines.append(f"| {budget} | {lim['bound']} | {lim['floor_s_per_token'] * 1e3:.0f} | "
-                         f"{lim['limit_tokens_per_s']:.2f} | {lim['efficiency']:.2f} | {g('moepager_over_accelerate')} "
-                         f"| {g('moepager_over_naive')} |")  # fmt: skip
+                         f"{lim['limit_tokens_per_s']:.2f} | {lim['efficiency']:.2f} |{vs}")  # fmt: skip
+        beaten = {b: lim["beaten_by"] for b, lim in s["limits"].items() if lim.get("beaten_by")}
+        if beaten:
+            lines += ["", "- faster than moepager's limit (its kernels compute faster than moepager's resident "
+                      "decode): " + "; ".join(f"{', '.join(p)} at {b}" for b, p in beaten.items())]  # fmt: skip
     skipped = sorted({m for row in s["rows"] if not row["ok"] for m in row["messages"]})
     if skipped:
         lines += [""] + [f"- {m}" for m in skipped]
@@ -166,10 +196,18 @@ def plot(record: dict, path: Path) -> None:
         ax.errorbar(xs, med, yerr=err, color=color, marker=marker, lw=lw, capsize=3, label=engine)
     lim = [(i, s["limits"][b]["limit_tokens_per_s"]) for i, b in enumerate(budgets) if b in s["limits"]]
     if lim:
-        ax.plot([p[0] for p in lim], [p[1] for p in lim], "k--", lw=1.4, label="limit: max(compute,\nneeded bytes / disk bandwidth)")
+        ax.plot(
+            [p[0] for p in lim],
+            [p[1] for p in lim],
+            "k--",
+            marker="_",  # visible where there is a single budget
+            ms=18,
+            lw=1.4,
+            label="moepager's limit: max(its compute,\nneeded bytes / disk bandwidth)",
+        )
     if s["compute_s_per_token"]:
         ax.axhline(1 / s["compute_s_per_token"]["median"], color="0.5", ls=":", lw=1.2,
-                   label="all experts resident\n(median run; the limit uses the fastest)")  # fmt: skip
+                   label="moepager, all experts resident\n(median run; the limit uses the fastest)")  # fmt: skip
     ax.set_xticks(list(x), budgets)
     ax.set_yscale("log")
     from matplotlib.ticker import FuncFormatter
@@ -178,7 +216,8 @@ def plot(record: dict, path: Path) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else ""))
     ax.set_xlabel("expert memory budget (share of all routed experts)")
     ax.set_ylabel("decode tokens/s (log)")
-    ax.set_title(f"{record['workload']}: decode speed at equal total memory caps", fontsize=10)
+    sampling = record.get("sampling") or "greedy"
+    ax.set_title(f"{record['workload']}: decode speed at equal total memory caps ({sampling})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a line
     fig.tight_layout()
@@ -193,7 +232,9 @@ def rerender(json_path: str | Path) -> None:
     path = Path(json_path)
     record = json.loads(path.read_text())
     m = record["model"]
-    record["summary"] = summarize(record["runs"], record["bandwidth"], m["expert_bytes"] / max(1, m["experts"]))
+    record["summary"] = summarize(
+        record["runs"], record["bandwidth"], m["expert_bytes"] / max(1, m["experts"])
+    )
     path.write_text(json.dumps(record, indent=1, default=str))
     path.with_suffix(".md").write_text(markdown(record))
     plot(record, path.with_suffix(".png"))

@@ -1,12 +1,17 @@
 """The child side of a benchmark run: load one engine, generate, write what was measured as JSON.
 
-`python -m moepager.bench.worker SPEC.json RESULT.json`. Every engine is timed by the same clock here:
-time to first token (prefill + first sample), then the decode of the remaining tokens, greedy, with no
-stop token. Disk bytes come from /proc/self/io (what the process really fetched from storage, whatever
-the engine believes); expert-cache counters come from moepager's own stats where the engine has them.
+`python .../moepager/bench/worker.py SPEC.json RESULT.json`, run as a file and not with -m, and importing
+torch only for the engines that use it: `python -m moepager.bench.worker` would import the moepager
+package, and torch with it (~245 MiB of RSS), and charge that to llama.cpp's memory cap. Every engine is timed by the same clock here:
+time to first token (prefill + first sample), then the decode of the remaining tokens, with no stop token.
+Every engine samples softmax(logits / temperature) with a seeded generator of its own (temperature 0:
+greedy): moepager, naive and accelerate through moepager's sampler, llama.cpp through its own. Their tokens
+differ (other logits, other samplers); what matters is that routing varies from token to token in each.
+Disk bytes come from /proc/self/io (what the process really fetched from storage, whatever the engine
+believes); expert-cache counters come from moepager's own stats where the engine has them.
 Engines: moepager (paged, at a budget), resident (moepager with every expert in memory: the compute
 floor), naive (torch.load of one .pt file per needed expert per token), accelerate (transformers with
-disk offload), llamacpp (llama-cpp-python, mmap).
+disk offload), llamacpp (llama-cpp-python, mmap, on a GGUF file).
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ import sys
 import time
 import traceback
 from pathlib import Path
-
-import torch
 
 
 class Unavailable(Exception):
@@ -35,7 +38,7 @@ def _disk_read_bytes() -> int:
 class Clock:
     """Marks the first token and the end; snapshots disk bytes and engine counters at both."""
 
-    def __init__(self, counters=lambda: {}):
+    def __init__(self, counters=dict):
         self.counters = counters
         self.t0 = time.perf_counter()
         self.disk0 = _disk_read_bytes()
@@ -89,7 +92,35 @@ def _generate(step_first, step_next, spec: dict, clock: Clock) -> list[int]:
     return ids
 
 
+def _sampling(spec: dict):
+    """moepager's SamplingParams for this run (no stop ids: every run generates all its tokens)."""
+    from moepager.generate import SamplingParams
+
+    return SamplingParams(temperature=spec.get("temperature", 0.0), seed=spec.get("seed", 0), stop_ids=[])
+
+
+def _torch(spec: dict):
+    """torch, with the run's thread count (the same for every engine: the parent's torch default if unset)."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    return torch
+
+
+def _logits_sampler(spec: dict):
+    """logits [V] -> a token id: softmax(logits / T) and torch.multinomial with one seeded generator."""
+    import torch
+
+    from moepager.generate import sample
+
+    params = _sampling(spec)
+    generator = torch.Generator().manual_seed(params.seed)
+    return lambda logits: int(sample(logits[None].float(), params, generator)[0])
+
+
 def run_moepager(spec: dict, resident: bool) -> dict:
+    _torch(spec)
     import moepager
 
     options = {} if resident else {"expert_memory": spec["budget"], **spec.get("engine_options", {})}
@@ -100,9 +131,12 @@ def run_moepager(spec: dict, resident: bool) -> dict:
             raise Unavailable(f"this moepager build has no expert paging ({e})") from None
         raise
     load_s = time.perf_counter() - spec["_t_start"]
-    stats = lambda: (engine.stats().get("experts") or {})  # noqa: E731
+    stats = lambda: engine.stats().get("experts") or {}
     clock = Clock(_expert_counters(stats))
-    stream = engine.stream(spec["prompt"], spec["tokens"], stop_ids=[])
+    p = _sampling(spec)
+    stream = engine.stream(
+        spec["prompt"], spec["tokens"], temperature=p.temperature, seed=p.seed, stop_ids=[]
+    )
     ids = _generate(lambda: next(stream), lambda _: next(stream), spec, clock)
     out = clock.done(len(ids), len(spec["prompt"]))
     final = stats()
@@ -120,6 +154,8 @@ class NaiveExperts:
         self.bytes_read, self.read_s = 0, 0.0
 
     def __call__(self, layer, x, ids, weights):
+        import torch
+
         from moepager.moe import expert_forward, group_by_expert
 
         def get(e: int):
@@ -141,7 +177,8 @@ class NaiveExperts:
 
 
 def run_naive(spec: dict) -> dict:
-    from moepager.generate import SamplingParams, generate_step
+    torch = _torch(spec)
+    from moepager.generate import generate_step
     from moepager.model import Transformer
     from moepager.store.source import open_source
 
@@ -159,7 +196,7 @@ def run_naive(spec: dict) -> dict:
     load_s = time.perf_counter() - spec["_t_start"]
     clock = Clock(experts.stats)
     prompt = torch.tensor(spec["prompt"])
-    stream = generate_step(net, prompt, spec["tokens"], SamplingParams(stop_ids=[]))
+    stream = generate_step(net, prompt, spec["tokens"], _sampling(spec))
     ids = _generate(lambda: next(stream), lambda _: next(stream), spec, clock)
     out = clock.done(len(ids), len(spec["prompt"]))
     out["expert"].pop("hit_rate", None)
@@ -168,11 +205,14 @@ def run_naive(spec: dict) -> dict:
 
 
 def run_accelerate(spec: dict) -> dict:
+    torch = _torch(spec)
     try:
         import accelerate  # noqa: F401
         import transformers
     except ImportError as e:
-        raise Unavailable(f"transformers/accelerate not installed ({e.name}); pip install -e '.[bench]'") from None
+        raise Unavailable(
+            f"transformers/accelerate not installed ({e.name}); pip install -e '.[bench]'"
+        ) from None
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else "auto"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         spec["model"], device_map="auto", max_memory={"cpu": spec["accelerate_cpu_bytes"]},
@@ -183,19 +223,19 @@ def run_accelerate(spec: dict) -> dict:
     for dev in getattr(model, "hf_device_map", {}).values():
         placed[str(dev)] = placed.get(str(dev), 0) + 1
     clock = Clock()
-    state = {}
+    state, pick = {}, _logits_sampler(spec)
 
     @torch.inference_mode()
     def first() -> int:
         out = model(torch.tensor([spec["prompt"]]), use_cache=True)
         state["past"] = out.past_key_values
-        return int(out.logits[0, -1].argmax())
+        return pick(out.logits[0, -1])
 
     @torch.inference_mode()
     def step(tid: int) -> int:
         out = model(torch.tensor([[tid]]), past_key_values=state["past"], use_cache=True)
         state["past"] = out.past_key_values
-        return int(out.logits[0, -1].argmax())
+        return pick(out.logits[0, -1])
 
     ids = _generate(first, step, spec, clock)
     out = clock.done(len(ids), len(spec["prompt"]))
@@ -211,22 +251,39 @@ def run_llamacpp(spec: dict) -> dict:
     gguf = spec.get("gguf")
     if not gguf or not Path(gguf).exists():
         raise Unavailable("no GGUF file of this model (give one with --gguf)")
-    llm = llama_cpp.Llama(model_path=gguf, use_mmap=True, n_ctx=len(spec["prompt"]) + spec["tokens"] + 8,
-                          n_threads=torch.get_num_threads(), verbose=False)  # fmt: skip
+    temp, seed = float(spec.get("temperature", 0.0)), int(spec.get("seed", 0))
+    threads = spec.get("threads") or None  # None: llama-cpp-python's default (half the CPUs)
+    try:
+        llm = llama_cpp.Llama(model_path=gguf, use_mmap=True, n_ctx=len(spec["prompt"]) + spec["tokens"] + 8,
+                              n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False)  # fmt: skip
+    except ValueError as e:  # llama.cpp logs why only when verbose; say where to look
+        raise RuntimeError(f"llama.cpp could not load {gguf} ({e}); load it with llama_cpp.Llama(model_path=..., "
+                           "verbose=True) to see why") from None  # fmt: skip
+    if max(spec["prompt"]) >= llm.n_vocab():
+        raise RuntimeError(f"prompt id {max(spec['prompt'])} is past {gguf}'s vocabulary ({llm.n_vocab()})")
     load_s = time.perf_counter() - spec["_t_start"]
     clock = Clock()
+    n = [0]
+
+    def pick() -> int:
+        # llama-cpp-python builds a new sampler (and its RNG, from the Llama's seed) on every call: without a
+        # new seed per token every step would draw the same uniform number. top_k/top_p/min_p off: plain
+        # softmax(logits / T), the distribution the other engines sample.
+        llm.set_seed(seed + n[0])
+        n[0] += 1
+        return int(llm.sample(temp=temp, top_k=0, top_p=1.0, min_p=0.0))
 
     def first() -> int:
         llm.eval(spec["prompt"])
-        return int(llm.sample(temp=0.0))
+        return pick()
 
     def step(tid: int) -> int:
         llm.eval([tid])
-        return int(llm.sample(temp=0.0))
+        return pick()
 
     ids = _generate(first, step, spec, clock)
     out = clock.done(len(ids), len(spec["prompt"]))
-    out.update(load_s=load_s, token_ids=ids)
+    out.update(load_s=load_s, token_ids=ids, gguf=gguf)
     return out
 
 
@@ -241,13 +298,12 @@ ENGINES = {
 
 def run(spec: dict) -> dict:
     spec["_t_start"] = time.perf_counter()
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     try:
         out = {"status": "ok", **ENGINES[spec["engine"]](spec)}
     except Unavailable as e:
         out = {"status": "skipped", "message": str(e)}
-    except Exception as e:  # reported in the results, not hidden: the run is marked as an error
+    # any failure is reported in the results, not hidden: the run is marked as an error
+    except Exception as e:  # noqa: BLE001
         out = {"status": "error", "message": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     out["maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
@@ -261,4 +317,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path[0] = str(Path(__file__).resolve().parents[2])  # the tree the parent runs, not this folder
     sys.exit(main(sys.argv[1:]))
