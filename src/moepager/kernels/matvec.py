@@ -15,6 +15,8 @@ import numba
 import numpy as np
 import torch
 
+from . import sync_threads
+
 _ROWS = 16  # rows per parallel task: enough work per task, and R of every supported shape divides into it
 
 
@@ -38,19 +40,13 @@ def _gather_mv(w, x, slots, out):  # pragma: no cover - compiled
             out[n, k, r] = acc
 
 
-def _sync_threads() -> None:
-    n = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)  # follow torch's setting, so the two never oversubscribe the cores
-
-
 def gather_matvec(w: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """w float32 [S, R, C] (CPU), x float32 [N, C] or [N, K, C], slots int64 [N, K] -> [N, K, R]:
     out[n, k] = w[slots[n, k]] @ x[n] (or x[n, k])."""
     n, k = slots.shape
     x3 = x[:, None] if x.dim() == 2 else x  # [N, 1 or K, C]
     out = torch.empty(n, k, w.shape[1], dtype=torch.float32)
-    _sync_threads()
+    sync_threads()
     _gather_mv(w.numpy(), x3.contiguous().numpy(), slots.numpy(), out.numpy())
     return out
 
