@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moepager.paging.cache import ExpertCache, parse_bytes
 from moepager.config import ModelConfig
 from moepager.errors import MoepagerError
+from moepager.paging.cache import ExpertCache, parse_bytes
+from moepager.paging.prefetch import WINDOW, RouterPrefetcher
 
-LAYERS, EXPERTS, K, D, I = 2, 8, 2, 4, 3  # noqa: E741 (the legend letters)
+LAYERS, EXPERTS, K, D, I = 2, 8, 2, 4, 3
 
 
 class FakeSource:
@@ -106,7 +107,9 @@ def test_waves_when_a_layer_needs_more_than_the_budget():
         held = c.acquire(0, wanted)
         assert 0 < len(held) <= 3
         for e, w in held.items():
-            assert c.views[w]["up"][0, 0].item() == e  # a slot of this wave was not overwritten by the next one
+            assert (
+                c.views[w]["up"][0, 0].item() == e
+            )  # a slot of this wave was not overwritten by the next one
         seen += held
         c.release_held(0, held)
         wanted = [e for e in wanted if e not in held]
@@ -186,7 +189,7 @@ def test_queued_guesses_are_cancelled_or_read_on_demand():
         return read(layer, e, out)
 
     c.source.read_expert = slow
-    assert c.prefetch(1, [1, 2, 3, 4]) == 4  # one prefetch thread: three of them wait in line
+    assert c.prefetch(1, [1, 2, 3, 4]) == 4  # one batch each, two prefetch threads: two wait in line
     held = c.acquire(1, [4, 5])  # 4 was guessed right but is still queued: read now; 2 and 3 were wrong
     assert c.views[held[4]]["gate"][0, 0].item() == 104.0 and c.views[held[5]]["up"][0, 0].item() == 105.0
     c.release_held(1, held)
@@ -196,3 +199,74 @@ def test_queued_guesses_are_cancelled_or_read_on_demand():
     for f in list(c.loading.values()):
         f.exception()
     assert not c.res.in_use  # every hold was given back
+
+
+class _RecordingCache:
+    """What RouterPrefetcher sees of a cache: its capacity and prefetch(), here only recorded."""
+
+    capacity = 64
+
+    def __init__(self):
+        self.calls = []
+
+    def prefetch(self, layer, experts):
+        self.calls.append((layer, list(experts)))
+        return len(self.calls[-1][1])
+
+
+def test_prefetch_stops_itself_where_guesses_keep_missing():
+    cache, guess, x = _RecordingCache(), {"ids": [6, 7]}, torch.zeros(1, D)
+    router = lambda x: torch.tensor([guess["ids"]])
+    pf = RouterPrefetcher({0: router, 1: router}, cache)
+
+    def token(needed):  # as PagedExperts runs a token: score the layer's guess, then guess the next layer
+        for layer in (0, 1):
+            pf.observe(layer, needed)
+            pf.predict(layer, x)
+
+    for _ in range(WINDOW):  # layer 1 needs 0 and 1, the guess is always 6 and 7
+        token([0, 1])
+    assert len(cache.calls) == WINDOW and pf.stats()["layers_off"] == [1]
+    for _ in range(3):
+        token([0, 1])
+    assert len(cache.calls) == WINDOW  # no more reads for it
+    assert pf.stats()["guesses_skipped"] == 3 and pf.stats()["precision"] == 0.0
+    guess["ids"] = [0, 1]  # the guesses turn right: still scored while off, so the layer comes back
+    for _ in range(WINDOW):
+        token([0, 1])
+    assert pf.stats()["layers_off"] == []
+    token([0, 1])
+    assert cache.calls[-1] == (1, [0, 1])
+
+
+def test_prefetch_that_hits_never_stops():
+    cache = _RecordingCache()
+    pf = RouterPrefetcher(
+        {0: lambda x: torch.tensor([[0, 1, 2]]), 1: lambda x: torch.tensor([[0, 1, 2]])}, cache
+    )
+    for _ in range(3 * WINDOW):
+        for layer in (0, 1):
+            pf.observe(layer, [0, 1])  # 2 of 3 guesses used: above the threshold
+            pf.predict(layer, torch.zeros(1, D))
+    assert len(cache.calls) == 3 * WINDOW and pf.stats()["layers_off"] == []
+
+
+def test_random_guesses_stop_being_read(tiny):
+    import moepager
+
+    path = tiny("qwen3_moe")[0]  # 16 experts, top 4: a random guess of 4 is right a quarter of the time
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = moepager.load(path, expert_memory="50%", prefetch=True)
+        plain = moepager.load(path, expert_memory="50%", prefetch=False)
+    pf = engine.experts.prefetcher
+    bad = torch.Generator().manual_seed(0)
+    pf.routers = {
+        layer: (lambda x: torch.randint(0, 16, (x.shape[0], 4), generator=bad)) for layer in pf.routers
+    }
+    prompt = [1, 2, 3, 4, 5]
+    want = plain.generate(prompt, max_new_tokens=32, stop_ids=[])
+    assert engine.generate(prompt, max_new_tokens=32, stop_ids=[]) == want  # guesses never change the output
+    s = pf.stats()
+    assert s["layers_off"] == [2] and s["guesses_skipped"] > 0
+    assert s["reads_started"] <= 4 * (WINDOW + 1)  # read only until the first verdict

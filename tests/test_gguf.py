@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import moepager
+from moepager.kernels import gguf as gguf_kernels
 from moepager.store.checkpoint import Checkpoint
 from moepager.store.gguf_source import EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
 from moepager.store.source import open_source
@@ -46,6 +47,8 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
 
 def _add(writer, name: str, w: np.ndarray, qtype) -> None:
     w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = Q.F32  # rows that are not whole blocks: llama.cpp's quantizer keeps them unquantized too
     if qtype == Q.F32:
         writer.add_tensor(name, w)
     elif qtype == Q.F16:
@@ -56,8 +59,14 @@ def _add(writer, name: str, w: np.ndarray, qtype) -> None:
         writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
 
 
-def write_gguf(folder, out, expert_type=Q.F32) -> None:
-    """The checkpoint in `folder` as llama.cpp would write it: stacked experts, its names, its metadata."""
+MATRICES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight", "token_embd.weight",
+            "output.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight")  # fmt: skip
+
+
+def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None) -> None:
+    """The checkpoint in `folder` as llama.cpp would write it: stacked experts, its names, its metadata.
+    dense_type: the type of the dense matrices (norms and routers stay F32); down_types: layer -> the type of
+    that layer's down experts, where it differs (as in a Q4_K_M file)."""
     ckpt = Checkpoint(folder)
     c, raw = ckpt.config, ckpt.raw_config
     arch = ARCH[c.family]
@@ -96,7 +105,7 @@ def write_gguf(folder, out, expert_type=Q.F32) -> None:
             a = llama_permute(a, c.num_kv_heads)
         elif gname.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # llama.cpp keeps the shared-expert gate as a [D] vector
-        _add(w, gname, a, Q.F32)
+        _add(w, gname, a, dense_type if gname.endswith(MATRICES) else Q.F32)
     for layer in range(c.num_layers):
         if not c.moe_layers[layer]:
             continue
@@ -105,7 +114,8 @@ def write_gguf(folder, out, expert_type=Q.F32) -> None:
             stacked = np.stack(
                 [x[part].float().numpy() for x in experts]
             )  # [E, rows, cols], expert outermost
-            _add(w, f"blk.{layer}.{gname}", stacked, expert_type)
+            qtype = (down_types or {}).get(layer, expert_type) if part == "down" else expert_type
+            _add(w, f"blk.{layer}.{gname}", stacked, qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -153,11 +163,18 @@ def test_expert_reads_equal_gguf_dequantization(gguf_files, qtype):
     tensors = {t.name: t for t in reader.tensors}
     for layer, e in [(0, 0), (1, 3)]:
         got = src.read_expert(layer, e)
+        floats = GgufSource(path, compact=False).read_expert(layer, e)
         for gname, part in EXPERT_PARTS.items():
             t = tensors[f"blk.{layer}.{gname}"]
             assert t.tensor_type == qtype
             full = gguf.quants.dequantize(t.data, t.tensor_type)  # [E, rows, cols], the package's reference
-            assert torch.equal(got[part].float(), torch.from_numpy(np.asarray(full[e], dtype=np.float32)))
+            expected = torch.from_numpy(np.asarray(full[e], dtype=np.float32))
+            assert torch.equal(floats[part].float(), expected)
+            if qtype == Q.F16:
+                assert torch.equal(got[part], floats[part])
+            else:  # kept as the file's blocks, which decode to the same floats
+                assert torch.equal(got[part], torch.from_numpy(np.asarray(t.data)[e].copy()))
+                assert torch.equal(gguf_kernels.dequantize(qtype, got[part]), expected)
         per_expert = sum(tensors[f"blk.{layer}.{g}"].n_bytes for g in EXPERT_PARTS) // 4
         assert src.expert_nbytes(layer, e) == per_expert  # one range per matrix: the quantized bytes only
 
@@ -203,7 +220,7 @@ def test_q4_k_experts(tmp_path):
         t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.0.ffn_down_exps.weight"
     )
     full = gguf.quants.dequantize(t.data, t.tensor_type)
-    assert torch.equal(src.read_expert(0, 2)["down"], torch.from_numpy(np.asarray(full[2], dtype=np.float32)))
+    assert torch.equal(gguf_kernels.dequantize(Q.Q4_K, src.read_expert(0, 2)["down"]), torch.from_numpy(np.asarray(full[2], dtype=np.float32)))
     engine = moepager.load(tmp_path / "m.gguf")
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -237,3 +254,26 @@ def test_not_a_gguf_is_a_clear_error(tmp_path):
         moepager.load(bad)
     with pytest.raises(moepager.MoepagerError, match="no such GGUF"):
         moepager.load(tmp_path / "missing.gguf")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_compact_gguf_computes_what_its_dequantized_model_computes(tiny, tmp_path, family):
+    """Blocks kept as they are (attention, embedding, output, shared expert, experts with a type per layer)
+    give the dequantized model's logits and tokens, resident and paged, in a fraction of its memory."""
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny(family)[0], path, Q.Q8_0, dense_type=Q.Q8_0, down_types={1: Q.Q4_0})
+    floats = moepager.load(GgufSource(path, compact=False))
+    compact = moepager.load(path)
+    paged = moepager.load(path, expert_memory="25%", prefetch=False)
+    assert compact.experts.nbytes() < floats.experts.nbytes() * (0.3 if family == "mixtral" else 0.8)
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] > 64
+                   for n, p in compact.model.named_parameters() if "router" not in n)  # fmt: skip
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
+    expected = floats.logits(ids)
+    for engine in (compact, paged):
+        assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+    prompt = ids[0, :5]
+    greedy = floats.generate(prompt, max_new_tokens=16, stop_ids=[])
+    assert compact.generate(prompt, max_new_tokens=16, stop_ids=[]) == greedy
+    assert paged.generate(prompt, max_new_tokens=16, stop_ids=[]) == greedy
+    assert paged.stats()["experts"]["misses"] > 0

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from moepager.paging.cache import Residency
 from moepager.errors import MoepagerError
+from moepager.paging.cache import Residency
 from moepager.paging.policies import LFU, LRU, NextUse, make_policy
 from moepager.paging.trace import belady, replay
 
@@ -117,7 +117,7 @@ def test_nextuse_victim_is_the_furthest_expected_next_use():
             resident.add((layer, e))
         if len(resident) > 20:
             banned = set(rng.sample(sorted(resident), 4))
-            ok = lambda k: k not in banned  # noqa: E731
+            ok = lambda k, banned=banned: k not in banned
             here = rng.randrange(6)  # the layer that needs the slot
             v = p.victim(ok, incoming=(here, 99))
             assert ok(v)
@@ -135,7 +135,7 @@ def test_residency_never_evicts_in_use_or_pinned(make):
         res.used((0, e))
     res.pinned.add((0, 0))
     res.hold((0, 1))
-    slot, evicted = res.claim((0, 9))
+    _, evicted = res.claim((0, 9))
     assert evicted == (0, 2)
     res.hold((0, 9))
     assert res.claim((0, 10)) is None  # the rest are pinned or in use
@@ -155,3 +155,89 @@ def test_policies_obey_evictable(make):
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(MoepagerError, match="unknown eviction policy 'mru'"):
         make_policy("mru")
+
+
+def _history(policy, rng, steps=400, layers=5, experts=8):
+    """A random routing history; returns the keys resident at the end (as a cache of 24 would hold)."""
+    resident: list = []
+    for step in range(steps):
+        layer = step % layers
+        for e in rng.sample(range(experts), 3):
+            key = (layer, e)
+            if key not in resident:
+                resident.append(key)
+            policy.access(key)
+        while len(resident) > 24:
+            v = policy.victim(lambda k: True, incoming=(layer, 0))
+            policy.remove(v)
+            resident.remove(v)
+    return resident
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_victims_are_the_victims_of_one_at_a_time(make):
+    # a step's victims in one pass must be exactly those that n calls of victim (each removing its choice)
+    # give, so that batching evictions changes no hit rate
+    for seed in range(5):
+        rng = random.Random(seed)
+        one, many = make(), make()
+        _history(one, random.Random(seed))
+        resident = _history(many, rng)
+        banned = set(rng.sample(resident, 4))
+        ok = lambda k, banned=banned: k not in banned
+        incoming = (rng.randrange(5), 99)
+        got = many.victims(10, ok, incoming)
+        want = []
+        for _ in range(10):
+            v = one.victim(ok, incoming)
+            one.remove(v)
+            want.append(v)
+        assert got == want
+        assert many.victims(0, ok, incoming) == []
+        assert len(many.victims(100, ok, incoming)) == len(resident) - len(banned)
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_claim_many_is_claim_per_key(make):
+    rng = random.Random(1)
+    one, many = Residency(12, make()), Residency(12, make())
+    for step in range(300):
+        layer = step % 4
+        keys = [(layer, e) for e in sorted(rng.sample(range(10), 5))]
+        for res in (one, many):
+            res.pinned = {(0, 0)} if (0, 0) in res.slot else set()
+            misses = [k for k in keys if k not in res.slot]
+            for k in keys:
+                if k in res.slot:
+                    res.hold(k)
+            if res is one:
+                got = []
+                for k in misses:
+                    claimed = res.claim(k)
+                    if claimed is None:
+                        break
+                    got.append((k, *claimed))
+            else:
+                got = res.claim_many(misses)
+            for k, _, _ in got:
+                res.hold(k)
+            held = [k for k in keys if k in res.slot]
+            for k in held:
+                res.used(k)
+                res.drop(k)
+            if res is one:
+                want = got
+            else:
+                assert got == want
+        assert one.slot == many.slot and one.free == many.free
+
+
+def test_victims_skip_unused_guesses_first():
+    res = Residency(4, LRU())
+    for e in range(3):
+        res.claim((0, e))
+        res.used((0, e))
+    res.claim((1, 5))
+    res.unranked[(1, 5)] = None  # a guess never used
+    assert res.victims(2) == [(1, 5), (0, 0)]
+    assert res.victims(2, may_evict=lambda k: k[0] == 0) == [(0, 0), (0, 1)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import VOCAB
 
 import moepager
 from moepager.cli import main
@@ -21,7 +22,6 @@ from moepager.store.reader import ALIGN, DirectReader
 from moepager.store.source import open_source
 from moepager.store.store_source import StoreSource
 from moepager.store.verify import verify
-from tiny_models import VOCAB
 
 PARITY_FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 
@@ -83,7 +83,7 @@ def test_read_expert_fills_out_in_place_from_threads(tiny, stores):
         keys = source.expert_keys()
         want = {k: source.read_expert(*k) for k in keys}
 
-        def fill(key):
+        def fill(key, source=source, want=want):
             out = {n: torch.empty_like(t) for n, t in want[key].items()}
             ptrs = {n: t.data_ptr() for n, t in out.items()}
             got = source.read_expert(*key, out=out)

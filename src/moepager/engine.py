@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from .compact import swap_compact
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
 from . import sessions
@@ -99,7 +100,7 @@ class Engine:
 
     def load_session(self, path: str | Path) -> tuple[BlockKVCache, list[int]]:
         """(cache, token ids) from a session file; a file from another model or format is refused."""
-        return sessions.load(path, self.identity(), self.model.embed.weight.dtype, self._blocked_cache)
+        return sessions.load(path, self.identity(), self.model.norm.weight.dtype, self._blocked_cache)
 
     def stream_session(self, path: str | Path, input_ids, max_new_tokens: int = 64, **sampling) -> Iterator[int]:
         """Like stream, continuing the session at `path` if it exists, and saving it when generation ends.
@@ -156,13 +157,13 @@ def resident_experts(source, device: torch.device, dtype: torch.dtype | None) ->
     if keys:
         spec = bank_spec(source.read_expert(*keys[0]), expert_formats(source), dtype)
         for layer in sorted({layer for layer, _ in keys}):
-            banks[layer] = spec.allocate(source.config.num_experts, device)
+            banks[layer] = spec.allocate(source.config.num_experts, device, layer)
         for layer, e in keys:
             source.read_expert(layer, e, out=banks[layer].slots[e])
     return ResidentExperts(source.config, banks)
 
 
-def expert_formats(source) -> dict[str, str]:
+def expert_formats(source) -> dict:
     """The source's word on block-quantized expert matrices (GGUF); others are told by their tensors."""
     return source.expert_formats() if hasattr(source, "expert_formats") else {}
 
@@ -172,7 +173,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
          max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
          kv_block_size: int = 256, kv_spill_dir: str | None = None, prefill_chunk: int = 512,
          **runtime_options) -> Engine:  # fmt: skip
-    """Load a checkpoint folder or cached hub id. dtype defaults to the checkpoint's own.
+    """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource). dtype defaults
+    to the checkpoint's own.
 
     Paging (any of these turns it on; without them every expert is loaded into memory):
     expert_memory: bytes for routed experts ("512MiB", "2GB", an int) or a share of them ("25%").
@@ -190,7 +192,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
     dev = parse_device(device)
-    ckpt = open_source(model)
+    # GGUF blocks are computed by CPU kernels; on CUDA they are dequantized to the compute dtype as read
+    ckpt = model if hasattr(model, "expert_keys") else open_source(model, compact=dev.type == "cpu")
     if experts_dtype is not None:
         from .store.encoding import QuantizingSource
 
@@ -200,9 +203,11 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
             raise MoepagerError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
         dtype = _DTYPES[dtype]
     state = ckpt.dense_state_dict()
-    dtype = dtype or state["embed.weight"].dtype
+    compact = ckpt.compact_dense() if hasattr(ckpt, "compact_dense") else {}  # GGUF blocks kept as they are
+    dtype = dtype or (state["embed.weight"].dtype if "embed.weight" in state else torch.float32)
     with torch.device("meta"):
         net = Transformer(ckpt.config)
+        state.update(swap_compact(net, compact, dtype))
     missing = set(net.state_dict()) - set(state)
     if missing:
         raise MoepagerError(f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}")

@@ -63,8 +63,10 @@ class BankSpec:
     slot), the matrix format of each part, and where each of the template's tensors sits in a slot."""
 
     parts: dict[str, tuple[tuple[int, ...], torch.dtype]]  # "gate_up", "down", "down_scales", ... per slot
-    formats: dict[str, str]  # matrix part -> "float", "int8", "int4" or "gguf:<qtype>"
+    formats: dict[str, str]  # matrix part -> "float", "int8", "int4" or "gguf"
     views: dict[str, tuple[str, tuple]]  # template name -> (part, index into the part's slot)
+    # "gguf" parts: raw blocks in a flat slot sized for the largest layer; layer -> (qtype, rows, row bytes)
+    blocks: dict[str, dict[int, tuple[int, int, int]]]
 
     @property
     def slot_bytes(self) -> int:
@@ -74,26 +76,30 @@ class BankSpec:
         """dtype of each template tensor once in a slot."""
         return {name: self.parts[part][1] for name, (part, _) in self.views.items()}
 
-    def allocate(self, slots: int, device: torch.device | str) -> ExpertBank:
-        storage = {p: torch.empty((slots, *shape), dtype=dtype, device=device) for p, (shape, dtype) in self.parts.items()}
-        return ExpertBank(self, storage)
+    def storage(self, slots: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        return {p: torch.empty((slots, *shape), dtype=dt, device=device) for p, (shape, dt) in self.parts.items()}
+
+    def allocate(self, slots: int, device: torch.device | str, layer: int | None = None) -> ExpertBank:
+        return ExpertBank(self, self.storage(slots, device), layer)
 
 
-def matrix_format(template: ExpertWeights, name: str, formats: dict[str, str]) -> str:
+def matrix_format(template: ExpertWeights, name: str, formats: dict) -> str:
     if name in formats:
-        return formats[name]
+        return "gguf"
     if f"{name}_scales" in template:
         return "int8" if template[name].dtype == torch.int8 else "int4"
     return "float"
 
 
-def bank_spec(template: ExpertWeights, formats: dict[str, str] | None = None, dtype: torch.dtype | None = None):
-    """The bank layout for experts shaped like `template` (as a ModelSource reads them). formats: the source's
-    word on block-quantized matrices (GGUF); dtype: the compute dtype of float parts (None keeps theirs).
+def bank_spec(template: ExpertWeights, formats: dict | None = None, dtype: torch.dtype | None = None) -> BankSpec:
+    """The bank layout for experts shaped like `template` (as a ModelSource reads them). formats: the
+    source's block-quantized matrices (GgufSource.expert_formats); dtype: the compute dtype of float parts
+    (None keeps theirs).
 
     gate and up become one [2I, ...] part (one matmul for both) when they have one format and shape, and,
     for int4, when I is whole packing tiles (so two packed halves are the packed whole)."""
-    kinds = {m: matrix_format(template, m, formats or {}) for m in ("gate", "up", "down")}
+    formats = formats or {}
+    kinds = {m: matrix_format(template, m, formats) for m in ("gate", "up", "down")}
     parts: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     part_formats: dict[str, str] = {}
     views: dict[str, tuple[str, tuple]] = {}
@@ -114,35 +120,57 @@ def bank_spec(template: ExpertWeights, formats: dict[str, str] | None = None, dt
             start += t.shape[rows_dim]
 
     g, u = template["gate"], template["up"]
-    fuse = kinds["gate"] == kinds["up"] and g.shape == u.shape and g.dtype == u.dtype
+    fuse = kinds["gate"] == kinds["up"] != "gguf" and g.shape == u.shape and g.dtype == u.dtype
     if kinds["gate"] == "int4":
         fuse = fuse and g.shape[0] % tile_rows(native_int4_layout()) == 0
     groups = [("gate_up", ["gate", "up"])] if fuse else [("gate", ["gate"]), ("up", ["up"])]
     for part, names in groups + [("down", ["down"])]:
+        part_formats[part] = kinds[names[0]]
+        if kinds[names[0]] == "gguf":  # a flat byte slot the largest layer's blocks fit in
+            parts[part] = ((max(rows * rb for _, rows, rb in formats[part].values()),), torch.uint8)
+            views[part] = (part, ())
+            continue
         add(part, names, kinds[names[0]])
         if f"{names[0]}_scales" in template:
             add(part, names, kinds[names[0]], "_scales")
-        part_formats[part] = kinds[names[0]]
     if "gate_bias" in template:
         add("gate_up", ["gate", "up"], "float", "_bias")
     if "down_bias" in template:
         add("down", ["down"], "float", "_bias")
-    return BankSpec(parts, part_formats, views)
+    blocks = {p: dict(formats[p]) for p, f in part_formats.items() if f == "gguf"}
+    return BankSpec(parts, part_formats, views, blocks)
 
 
 class ExpertBank:
     """S experts in one storage per part: the resident experts of a layer (slot = expert id) or an expert
-    cache's slots. `slots[s]` holds slot s's tensors under the template's names: what a source fills."""
+    cache's slots. `slots[s]` holds slot s's tensors under the template's names: what a source fills.
+    Block-quantized parts are read as `layer`'s type (a cache keeps one ExpertBank per layer over one storage)."""
 
-    def __init__(self, spec: BankSpec, storage: dict[str, torch.Tensor]):
+    def __init__(self, spec: BankSpec, storage: dict[str, torch.Tensor], layer: int | None = None):
         self.spec, self.storage = spec, storage
         self.size = next(iter(storage.values())).shape[0]
-        self.matrices: dict[str, MatrixBank] = {p: _matrix(f, storage, p) for p, f in spec.formats.items()}
+        self.matrices: dict[str, MatrixBank] = {p: self._matrix(p, f, layer) for p, f in spec.formats.items()}
         self.gate_up = self.matrices.get("gate_up")
         self.down = self.matrices["down"]
         self.gate_up_bias = storage.get("gate_up_bias")  # [S, 2I]
         self.down_bias = storage.get("down_bias")  # [S, D]
-        self.slots = [{n: storage[p][s][i] for n, (p, i) in spec.views.items()} for s in range(self.size)]
+        self._slots: list[ExpertWeights] | None = None
+
+    def _matrix(self, part: str, fmt: str, layer: int | None) -> MatrixBank:
+        w = self.storage[part]
+        if fmt == "float":
+            return FloatBank(w)
+        if fmt in ("int8", "int4"):
+            return QuantBank(w, self.storage[f"{part}_scales"])
+        layouts = self.spec.blocks[part]
+        qtype, rows, rb = layouts[layer if layer is not None else next(iter(layouts))]
+        return GgufBank(qtype, w.as_strided((self.size, rows, rb), (w.stride(0), rb, 1)))  # [S, R, row bytes]
+
+    @property
+    def slots(self) -> list[ExpertWeights]:
+        if self._slots is None:
+            self._slots = [{n: self.storage[p][s][i] for n, (p, i) in self.spec.views.items()} for s in range(self.size)]
+        return self._slots
 
     @property
     def nbytes(self) -> int:
@@ -168,14 +196,6 @@ class ExpertBank:
             gu = gu + self.gate_up_bias[slot].to(gu.dtype)
         out = self.down.apply(activation(*gu.chunk(2, dim=-1), config), slot)  # [n, D]
         return out if self.down_bias is None else out + self.down_bias[slot].to(out.dtype)
-
-
-def _matrix(fmt: str, storage: dict[str, torch.Tensor], part: str) -> MatrixBank:
-    if fmt == "float":
-        return FloatBank(storage[part])
-    if fmt in ("int8", "int4"):
-        return QuantBank(storage[part], storage[f"{part}_scales"])
-    return GgufBank(int(fmt.removeprefix("gguf:")), storage[part])
 
 
 # ------------------------------------------------------------------------------------------ the primitive

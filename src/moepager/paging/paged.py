@@ -40,9 +40,9 @@ class PagedExperts:
             self._slot_of[list(held)] = torch.tensor(list(held.values()), device=self._slot_of.device)
             slots = self._slot_of[ids]  # [N, K]; -1: not in this wave
             if first and len(held) == len(pending):
-                y = switch_glu(self.cache.bank, x, ids, slots, weights, self.config)
+                y = switch_glu(self.cache.banks[layer], x, ids, slots, weights, self.config)
             else:  # waves: each sums its own experts into y
-                part = grouped(self.cache.bank, x, ids, slots, weights, self.config)
+                part = grouped(self.cache.banks[layer], x, ids, slots, weights, self.config)
                 y = part if y is None else y + part
             first = False
             self.cache.release_held(layer, held)
@@ -108,7 +108,7 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
         per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
     else:
         per_token = 2 * c.num_kv_heads * c.head_dim
-    kv = 2 * per_token * model.embed.weight.dtype.itemsize * c.num_layers * max_context
+    kv = 2 * per_token * model.norm.weight.dtype.itemsize * c.num_layers * max_context
     # activations of a prefill chunk plus allocator slack
     buffers = 32 * 2**20 + 16 * max_context * c.hidden_size * 4
     return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers}

@@ -1,19 +1,24 @@
 """Eviction policies for the expert cache: small swappable objects that choose which resident expert leaves.
 
 A policy only ranks keys. The cache (cache.Residency) owns what is resident, what is in use and what is
-pinned, and asks the policy for a victim among the keys it may evict. A new policy is one class with
-`access`, `remove` and `victim`; register it in POLICIES to make it reachable by name.
+pinned, and asks the policy for victims among the keys it may evict. A new policy is one class with
+`access`, `remove` and `victim`; register it in POLICIES to make it reachable by name. Subclassing Policy adds
+`victims` (several at once) as a loop over `victim`; a policy that can rank in one pass overrides it.
 
 Keys are (layer, expert). The cache calls `access` once per layer step for every expert that step uses
-(hit or miss), `remove` when a key leaves the cache, and `victim(evictable, incoming)` when it needs a slot
-for `incoming`, before that step's `access` calls.
+(hit or miss), `remove` when a key leaves the cache, and `victims(n, evictable, incoming)` (or `victim`) when
+it needs slots for a layer step's misses (`incoming` is one of them), before that step's `access` calls.
+`victims(n, ...)` must equal n calls of `victim`, each followed by `remove` of the key it chose.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections import OrderedDict
-from typing import Callable, Hashable, Protocol
+from collections.abc import Callable, Hashable
+from typing import Protocol
 
 from ..errors import MoepagerError
 
@@ -36,8 +41,25 @@ class Policy(Protocol):
         about to be loaded, when known); None when there is none."""
         ...
 
+    def victims(self, n: int, evictable: Callable[[Key], bool], incoming: Key | None = None) -> list[Key]:
+        """Up to n keys to evict, in the order n calls of `victim` would give them (none is removed here)."""
+        return victims_by_loop(self, n, evictable, incoming)
 
-class LRU:
+
+def victims_by_loop(
+    policy, n: int, evictable: Callable[[Key], bool], incoming: Key | None = None
+) -> list[Key]:
+    """n calls of `victim`, each excluding the keys already chosen: any policy's `victims`."""
+    chosen: dict[Key, None] = {}
+    while len(chosen) < n:
+        key = policy.victim(lambda k: k not in chosen and evictable(k), incoming)
+        if key is None:
+            break
+        chosen[key] = None
+    return list(chosen)
+
+
+class LRU(Policy):
     """Least recently used: evict the key whose last use is oldest."""
 
     name = "lru"
@@ -55,8 +77,11 @@ class LRU:
     def victim(self, evictable, incoming=None):
         return next((k for k in self.order if evictable(k)), None)
 
+    def victims(self, n, evictable, incoming=None):
+        return list(itertools.islice((k for k in self.order if evictable(k)), n))
 
-class LFU:
+
+class LFU(Policy):
     """Least frequently used, with aging: every `age_every` accesses all counts are halved, so experts that
     were popular long ago do not stay forever. Counts survive eviction (a returning expert keeps its history).
     Ties go to the least recently used."""
@@ -79,12 +104,17 @@ class LFU:
     def remove(self, key):
         self.last.pop(key, None)
 
+    def _rank(self, key) -> tuple[int, int]:
+        return self.count.get(key, 0), self.last[key]  # no ties: every resident key has its own last use
+
     def victim(self, evictable, incoming=None):
-        keys = [k for k in self.last if evictable(k)]
-        return min(keys, key=lambda k: (self.count.get(k, 0), self.last[k]), default=None)
+        return min((k for k in self.last if evictable(k)), key=self._rank, default=None)
+
+    def victims(self, n, evictable, incoming=None):
+        return heapq.nsmallest(n, (k for k in self.last if evictable(k)), key=self._rank)
 
 
-class NextUse:
+class NextUse(Policy):
     """Layer-aware expected next use: evict the key whose next use is predicted furthest away (Belady's rule
     with an estimate of the future).
 
@@ -140,7 +170,9 @@ class NextUse:
     def remove(self, key):
         if key in self.resident:
             del self.resident[key], self.by_layer[key[0]][key]
-            self.ranked.pop(key[0], None)
+            cached = self.ranked.get(key[0])
+            if cached is not None:  # the others keep their waits and order: drop the key, do not re-rank
+                self.ranked[key[0]] = (cached[0], [wk for wk in cached[1] if wk[1] != key])
 
     def _wait(self, key, ahead: int = 0) -> float:
         """Expected layer steps from its layer's next run to its next use (a tie: the older waits longer);
@@ -183,6 +215,25 @@ class NextUse:
             if key is not None and (score := self._dist(layer, here) + wait) > best_score:
                 best, best_score = key, score
         return best
+
+    def victims(self, n, evictable, incoming=None):
+        """A step's victims in one pass: the layers' rankings merged, highest expected next use first.
+
+        Equal to n calls of victim: removing a key leaves the order of its layer's other keys as it was, and
+        ties go to the earlier layer, then the earlier key of a ranking, as victim's strict `>` does."""
+        if n <= 0:
+            return []
+        here = self.layer if incoming is None else incoming[0]
+
+        def candidates(layer):  # -score ascending within a layer: its ranking's order
+            dist = self._dist(layer, here)
+            return (
+                (-(dist + w), k) for w, k in self._ranking(layer, self._ahead(layer, here)) if evictable(k)
+            )
+
+        # merge breaks ties by the position of the iterable: the earlier layer, as victim does
+        merged = heapq.merge(*(candidates(layer) for layer in self.by_layer), key=lambda sk: sk[0])
+        return [k for _, k in itertools.islice(merged, n)]
 
 
 POLICIES: dict[str, Callable[[], Policy]] = {"lru": LRU, "lfu": LFU, "nextuse": NextUse}

@@ -5,35 +5,76 @@ layer to the next, so the next router mostly picks the same experts). The router
 (layer -> x [N, D] -> ids [N, K]) built by the engine, so the model knows nothing of prefetching. A guess
 only moves bytes: the layer always computes with the experts its own router chose, so a wrong guess costs
 a read, never a different output. The reads themselves and the slots they may take are the cache's.
+
+Guesses that keep missing stop themselves, per layer: each layer's precision over its last WINDOW steps is
+scored, reads for that layer stop while it is below MIN_PRECISION, and the guesses go on being made and
+scored without reading (a router call, no I/O), which is the probe that turns the layer back on once they
+hit again.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import itertools
+from collections import deque
+from collections.abc import Callable
 
 import torch
 
 Router = Callable[[torch.Tensor], torch.Tensor]  # x [N, D] -> ids [N, K]
+
+# Below half, most prefetched bytes are wasted. A wasted read takes as much disk time as a right one, and a
+# right one saves at most its own read's stall (the demand read it replaces), so on a disk-bound step the
+# guesses then cost more than they save; a wrong guess also evicts an expert that may be needed later.
+MIN_PRECISION = 0.5
+# Steps of a layer (tokens, in decode) per verdict: with K guesses a step that is 8K guesses, enough to tell
+# 0.5 from a random guess's K/E on small models (binomial sd <= 0.1 for K >= 4), yet quick to react.
+WINDOW = 8
+
+
+class LayerScore:
+    """One layer's recent guesses: (correct, guessed) per step, over the last WINDOW steps."""
+
+    def __init__(self):
+        self.steps: deque[tuple[int, int]] = deque(maxlen=WINDOW)
+
+    def add(self, correct: int, guessed: int) -> float | None:
+        """Record a step; the window's precision once the window is full, else None."""
+        self.steps.append((correct, guessed))
+        if len(self.steps) < WINDOW:
+            return None
+        guessed = sum(g for _, g in self.steps)
+        return sum(c for c, _ in self.steps) / guessed if guessed else None
 
 
 class RouterPrefetcher:
     def __init__(self, routers: dict[int, Router], cache, max_fraction: float = 0.5):
         self.routers, self.cache = routers, cache
         order = sorted(routers)
-        self.next = dict(zip(order, order[1:]))  # MoE layer -> the MoE layer after it
-        self.max_guess = max(
-            1, int(cache.capacity * max_fraction)
-        )  # a prefill guessing every expert is no guess
+        self.next = dict(itertools.pairwise(order))  # MoE layer -> the MoE layer after it
+        # a prefill guessing every expert is no guess
+        self.max_guess = max(1, int(cache.capacity * max_fraction))
         self.predicted: dict[int, set[int]] = {}  # layer -> its guessed experts, until the layer runs
-        self.correct = self.guessed = self.needed = self.reads = 0
+        self.scores: dict[int, LayerScore] = {}
+        self.off: set[int] = set()  # layers whose guesses are scored but not read
+        self.correct = self.guessed = self.needed = self.reads = self.skipped = 0
 
     def observe(self, layer: int, needed: list[int]) -> None:
         """Score the guess for `layer` against what its router chose."""
         guess = self.predicted.pop(layer, None)
-        if guess is not None:
-            self.correct += len(guess.intersection(needed))
-            self.guessed += len(guess)
-            self.needed += len(needed)
+        if guess is None:
+            return
+        correct = len(guess.intersection(needed))
+        self.correct += correct
+        self.guessed += len(guess)
+        self.needed += len(needed)
+        precision = self.scores.setdefault(layer, LayerScore()).add(correct, len(guess))
+        if precision is None:
+            return
+        now_off = precision < MIN_PRECISION
+        if now_off != (layer in self.off):
+            # a switch: judge the new state on a full window of its own, so it cannot flap step by step
+            self.off.symmetric_difference_update({layer})
+            self.scores[layer] = LayerScore()
 
     def predict(self, layer: int, x: torch.Tensor) -> None:
         """x [N, D]: the input of `layer`'s experts. Start reads for the next MoE layer's likely experts."""
@@ -42,8 +83,12 @@ class RouterPrefetcher:
             return
         guess = sorted(set(self.routers[nxt](x).flatten().tolist()))
         self.predicted[nxt] = set(guess)
-        if len(guess) <= self.max_guess:
-            self.reads += self.cache.prefetch(nxt, guess)
+        if len(guess) > self.max_guess:
+            return
+        if nxt in self.off:
+            self.skipped += 1
+            return
+        self.reads += self.cache.prefetch(nxt, guess)
 
     def stats(self) -> dict:
         return {
@@ -54,4 +99,6 @@ class RouterPrefetcher:
             "guessed": self.guessed,
             "correct": self.correct,
             "reads_started": self.reads,
+            "layers_off": sorted(self.off),  # guesses scored, not read: they kept missing
+            "guesses_skipped": self.skipped,  # layer steps whose guess was not read for that reason
         }

@@ -18,7 +18,7 @@ import torch
 from ..config import ModelConfig, config_from_hf
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
-from .reader import CHUNK, DirectReader, takes_bytes
+from .reader import CHUNK, DirectReader, Scratch, bounded_groups, copy_piece, flat_bytes, takes_bytes
 from .safetensors import TensorInfo, read_index, read_tensor
 
 # hub name (regex, anchored) -> moepager name. Layer index is group 1 where present.
@@ -39,10 +39,13 @@ NAME_RULES: list[tuple[str, str]] = [
 _RULES = [(re.compile(p + "$"), r) for p, r in NAME_RULES]
 
 # routed experts: one tensor per expert and matrix, or all experts of a layer stacked (GPT-OSS)
-_EXPERT = re.compile(_L + r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(
+    _L + r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"
+)
 _STACKED = re.compile(_L + r"mlp\.experts\.(gate_up_proj|gate_up_proj_bias|down_proj|down_proj_bias)$")
 _PART = {"w1": "gate", "w3": "up", "w2": "down", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+RAW_ALIGN = 64  # raw tensors sit at this alignment in a scratch buffer, so any dtype can view them
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class Checkpoint:
         self._check_complete()
         largest = max((self.expert_nbytes(*k) for k in self.experts), default=0)
         self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
+        self._scratch = Scratch()  # per reading thread: experts assembled before they are decoded
 
     def _classify(self, info: TensorInfo) -> None:
         name, n_layers = info.name, self.config.num_layers
@@ -153,7 +157,9 @@ class Checkpoint:
                 continue
             for e in range(c.num_experts):
                 if (layer, e) not in self.experts:
-                    raise MoepagerError(f"{self.path}: expert {e} of layer {layer} is missing from the checkpoint")
+                    raise MoepagerError(
+                        f"{self.path}: expert {e} of layer {layer} is missing from the checkpoint"
+                    )
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         sd = {name: read_tensor(info) for name, info in self.dense.items()}
@@ -167,27 +173,56 @@ class Checkpoint:
     def expert_keys(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
 
-    def _stream_into(self, parts: list[ExpertPart], out: ExpertWeights) -> ExpertWeights:
-        """Stored form is canonical: copy each part into `out` chunk by chunk (bounded staging per thread)."""
-        for p in parts:
-            dst = out[p.part].view(-1).view(torch.uint8)
-            for pos, view in self.reader.read_chunks(p.file, p.offset, p.nbytes):
-                dst[pos : pos + len(view)].copy_(torch.frombuffer(view, dtype=torch.uint8))
-        return out
-
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
+        if out is not None:
+            self.read_experts([(layer, expert)], [out])
+            return out
         parts = self.experts[(layer, expert)]
-        if out is not None and all(takes_bytes(out.get(p.part), p.dtype, p.shape) for p in parts):
-            return self._stream_into(parts, out)
         views = self.reader.read_ranges([(p.file, p.offset, p.nbytes) for p in parts])
         # views into this thread's staging buffer: valid until its next read, so copy before returning
         raw = {p.part: _tensor(v, p.dtype, p.shape) for p, v in zip(parts, views)}
-        weights = decode_expert(raw)
-        if out is None:
-            return {name: t.clone() for name, t in weights.items()}
-        for name, t in weights.items():
-            out[name].copy_(t)
-        return out
+        return {name: t.clone() for name, t in decode_expert(raw).items()}
+
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
+        """Fill each out with its expert, reading all of them together (see ModelSource.read_experts)."""
+        as_stored, decoded = [], []
+        for key, out in zip(keys, outs):
+            parts = self.experts[key]
+            ok = all(takes_bytes(out.get(p.part), p.dtype, p.shape) for p in parts)
+            (as_stored if ok else decoded).append((parts, out))
+        if as_stored:  # canonical tensors: each lands in its destination piece by piece
+            ranges = [(p.file, p.offset, p.nbytes) for parts, _ in as_stored for p in parts]
+            dests = [flat_bytes(out[p.part]) for parts, out in as_stored for p in parts]
+            for i, pos, view in self.reader.read_pieces(ranges):
+                copy_piece(dests[i], pos, view)
+        sizes = [sum(_align_up(p.nbytes, RAW_ALIGN) for p in parts) for parts, _ in decoded]
+        for group in bounded_groups(decoded, sizes, self.reader.chunk_bytes):  # bounds the scratch buffer
+            self._read_decoded(group)
+
+    def _read_decoded(self, group: list[tuple[list[ExpertPart], ExpertWeights]]) -> None:
+        """Experts stored in another form (GPT-OSS's stacked rows) or asked for in another dtype: their raw
+        tensors are read together into this thread's scratch buffer, then decoded and copied."""
+        places, at = [], 0
+        for parts, _ in group:
+            for p in parts:
+                places.append(at)
+                at = _align_up(at + p.nbytes, RAW_ALIGN)
+        scratch = self._scratch.get(at)
+        ranges = [(p.file, p.offset, p.nbytes) for parts, _ in group for p in parts]
+        for i, pos, view in self.reader.read_pieces(ranges):
+            copy_piece(scratch, places[i] + pos, view)
+        i = 0
+        for parts, out in group:
+            raw = {}
+            for p in parts:
+                raw[p.part] = scratch[places[i] : places[i] + p.nbytes].view(p.dtype).view(p.shape)
+                i += 1
+            for name, t in decode_expert(raw).items():
+                out[name].copy_(t)
+
+
+def _align_up(x: int, align: int) -> int:
+    return (x + align - 1) // align * align
 
 
 def _tensor(view: memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -71,7 +71,13 @@ class QuantizingSource:
         return self.source.expert_nbytes(layer, expert)
 
     def read_expert(self, layer: int, expert: int, out=None):
-        weights = convert_expert(self.source.read_expert(layer, expert), self.experts_dtype)
+        weights = self.source.read_expert(layer, expert)
+        blocks = self.source.expert_formats() if hasattr(self.source, "expert_formats") else {}
+        for part, layers in blocks.items():  # GGUF blocks: to floats first, then to experts_dtype
+            from ..kernels.gguf import dequantize
+
+            weights[part] = dequantize(layers[layer][0], weights[part])
+        weights = convert_expert(weights, self.experts_dtype)
         if out is None:
             return weights
         for name, t in weights.items():

@@ -3,8 +3,13 @@
 Owns the translation from llama.cpp's tensor names and `{arch}.*` metadata to moepager's names and a
 config.json-like dict (so ModelConfig's one translation table still decides the architecture), and reading
 one routed expert as three byte ranges of the stacked `ffn_{gate,up,down}_exps` tensors (expert dimension
-outermost, so each expert's matrix is one contiguous range), dequantized exactly as gguf.quants does.
-F32/F16/BF16 tensors keep their dtype; block-quantized ones (Q8_0, Q4_0, Q4_K, ...) come out as fp32.
+outermost, so each expert's matrix is one contiguous range), through the O_DIRECT reader.
+
+Compact (the default): matrices in a block format the kernels compute from (kernels/gguf.py: Q4_0, Q8_0,
+Q4_K, Q5_K, Q6_K) stay as their blocks, uint8 [rows, row bytes]: experts (`expert_formats` says which and
+how, per layer: a Q4_K_M file mixes types across layers) and the dense matrices of attention, shared
+experts, embeddings and output (`compact_dense`). Other types, and everything when compact=False, are
+dequantized exactly as gguf.quants does (F32/F16/BF16 keep their dtype).
 It does not tokenize (GGUF vocabularies are moefy's concern) and it does not run DeepSeek's MLA layout.
 """
 
@@ -19,7 +24,7 @@ import torch
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..moe import ExpertWeights
-from .safetensors import read_bytes
+from .reader import CHUNK, DirectReader
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
 LAYER_NAMES = {
@@ -45,6 +50,7 @@ GLOBAL_NAMES = {
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
 }
+COMPACT_SUFFIXES = ("_proj.weight",)  # moepager names of linear layers whose GGUF blocks stay compact
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
 # general.architecture -> (HF model_type, rows of q/k permuted by llama.cpp for its interleaved rope)
@@ -63,24 +69,17 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def dequantize(raw: np.ndarray | bytes | bytearray, qtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bytes of a GGUF tensor (or whole rows of one) -> a tensor of `shape` (numpy order, outer first)."""
+def dequantize(raw: torch.Tensor | np.ndarray, qtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """Bytes of a GGUF tensor (or whole rows of one) -> a new tensor of `shape` (numpy order, outer first)."""
     import gguf
 
-    data = (
-        np.frombuffer(raw, dtype=np.uint8)
-        if not isinstance(raw, np.ndarray)
-        else raw.reshape(-1).view(np.uint8)
-    )
+    data = raw.numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw).reshape(-1).view(np.uint8)
     name = gguf.GGMLQuantizationType(qtype).name
-    if name in _PLAIN:  # stored as is: view, keep the dtype
-        owned = raw if isinstance(raw, bytearray) else bytearray(data)  # a bytearray read is ours to keep
-        return torch.frombuffer(owned, dtype=_PLAIN[name]).reshape(shape)
+    if name in _PLAIN:  # stored as is: keep the dtype
+        return torch.from_numpy(data.copy()).view(_PLAIN[name]).reshape(shape)
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rows = data.reshape(-1, shape[-1] // block * block_bytes)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(
-        shape
-    )
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(shape)
 
 
 def _field(reader, key: str, default=None):
@@ -91,7 +90,7 @@ def _field(reader, key: str, default=None):
 class GgufSource:
     """A MoE GGUF file. Experts are read by byte range from the file; dense tensors are read once."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, reader: DirectReader | None = None, compact: bool = True):
         import gguf
 
         self.path = Path(path).expanduser()
@@ -113,6 +112,9 @@ class GgufSource:
         self.raw_config = self._hf_config()
         self.config = config_from_hf(self.raw_config)
         self.experts = self._index_experts()
+        self.compact = compact
+        largest = max((self.expert_nbytes(*k) for k in self.experts), default=0)
+        self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
 
     def _meta(self, key: str, default=None):
         return _field(self.reader, f"{self.arch}.{key}", default)
@@ -198,10 +200,9 @@ class GgufSource:
             return f"layers.{m[1]}.{LAYER_NAMES[m[2]]}"
         return None
 
-    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+    def _dense_tensors(self):
+        """(moepager name, GGUF tensor) of every resident tensor."""
         c = self.config
-        _, permuted = ARCHITECTURES[self.arch]
-        sd = {}
         for gguf_name, t in self.tensors.items():
             m = _BLOCK.match(gguf_name)
             if m and (m[2] in EXPERT_PARTS or int(m[1]) >= c.num_layers):
@@ -215,17 +216,61 @@ class GgufSource:
                 raise CorruptFile(
                     f"{self.path}: tensor {gguf_name!r} is not known for a {self.arch} MoE GGUF"
                 )
-            w = dequantize(t.data, t.tensor_type, tuple(int(s) for s in reversed(t.shape)))
-            if permuted and name.endswith("attn.q_proj.weight"):
-                w = unpermute_rope(w, c.num_heads)
-            elif permuted and name.endswith("attn.k_proj.weight"):
-                w = unpermute_rope(w, c.num_kv_heads)
-            elif name.endswith("shared_gate.weight"):
-                w = w.reshape(1, -1)  # stored as a [D] vector
-            sd[name] = w
-        if "lm_head.weight" not in sd:
-            sd["lm_head.weight"] = sd["embed.weight"]
+            yield name, t
+
+    def _keeps_blocks(self, name: str, qtype) -> bool:
+        """Matrices of linear layers (and the embedding) in a format the kernels compute from."""
+        from ..kernels.gguf import SUPPORTED
+
+        matrix = name.endswith(COMPACT_SUFFIXES) or name in ("embed.weight", "lm_head.weight")
+        return self.compact and matrix and qtype in SUPPORTED
+
+    def _read(self, t) -> torch.Tensor:
+        """A tensor's bytes, uint8 [n_bytes], read past the page cache into memory we own."""
+        view = self.reader.read(self.path, int(t.data_offset), int(t.n_bytes))
+        return torch.frombuffer(view, dtype=torch.uint8).clone() if len(view) else torch.empty(0, dtype=torch.uint8)
+
+    def _fix(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """Undo llama.cpp's convert-time changes (rows of blocks permute like rows of floats)."""
+        _, permuted = ARCHITECTURES[self.arch]
+        if permuted and name.endswith("attn.q_proj.weight"):
+            return unpermute_rope(w, self.config.num_heads)
+        if permuted and name.endswith("attn.k_proj.weight"):
+            return unpermute_rope(w, self.config.num_kv_heads)
+        if name.endswith("shared_gate.weight"):
+            return w.reshape(1, -1)  # stored as a [D] vector
+        return w
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every resident tensor as floats, except those `compact_dense` keeps as blocks."""
+        sd = {}
+        for name, t in self._dense_tensors():
+            if not self._keeps_blocks(name, t.tensor_type):
+                shape = tuple(int(s) for s in reversed(t.shape))
+                sd[name] = self._fix(name, dequantize(self._read(t), t.tensor_type, shape))
+        if "lm_head.weight" not in sd and "lm_head.weight" not in self._compact_names():
+            if "embed.weight" in sd:
+                sd["lm_head.weight"] = sd["embed.weight"]
         return sd
+
+    def _compact_names(self) -> set[str]:
+        names = {n for n, t in self._dense_tensors() if self._keeps_blocks(n, t.tensor_type)}
+        if "output.weight" not in self.tensors and "embed.weight" in names:
+            names.add("lm_head.weight")  # tied: the embedding's blocks
+        return names
+
+    def compact_dense(self) -> dict[str, tuple[int, torch.Tensor, tuple[int, int]]]:
+        """Dense matrices kept as blocks: moepager weight name -> (qtype, bytes uint8 [rows, row bytes],
+        (rows, cols)). A tied output shares the embedding's bytes."""
+        out = {}
+        for name, t in self._dense_tensors():
+            if self._keeps_blocks(name, t.tensor_type):
+                rows, cols = (int(s) for s in reversed(t.shape))
+                raw = self._fix(name, self._read(t).view(rows, -1))
+                out[name] = (int(t.tensor_type), raw, (rows, cols))
+        if "lm_head.weight" in self._compact_names() and "lm_head.weight" not in out:
+            out["lm_head.weight"] = out["embed.weight"]
+        return out
 
     def expert_keys(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
@@ -233,14 +278,45 @@ class GgufSource:
     def expert_nbytes(self, layer: int, expert: int) -> int:
         return sum(p[1] for p in self.experts[(layer, expert)].values())
 
+    def _blocks(self, qtype) -> bool:
+        from ..kernels.gguf import SUPPORTED
+
+        return self.compact and qtype in SUPPORTED
+
+    def expert_formats(self) -> dict[str, dict[int, tuple[int, int, int]]]:
+        """Expert matrices kept as blocks: part -> {layer: (qtype, rows, row bytes)}. A part is listed only
+        when every layer keeps it as blocks (one bank holds the slots of every layer)."""
+        out: dict[str, dict[int, tuple[int, int, int]]] = {}
+        first = {}
+        for (layer, e), parts in self.experts.items():
+            if e == 0:
+                for part, (_, nbytes, qtype, shape) in parts.items():
+                    first.setdefault(part, {})[layer] = (int(qtype), shape[0], nbytes // shape[0])
+        for part, layers in first.items():
+            if all(self._blocks(q) for q, _, _ in layers.values()):
+                out[part] = layers
+        return out
+
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
+        """Blocks (uint8 [rows, row bytes]) for the parts in expert_formats, floats for the rest. A block
+        destination may be a flat byte buffer at least as long as the part (a bank slot sized for the
+        largest layer): the part fills its start."""
         if (layer, expert) not in self.experts:
             raise MoepagerError(f"{self.path}: no expert {expert} in layer {layer}")
+        parts = self.experts[(layer, expert)]
+        views = self.reader.read_ranges([(self.path, offset, nbytes) for offset, nbytes, _, _ in parts.values()])
         weights = {}
-        for part, (offset, nbytes, qtype, shape) in self.experts[(layer, expert)].items():
-            weights[part] = dequantize(read_bytes(self.path, offset, nbytes), qtype, shape)
-        if out is None:
-            return weights
+        for (part, (_, nbytes, qtype, shape)), view in zip(parts.items(), views):
+            raw = torch.frombuffer(view, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+            if self._blocks(qtype):
+                if out is not None and out[part].dtype == torch.uint8 and out[part].dim() == 1:
+                    out[part][:nbytes].copy_(raw)
+                    continue
+                weights[part] = raw.view(shape[0], -1)
+            else:
+                weights[part] = dequantize(raw, qtype, shape)
+        if out is None:  # the views point into this thread's staging buffer: copy what we return
+            return {name: t.clone() if t.dtype == torch.uint8 else t for name, t in weights.items()}
         for name, t in weights.items():
             out[name].copy_(t)
         return out

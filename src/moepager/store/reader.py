@@ -4,19 +4,28 @@ Owns the file descriptors, one aligned staging buffer per calling thread (reused
 is larger than any before), and the read counters. It does not own decoding: callers get a memoryview of the
 staging buffer, valid until that thread's next read, and copy what they keep.
 
+Batches (`read_pieces`): many ranges at once, neighbours in a file merged into one span, spans packed into the
+staging buffer up to `chunk_bytes` per fill (one preadv per span), and spans larger than that streamed in
+chunks, so a layer's worth of experts costs a few large requests instead of one small request per tensor.
+
 Where O_DIRECT is refused (tmpfs, some network filesystems) reads fall back to buffered `preadv` followed
 by `posix_fadvise(DONTNEED)` over the same aligned range, so the page cache never quietly holds the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from ..errors import CorruptFile, MoepagerError
 
@@ -106,10 +115,8 @@ class DirectReader:
             self._retired.clear()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # at interpreter exit, half torn down
             self.close()
-        except Exception:
-            pass
 
     # ---------------------------------------------------------------------------------------- reads
 
@@ -131,7 +138,7 @@ class DirectReader:
 
         Returns one view per range, in order, all valid until this thread's next read.
         """
-        spans = _coalesce([(Path(p), off, n, i) for i, (p, off, n) in enumerate(ranges)])
+        spans = _coalesce([(_path(p), off, n, i) for i, (p, off, n) in enumerate(ranges)])
         total = sum(end - start for _, start, end, _ in spans)
         staging = self._staging(total)
         views: list[memoryview | None] = [None] * len(ranges)
@@ -156,34 +163,61 @@ class DirectReader:
             s.read_seconds += seconds
         return views  # type: ignore[return-value]
 
-    def read_chunks(self, path: str | Path, offset: int, nbytes: int):
+    def read_chunks(self, path: str | Path, offset: int, nbytes: int) -> Iterator[tuple[int, memoryview]]:
         """Yield (position in the range, view) pieces covering [offset, offset + nbytes) in order.
 
         Each view is valid until the next piece (or this thread's next read), so staging stays at
         self.chunk_bytes however large the range: the way to copy a big expert into buffers the caller owns.
         """
-        path = Path(path)
-        start, end = align_down(offset), align_up(offset + nbytes)
+        for _, pos, view in self.read_pieces([(path, offset, nbytes)]):
+            yield pos, view
+
+    def read_pieces(self, ranges: list[tuple[str | Path, int, int]]) -> Iterator[tuple[int, int, memoryview]]:
+        """Many ranges in few large reads: yield (range index, position in the range, view) pieces.
+
+        Neighbouring ranges of a file share one span; spans are packed into this thread's staging buffer up
+        to chunk_bytes per fill (one preadv per span) and larger ones are streamed chunk by chunk, so staging
+        stays bounded. Pieces come in file order, a range's pieces in order (a checksum can be folded over
+        them); each view is valid until the generator resumes. Copy it, do not keep it.
+        """
         chunk = max(ALIGN, align_down(self.chunk_bytes))
-        staging = self._staging(min(chunk, end - start))
-        pos = start
-        while pos < end:
-            n = min(chunk, end - pos)
-            t0 = time.perf_counter()
-            calls, got = self._read_span(path, pos, staging[:n])
-            seconds = time.perf_counter() - t0
-            lo, hi = max(pos, offset), min(pos + n, offset + nbytes)
-            if pos + got < hi:
-                raise CorruptFile(f"{path}: truncated: bytes {offset}..{offset + nbytes} are wanted but the file "
-                                  f"ends at byte {pos + got}")  # fmt: skip
-            with self._lock:
-                s = self._stats
-                s.reads += calls
-                s.bytes_read += got
-                s.bytes_requested += hi - lo
-                s.read_seconds += seconds
-            yield lo - offset, staging[lo - pos : hi - pos]
-            pos += n
+        spans = _coalesce([(_path(p), off, n, i) for i, (p, off, n) in enumerate(ranges)])
+        reads = [(path, lo, min(lo + chunk, end), members)  # every read is at most one chunk
+                 for path, start, end, members in spans for lo in range(start, end, chunk)]  # fmt: skip
+        if not reads:
+            return
+        staging = self._staging(min(chunk, sum(hi - lo for _, lo, hi, _ in reads)))
+        for fill in bounded_groups(reads, [hi - lo for _, lo, hi, _ in reads], len(staging)):
+            yield from self._read_fill(fill, staging)
+
+    def _read_fill(self, fill: list, staging: memoryview) -> Iterator[tuple[int, int, memoryview]]:
+        """One staging buffer's worth of reads, back to back, then its pieces."""
+        got, pos, calls, t0 = [], 0, 0, time.perf_counter()
+        for path, lo, hi, _ in fill:
+            n_calls, n = self._read_span(path, lo, staging[pos : pos + hi - lo])
+            calls += n_calls
+            got.append(n)
+            pos += hi - lo
+        seconds = time.perf_counter() - t0
+        pieces = []
+        pos = 0
+        for (path, lo, hi, members), n in zip(fill, got):
+            for i, off, size in members:
+                a, b = max(off, lo), min(off + size, hi)
+                if a >= b:
+                    continue  # the range lies in another chunk of this span
+                if lo + n < b:
+                    raise CorruptFile(f"{path}: truncated: bytes {off}..{off + size} are wanted but the file "
+                                      f"ends at byte {lo + n}")  # fmt: skip
+                pieces.append((i, a - off, staging[pos + a - lo : pos + b - lo]))
+            pos += hi - lo
+        with self._lock:
+            s = self._stats
+            s.reads += calls
+            s.bytes_read += sum(got)
+            s.bytes_requested += sum(len(v) for _, _, v in pieces)
+            s.read_seconds += seconds
+        yield from pieces
 
     def _read_span(self, path: Path, start: int, dest: memoryview) -> tuple[int, int]:
         """Fill dest from byte `start` (aligned) -> (preadv calls, bytes got); short only at end of file."""
@@ -216,10 +250,55 @@ class DirectReader:
             self._stats = ReadStats()
 
 
+class Scratch:
+    """A byte tensor per thread, reused by every call and grown (never shrunk) when one needs more: where a
+    batch of experts is assembled from its pieces before it is decoded."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._local.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+
+def bounded_groups(items: list, sizes: list[int], max_bytes: int) -> list[list]:
+    """Consecutive items in groups of at most max_bytes (an item larger than that is a group alone)."""
+    groups: list[list] = []
+    used = max_bytes
+    for item, n in zip(items, sizes):
+        if used + n > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(item)
+        used += n
+    return groups
+
+
+def copy_piece(dst: torch.Tensor, pos: int, view: memoryview) -> None:
+    """Bytes of a staging view into dst (a flat uint8 CPU tensor) from byte `pos`.
+
+    numpy, not Tensor.copy_: torch splits a copy this size over its intra-op threads, and called from
+    reading threads on a busy 2-core machine each copy then waits ~ms for a thread to be scheduled."""
+    np.copyto(dst.numpy()[pos : pos + len(view)], np.frombuffer(view, dtype=np.uint8))
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view of the same memory."""
+    return t.view(-1).view(torch.uint8)
+
+
 def takes_bytes(t, dtype, shape: tuple[int, ...]) -> bool:
     """A destination tensor that can take stored bytes as they are: same dtype and shape, contiguous, CPU."""
     return (t is not None and t.device.type == "cpu" and t.dtype == dtype and tuple(t.shape) == tuple(shape)
             and t.is_contiguous())  # fmt: skip
+
+
+def _path(p: str | Path) -> Path:
+    # parsing a Path again would cost more than the rest of a piece's bookkeeping
+    return p if isinstance(p, Path) else Path(p)
 
 
 def _open_buffered(path: Path) -> int:

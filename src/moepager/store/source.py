@@ -1,4 +1,5 @@
-"""The ModelSource contract: where a model's weights come from, with routed experts readable one at a time.
+"""The ModelSource contract: where a model's weights come from, with routed experts readable one at a time
+(and, optionally, many at a time).
 
 Implementations: Checkpoint (Hugging Face safetensors folder, read in place), the expert-aligned store
 written by `moepager convert`, GGUF files. The engine, the expert cache and the benchmarks only see this.
@@ -40,19 +41,37 @@ class ModelSource(Protocol):
         ...
 
 
+class BatchedSource(ModelSource, Protocol):
+    """Optional: a ModelSource whose experts can be fetched together (Checkpoint, StoreSource). The expert
+    cache uses read_experts when a source has it and one read_expert call per expert otherwise."""
+
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
+        """Fill outs[i] in place with expert keys[i], as read_expert(*keys[i], out=outs[i]) would, in as few
+        large reads as the layout allows (neighbouring experts share one request, staging stays bounded).
+
+        Destinations that are contiguous CPU tensors of the stored dtype and shape (e.g. slots of a bigger
+        bank) take the stored bytes directly; others are decoded and copied. On an error (a checksum mismatch
+        raises CorruptFile) any out may be partly written: the caller must not use them. Safe from several
+        threads at once.
+        """
+        ...
+
+
 def open_source(model: str | Path, **options) -> ModelSource:
     """A store written by `moepager convert` when the folder holds its manifest, else a safetensors checkpoint.
 
-    options go to the source's constructor (e.g. reader=DirectReader(...); verify_checksums for a store).
+    options go to the source's constructor (e.g. reader=DirectReader(...); verify_checksums for a store);
+    compact=False has a GGUF's block-quantized matrices dequantized as they are read.
     """
     from .checkpoint import Checkpoint, resolve
     from .format import is_store
     from .store_source import StoreSource
 
+    compact = options.pop("compact", True)
     if str(model).endswith(".gguf"):  # a single llama.cpp file, not a folder
         from .gguf_source import GgufSource
 
-        return GgufSource(model)
+        return GgufSource(model, compact=compact)
     path = resolve(model)
     if is_store(path):
         return StoreSource(path, **options)

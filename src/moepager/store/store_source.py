@@ -17,8 +17,21 @@ from ..errors import CorruptFile, MoepagerError
 from ..moe import ExpertWeights
 from .encoding import expert_from_tensors
 from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
-from .reader import CHUNK, DirectReader, align_up, takes_bytes
+from .reader import (
+    CHUNK,
+    DirectReader,
+    Scratch,
+    align_up,
+    bounded_groups,
+    copy_piece,
+    flat_bytes,
+    takes_bytes,
+)
 from .safetensors import read_bytes, read_header, read_tensor
+
+# encodings whose stored tensors are the in-memory ones (encoding.expert_from_tensors leaves them as they
+# are): their bytes can go straight into a cache's slots
+AS_STORED = ("plain", "int8")
 
 
 class StoreSource:
@@ -34,6 +47,7 @@ class StoreSource:
         self.experts_file = self.path / EXPERTS_FILE
         largest = max((align_up(x.nbytes) for x in self.manifest.experts.values()), default=0)
         self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
+        self._scratch = Scratch()  # per reading thread: experts assembled before they are decoded
         self._keys = sorted(self.manifest.experts)
         self._check_complete()
 
@@ -100,52 +114,81 @@ class StoreSource:
             f"{entry.offset}..{entry.offset + entry.nbytes}); the store is damaged: {RECONVERT}"
         )
 
-    def _stream_into(self, layer: int, expert: int, out: ExpertWeights) -> ExpertWeights:
-        """Copy the expert into `out` chunk by chunk, so a reading thread stages CHUNK bytes, not a whole expert."""
-        entry = self.manifest.experts[(layer, expert)]
-        layout = self.manifest.layouts[entry.layout]
-        dests = [
-            (t.offset, t.offset + t.nbytes, out[t.name].view(-1).view(torch.uint8)) for t in layout.tensors
-        ]
-        crc = 0
-        for pos, view in self.reader.read_chunks(self.experts_file, entry.offset, entry.nbytes):
-            if self.verify_checksums:
-                crc = zlib.crc32(view, crc)
-            chunk, end = torch.frombuffer(view, dtype=torch.uint8), pos + len(view)
-            for a, b, dst in dests:
-                lo, hi = max(a, pos), min(b, end)
-                if lo < hi:
-                    dst[lo - a : hi - a].copy_(chunk[lo - pos : hi - pos])
-        if self.verify_checksums and crc != entry.crc32:
-            raise self._mismatch(layer, expert)  # `out` holds damaged bytes: the caller must drop it
-        return out
-
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
         if (layer, expert) not in self.manifest.experts:
             raise MoepagerError(f"{self.path}: no expert {expert} in layer {layer}")
-        entry = self.manifest.experts[(layer, expert)]
-        layout = self.manifest.layouts[entry.layout]
-        if (
-            out is not None
-            and layout.encoding == "plain"
-            and all(takes_bytes(out.get(t.name), t.dtype, t.shape) for t in layout.tensors)
-        ):
-            return self._stream_into(layer, expert, out)
-        flat = torch.frombuffer(self.read_raw(layer, expert), dtype=torch.uint8)
-        if layout.encoding != "plain":  # quantized: codes and scales become QuantizedWeights (quant.py)
-            stored = {t.name: flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape).clone()
-                      for t in layout.tensors}  # fmt: skip
-            weights = expert_from_tensors(stored, layout.encoding)
-            if out is None:
-                return weights
-            for name, w in weights.items():
-                out[name].copy_(w)
+        if out is not None:
+            self.read_experts([(layer, expert)], [out])
             return out
-        weights = {}
-        for t in layout.tensors:  # encoding "plain": the stored tensors are the canonical ones
-            src = flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape)
-            if out is None:
-                weights[t.name] = src.clone()  # the staging buffer is reused by this thread's next read
+        layout = self.manifest.layouts[self.manifest.experts[(layer, expert)].layout]
+        flat = torch.frombuffer(self.read_raw(layer, expert), dtype=torch.uint8)
+        # the staging buffer is reused by this thread's next read: clone what is returned
+        stored = {t.name: flat[t.offset : t.offset + t.nbytes].view(t.dtype).view(t.shape).clone()
+                  for t in layout.tensors}  # fmt: skip
+        return expert_from_tensors(stored, layout.encoding)
+
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
+        """Fill each out with its expert, reading all of them together (see ModelSource.read_experts).
+        Experts lie back to back in experts.bin, so a layer's misses merge into a few large reads; each
+        expert's crc32 is folded over its pieces as they pass."""
+        as_stored, decoded = [], []
+        for key, out in zip(keys, outs):
+            if key not in self.manifest.experts:
+                raise MoepagerError(f"{self.path}: no expert {key[1]} in layer {key[0]}")
+            entry = self.manifest.experts[key]
+            layout = self.manifest.layouts[entry.layout]
+            ok = layout.encoding in AS_STORED and all(takes_bytes(out.get(t.name), t.dtype, t.shape)
+                                                      for t in layout.tensors)  # fmt: skip
+            if ok:
+                dests = [(t.offset, t.offset + t.nbytes, flat_bytes(out[t.name])) for t in layout.tensors]
+                as_stored.append((key, dests))
             else:
-                out[t.name].copy_(src)
-        return weights if out is None else out
+                decoded.append((key, out))
+        if as_stored:
+            self._read_as_stored(as_stored)
+        sizes = [align_up(self.manifest.experts[k].nbytes) for k, _ in decoded]
+        for group in bounded_groups(decoded, sizes, self.reader.chunk_bytes):  # bounds the scratch buffer
+            self._read_decoded(group)
+
+    def _pieces(self, keys: list[tuple[int, int]]):
+        """(index into keys, position in the expert, view) over the experts' bytes, checksums folded as they
+        pass: an expert whose last piece does not match raises before its bytes are used."""
+        entries = [self.manifest.experts[k] for k in keys]
+        crcs = [0] * len(keys)
+        for i, pos, view in self.reader.read_pieces(
+            [(self.experts_file, x.offset, x.nbytes) for x in entries]
+        ):
+            if self.verify_checksums:
+                crcs[i] = zlib.crc32(view, crcs[i])
+                if pos + len(view) == entries[i].nbytes and crcs[i] != entries[i].crc32:
+                    raise self._mismatch(*keys[i])  # `out` holds damaged bytes: the caller must drop it
+            yield i, pos, view
+
+    def _read_as_stored(self, items: list[tuple[tuple[int, int], list]]) -> None:
+        """Experts whose stored tensors are their in-memory ones: each piece lands in its destinations."""
+        for i, pos, view in self._pieces([k for k, _ in items]):
+            end = pos + len(view)
+            for a, b, dst in items[i][1]:
+                lo, hi = max(a, pos), min(b, end)
+                if lo < hi:
+                    copy_piece(dst, lo - a, view[lo - pos : hi - pos])
+
+    def _read_decoded(self, items: list[tuple[tuple[int, int], ExpertWeights]]) -> None:
+        """Experts to transform (int4 codes to this machine's layout) or asked for in another dtype or
+        layout: read together into this thread's scratch buffer, checked, decoded, then copied."""
+        keys = [k for k, _ in items]
+        places, at = [], 0
+        for k in keys:
+            places.append(at)
+            at += align_up(self.manifest.experts[k].nbytes)  # keeps every tensor's 64-byte alignment
+        scratch = self._scratch.get(at)
+        for i, pos, view in self._pieces(keys):
+            copy_piece(scratch, places[i] + pos, view)
+        for (key, out), place in zip(items, places):
+            layout = self.manifest.layouts[self.manifest.experts[key].layout]
+            stored = {}
+            for t in layout.tensors:
+                at = place + t.offset
+                stored[t.name] = scratch[at : at + t.nbytes].view(t.dtype).view(t.shape)
+            for name, w in expert_from_tensors(stored, layout.encoding).items():
+                out[name].copy_(w)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The compute issue's measurements, in one run: moepager against llama.cpp (llama-cpp-python 0.3.36) on the
+# same models, under the same cgroup caps, alternating, caches dropped, sampled decoding (temperature 1,
+# seed 0). Models: benchmarks/README.md, "Compute: moepager against llama.cpp" says how they were made.
+set -euo pipefail
+export OMP_WAIT_POLICY=ACTIVE
+D=${BENCHDATA:-/work/benchdata}
+OUT=${OUT:-benchmarks/results}
+COMMON=(--rounds 2 --tokens 33 --prompt-tokens 16 --peers llamacpp --out "$OUT")
+# Qwen3-MoE shape (D=512, 64 experts of 320, top-4, 8 layers), fp32: resident, a quarter and a twentieth paged
+moepager bench "$D/qwen3-64x4" --gguf "$D/qwen3-64x4.f32.gguf" --budgets 100%,25%,5% "${COMMON[@]}" \
+  --name qwen3-64x4-f32
+# the same model as llama.cpp's Q4_0 file, both engines on that file: every expert resident (cap auto),
+# and a cap of about the file's size plus the runtime
+moepager bench "$D/qwen3-64x4.q4_0.gguf" --tokenizer "$D/qwen3-64x4" --budgets 100% "${COMMON[@]}" \
+  --overhead 512MiB --name qwen3-64x4-q4_0
+moepager bench "$D/qwen3-64x4.q4_0.gguf" --tokenizer "$D/qwen3-64x4" --budgets 100%,25% "${COMMON[@]}" \
+  --memory-cap 560MiB --name qwen3-64x4-q4_0-cap560
+# larger experts, where the matrix math matters: D=2048, 128 experts of 768, top-8, 2 layers
+moepager bench "$D/qwen3-128x8" --gguf "$D/qwen3-128x8.f32.gguf" --budgets 100%,25% "${COMMON[@]}" \
+  --tokens 17 --name qwen3-128x8-f32
+moepager bench "$D/qwen3-128x8.q4_0.gguf" --tokenizer "$D/qwen3-128x8" --budgets 100% "${COMMON[@]}" \
+  --tokens 17 --overhead 512MiB --name qwen3-128x8-q4_0

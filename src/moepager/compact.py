@@ -1,0 +1,60 @@
+"""Dense layers computed from GGUF blocks: a quantized model's attention, shared experts, embedding and output
+stay in their file's compact form instead of being expanded to floats (a Q4 model would take 8x its size).
+
+Swapped in after the model is built, like any capability (the decoder itself has only nn.Linear and
+nn.Embedding): `swap_compact(model, {weight name: (qtype, blocks, (rows, cols))})` replaces each named
+module's weight by its blocks, a buffer `blocks` that load_state_dict then assigns like any tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernels import gguf
+
+
+class BlockLinear(nn.Module):
+    """x [..., C] -> [..., R] with the weight as GGUF blocks uint8 [R, row bytes]."""
+
+    def __init__(self, qtype: int, rows: int, cols: int, row_bytes: int, bias: bool):
+        super().__init__()
+        self.qtype, self.out_features, self.in_features = qtype, rows, cols
+        self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = gguf.linear(self.qtype, self.blocks, x.reshape(-1, self.in_features).float())  # [N, R]
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class BlockEmbedding(nn.Module):
+    """ids [...] -> rows [..., D] of a GGUF block matrix [V, row bytes], only the looked-up rows decoded."""
+
+    def __init__(self, qtype: int, rows: int, cols: int, row_bytes: int, dtype: torch.dtype):
+        super().__init__()
+        self.qtype, self.dim, self.dtype = qtype, cols, dtype
+        self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = gguf.dequantize(self.qtype, self.blocks[ids.flatten().cpu()])  # [n, D] float32
+        return rows.to(device=ids.device, dtype=self.dtype).view(*ids.shape, self.dim)
+
+
+def swap_compact(model: nn.Module, compact: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Replace the modules whose weights are given as blocks; returns their state ({name}.blocks -> bytes)
+    for load_state_dict. dtype: what the embedding hands the model."""
+    state = {}
+    for weight_name, (qtype, blocks, (rows, cols)) in compact.items():
+        module_name = weight_name.removesuffix(".weight")
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, attr)
+        if isinstance(old, nn.Embedding):
+            new = BlockEmbedding(qtype, rows, cols, blocks.shape[1], dtype)
+        else:
+            new = BlockLinear(qtype, rows, cols, blocks.shape[1], old.bias is not None)
+        setattr(parent, attr, new)
+        state[f"{module_name}.blocks"] = blocks
+    return state
