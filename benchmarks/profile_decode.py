@@ -27,7 +27,9 @@ def main() -> None:
     p.add_argument("--resident", action="store_true", help="all experts in memory (no paging)")
     args = p.parse_args()
 
-    engine = moepager.load(args.model) if args.resident else moepager.load(args.model, expert_memory=args.budget)
+    engine = (
+        moepager.load(args.model) if args.resident else moepager.load(args.model, expert_memory=args.budget)
+    )
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, engine.config.vocab_size, (args.prompt_tokens,), generator=gen).tolist()
     stream = engine.stream(prompt, args.tokens, stop_ids=[])
@@ -45,7 +47,11 @@ def main() -> None:
         if k in after:
             d = after[k] - before.get(k, 0)
             per = d / n
-            print(f"  {k:14s} {d:>14.3f}  per token {per:,.3f}" if isinstance(d, float) else f"  {k:14s} {d:>14}  per token {per:,.1f}")
+            print(
+                f"  {k:14s} {d:>14.3f}  per token {per:,.3f}"
+                if isinstance(d, float)
+                else f"  {k:14s} {d:>14}  per token {per:,.1f}"
+            )
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.top)
     print(s.getvalue())

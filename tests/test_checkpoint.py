@@ -1,9 +1,9 @@
 """Checkpoint sources: sharded folders and the local Hugging Face cache."""
 
 import torch
+from tiny_models import build
 
 import moepager
-from tiny_models import build
 
 
 def test_sharded_checkpoint_matches_single_file(tiny, tmp_path):

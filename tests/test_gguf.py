@@ -4,13 +4,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_models import VOCAB
 
 import moepager
 from moepager.kernels import gguf as gguf_kernels
 from moepager.store.checkpoint import Checkpoint
 from moepager.store.gguf_source import EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
 from moepager.store.source import open_source
-from tiny_models import VOCAB
 
 Q = gguf.GGMLQuantizationType
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
@@ -220,7 +220,10 @@ def test_q4_k_experts(tmp_path):
         t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors if t.name == "blk.0.ffn_down_exps.weight"
     )
     full = gguf.quants.dequantize(t.data, t.tensor_type)
-    assert torch.equal(gguf_kernels.dequantize(Q.Q4_K, src.read_expert(0, 2)["down"]), torch.from_numpy(np.asarray(full[2], dtype=np.float32)))
+    assert torch.equal(
+        gguf_kernels.dequantize(Q.Q4_K, src.read_expert(0, 2)["down"]),
+        torch.from_numpy(np.asarray(full[2], dtype=np.float32)),
+    )
     engine = moepager.load(tmp_path / "m.gguf")
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -85,7 +85,9 @@ def test_gguf_to_hf_matches_transformers(tiny_gguf, tmp_path):
 
     out = convert_gguf(tiny_gguf, tmp_path / "dense")
     ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
-    ref = tf.AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    ref = tf.AutoModelForCausalLM.from_pretrained(
+        tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32
+    )
     with torch.no_grad():
         expected = ref.eval()(ids).logits
     engine = moepager.load(out)
@@ -109,7 +111,6 @@ def _calibration_text(n: int = 1024, seed: int = 1) -> str:
 def tiny_llama(tmp_path_factory):
     """A random dense llama (hidden 32, 64 neurons per layer) with the word tokenizer."""
     import transformers as tf
-
     from tiny_models import COMMON, write_word_tokenizer
 
     torch.manual_seed(0)
@@ -173,7 +174,9 @@ def test_moefy_reads_gguf_directly(tiny_gguf, tmp_path):
     out = moefy(tiny_gguf, tmp_path / "moe", experts=4, top_k=4, shared=16, calibration_text=text, tokens=512)
     dense = convert_gguf(tiny_gguf, tmp_path / "dense")
     ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(moepager.load(out).logits(ids), moepager.load(dense).logits(ids), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        moepager.load(out).logits(ids), moepager.load(dense).logits(ids), atol=1e-4, rtol=0
+    )
 
 
 def test_cli_moefy_and_eval(tiny_llama, tmp_path, capsys):
@@ -191,6 +194,9 @@ def test_cli_moefy_and_eval(tiny_llama, tmp_path, capsys):
     assert main(argv) == 0
     assert main(["moefy", str(src), str(out), "--experts", "4", "--top-k", "2"]) == 2  # exists already
     capsys.readouterr()
-    assert main(["eval", str(out), "--text", str(text), "--reference", str(src), "--window", "32", "--json"]) == 0
+    assert (
+        main(["eval", str(out), "--text", str(text), "--reference", str(src), "--window", "32", "--json"])
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["tokens"] == 6 * 31 and record["agreement"] == 1.0 and record["perplexity"] > 1

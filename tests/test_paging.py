@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import VOCAB
 
 import moepager
 from moepager.errors import MoepagerError
-from tiny_models import VOCAB
 
 PAGED = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 
@@ -188,7 +188,9 @@ def test_wrong_guesses_never_change_the_output(references):
     engine = _load(path, expert_memory="50%", prefetch=True)
     pf = engine.experts.prefetcher
     bad = torch.Generator().manual_seed(0)
-    pf.routers = {layer: (lambda x: torch.randint(0, 16, (x.shape[0], 4), generator=bad)) for layer in pf.routers}
+    pf.routers = {
+        layer: (lambda x: torch.randint(0, 16, (x.shape[0], 4), generator=bad)) for layer in pf.routers
+    }
     assert engine.generate(prompt, max_new_tokens=24, stop_ids=[]) == tokens
     s = engine.stats()["experts"]
     assert s["prefetch_reads"] > 0 and s["prefetch"]["precision"] < 0.6

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import FAMILIES, VOCAB
 
 import moepager
-from tiny_models import FAMILIES, VOCAB
 
 
 @pytest.fixture(scope="module")

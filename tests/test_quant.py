@@ -4,14 +4,21 @@ whole model's cost measured against the unquantized one."""
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import VOCAB
 
 import moepager
-from moepager.moe import expert_forward
 from moepager.config import ModelConfig
-from moepager.kernels.intquant import _KERNEL_LAYOUTS, cpu_int4_layout, linear, pack_int4, quantize, unpack_int4
+from moepager.kernels.intquant import (
+    _KERNEL_LAYOUTS,
+    cpu_int4_layout,
+    linear,
+    pack_int4,
+    quantize,
+    unpack_int4,
+)
+from moepager.moe import expert_forward
 from moepager.store.encoding import QuantizingSource, convert_expert, expert_from_tensors, expert_tensors
 from moepager.store.source import open_source
-from tiny_models import VOCAB
 
 
 def _randn(*shape, seed=0):

@@ -17,6 +17,7 @@ import urllib.request
 import openai
 import pytest
 import torch
+from tiny_models import FAMILIES, VOCAB, copy_with_tokenizer
 
 import moepager
 from moepager.batching import Scheduler, Sequence
@@ -24,7 +25,6 @@ from moepager.cli import main as cli_main
 from moepager.generate import SamplingParams
 from moepager.layers import KVCache
 from moepager.server import create_app
-from tiny_models import FAMILIES, VOCAB, copy_with_tokenizer
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -457,7 +457,9 @@ def test_serve_without_model_uses_the_default(monkeypatch, tiny):
     path, _ = tiny("mixtral")
     served = {}
     monkeypatch.setattr(default_model, "default_model_path", lambda: path)
-    monkeypatch.setattr(server, "serve", lambda engine, name, **kw: served.update(engine=engine, name=name, **kw))
+    monkeypatch.setattr(
+        server, "serve", lambda engine, name, **kw: served.update(engine=engine, name=name, **kw)
+    )
     assert cli_main(["serve", "--port", "8123"]) == 0
     assert served["engine"].path == path and served["name"] == "default"
     assert served["host"] == "127.0.0.1" and served["port"] == 8123

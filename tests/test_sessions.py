@@ -7,13 +7,13 @@ import struct
 
 import pytest
 import torch
+from tiny_models import VOCAB
 
 import moepager
 from moepager.cli import main
 from moepager.errors import CorruptFile
 from moepager.layers import KVCache
 from moepager.sessions import StaleSession
-from tiny_models import VOCAB
 
 
 def _prompt(n: int, seed: int) -> list[int]:

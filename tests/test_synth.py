@@ -40,7 +40,17 @@ def test_synth_size_sets_layers_and_file_size(tmp_path):
 
 
 def test_synth_cli_and_errors(tmp_path, capsys):
-    argv = ["synth", str(tmp_path / "m"), "--layers", "1", "--hidden", "32", "--intermediate", "48", "--quiet"]
+    argv = [
+        "synth",
+        str(tmp_path / "m"),
+        "--layers",
+        "1",
+        "--hidden",
+        "32",
+        "--intermediate",
+        "48",
+        "--quiet",
+    ]
     assert main(argv) == 0
     assert main(argv) == 2 and "already exists" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "x"), "--size", "8 parsecs"]) == 2

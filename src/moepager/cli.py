@@ -14,15 +14,21 @@ def _prompt_ids(engine, args) -> list[int]:
         try:
             ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
-            raise MoepagerError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+            raise MoepagerError(
+                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
+            ) from None
         bad = [i for i in ids if not 0 <= i < engine.config.vocab_size]
         if bad:
-            raise MoepagerError(f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{engine.config.vocab_size - 1})")
+            raise MoepagerError(
+                f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{engine.config.vocab_size - 1})"
+            )
         return ids
     if args.prompt is None:
         raise MoepagerError("give --prompt TEXT or --prompt-ids 1,2,3")
     if engine.tokenizer is None:
-        raise MoepagerError(f"{engine.path} has no tokenizer.json; use --prompt-ids 1,2,3 instead of --prompt")
+        raise MoepagerError(
+            f"{engine.path} has no tokenizer.json; use --prompt-ids 1,2,3 instead of --prompt"
+        )
     if engine.tokenizer.chat_template and not args.raw:
         return engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     return engine.tokenizer.encode(args.prompt)
@@ -43,8 +49,14 @@ def cmd_run(args) -> None:
 
     args.model = _model_or_default(args.model)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
-    engine = load(args.model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype,
-                  **_paging_options(args), **kv)
+    engine = load(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        experts_dtype=args.experts_dtype,
+        **_paging_options(args),
+        **kv,
+    )
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
@@ -84,7 +96,9 @@ def _add_serve(sub) -> None:
     import os
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    s.add_argument("model", nargs="?", help="checkpoint folder or hub id (default: the embedded default model)")
+    s.add_argument(
+        "model", nargs="?", help="checkpoint folder or hub id (default: the embedded default model)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="address to bind; the default is loopback only")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("MOEPAGER_API_KEY"),
@@ -94,8 +108,12 @@ def _add_serve(sub) -> None:
     s.add_argument("--memory-limit", help="total memory limit, passed to moepager.load")
     s.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
     s.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy")
-    s.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
-    s.add_argument("--kv-memory", help="RAM for each sequence's KV cache (e.g. 64MiB); older blocks spill to disk")
+    s.add_argument(
+        "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
+    )
+    s.add_argument(
+        "--kv-memory", help="RAM for each sequence's KV cache (e.g. 64MiB); older blocks spill to disk"
+    )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     s.set_defaults(func=cmd_serve)
@@ -111,13 +129,16 @@ def cmd_synth(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import BenchOptions, main as bench_main
+    from .bench import BenchOptions
+    from .bench import main as bench_main
 
     bench_main(BenchOptions.from_cli(args))
 
 
 def _add_synth_bench(sub) -> None:
-    s = sub.add_parser("synth", help="write a large random MoE checkpoint (Hugging Face layout) for benchmarks")
+    s = sub.add_parser(
+        "synth", help="write a large random MoE checkpoint (Hugging Face layout) for benchmarks"
+    )
     s.add_argument("out", help="folder to create")
     s.add_argument("--family", default="mixtral", help="mixtral or qwen3_moe")
     s.add_argument("--size", help="target size, e.g. 8GiB (sets the number of layers)")
@@ -146,8 +167,12 @@ def _add_synth_bench(sub) -> None:
     b.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG")
     b.add_argument("--name", help="file stem of the results (default: the model folder's name)")
     b.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
-    b.add_argument("--engine-option", action="append", metavar="KEY=VALUE",
-                   help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable)")
+    b.add_argument(
+        "--engine-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable)",
+    )
     b.add_argument("--gguf", help="GGUF file of the same model for the llamacpp peer (default: a GGUF MODEL)")
     b.add_argument("--tokenizer", metavar="FOLDER", help="folder with tokenizer.json for the prompt text")
     b.add_argument("--temperature", type=float, default=1.0, help="every engine samples at it (0 = greedy)")
@@ -172,7 +197,9 @@ def cmd_verify(args) -> None:
     report = verify(args.store, args.source, progress=not args.quiet)
     print(format_report(report))
     if not report.ok:
-        raise CorruptFile(f"{report.store}: verify found {len(report.problems)} problem(s); re-convert the store")
+        raise CorruptFile(
+            f"{report.store}: verify found {len(report.problems)} problem(s); re-convert the store"
+        )
 
 
 def _add_store(sub) -> None:
@@ -184,8 +211,11 @@ def _add_store(sub) -> None:
     c.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
                    help="routed experts in this dtype (default: the checkpoint's); int8/int4 are lossy: "
                    "measure them with `moepager eval`")  # fmt: skip
-    c.add_argument("--dense-dtype", choices=["bf16", "fp16", "fp32"],
-                   help="floating-point resident weights in this dtype (default: the checkpoint's)")
+    c.add_argument(
+        "--dense-dtype",
+        choices=["bf16", "fp16", "fp32"],
+        help="floating-point resident weights in this dtype (default: the checkpoint's)",
+    )
     c.set_defaults(func=cmd_convert)
     v = sub.add_parser("verify", help="check a store's checksums, or compare it bit for bit with its source")
     v.add_argument("store", help="a folder written by `moepager convert`")
@@ -200,7 +230,9 @@ def _pins(text: str | None) -> list[tuple[int, int]]:
     try:
         return [(int(a), int(b)) for a, b in (p.split(":") for p in text.split(",") if p.strip())]
     except ValueError:
-        raise MoepagerError(f"--pin must be LAYER:EXPERT pairs separated by commas (e.g. 0:3,1:7), got {text!r}") from None
+        raise MoepagerError(
+            f"--pin must be LAYER:EXPERT pairs separated by commas (e.g. 0:3,1:7), got {text!r}"
+        ) from None
 
 
 def _paging_options(args) -> dict:
@@ -246,17 +278,23 @@ def cmd_stats(args) -> None:
     try:
         record = json.loads(open(args.record).read())
     except FileNotFoundError:
-        raise MoepagerError(f"{args.record} does not exist; save one with moepager run ... --json > FILE") from None
+        raise MoepagerError(
+            f"{args.record} does not exist; save one with moepager run ... --json > FILE"
+        ) from None
     except json.JSONDecodeError as e:
         raise MoepagerError(f"{args.record}: not a JSON record of moepager run --json ({e})") from None
     stats = record.get("stats", record) if isinstance(record, dict) else None
     if not isinstance(stats, dict) or "experts" not in stats:
-        raise MoepagerError(f"{args.record}: no expert stats in it; record a run with --expert-memory ... --json")
+        raise MoepagerError(
+            f"{args.record}: no expert stats in it; record a run with --expert-memory ... --json"
+        )
     print(render_stats(stats))
 
 
 def _add_paging(sub) -> None:
-    p = sub.add_parser("replay", help="hit rate of each eviction policy on a routing trace, with Belady's bound")
+    p = sub.add_parser(
+        "replay", help="hit rate of each eviction policy on a routing trace, with Belady's bound"
+    )
     p.add_argument("trace", help="a trace file from moepager run ... --trace FILE")
     p.add_argument("--budget", default="10%,25%,50%", help="share of all experts (25%%) or a count of experts; "
                    "several separated by commas")  # fmt: skip
@@ -295,7 +333,9 @@ def cmd_eval(args) -> None:
         print(json.dumps(r.as_dict()))
         return
     line = f"perplexity {r.perplexity:.3f} over {r.tokens} tokens"
-    print(line + (f"; greedy agreement with the reference {r.agreement:.2%}" if r.agreement is not None else ""))
+    print(
+        line + (f"; greedy agreement with the reference {r.agreement:.2%}" if r.agreement is not None else "")
+    )
 
 
 def _add_moefy(sub) -> None:
@@ -303,7 +343,9 @@ def _add_moefy(sub) -> None:
     m.add_argument("dense", help="dense checkpoint folder (llama family) or a llama GGUF file")
     m.add_argument("out", help="folder to create")
     m.add_argument("--experts", type=int, default=16, help="routed experts per layer (E)")
-    m.add_argument("--top-k", type=int, default=8, help="experts per token (K); K = E reproduces the dense model")
+    m.add_argument(
+        "--top-k", type=int, default=8, help="experts per token (K); K = E reproduces the dense model"
+    )
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shared", type=int, help="neurons of the always-on shared expert (default: about half)")
     m.add_argument("--calibration", help="calibration text file (default: the Python reference topics)")
@@ -338,19 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
-    r.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
-                   help="convert routed experts as they are read (int8/int4 are lossy)")
+    r.add_argument(
+        "--experts-dtype",
+        choices=["bf16", "fp16", "int8", "int4"],
+        help="convert routed experts as they are read (int8/int4 are lossy)",
+    )
     r.add_argument("--expert-memory", help="memory for routed experts: 512MiB, 2GB or a share of them (25%%); "
                    "turns paging on")  # fmt: skip
-    r.add_argument("--memory-limit", help="whole-process budget (e.g. 700MiB): experts get what the rest leaves")
+    r.add_argument(
+        "--memory-limit", help="whole-process budget (e.g. 700MiB): experts get what the rest leaves"
+    )
     r.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
-    r.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default nextuse)")
-    r.add_argument("--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead")
+    r.add_argument(
+        "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default nextuse)"
+    )
+    r.add_argument(
+        "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
+    )
     r.add_argument("--pin", help="experts never evicted, as LAYER:EXPERT pairs: 0:3,1:7")
     r.add_argument("--hot-set", help="pin the experts listed in this file (see --save-hot-set)")
     r.add_argument("--save-hot-set", help="after the run, save the most used experts to this file")
     r.add_argument("--trace", help="save the routing trace (experts chosen per token and layer) to this file")
-    r.add_argument("--kv-memory", help="RAM for the KV cache (e.g. 64MiB); older blocks spill to disk beyond it")
+    r.add_argument(
+        "--kv-memory", help="RAM for the KV cache (e.g. 64MiB); older blocks spill to disk beyond it"
+    )
     r.add_argument("--kv-spill-dir", help="folder for the KV spill file (default: the system temp folder)")
     r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
     r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "

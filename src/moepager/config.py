@@ -242,7 +242,9 @@ def _phimoe(d: dict) -> ModelConfig:
     c.router_jitter_eps = d.get("router_jitter_noise", 0.01)
     c.moe_layers = [True] * c.num_layers
     if c.top_k != 2:
-        raise UnsupportedArchitecture(f"PhiMoE routing (sparsemixer) is defined for top-2 only, got {c.top_k}")
+        raise UnsupportedArchitecture(
+            f"PhiMoE routing (sparsemixer) is defined for top-2 only, got {c.top_k}"
+        )
     return c
 
 
@@ -270,4 +272,6 @@ def config_from_hf(d: dict) -> ModelConfig:
     try:
         return FAMILIES[family](d)
     except KeyError as e:
-        raise UnsupportedArchitecture(f"config.json of a {family} model lacks the field {e.args[0]!r}") from None
+        raise UnsupportedArchitecture(
+            f"config.json of a {family} model lacks the field {e.args[0]!r}"
+        ) from None

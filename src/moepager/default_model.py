@@ -53,7 +53,9 @@ def default_model_path() -> Path:
     gguf = source_gguf()
     expected = plan.meta.get("source_sha256")
     if expected and sha256_file(gguf) != expected:
-        raise MoepagerError(f"{gguf} is not the file the default model's plan was made for; reinstall it: {INSTALL}")
+        raise MoepagerError(
+            f"{gguf} is not the file the default model's plan was made for; reinstall it: {INSTALL}"
+        )
     print(f"moepager: building the default model (once) into {out}", file=sys.stderr)
     try:
         return moefy(gguf, out, experts=plan.experts, top_k=TOP_K, plan=plan)

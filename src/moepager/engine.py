@@ -7,15 +7,15 @@ experts contract. Runtime choices arrive here as arguments; the model config nev
 from __future__ import annotations
 
 import resource
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
+from . import sessions
 from .compact import swap_compact
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
-from . import sessions
 from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
@@ -49,7 +49,9 @@ class Engine:
         self.timings = Timings()
         self.kv = kv or KVOptions()
         self.kv_stats: dict = {}  # the last generation's KV cache stats
-        self.session_reused_tokens: int | None = None  # prompt tokens the last resumed session did not recompute
+        self.session_reused_tokens: int | None = (
+            None  # prompt tokens the last resumed session did not recompute
+        )
         self._identity: str | None = None
 
     @torch.inference_mode()
@@ -102,7 +104,9 @@ class Engine:
         """(cache, token ids) from a session file; a file from another model or format is refused."""
         return sessions.load(path, self.identity(), self.model.norm.weight.dtype, self._blocked_cache)
 
-    def stream_session(self, path: str | Path, input_ids, max_new_tokens: int = 64, **sampling) -> Iterator[int]:
+    def stream_session(
+        self, path: str | Path, input_ids, max_new_tokens: int = 64, **sampling
+    ) -> Iterator[int]:
         """Like stream, continuing the session at `path` if it exists, and saving it when generation ends.
 
         input_ids is the whole conversation so far; the longest prefix it shares with the saved ids is
@@ -123,7 +127,9 @@ class Engine:
         for tid in self.stream(ids[reuse:], max_new_tokens, cache=cache, **sampling):
             out.append(tid)
             yield tid
-        self.save_session(path, cache, (ids + out)[: cache.seq_len])  # the last id yielded is not in the cache
+        self.save_session(
+            path, cache, (ids + out)[: cache.seq_len]
+        )  # the last id yielded is not in the cache
         if hasattr(cache, "close"):
             cache.close()
 
@@ -210,7 +216,9 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         state.update(swap_compact(net, compact, dtype))
     missing = set(net.state_dict()) - set(state)
     if missing:
-        raise MoepagerError(f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}")
+        raise MoepagerError(
+            f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}"
+        )
     net.load_state_dict(state, strict=True, assign=True)
     net.to(device=dev, dtype=dtype)
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
@@ -222,7 +230,9 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         experts = build_paged(net, ckpt, dev, expert_dtype, expert_memory, memory_limit, policy, prefetch, pins,
                               hot_set, max_context)  # fmt: skip
     else:
-        experts = resident_experts(ckpt, dev, None if experts_dtype else dtype)  # experts_dtype, when given, is kept
+        experts = resident_experts(
+            ckpt, dev, None if experts_dtype else dtype
+        )  # experts_dtype, when given, is kept
     recorder = None
     if record_trace:
         from .paging.trace import TraceRecorder

@@ -26,7 +26,12 @@ class EvalResult:
         return math.exp(self.nll)
 
     def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "nll": self.nll, "perplexity": self.perplexity, "agreement": self.agreement}
+        return {
+            "tokens": self.tokens,
+            "nll": self.nll,
+            "perplexity": self.perplexity,
+            "agreement": self.agreement,
+        }
 
 
 def text_windows(tokenizer, text: str, window: int, max_tokens: int | None) -> torch.Tensor:
@@ -36,7 +41,9 @@ def text_windows(tokenizer, text: str, window: int, max_tokens: int | None) -> t
         ids = ids[:max_tokens]
     n = len(ids) // window
     if n == 0:
-        raise MoepagerError(f"the text has {len(ids)} tokens, fewer than one window of {window}; lower --window")
+        raise MoepagerError(
+            f"the text has {len(ids)} tokens, fewer than one window of {window}; lower --window"
+        )
     return torch.tensor(ids[: n * window]).view(n, window)
 
 
@@ -50,7 +57,9 @@ def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: i
         raise MoepagerError(f"{engine.path} has no tokenizer.json; evaluation needs one to read text")
     windows = text_windows(engine.tokenizer, text, window, max_tokens)
     if reference is not None and reference.config.vocab_size != engine.config.vocab_size:
-        raise MoepagerError("the reference model has a different vocabulary; agreement needs the same tokenizer")
+        raise MoepagerError(
+            "the reference model has a different vocabulary; agreement needs the same tokenizer"
+        )
     nll, count, agree = 0.0, 0, 0
     for ids in tqdm(windows, desc="eval", unit="window", disable=not progress):
         logits = engine.logits(ids[None])[0, :-1]  # [T-1, V]

@@ -77,7 +77,9 @@ class BankSpec:
         return {name: self.parts[part][1] for name, (part, _) in self.views.items()}
 
     def storage(self, slots: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-        return {p: torch.empty((slots, *shape), dtype=dt, device=device) for p, (shape, dt) in self.parts.items()}
+        return {
+            p: torch.empty((slots, *shape), dtype=dt, device=device) for p, (shape, dt) in self.parts.items()
+        }
 
     def allocate(self, slots: int, device: torch.device | str, layer: int | None = None) -> ExpertBank:
         return ExpertBank(self, self.storage(slots, device), layer)
@@ -91,7 +93,9 @@ def matrix_format(template: ExpertWeights, name: str, formats: dict) -> str:
     return "float"
 
 
-def bank_spec(template: ExpertWeights, formats: dict | None = None, dtype: torch.dtype | None = None) -> BankSpec:
+def bank_spec(
+    template: ExpertWeights, formats: dict | None = None, dtype: torch.dtype | None = None
+) -> BankSpec:
     """The bank layout for experts shaped like `template` (as a ModelSource reads them). formats: the
     source's block-quantized matrices (GgufSource.expert_formats); dtype: the compute dtype of float parts
     (None keeps theirs).
@@ -169,7 +173,9 @@ class ExpertBank:
     @property
     def slots(self) -> list[ExpertWeights]:
         if self._slots is None:
-            self._slots = [{n: self.storage[p][s][i] for n, (p, i) in self.spec.views.items()} for s in range(self.size)]
+            self._slots = [
+                {n: self.storage[p][s][i] for n, (p, i) in self.spec.views.items()} for s in range(self.size)
+            ]
         return self._slots
 
     @property
@@ -181,7 +187,9 @@ class ExpertBank:
         if self.gate_up is not None:
             gu = self.gate_up.gather_mv(x, slots)  # [N, K, 2I]
         else:
-            gu = torch.cat([self.matrices["gate"].gather_mv(x, slots), self.matrices["up"].gather_mv(x, slots)], -1)
+            gu = torch.cat(
+                [self.matrices["gate"].gather_mv(x, slots), self.matrices["up"].gather_mv(x, slots)], -1
+            )
         if self.gate_up_bias is not None:
             gu = gu + self.gate_up_bias[slots].to(gu.dtype)
         return gu.chunk(2, dim=-1)
@@ -201,7 +209,9 @@ class ExpertBank:
 # ------------------------------------------------------------------------------------------ the primitive
 
 
-def gathered(bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, config: ModelConfig):
+def gathered(
+    bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, config: ModelConfig
+):
     """Decode: every (token, expert) pair read straight from the bank, a handful of ops whatever K is."""
     gate, up = bank.gate_and_up(x, slots)  # [N, K, I] each
     out = bank.down.gather_mv(activation(gate, up, config), slots)  # [N, K, D]
@@ -355,7 +365,9 @@ class MoE(nn.Module):
         super().__init__()
         self.layer = layer
         self.router = Router(config)
-        self.shared = MLP(config.hidden_size, config.shared_expert_size) if config.shared_expert_size else None
+        self.shared = (
+            MLP(config.hidden_size, config.shared_expert_size) if config.shared_expert_size else None
+        )
         self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         self.experts: Experts | None = None  # swapped in after construction
 

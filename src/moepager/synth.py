@@ -69,9 +69,17 @@ def _dtype(spec: SynthSpec) -> torch.dtype:
 
 def _layer_tensors(spec: SynthSpec, i: int) -> list[tuple[str, tuple[int, ...], str]]:
     """(hub name, shape, init) of one decoder layer; init is 'ones', 'linear' or 'router'."""
-    d, q, kv, inter = spec.hidden, spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim, spec.intermediate
+    d, q, kv, inter = (
+        spec.hidden,
+        spec.heads * spec.head_dim,
+        spec.kv_heads * spec.head_dim,
+        spec.intermediate,
+    )
     p = f"model.layers.{i}."
-    out = [(p + "input_layernorm.weight", (d,), "ones"), (p + "post_attention_layernorm.weight", (d,), "ones")]
+    out = [
+        (p + "input_layernorm.weight", (d,), "ones"),
+        (p + "post_attention_layernorm.weight", (d,), "ones"),
+    ]
     out += [(p + "self_attn.q_proj.weight", (q, d), "linear"), (p + "self_attn.k_proj.weight", (kv, d), "linear"),
             (p + "self_attn.v_proj.weight", (kv, d), "linear"), (p + "self_attn.o_proj.weight", (d, q), "linear")]  # fmt: skip
     if spec.family == "mixtral":
@@ -93,7 +101,10 @@ def _layer_tensors(spec: SynthSpec, i: int) -> list[tuple[str, tuple[int, ...], 
 
 def _edge_tensors(spec: SynthSpec) -> tuple[list, list]:
     head = [("model.embed_tokens.weight", (spec.vocab, spec.hidden), "linear")]
-    tail = [("model.norm.weight", (spec.hidden,), "ones"), ("lm_head.weight", (spec.vocab, spec.hidden), "linear")]
+    tail = [
+        ("model.norm.weight", (spec.hidden,), "ones"),
+        ("lm_head.weight", (spec.vocab, spec.hidden), "linear"),
+    ]
     return head, tail
 
 
@@ -104,7 +115,9 @@ def _nbytes(tensors, itemsize: int) -> int:
 def plan(spec: SynthSpec, size: int | None) -> SynthSpec:
     """Fill in `layers` from a target size in bytes (when not given)."""
     if spec.family not in FAMILIES:
-        raise MoepagerError(f"--family {spec.family!r} cannot be synthesized; use one of {', '.join(FAMILIES)}")
+        raise MoepagerError(
+            f"--family {spec.family!r} cannot be synthesized; use one of {', '.join(FAMILIES)}"
+        )
     if spec.top_k > spec.experts or min(spec.hidden, spec.intermediate, spec.experts, spec.top_k) < 1:
         raise MoepagerError("need hidden, intermediate, experts >= 1 and 1 <= top-k <= experts")
     if spec.heads % spec.kv_heads:
@@ -118,7 +131,9 @@ def plan(spec: SynthSpec, size: int | None) -> SynthSpec:
     per_layer = _nbytes(_layer_tensors(spec, 0), itemsize)
     layers = (size - _nbytes(head + tail, itemsize)) // per_layer
     if layers < 1:
-        raise MoepagerError(f"--size {size} bytes is smaller than one layer ({per_layer} bytes) plus embeddings")
+        raise MoepagerError(
+            f"--size {size} bytes is smaller than one layer ({per_layer} bytes) plus embeddings"
+        )
     return SynthSpec(**{**asdict(spec), "layers": int(layers)})
 
 

@@ -52,4 +52,6 @@ def gather_matvec(w: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torc
 
 
 def can_use(w: torch.Tensor, x: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.float32 and x.dtype == torch.float32 and w.is_contiguous()
+    return (
+        w.device.type == "cpu" and w.dtype == torch.float32 and x.dtype == torch.float32 and w.is_contiguous()
+    )

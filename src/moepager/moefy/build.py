@@ -67,7 +67,7 @@ class Plan:
         save_file({"order": self.order.to(torch.int32), "router": self.router.contiguous()}, str(path), meta)
 
     @classmethod
-    def load(cls, path: Path) -> "Plan":
+    def load(cls, path: Path) -> Plan:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -101,7 +101,9 @@ def dense_folder(dense: str | Path, workdir: Path) -> Path:
     folder = resolve(path)
     config, _ = read_config(folder)
     if config.family not in FAMILIES:
-        raise MoepagerError(f"{folder}: moefy needs a dense llama-family model; this one is {config.family!r}")
+        raise MoepagerError(
+            f"{folder}: moefy needs a dense llama-family model; this one is {config.family!r}"
+        )
     return folder
 
 
@@ -203,7 +205,9 @@ def calibrate(folder: Path, text: str, experts: int, shared: int, seed: int, tok
     gen = torch.Generator().manual_seed(seed)
     ids = calibration_ids(engine.tokenizer, text, tokens, seq_len)
     rope = model.rotary(torch.arange(seq_len), torch.float32)
-    xs = [model.embed(ids[i : i + batch]) for i in range(0, len(ids), batch)]  # residual stream, [b, T, D] each
+    xs = [
+        model.embed(ids[i : i + batch]) for i in range(0, len(ids), batch)
+    ]  # residual stream, [b, T, D] each
     orders, routers = [], []
     for block in tqdm(model.layers, desc="moefy: calibrating layers", unit="layer"):
         hs = [x + block.attn(block.attn_norm(x), rope, None, 0) for x in xs]
@@ -229,7 +233,10 @@ def moe_config(dense: dict, plan: Plan, top_k: int) -> dict:
         raise MoepagerError("moefy: Qwen2-MoE needs head_dim == hidden_size / num_attention_heads")
     if dense.get("attention_bias") or dense.get("mlp_bias"):
         raise MoepagerError("moefy: dense models with attention or MLP biases are not supported")
-    if dense.get("rope_scaling") or (dense.get("rope_parameters") or {}).get("rope_type", "default") != "default":
+    if (
+        dense.get("rope_scaling")
+        or (dense.get("rope_parameters") or {}).get("rope_type", "default") != "default"
+    ):
         raise MoepagerError("moefy: only the default rope is supported for the Qwen2-MoE output")
     e = plan.experts
     if not 1 <= top_k <= e:
@@ -319,7 +326,10 @@ def assemble(folder: Path, plan: Plan, top_k: int, out: str | Path) -> Path:
     dense = json.loads((folder / "config.json").read_text())
     config = moe_config(dense, plan, top_k)
     layers, e, s = dense["num_hidden_layers"], plan.experts, plan.shared
-    if plan.order.shape != (layers, dense["intermediate_size"]) or plan.router.shape[2] != dense["hidden_size"]:
+    if (
+        plan.order.shape != (layers, dense["intermediate_size"])
+        or plan.router.shape[2] != dense["hidden_size"]
+    ):
         raise MoepagerError(f"the moefy plan (order {tuple(plan.order.shape)}, router {tuple(plan.router.shape)}) "
                             f"does not fit this model ({layers} layers, {dense['intermediate_size']} neurons)")  # fmt: skip
     index = read_index(folder)
@@ -360,7 +370,9 @@ def assemble(folder: Path, plan: Plan, top_k: int, out: str | Path) -> Path:
         try:
             os.replace(tmp, out)
         except OSError:  # another process finished the same folder first
-            raise MoepagerError(f"{out} appeared while it was being written; remove it or choose another path") from None
+            raise MoepagerError(
+                f"{out} appeared while it was being written; remove it or choose another path"
+            ) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -66,7 +66,9 @@ def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
         raise MoepagerError(f"{path}: not a readable GGUF file ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise MoepagerError(f"{path}: general.architecture is {arch!r}; only dense 'llama' GGUF files are supported")
+        raise MoepagerError(
+            f"{path}: general.architecture is {arch!r}; only dense 'llama' GGUF files are supported"
+        )
     a = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
     heads, hidden = a("attention.head_count"), a("embedding_length")
     kv_heads = a("attention.head_count_kv", heads)
@@ -90,7 +92,9 @@ def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": int(a("vocab_size", len(tokens) if tokens else state["model.embed_tokens.weight"].shape[0])),
+        "vocab_size": int(
+            a("vocab_size", len(tokens) if tokens else state["model.embed_tokens.weight"].shape[0])
+        ),
         "hidden_size": int(hidden),
         "intermediate_size": int(a("feed_forward_length")),
         "num_hidden_layers": int(a("block_count")),
@@ -129,7 +133,9 @@ def build_tokenizer(tok: dict):
     from tokenizers.models import BPE
 
     if tok["model"] != "gpt2" or not tok["tokens"] or not tok["merges"]:
-        raise MoepagerError(f"GGUF tokenizer model {tok['model']!r} is not supported; only byte-level BPE ('gpt2')")
+        raise MoepagerError(
+            f"GGUF tokenizer model {tok['model']!r} is not supported; only byte-level BPE ('gpt2')"
+        )
     vocab = {t: i for i, t in enumerate(tok["tokens"])}
     merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
     t = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))

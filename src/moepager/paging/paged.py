@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .cache import ExpertCache, load_hot_set, save_hot_set
 from ..config import ModelConfig
 from ..moe import grouped, switch_glu
+from .cache import ExpertCache, load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
 
 
@@ -21,7 +21,9 @@ class PagedExperts:
     def __init__(self, config: ModelConfig, cache: ExpertCache, routers: dict[int, Router] | None = None,
                  prefetch: bool = True):  # fmt: skip
         self.config, self.cache = config, cache
-        self._slot_of = torch.full((config.num_experts,), -1, dtype=torch.long, device=cache.device)  # expert -> slot
+        self._slot_of = torch.full(
+            (config.num_experts,), -1, dtype=torch.long, device=cache.device
+        )  # expert -> slot
         self.prefetcher = RouterPrefetcher(routers, cache) if prefetch and routers else None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -118,9 +120,9 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
                 policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts)."""
-    from .cache import format_bytes, parse_bytes
     from ..errors import MoepagerError
     from ..moe import MoE
+    from .cache import format_bytes, parse_bytes
 
     config = model.config
     limit, footprint = None, None

@@ -13,13 +13,13 @@ import heapq
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .cache import Residency, parse_bytes
 from ..config import ModelConfig
 from ..errors import MoepagerError
+from .cache import Residency, parse_bytes
 from .policies import POLICIES, Policy
 
 TRACE_FORMAT = "moepager-trace"

@@ -19,14 +19,22 @@ import torch
 
 from ..errors import MoepagerError
 from .checkpoint import Checkpoint
+from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 from .format import (
-    DENSE_FILE, EXPERTS_FILE, MANIFEST, TENSOR_ALIGN, ExpertEntry, Layout, Manifest, TensorEntry, is_store,
+    DENSE_FILE,
+    EXPERTS_FILE,
+    MANIFEST,
+    TENSOR_ALIGN,
+    ExpertEntry,
+    Layout,
+    Manifest,
+    TensorEntry,
+    is_store,
     write_manifest,
 )  # fmt: skip
-from .reader import aligned_buffer, align_up
+from .reader import align_up, aligned_buffer
 from .safetensors import DTYPES as ST_DTYPES
 from .safetensors import read_tensor
-from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 
 CANONICAL = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")  # order of tensors inside an expert
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
@@ -34,8 +42,14 @@ _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 SYNC_EVERY = 1 << 30  # flush and evict written pages every GiB, so conversion does not fill the page cache
 
 
-def convert(model: str | Path, out: str | Path, force: bool = False, progress: bool = True,
-            experts_dtype: str | None = None, dense_dtype: str | None = None) -> Path:
+def convert(
+    model: str | Path,
+    out: str | Path,
+    force: bool = False,
+    progress: bool = True,
+    experts_dtype: str | None = None,
+    dense_dtype: str | None = None,
+) -> Path:
     """Write the store for `model` (checkpoint folder or cached hub id) to `out`; return its path.
 
     experts_dtype (bf16, fp16, int8, int4) converts routed experts, dense_dtype (bf16, fp16, fp32) the

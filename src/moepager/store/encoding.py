@@ -18,6 +18,7 @@ from ..kernels.intquant import native_int4_layout, pack_int4, quantize, unpack_i
 EXPERT_DTYPES = ("bf16", "fp16", "int8", "int4")  # names accepted by --experts-dtype
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # plain casts; int8/int4 are codes + scales
 
+
 def check_experts_dtype(name: str | None) -> str | None:
     if name is not None and name not in EXPERT_DTYPES:
         raise MoepagerError(f"experts dtype {name!r} is not supported; use one of {', '.join(EXPERT_DTYPES)}")

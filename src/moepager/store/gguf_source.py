@@ -79,7 +79,9 @@ def dequantize(raw: torch.Tensor | np.ndarray, qtype, shape: tuple[int, ...]) ->
         return torch.from_numpy(data.copy()).view(_PLAIN[name]).reshape(shape)
     block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rows = data.reshape(-1, shape[-1] // block * block_bytes)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(shape)
+    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(
+        shape
+    )
 
 
 def _field(reader, key: str, default=None):
@@ -228,7 +230,11 @@ class GgufSource:
     def _read(self, t) -> torch.Tensor:
         """A tensor's bytes, uint8 [n_bytes], read past the page cache into memory we own."""
         view = self.reader.read(self.path, int(t.data_offset), int(t.n_bytes))
-        return torch.frombuffer(view, dtype=torch.uint8).clone() if len(view) else torch.empty(0, dtype=torch.uint8)
+        return (
+            torch.frombuffer(view, dtype=torch.uint8).clone()
+            if len(view)
+            else torch.empty(0, dtype=torch.uint8)
+        )
 
     def _fix(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Undo llama.cpp's convert-time changes (rows of blocks permute like rows of floats)."""
@@ -304,7 +310,9 @@ class GgufSource:
         if (layer, expert) not in self.experts:
             raise MoepagerError(f"{self.path}: no expert {expert} in layer {layer}")
         parts = self.experts[(layer, expert)]
-        views = self.reader.read_ranges([(self.path, offset, nbytes) for offset, nbytes, _, _ in parts.values()])
+        views = self.reader.read_ranges(
+            [(self.path, offset, nbytes) for offset, nbytes, _, _ in parts.values()]
+        )
         weights = {}
         for (part, (_, nbytes, qtype, shape)), view in zip(parts.items(), views):
             raw = torch.frombuffer(view, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
