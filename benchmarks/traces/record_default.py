@@ -57,7 +57,9 @@ def main() -> None:
     Path(args.out).with_suffix(".skew.json").write_text(json.dumps(summary, indent=1))
     print(f"{'layer':>5} {'top25%':>7} {'entropy':>7} {'min':>6} {'max':>6}")
     for r in rows:
-        print(f"{r['layer']:>5} {r['top25_share']:7.3f} {r['entropy']:7.3f} {r['min_share']:6.3f} {r['max_share']:6.3f}")
+        print(
+            f"{r['layer']:>5} {r['top25_share']:7.3f} {r['entropy']:7.3f} {r['min_share']:6.3f} {r['max_share']:6.3f}"
+        )
     print(f"mean top-25% share {summary['mean_top25_share']:.3f} (uniform 0.25), "
           f"mean normalized entropy {summary['mean_entropy']:.3f} (uniform 1.0)")  # fmt: skip
 
