@@ -21,3 +21,14 @@ moepager bench "$D/qwen3-128x8" --gguf "$D/qwen3-128x8.f32.gguf" --budgets 100%,
   --tokens 17 --name qwen3-128x8-f32
 moepager bench "$D/qwen3-128x8.q4_0.gguf" --tokenizer "$D/qwen3-128x8" --budgets 100% "${COMMON[@]}" \
   --tokens 17 --overhead 512MiB --name qwen3-128x8-q4_0
+# paged fp32 with tight caps (512 MiB over the dense weights and the budget, for every engine): with the
+# default 1 GiB overhead the whole 1.2 GiB model fits llama.cpp's page cache at every budget
+moepager bench "$D/qwen3-64x4" --gguf "$D/qwen3-64x4.f32.gguf" --budgets 25%,5% "${COMMON[@]}" \
+  --overhead 512MiB --name qwen3-64x4-f32-tight
+# the default model (32 experts of 24 neurons, top-26): every expert resident, and a quarter paged
+moepager bench "$(python -c 'from moepager.default_model import default_model_path as p; print(p())')" \
+  --budgets 25% --rounds 2 --tokens 17 --prompt-tokens 32 --peers none --overhead 768MiB --out "$OUT" \
+  --name default-smollm2-moe-compute
+# torch ops per decoded token, every expert resident (TorchFunctionMode)
+python benchmarks/count_ops.py "$(python -c 'from moepager.default_model import default_model_path as p; print(p())')" \
+  "$D/mixtral-small" "$D/qwen3-64x4" --tokens 16 | tee "$OUT/ops_after.txt"
