@@ -40,24 +40,13 @@ from moepager.kernels import gguf as gk
 
 SHAPES = [(1536, 2048), (2048, 768)]  # [R, C]: a gate/up and a down projection
 BANK, TOP_K = 128, 8
-# where each type keeps its fp16 block scales (d, and m or dmin)
-SCALE_OFFSETS = {
-    Q.Q4_0: [0],
-    Q.Q4_1: [0, 2],
-    Q.Q5_0: [0],
-    Q.Q5_1: [0, 2],
-    Q.Q8_0: [0],
-    Q.Q4_K: [0, 2],
-    Q.Q5_K: [0, 2],
-    Q.Q6_K: [208],
-}
 
 
 def random_blocks(qtype: int, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
     """uint8 [*shape[:-1], row bytes]: random codes, small finite fp16 block scales (like a model's)."""
     qk, bb = gk.block_shape(qtype)
     raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // qk, bb), dtype=np.uint8)
-    for o in SCALE_OFFSETS[qtype]:
+    for o in gk.FP16_FIELDS[qtype]:
         scale = (rng.standard_normal(raw.shape[:-1], dtype=np.float32) * 1e-3).astype(np.float16)
         raw[..., o : o + 2] = scale[..., None].view(np.uint8)
     return torch.from_numpy(raw.reshape(*shape[:-1], -1))

@@ -10,17 +10,6 @@ from moepager.kernels import gguf as gk
 Q = gguf.GGMLQuantizationType
 TYPES = sorted(gk.SUPPORTED)
 R, C = 64, 512  # two 256-weight blocks a row for the K types, 16 for the 32-weight ones
-# where each type keeps its fp16 block scales: d (and m or dmin)
-SCALES_AT = {
-    Q.Q4_0: [0],
-    Q.Q4_1: [0, 2],
-    Q.Q5_0: [0],
-    Q.Q5_1: [0, 2],
-    Q.Q8_0: [0],
-    Q.Q4_K: [0, 2],
-    Q.Q5_K: [0, 2],
-    Q.Q6_K: [208],
-}
 
 
 def random_raw(qtype: int, *shape: int, seed: int = 0) -> np.ndarray:
@@ -28,7 +17,7 @@ def random_raw(qtype: int, *shape: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     qk, bb = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (*shape[:-1], shape[-1] // qk, bb), dtype=np.uint8)
-    for o in SCALES_AT[qtype]:
+    for o in gk.FP16_FIELDS[qtype]:
         raw[..., o : o + 2] = rng.normal(0, 0.01, raw.shape[:-1]).astype(np.float16)[..., None].view(np.uint8)
     return raw.reshape(*shape[:-1], -1)
 

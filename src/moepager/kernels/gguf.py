@@ -28,6 +28,17 @@ from . import sync_threads
 
 Q = GGMLQuantizationType
 SUPPORTED: frozenset[int] = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+# where each type keeps its fp16 block scales (d, and m or dmin), in bytes from the block's start
+FP16_FIELDS = {
+    Q.Q4_0: [0],
+    Q.Q4_1: [0, 2],
+    Q.Q5_0: [0],
+    Q.Q5_1: [0, 2],
+    Q.Q8_0: [0],
+    Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
+    Q.Q6_K: [208],
+}
 
 # every fp16 bit pattern -> its float32 value, exact (subnormals, inf, nan included); indexed by lo | hi << 8
 _F16 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)

@@ -184,7 +184,8 @@ def render_stats(stats: dict) -> str:
     if x.get("prefetch"):
         p = x["prefetch"]
         out.append(
-            f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads"
+            f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads, "
+            f"off (kept missing) in layers {p.get('layers_off') or 'none'}"
         )
     if "decode_tokens_per_s" in stats:
         out.append(
