@@ -22,7 +22,9 @@ from moepager.tokenizer import Tokenizer
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
-    p.add_argument("--tokenizer", required=True, help="folder with the tokenizer.json of the model's vocabulary")
+    p.add_argument(
+        "--tokenizer", required=True, help="folder with the tokenizer.json of the model's vocabulary"
+    )
     p.add_argument("--tokens", type=int, default=256)
     args = p.parse_args()
     from pathlib import Path
