@@ -280,3 +280,20 @@ def test_compact_gguf_computes_what_its_dequantized_model_computes(tiny, tmp_pat
     assert compact.generate(prompt, max_new_tokens=16, stop_ids=[]) == greedy
     assert paged.generate(prompt, max_new_tokens=16, stop_ids=[]) == greedy
     assert paged.stats()["experts"]["misses"] > 0
+
+
+def test_batched_reads_of_blocks_equal_one_by_one(tiny, tmp_path):
+    """A layer's experts read together land in flat slot buffers exactly as read one at a time."""
+    path = tmp_path / "m.gguf"
+    write_gguf(tiny("mixtral")[0], path, Q.Q4_0, down_types={1: Q.Q8_0})
+    src = GgufSource(path)
+    keys = [(0, 1), (0, 3), (1, 0), (1, 2)]
+    size = {p: max(n for (_, n, _, _) in [src.experts[k][p] for k in keys]) for p in EXPERT_PARTS.values()}
+    outs = [{p: torch.zeros(n, dtype=torch.uint8) for p, n in size.items()} for _ in keys]
+    reads = src.reader.stats()["reads"]
+    src.read_experts(keys, outs)
+    assert src.reader.stats()["reads"] - reads <= 2  # each layer's experts lie together: one span each
+    for key, out in zip(keys, outs):
+        one = src.read_expert(*key)
+        for part, t in one.items():
+            assert torch.equal(out[part][: t.numel()], t.flatten())

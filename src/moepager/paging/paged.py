@@ -24,7 +24,9 @@ class PagedExperts:
         self._slot_of = torch.full(
             (config.num_experts,), -1, dtype=torch.long, device=cache.device
         )  # expert -> slot
-        self.prefetcher = RouterPrefetcher(routers, cache) if prefetch and routers else None
+        # a cache that holds every expert misses each one once at most: a guess per layer step would cost more
+        guessing = prefetch and routers and cache.capacity < cache.num_keys
+        self.prefetcher = RouterPrefetcher(routers, cache) if guessing else None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> y [N, D]. One host decision per layer (which experts, which

@@ -24,7 +24,7 @@ import torch
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..moe import ExpertWeights
-from .reader import CHUNK, DirectReader
+from .reader import CHUNK, DirectReader, copy_piece
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
 LAYER_NAMES = {
@@ -302,6 +302,22 @@ class GgufSource:
             if all(self._blocks(q) for q, _, _ in layers.values()):
                 out[part] = layers
         return out
+
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
+        """Fill each out with its expert, reading all of them together (see ModelSource.read_experts): blocks
+        land in their flat slot buffers piece by piece; experts with float parts go one by one."""
+        whole, one_by_one = [], []
+        for key, out in zip(keys, outs):
+            parts = self.experts[key]
+            flat = all(self._blocks(q) and out[p].dtype == torch.uint8 and out[p].dim() == 1
+                       for p, (_, _, q, _) in parts.items())  # fmt: skip
+            (whole if flat else one_by_one).append((key, out))
+        ranges = [(self.path, off, n) for key, _ in whole for off, n, _, _ in self.experts[key].values()]
+        dests = [out[p] for key, out in whole for p in self.experts[key]]
+        for i, pos, view in self.reader.read_pieces(ranges):
+            copy_piece(dests[i], pos, view)
+        for key, out in one_by_one:
+            self.read_expert(*key, out=out)
 
     def read_expert(self, layer: int, expert: int, out: ExpertWeights | None = None) -> ExpertWeights:
         """Blocks (uint8 [rows, row bytes]) for the parts in expert_formats, floats for the rest. A block
