@@ -22,9 +22,14 @@ class BlockLinear(nn.Module):
         self.qtype, self.out_features, self.in_features = qtype, rows, cols
         self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+        self._prepared: gguf.Prepared | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = gguf.linear(self.qtype, self.blocks, x.reshape(-1, self.in_features).float())  # [N, R]
+        if self._prepared is None or self._prepared.raw is not self.blocks:  # loaded or moved since
+            self._prepared = gguf.Prepared(self.qtype, self.blocks)
+        y = self._prepared.linear(
+            x.reshape(-1, self.in_features).float()
+        )  # [N, R], fp32 (a no-op for fp32 x)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

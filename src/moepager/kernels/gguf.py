@@ -490,6 +490,27 @@ def linear(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _linear_dequant(qtype, w, x)
 
 
+class Prepared:
+    """One GGUF matrix held for repeated products (a dense layer's weight): its block view and the kernel's
+    arguments for one token are made once, so a decode step pays the kernel, not the checks around it."""
+
+    def __init__(self, qtype: int, raw: torch.Tensor):
+        self.qtype, self.raw = qtype, raw
+        self.blocks = _blocks(qtype, raw)[None]  # [1, R, B, BB]
+        self.qk = block_shape(qtype)[0]
+        self.kernel = _KERNELS[qtype][1]
+        self.pair = np.zeros(1, dtype=np.int64)  # token 0 times matrix 0
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x float32 [N, C] -> [N, R], as linear()."""
+        if x.shape[0] != 1 or x.dtype != torch.float32 or not x.is_contiguous():
+            return linear(self.qtype, self.raw, x)
+        out = torch.empty(1, self.blocks.shape[1], dtype=torch.float32)
+        sync_threads()
+        self.kernel(self.blocks, x.numpy().reshape(1, -1, self.qk), self.pair, self.pair, out.numpy(), _F16)
+        return out
+
+
 def _linear_matvec(qtype: int, blocks: np.ndarray, x: torch.Tensor) -> torch.Tensor:
     """linear() for a few tokens: one matvec per token on the blocks."""
     n = x.shape[0]
