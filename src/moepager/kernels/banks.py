@@ -8,7 +8,8 @@ Formats, each kept in the form it is computed from (a quantized bank never holds
 - "float": W [S, R, C] in the compute dtype. CPU float32 decode runs the numba gathered kernel (matvec.py).
 - "int8" / "int4": our stores' weight-only codes with bf16 scales, computed by torch's CPU kernels
   (intquant.py), one call per distinct slot.
-- "gguf:<qtype>": llama.cpp blocks [S, R, row bytes] as they lie in the file (kernels/gguf.py).
+- "gguf": llama.cpp blocks [S, R, row bytes] as they lie in the file (kernels/gguf.py), read as one layer's
+  type (a cache's slots are sized for the largest layer, so the view may skip bytes between slots).
 
 Letters: S slots, R rows (outputs), C columns (inputs), N tokens, K experts per token, G int4 groups.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import matvec
+from . import gguf, matvec
 from .intquant import QuantizedWeight
 
 
@@ -89,13 +90,11 @@ class GgufBank(MatrixBank):
     """llama.cpp quantized blocks, bytes [S, R, row bytes], computed on the blocks themselves."""
 
     def __init__(self, qtype: int, raw: torch.Tensor):
-        from . import gguf
-
-        self.gguf, self.qtype, self.raw = gguf, qtype, raw
+        self.qtype, self.raw = qtype, raw
         self.rows = raw.shape[1]
 
     def apply(self, x, slot):
-        return self.gguf.linear(self.qtype, self.raw[slot], x.float()).to(x.dtype)
+        return gguf.linear(self.qtype, self.raw[slot], x.float()).to(x.dtype)
 
     def gather_mv(self, x, slots):
-        return self.gguf.gather_matvec(self.qtype, self.raw, x.float(), slots).to(x.dtype)
+        return gguf.gather_matvec(self.qtype, self.raw, x.float(), slots).to(x.dtype)

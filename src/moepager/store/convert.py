@@ -53,7 +53,7 @@ def convert(
     """Write the store for `model` (checkpoint folder or cached hub id) to `out`; return its path.
 
     experts_dtype (bf16, fp16, int8, int4) converts routed experts, dense_dtype (bf16, fp16, fp32) the
-    floating-point resident tensors; None keeps the checkpoint's. int8/int4 are lossy (quant.py).
+    floating-point resident tensors; None keeps the checkpoint's. int8/int4 are lossy (store/encoding.py).
     """
     experts_dtype, dense = check_experts_dtype(experts_dtype), _dense_torch_dtype(dense_dtype)
     if is_store(Path(model)):

@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 EXPERTS_FILE = "experts.bin"
 DENSE_FILE = "dense.safetensors"
 TENSOR_ALIGN = 64  # offset of each tensor inside an expert: keeps every dtype's views aligned
-ENCODINGS = ("plain", "int8", "int4")  # expert encodings this version can decode (int*: see quant.py)
+ENCODINGS = ("plain", "int8", "int4")  # expert encodings this version can decode (int*: see encoding.py)
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64,

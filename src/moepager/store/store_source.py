@@ -92,7 +92,7 @@ class StoreSource:
         return align_up(self.manifest.experts[(layer, expert)].nbytes)
 
     def encoding(self, layer: int, expert: int) -> str:
-        """How the expert is stored: "plain" (canonical tensors) or a quantized encoding (quant.py)."""
+        """How the expert is stored: "plain" (canonical tensors) or a quantized encoding (encoding.py)."""
         return self.manifest.layouts[self.manifest.experts[(layer, expert)].layout].encoding
 
     def read_raw(self, layer: int, expert: int) -> memoryview:
