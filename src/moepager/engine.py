@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import sessions
-from .compact import swap_compact
+from .compact import swap_compact, swap_matvec
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
 from .kvcache import BlockKVCache, KVOptions
@@ -221,6 +221,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         )
     net.load_state_dict(state, strict=True, assign=True)
     net.to(device=dev, dtype=dtype)
+    swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
     if expert_memory is not None or memory_limit is not None or pins or hot_set is not None:

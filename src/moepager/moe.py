@@ -265,10 +265,15 @@ def switch_glu(bank: ExpertBank, x, ids, slots, weights, config: ModelConfig) ->
     """The MoE layer's routed experts: x [N, D], ids/slots/weights [N, K] -> y [N, D]. Few tokens (decode,
     small batches) take the gathered kernels; many (prefill) the grouped pass, where each expert's matmul
     over its tokens outweighs the loop."""
-    n, k = ids.shape
-    if n * k <= max(2 * k, config.num_experts):
+    if few_tokens(ids, config):
         return gathered(bank, x, slots, weights, config)
     return grouped(bank, x, ids, slots, weights, config)
+
+
+def few_tokens(ids: torch.Tensor, config: ModelConfig) -> bool:
+    """Whether a layer's (token, expert) pairs are few enough for the gathered kernels."""
+    n, k = ids.shape
+    return n * k <= max(2 * k, config.num_experts)
 
 
 class ResidentExperts:
@@ -276,12 +281,13 @@ class ResidentExperts:
 
     def __init__(self, config: ModelConfig, banks: dict[int, ExpertBank]):
         self.config, self.banks = config, banks
-        # most experts of a layer are routed every token: computing all of them densely is two matmuls
+        # most experts of a layer are routed every token: for many tokens, computing all of them densely is
+        # two matmuls instead of a pass per expert (a decoded token still reads only its own experts)
         self.dense = config.top_k >= DENSE_SHARE * config.num_experts
 
     def __call__(self, layer, x, ids, weights):
         bank = self.banks[layer]
-        if self.dense and _float_bank(bank, x.dtype):
+        if self.dense and not few_tokens(ids, self.config) and _float_bank(bank, x.dtype):
             return dense(bank, x, ids, weights, self.config)
         return switch_glu(bank, x, ids, ids, weights, self.config)
 

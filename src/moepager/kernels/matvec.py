@@ -47,7 +47,7 @@ def gather_matvec(w: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torc
     x3 = x[:, None] if x.dim() == 2 else x  # [N, 1 or K, C]
     out = torch.empty(n, k, w.shape[1], dtype=torch.float32)
     sync_threads()
-    _gather_mv(w.numpy(), x3.contiguous().numpy(), slots.numpy(), out.numpy())
+    _gather_mv(w.detach().numpy(), x3.detach().contiguous().numpy(), slots.numpy(), out.numpy())
     return out
 
 
