@@ -7,9 +7,9 @@ export OMP_WAIT_POLICY=ACTIVE
 D=${BENCHDATA:-/work/benchdata}
 OUT=${OUT:-benchmarks/results}
 COMMON=(--rounds 2 --tokens 33 --prompt-tokens 16 --peers llamacpp --out "$OUT")
-# Qwen3-MoE shape (D=512, 64 experts of 320, top-4, 8 layers), fp32: resident, a quarter and a twentieth paged
-moepager bench "$D/qwen3-64x4" --gguf "$D/qwen3-64x4.f32.gguf" --budgets 100%,25%,5% "${COMMON[@]}" \
-  --name qwen3-64x4-f32
+# Qwen3-MoE shape (D=512, 64 experts of 320, top-4, 8 layers), fp32, every expert resident
+moepager bench "$D/qwen3-64x4" --gguf "$D/qwen3-64x4.f32.gguf" --budgets 100% "${COMMON[@]}" \
+  --name qwen3-64x4-f32-resident
 # the same model as llama.cpp's Q4_0 file, both engines on that file: every expert resident (cap auto),
 # and a cap of about the file's size plus the runtime
 moepager bench "$D/qwen3-64x4.q4_0.gguf" --tokenizer "$D/qwen3-64x4" --budgets 100% "${COMMON[@]}" \
