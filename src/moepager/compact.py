@@ -31,9 +31,7 @@ class BlockLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared is None or self._prepared.raw is not self.blocks:  # loaded or moved since
             self._prepared = gguf.Prepared(self.qtype, self.blocks)
-        y = self._prepared.linear(
-            x.reshape(-1, self.in_features).float()
-        )  # [N, R], fp32 (a no-op for fp32 x)
+        y = self._prepared.linear(x.reshape(-1, self.in_features).float())  # [N, R] fp32
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -83,14 +81,12 @@ _ONE = torch.zeros(1, 1, dtype=torch.long)  # token 0 uses matrix 0
 
 
 def swap_matvec(model: nn.Module) -> None:
-    """Every plain nn.Linear of an fp32 CPU model becomes a MatvecLinear holding the same parameters."""
-    for name, module in list(model.named_modules()):
+    """Every plain nn.Linear of an fp32 CPU model becomes a MatvecLinear: the same module and parameters,
+    only forward changes (MatvecLinear adds no state)."""
+    for module in model.modules():
         if (
             type(module) is nn.Linear
             and module.weight.dtype == torch.float32
             and module.weight.device.type == "cpu"
         ):
-            parent_name, _, attr = name.rpartition(".")
-            new = MatvecLinear.__new__(MatvecLinear)
-            new.__dict__ = module.__dict__  # the same parameters and buffers, only forward changes
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+            module.__class__ = MatvecLinear

@@ -20,7 +20,7 @@ from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
 from .moe import ExpertBank, ResidentExperts, bank_spec
-from .store.source import open_source
+from .store.source import expert_formats, open_source
 from .tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -169,11 +169,6 @@ def resident_experts(source, device: torch.device, dtype: torch.dtype | None) ->
     return ResidentExperts(source.config, banks)
 
 
-def expert_formats(source) -> dict:
-    """The source's word on block-quantized expert matrices (GGUF); others are told by their tensors."""
-    return source.expert_formats() if hasattr(source, "expert_formats") else {}
-
-
 def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
          memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
          max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
@@ -231,9 +226,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         experts = build_paged(net, ckpt, dev, expert_dtype, expert_memory, memory_limit, policy, prefetch, pins,
                               hot_set, max_context)  # fmt: skip
     else:
-        experts = resident_experts(
-            ckpt, dev, None if experts_dtype else dtype
-        )  # experts_dtype, when given, is kept
+        # experts_dtype, when given, is kept
+        experts = resident_experts(ckpt, dev, None if experts_dtype else dtype)
     recorder = None
     if record_trace:
         from .paging.trace import TraceRecorder

@@ -33,6 +33,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import MoepagerError
 from ..moe import ExpertBank, ExpertWeights, bank_spec
+from ..store.source import expert_formats
 from .policies import Policy, make_policy, victims_by_loop
 
 Key = tuple[int, int]  # (layer, expert)
@@ -204,9 +205,7 @@ class ExpertCache:
         self.src_dtype = {n: t.dtype for n, t in template.items()}
         self.shapes = {n: tuple(t.shape) for n, t in template.items()}
         # the slots are an ExpertBank: the model computes straight from them (moe.switch_glu)
-        spec = bank_spec(
-            template, source.expert_formats() if hasattr(source, "expert_formats") else {}, dtype
-        )
+        spec = bank_spec(template, expert_formats(source), dtype)
         self.dtypes = spec.dtypes()
         self.slot_bytes = spec.slot_bytes
         self.total_bytes = self.slot_bytes * len(keys)

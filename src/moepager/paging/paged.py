@@ -21,9 +21,8 @@ class PagedExperts:
     def __init__(self, config: ModelConfig, cache: ExpertCache, routers: dict[int, Router] | None = None,
                  prefetch: bool = True):  # fmt: skip
         self.config, self.cache = config, cache
-        self._slot_of = torch.full(
-            (config.num_experts,), -1, dtype=torch.long, device=cache.device
-        )  # expert -> slot
+        # expert -> slot of the layer step being computed (-1: not held)
+        self._slot_of = torch.full((config.num_experts,), -1, dtype=torch.long, device=cache.device)
         # a cache that holds every expert misses each one once at most: a guess per layer step would cost more
         guessing = prefetch and routers and cache.capacity < cache.num_keys
         self.prefetcher = RouterPrefetcher(routers, cache) if guessing else None

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoepagerError
+from ..kernels.gguf import dequantize
 from ..kernels.intquant import native_int4_layout, pack_int4, quantize, unpack_int4
+from .source import expert_formats
 
 EXPERT_DTYPES = ("bf16", "fp16", "int8", "int4")  # names accepted by --experts-dtype
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # plain casts; int8/int4 are codes + scales
@@ -73,10 +75,7 @@ class QuantizingSource:
 
     def read_expert(self, layer: int, expert: int, out=None):
         weights = self.source.read_expert(layer, expert)
-        blocks = self.source.expert_formats() if hasattr(self.source, "expert_formats") else {}
-        for part, layers in blocks.items():  # GGUF blocks: to floats first, then to experts_dtype
-            from ..kernels.gguf import dequantize
-
+        for part, layers in expert_formats(self.source).items():  # GGUF blocks: floats first
             weights[part] = dequantize(layers[layer][0], weights[part])
         weights = convert_expert(weights, self.experts_dtype)
         if out is None:

@@ -23,6 +23,7 @@ import torch
 
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
+from ..kernels.gguf import SUPPORTED
 from ..moe import ExpertWeights
 from .reader import CHUNK, DirectReader, copy_piece
 
@@ -222,10 +223,8 @@ class GgufSource:
 
     def _keeps_blocks(self, name: str, qtype) -> bool:
         """Matrices of linear layers (and the embedding) in a format the kernels compute from."""
-        from ..kernels.gguf import SUPPORTED
-
         matrix = name.endswith(COMPACT_SUFFIXES) or name in ("embed.weight", "lm_head.weight")
-        return self.compact and matrix and qtype in SUPPORTED
+        return matrix and self._blocks(qtype)
 
     def _read(self, t) -> torch.Tensor:
         """A tensor's bytes, uint8 [n_bytes], read past the page cache into memory we own."""
@@ -285,8 +284,7 @@ class GgufSource:
         return sum(p[1] for p in self.experts[(layer, expert)].values())
 
     def _blocks(self, qtype) -> bool:
-        from ..kernels.gguf import SUPPORTED
-
+        """Kept as the file's blocks: compact reading asked for, and a type the kernels compute from."""
         return self.compact and qtype in SUPPORTED
 
     def expert_formats(self) -> dict[str, dict[int, tuple[int, int, int]]]:

@@ -57,6 +57,12 @@ class BatchedSource(ModelSource, Protocol):
         ...
 
 
+def expert_formats(source) -> dict:
+    """A source's block-quantized expert matrices (GgufSource.expert_formats); other sources' formats are
+    told by their tensors."""
+    return source.expert_formats() if hasattr(source, "expert_formats") else {}
+
+
 def open_source(model: str | Path, **options) -> ModelSource:
     """A store written by `moepager convert` when the folder holds its manifest, else a safetensors checkpoint.
 
