@@ -45,14 +45,6 @@ def convert_expert(weights: dict[str, torch.Tensor], experts_dtype: str) -> dict
     return out
 
 
-def expert_to(weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype | None):
-    """Move an expert to `device`. Float experts take `dtype` (None keeps theirs); quantized ones move as
-    they are: codes are not floats, and the kernels want their scales in bf16."""
-    if is_quantized(weights):
-        dtype = None
-    return {name: t.to(device, dtype) for name, t in weights.items()}
-
-
 class QuantizingSource:
     """Any ModelSource with its routed experts converted to `experts_dtype` as they are read.
 
