@@ -63,7 +63,7 @@ class Clock:
             delta = {k: c2[k] - self.c1.get(k, 0) for k in c2}
             used = delta.get("hits", 0) + delta.get("prefetch_hits", 0) + delta.get("misses", 0)
             out["expert"] = {
-                "hit_rate": (delta.get("hits", 0) + delta.get("prefetch_hits", 0)) / used if used else None,
+                "hit_rate": delta.get("hits", 0) / used if used else None,  # true hits: no disk read
                 "bytes_read_per_token": delta.get("bytes_read", 0) / decode_tokens if decode_tokens else 0.0,
                 "wait_fraction": delta.get("wait_s", 0.0) / out["decode_s"] if out["decode_s"] else 0.0,
                 **{k: v for k, v in delta.items() if k in ("hits", "prefetch_hits", "misses", "bytes_read",

@@ -99,7 +99,8 @@ class CacheStats:
     def as_dict(self) -> dict:
         d = asdict(self)
         used = self.hits + self.prefetch_hits + self.misses
-        d["hit_rate"] = (self.hits + self.prefetch_hits) / used if used else 0.0
+        # a prefetch hit still cost a disk read (ahead of time): only true hits count toward the hit rate
+        d["hit_rate"] = self.hits / used if used else 0.0
         return d
 
 
