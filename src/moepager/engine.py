@@ -20,7 +20,7 @@ from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
 from .moe import ExpertBank, ResidentExperts, bank_spec
-from .store.source import expert_formats, open_source
+from .store.source import expert_formats, open_source, source_tokenizer
 from .tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -235,6 +235,6 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)
     kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
-    engine = Engine(net, experts, Tokenizer.from_folder(ckpt.path), ckpt.path, dev, kv)
+    engine = Engine(net, experts, source_tokenizer(ckpt), ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
     return engine

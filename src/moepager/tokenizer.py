@@ -26,6 +26,15 @@ class Tokenizer:
     def from_folder(cls, folder: Path) -> Tokenizer | None:
         return cls(folder) if (folder / "tokenizer.json").exists() else None
 
+    @classmethod
+    def from_parts(cls, tok, bos_token: str | None, eos_token: str | None, chat_template: str | None,
+                   eos_ids: list[int]) -> Tokenizer:  # fmt: skip
+        """A tokenizer built in memory (gguf_tokenizer.py: from a GGUF's metadata) rather than read from files."""
+        self = cls.__new__(cls)
+        self.tok, self.bos_token, self.eos_token = tok, bos_token, eos_token
+        self.chat_template, self.eos_ids = chat_template, eos_ids
+        return self
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 

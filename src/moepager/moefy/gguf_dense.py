@@ -1,7 +1,7 @@
 """A dense llama-architecture GGUF file -> a standard Hugging Face llama checkpoint folder.
 
 Owns: reading the GGUF metadata and tensors (dequantized to fp32 with gguf.quants), undoing llama.cpp's
-q/k row permutation, and rebuilding tokenizer.json / tokenizer_config.json from the GGUF vocabulary.
+q/k row permutation, and writing tokenizer.json / tokenizer_config.json (built by gguf_tokenizer.py).
 Does not own the MoE GGUF source of the engine (store/gguf*.py); this is only the input side of moefy.
 """
 
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import MoepagerError
+from ..gguf_tokenizer import build as build_tokenizer
+from ..gguf_tokenizer import read_metadata, tokenizer_config
 
 # GGUF tensor name -> Hugging Face llama name; {} is the layer index
 _NAMES = {
@@ -32,7 +34,6 @@ _NAMES = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
-_CONTROL = 3  # tokenizer.ggml.token_type of special (control) tokens
 
 
 def _hf_name(name: str) -> str | None:
@@ -112,66 +113,8 @@ def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
-    tok = {
-        "model": _field(reader, "tokenizer.ggml.model"),
-        "pre": _field(reader, "tokenizer.ggml.pre"),
-        "tokens": tokens,
-        "token_type": _field(reader, "tokenizer.ggml.token_type"),
-        "merges": _field(reader, "tokenizer.ggml.merges"),
-        "bos_id": config["bos_token_id"],
-        "eos_id": config["eos_token_id"],
-        "add_bos": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
-        "context": config["max_position_embeddings"],
-    }
+    tok = read_metadata(reader)
     return config, state, tok
-
-
-def build_tokenizer(tok: dict):
-    """A byte-level BPE `tokenizers.Tokenizer` from GGUF vocabulary, merges and token types."""
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
-    if tok["model"] != "gpt2" or not tok["tokens"] or not tok["merges"]:
-        raise MoepagerError(
-            f"GGUF tokenizer model {tok['model']!r} is not supported; only byte-level BPE ('gpt2')"
-        )
-    vocab = {t: i for i, t in enumerate(tok["tokens"])}
-    merges = [tuple(m.split(" ", 1)) for m in tok["merges"]]
-    t = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    # llama.cpp's 'smollm' (and 'starcoder') pre-tokenizers split every digit before the GPT-2 regex
-    split_digits = tok["pre"] in ("smollm", "starcoder", "refact", "deepseek-coder")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    t.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        if split_digits
-        else byte_level
-    )
-    t.decoder = decoders.ByteLevel()
-    t.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = tok["token_type"] or []
-    special = [tok["tokens"][i] for i, ty in enumerate(types) if ty == _CONTROL]
-    t.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in special])
-    if tok["add_bos"] and tok["bos_id"] is not None:
-        bos = tok["tokens"][tok["bos_id"]]
-        t.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok["bos_id"])]
-        )
-    return t
-
-
-def tokenizer_config(tok: dict) -> dict:
-    name = lambda i: tok["tokens"][i] if i is not None else None  # noqa: E731
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name(tok["bos_id"]),
-        "eos_token": name(tok["eos_id"]),
-        "add_bos_token": tok["add_bos"],
-        "model_max_length": tok["context"],
-    }
-    if tok["chat_template"]:
-        cfg["chat_template"] = tok["chat_template"]
-    return cfg
 
 
 def write_hf_folder(config: dict, state: dict[str, torch.Tensor], tok: dict | None, out: Path) -> None:
@@ -182,7 +125,8 @@ def write_hf_folder(config: dict, state: dict[str, torch.Tensor], tok: dict | No
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), {"format": "pt"})
     if tok is not None and tok["tokens"]:
         build_tokenizer(tok).save(str(out / "tokenizer.json"))
-        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(tok), indent=2))
+        cfg = {**tokenizer_config(tok), "model_max_length": config["max_position_embeddings"]}
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 def convert_gguf(path: str | Path, out: str | Path) -> Path:

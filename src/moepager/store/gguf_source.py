@@ -10,7 +10,7 @@ Q4_K, Q5_K, Q6_K) stay as their blocks, uint8 [rows, row bytes]: experts (`exper
 how, per layer: a Q4_K_M file mixes types across layers) and the dense matrices of attention, shared
 experts, embeddings and output (`compact_dense`). Other types, and everything when compact=False, are
 dequantized exactly as gguf.quants does (F32/F16/BF16 keep their dtype).
-It does not tokenize (GGUF vocabularies are moefy's concern) and it does not run DeepSeek's MLA layout.
+Its tokenizer is built from the file's metadata by gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import torch
 
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
+from ..gguf_tokenizer import gguf_tokenizer, read_metadata
 from ..kernels.gguf import SUPPORTED
 from ..moe import ExpertWeights
+from ..tokenizer import Tokenizer
 from .reader import CHUNK, DirectReader, copy_piece
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
@@ -116,8 +118,13 @@ class GgufSource:
         self.config = config_from_hf(self.raw_config)
         self.experts = self._index_experts()
         self.compact = compact
+        self.tokenizer_metadata = read_metadata(self.reader)  # the GGUFReader is not kept past here
         largest = max((self.expert_nbytes(*k) for k in self.experts), default=0)
         self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The file's own tokenizer and chat template (None when it carries no vocabulary)."""
+        return gguf_tokenizer(self.tokenizer_metadata)
 
     def _meta(self, key: str, default=None):
         return _field(self.reader, f"{self.arch}.{key}", default)

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..moe import ExpertWeights
+from ..tokenizer import Tokenizer
 
 
 class ModelSource(Protocol):
@@ -63,21 +64,32 @@ def expert_formats(source) -> dict:
     return source.expert_formats() if hasattr(source, "expert_formats") else {}
 
 
+def source_tokenizer(source) -> Tokenizer | None:
+    """The tokenizer a source carries (a GGUF's metadata), else the tokenizer files in its folder."""
+    inner = getattr(source, "source", source)  # a QuantizingSource wraps the source it reads
+    if hasattr(inner, "tokenizer"):
+        return inner.tokenizer()
+    return Tokenizer.from_folder(source.path)
+
+
 def open_source(model: str | Path, **options) -> ModelSource:
-    """A store written by `moepager convert` when the folder holds its manifest, else a safetensors checkpoint.
+    """A GGUF file (or ollama model name: resolve.py), a store written by `moepager convert` when the folder
+    holds its manifest, else a safetensors checkpoint.
 
     options go to the source's constructor (e.g. reader=DirectReader(...); verify_checksums for a store);
     compact=False has a GGUF's block-quantized matrices dequantized as they are read.
     """
+    from ..resolve import gguf_file
     from .checkpoint import Checkpoint, resolve
     from .format import is_store
     from .store_source import StoreSource
 
     compact = options.pop("compact", True)
-    if str(model).endswith(".gguf"):  # a single llama.cpp file, not a folder
+    gguf = gguf_file(model)  # a llama.cpp file: a path to one, or a model pulled by ollama
+    if gguf is not None:
         from .gguf_source import GgufSource
 
-        return GgufSource(model, compact=compact)
+        return GgufSource(gguf, compact=compact)
     path = resolve(model)
     if is_store(path):
         return StoreSource(path, **options)
