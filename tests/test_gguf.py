@@ -4,6 +4,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_vocab import add_vocab
 from tiny_models import VOCAB
 
 import moepager
@@ -63,10 +64,11 @@ MATRICES = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weig
             "output.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight")  # fmt: skip
 
 
-def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None) -> None:
+def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None, vocab=None) -> None:
     """The checkpoint in `folder` as llama.cpp would write it: stacked experts, its names, its metadata.
     dense_type: the type of the dense matrices (norms and routers stay F32); down_types: layer -> the type of
-    that layer's down experts, where it differs (as in a Q4_K_M file)."""
+    that layer's down experts, where it differs (as in a Q4_K_M file); vocab: tokenizer metadata
+    (gguf_vocab.py)."""
     ckpt = Checkpoint(folder)
     c, raw = ckpt.config, ckpt.raw_config
     arch = ARCH[c.family]
@@ -89,6 +91,8 @@ def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None
         w.add_expert_shared_feed_forward_length(c.shared_expert_size)
     if c.family == "qwen2_moe":
         w.add_expert_weights_norm(c.norm_topk_prob)
+    if vocab is not None:
+        add_vocab(w, vocab)
     sd = ckpt.dense_state_dict()
     if c.tie_embeddings:
         sd.pop("lm_head.weight")
