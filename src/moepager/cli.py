@@ -363,12 +363,19 @@ def _add_moefy(sub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def cmd_list(args) -> None:
+    from .catalog import main as list_main
+
+    list_main(args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="generate text from a prompt, streaming it to the terminal")
-    r.add_argument("model", nargs="?", help="checkpoint folder or a hub id in the local Hugging Face cache")
+    r.add_argument("model", nargs="?", help="checkpoint folder, store, GGUF file, ollama model name (qwen3:30b-a3b) "
+                   "or a hub id in the local Hugging Face cache (see `moepager list`)")  # fmt: skip
     r.add_argument("--prompt", help="prompt text (the chat template is applied when the model has one)")
     r.add_argument("--prompt-ids", help="comma-separated token ids, for models without a tokenizer")
     r.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -414,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(sub)
     _add_serve(sub)
     _add_moefy(sub)
+    ls = sub.add_parser("list", help="runnable MoE models in the Hugging Face cache and ollama's store")
+    ls.add_argument("--json", action="store_true", help="one JSON list: name, where, family, size, path")
+    ls.set_defaults(func=cmd_list)
     return p
 
 
