@@ -10,12 +10,15 @@ from tiny_models import VOCAB
 import moepager
 from moepager.kernels import gguf as gguf_kernels
 from moepager.store.checkpoint import Checkpoint
-from moepager.store.gguf_source import EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
+from moepager.store.gguf_source import EXPERT_BIASES, EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
 from moepager.store.source import open_source
 
 Q = gguf.GGMLQuantizationType
-ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}
-_TO_GGUF = {v: k for k, v in {**LAYER_NAMES, **GLOBAL_NAMES}.items()}
+ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
+        "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss"}  # fmt: skip
+# moepager name -> llama.cpp's; GPT-OSS's pre-FFN norm and DeepSeek's split kv_b are written apart
+_TO_GGUF = {v: k for k, v in {**LAYER_NAMES, **GLOBAL_NAMES}.items()
+            if k != "post_attention_norm.weight"}  # fmt: skip
 
 
 def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -79,15 +82,39 @@ def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None
     w.add_feed_forward_length(raw.get("intermediate_size", c.moe_intermediate_size))
     w.add_head_count(c.num_heads)
     w.add_head_count_kv(c.num_kv_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    if c.attention == "mla":  # as llama.cpp's converter: MQA over the latent, per-head sizes apart
+        w.add_key_length(c.kv_lora_rank + c.rope_dim)
+        w.add_value_length(c.kv_lora_rank)
+        w.add_key_length_mla(c.head_dim)
+        w.add_value_length_mla(c.v_head_dim)
+        w.add_q_lora_rank(c.q_lora_rank)
+        w.add_kv_lora_rank(c.kv_lora_rank)
+        w.add_rope_dimension_count(c.rope_dim)
+        w.add_leading_dense_block_count(c.moe_layers.index(True))
+        w.add_expert_shared_count(c.shared_expert_size // c.moe_intermediate_size)
+        w.add_expert_weights_scale(c.routed_scaling_factor)
+        w.add_expert_weights_norm(c.norm_topk_prob)
+        w.add_expert_group_count(c.n_group)
+        w.add_expert_group_used_count(c.topk_group)
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    else:
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    if c.rope["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(c.rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(c.rope["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_beta_fast(c.rope["beta_fast"])
+        w.add_rope_scaling_yarn_beta_slow(c.rope["beta_slow"])
+    if c.family == "gpt_oss":
+        w.add_sliding_window(next(x for x in c.sliding_windows if x))
     w.add_rope_freq_base(c.rope["rope_theta"])
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.top_k)
     if arch != "llama":
         w.add_expert_feed_forward_length(c.moe_intermediate_size)
-    if c.shared_expert_size:
+    if c.shared_expert_size and c.attention != "mla":
         w.add_expert_shared_feed_forward_length(c.shared_expert_size)
     if c.family == "qwen2_moe":
         w.add_expert_weights_norm(c.norm_topk_prob)
@@ -103,6 +130,13 @@ def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None
         else:
             gname = _TO_GGUF[name]
         a = t.float().numpy()
+        if gname.endswith("attn_kv_b.weight"):  # split as the converter does: k_b transposed, v_b
+            kv = a.reshape(c.num_heads, c.qk_nope_head_dim + c.v_head_dim, -1)
+            _add(w, gname.replace("kv_b", "k_b"), kv[:, : c.qk_nope_head_dim].transpose(0, 2, 1), Q.F32)
+            _add(w, gname.replace("kv_b", "v_b"), kv[:, c.qk_nope_head_dim :], Q.F32)
+            continue
+        if c.family == "gpt_oss" and gname.endswith("ffn_norm.weight"):
+            gname = gname.replace("ffn_norm", "post_attention_norm")
         if arch == "llama" and gname.endswith("attn_q.weight"):
             a = llama_permute(a, c.num_heads)
         elif arch == "llama" and gname.endswith("attn_k.weight"):
@@ -114,12 +148,14 @@ def write_gguf(folder, out, expert_type=Q.F32, dense_type=Q.F32, down_types=None
         if not c.moe_layers[layer]:
             continue
         experts = [ckpt.read_expert(layer, e) for e in range(c.num_experts)]
-        for gname, part in EXPERT_PARTS.items():
+        for gname, part in {**EXPERT_PARTS, **EXPERT_BIASES}.items():
+            if part not in experts[0]:
+                continue
             stacked = np.stack(
                 [x[part].float().numpy() for x in experts]
-            )  # [E, rows, cols], expert outermost
+            )  # [E, rows(, cols)], expert outermost
             qtype = (down_types or {}).get(layer, expert_type) if part == "down" else expert_type
-            _add(w, f"blk.{layer}.{gname}", stacked, qtype)
+            _add(w, f"blk.{layer}.{gname}", stacked, Q.F32 if part.endswith("bias") else qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -263,7 +299,7 @@ def test_not_a_gguf_is_a_clear_error(tmp_path):
         moepager.load(tmp_path / "missing.gguf")
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_compact_gguf_computes_what_its_dequantized_model_computes(tiny, tmp_path, family):
     """Blocks kept as they are (attention, embedding, output, shared expert, experts with a type per layer)
     give the dequantized model's logits and tokens, resident and paged, in a fraction of its memory."""

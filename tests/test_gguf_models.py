@@ -76,6 +76,8 @@ def check_same_run(folder: Path, gguf: Path, capsys, chat: bool) -> None:
 
 
 CASES = [("mixtral", "spm"), ("qwen3_moe", "smollm2")]
+# DeepSeek-V3 (MLA with kv_b split in two, sigmoid group routing) and GPT-OSS (biases, sinks, YaRN, windows)
+CONVERTED = [*CASES, ("deepseek_v3", "smollm2"), ("gpt_oss", "smollm2")]
 
 
 @pytest.mark.slow
@@ -103,7 +105,7 @@ def convert(script: Path, folder: Path, out: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,kind", CASES)
+@pytest.mark.parametrize("family,kind", CONVERTED)
 def test_converted_gguf_runs_like_its_checkpoint(tmp_path, capsys, family, kind):
     script = converter()
     folder, _ = tiny_with_tokenizer(family, kind, tmp_path / "hf", converter=True)

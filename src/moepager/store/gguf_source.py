@@ -3,7 +3,8 @@
 Owns the translation from llama.cpp's tensor names and `{arch}.*` metadata to moepager's names and a
 config.json-like dict (so ModelConfig's one translation table still decides the architecture), and reading
 one routed expert as three byte ranges of the stacked `ffn_{gate,up,down}_exps` tensors (expert dimension
-outermost, so each expert's matrix is one contiguous range), through the O_DIRECT reader.
+outermost, so each expert's matrix is one contiguous range; GPT-OSS adds three bias ranges), through the
+O_DIRECT reader. DeepSeek-V3 files (`deepseek2`) get MLA's kv_b_proj put back from llama.cpp's k_b/v_b split.
 
 Compact (the default): matrices in a block format the kernels compute from (kernels/gguf.py: Q4_0, Q8_0,
 Q4_K, Q5_K, Q6_K) stay as their blocks, uint8 [rows, row bytes]: experts (`expert_formats` says which and
@@ -36,10 +37,19 @@ LAYER_NAMES = {
     "attn_q.weight": "attn.q_proj.weight", "attn_q.bias": "attn.q_proj.bias",
     "attn_k.weight": "attn.k_proj.weight", "attn_k.bias": "attn.k_proj.bias",
     "attn_v.weight": "attn.v_proj.weight", "attn_v.bias": "attn.v_proj.bias",
-    "attn_output.weight": "attn.o_proj.weight",
+    "attn_output.weight": "attn.o_proj.weight", "attn_output.bias": "attn.o_proj.bias",
+    "attn_sinks.weight": "attn.sinks",  # GPT-OSS
+    "post_attention_norm.weight": "ffn_norm.weight",  # GPT-OSS names its pre-FFN norm so
+    "attn_q_a.weight": "attn.q_a_proj.weight",  # DeepSeek MLA
+    "attn_q_a_norm.weight": "attn.q_a_layernorm.weight",
+    "attn_q_b.weight": "attn.q_b_proj.weight",
+    "attn_kv_a_mqa.weight": "attn.kv_a_proj_with_mqa.weight",
+    "attn_kv_a_norm.weight": "attn.kv_a_layernorm.weight",
+    "attn_kv_b.weight": "attn.kv_b_proj.weight",  # older files; newer ones split it (MLA_SPLIT)
     "attn_q_norm.weight": "attn.q_norm.weight",
     "attn_k_norm.weight": "attn.k_norm.weight",
-    "ffn_gate_inp.weight": "ffn.router.weight",
+    "ffn_gate_inp.weight": "ffn.router.weight", "ffn_gate_inp.bias": "ffn.router.bias",
+    "exp_probs_b.bias": "ffn.router.e_score_correction_bias",
     "ffn_gate_inp_shexp.weight": "ffn.shared_gate.weight",
     "ffn_gate_shexp.weight": "ffn.shared.gate_proj.weight",
     "ffn_up_shexp.weight": "ffn.shared.up_proj.weight",
@@ -55,6 +65,13 @@ GLOBAL_NAMES = {
 }
 COMPACT_SUFFIXES = ("_proj.weight",)  # moepager names of linear layers whose GGUF blocks stay compact
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
+EXPERT_BIASES = {
+    "ffn_gate_exps.bias": "gate_bias",
+    "ffn_up_exps.bias": "up_bias",
+    "ffn_down_exps.bias": "down_bias",
+}
+# DeepSeek's kv_b_proj as llama.cpp's converter splits it: k_b [H, kv_rank, nope] (transposed), v_b [H, dv, kv_rank]
+MLA_SPLIT = ("attn_k_b.weight", "attn_v_b.weight")
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)$")
 # general.architecture -> (HF model_type, rows of q/k permuted by llama.cpp for its interleaved rope)
 ARCHITECTURES = {
@@ -62,6 +79,8 @@ ARCHITECTURES = {
     "qwen2moe": ("qwen2_moe", False),
     "qwen3moe": ("qwen3_moe", False),
     "olmoe": ("olmoe", False),
+    "deepseek2": ("deepseek_v3", False),  # rope pairs interleaved in both: rows as in the checkpoint
+    "gpt-oss": ("gpt_oss", False),
 }
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -108,9 +127,7 @@ class GgufSource:
         arch = _field(self.reader, "general.architecture")
         if arch not in ARCHITECTURES:
             raise UnsupportedArchitecture(
-                f"{self.path}: GGUF architecture {arch!r} is not supported; supported: "
-                f"{', '.join(ARCHITECTURES)} (DeepSeek's MLA layout is not read from GGUF yet; run the "
-                "Hugging Face checkpoint instead)"
+                f"{self.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
             )
         self.arch = arch
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -164,7 +181,7 @@ class GgufSource:
             "num_experts": int(m("expert_count")),
             "num_experts_per_tok": int(m("expert_used_count")),
             "intermediate_size": expert_ff
-            if family in ("mixtral", "olmoe")
+            if family in ("mixtral", "olmoe", "gpt_oss")
             else int(m("feed_forward_length", 0)),
             "moe_intermediate_size": expert_ff,
             "mlp_only_layers": [i for i, moe in enumerate(moe_layers) if not moe],
@@ -178,27 +195,92 @@ class GgufSource:
             d["norm_topk_prob"] = bool(m("expert_weights_norm"))
         elif family == "qwen3_moe":
             d["norm_topk_prob"] = True  # llama.cpp's qwen3moe always renormalizes
+        d.update(self._rope_scaling(family))
+        if family == "deepseek_v3":
+            d.update(self._mla_config())
+        if family == "gpt_oss":
+            d["sliding_window"] = int(m("attention.sliding_window"))
+            # llama.cpp's gpt-oss pattern (and the checkpoints'): even layers slide, odd ones see everything
+            d["layer_types"] = [
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)
+            ]
         return d
+
+    def _rope_scaling(self, family: str) -> dict:
+        m, kind = self._meta, self._meta("rope.scaling.type", "none")
+        if kind == "none":
+            return {}
+        if kind != "yarn":
+            raise UnsupportedArchitecture(
+                f"{self.path}: rope scaling {kind!r} is not supported in GGUF files"
+            )
+        rope = {"rope_type": "yarn", "rope_theta": float(m("rope.freq_base", 10000.0)),
+                "factor": float(m("rope.scaling.factor")),
+                "original_max_position_embeddings": int(m("rope.scaling.original_context_length")),
+                "beta_fast": float(m("rope.scaling.yarn_beta_fast", 32.0)),
+                "beta_slow": float(m("rope.scaling.yarn_beta_slow", 1.0))}  # fmt: skip
+        if family == "gpt_oss":
+            rope["truncate"] = False  # GPT-OSS's YaRN keeps the correction range unrounded
+        if family == "deepseek_v3" and m("rope.scaling.yarn_log_multiplier"):
+            # the converter writes 0.1 * mscale_all_dim; DeepSeek's checkpoints set mscale equal to it
+            rope["mscale_all_dim"] = rope["mscale"] = float(
+                f"{m('rope.scaling.yarn_log_multiplier') / 0.1:.6g}"
+            )
+        return {"rope_parameters": rope}
+
+    def _mla_config(self) -> dict:
+        """DeepSeek-V3's attention and routing fields from llama.cpp's deepseek2 metadata."""
+        m = self._meta
+        gating = m("expert_gating_func")  # 1 softmax, 2 sigmoid; files converted from V3 may state none
+        biased = any(name.endswith("exp_probs_b.bias") for name in self.tensors)
+        if gating not in (None, 2) or (gating is None and not biased):
+            raise UnsupportedArchitecture(
+                f"{self.path}: a softmax-routed deepseek2 file (DeepSeek-V2); only DeepSeek-V3's sigmoid routing runs"
+            )
+        rope = int(m("rope.dimension_count"))
+        if m("attention.key_length_mla") is not None:  # files with the split kv_b state the per-head sizes so
+            nope, dv = int(m("attention.key_length_mla")) - rope, int(m("attention.value_length_mla"))
+        else:
+            nope, dv = int(m("attention.key_length")) - rope, int(m("attention.value_length"))
+        q_rank = m("attention.q_lora_rank")
+        return {
+            "q_lora_rank": int(q_rank) if q_rank else None,
+            "kv_lora_rank": int(m("attention.kv_lora_rank")),
+            "qk_rope_head_dim": rope,
+            "qk_nope_head_dim": nope,
+            "v_head_dim": dv,
+            "n_routed_experts": int(m("expert_count")),
+            "n_shared_experts": int(m("expert_shared_count", 0)),
+            "n_group": int(m("expert_group_count", 1)),
+            "topk_group": int(m("expert_group_used_count", 1)),
+            "routed_scaling_factor": float(m("expert_weights_scale", 1.0)),
+            "norm_topk_prob": bool(m("expert_weights_norm", False)),  # written only when true
+            "first_k_dense_replace": int(m("leading_dense_block_count", 0)),
+            "rope_interleave": True,
+        }
 
     def _index_experts(self) -> dict[tuple[int, int], dict[str, tuple]]:
         """(layer, expert) -> part -> (absolute offset, nbytes, qtype, shape [rows, cols])."""
         out: dict[tuple[int, int], dict[str, tuple]] = {}
         n_experts = self.config.num_experts
+        parts = {**EXPERT_PARTS, **EXPERT_BIASES}
         for name, t in self.tensors.items():
             m = _BLOCK.match(name)
-            if not m or m[2] not in EXPERT_PARTS or int(m[1]) >= self.config.num_layers:
+            if not m or m[2] not in parts or int(m[1]) >= self.config.num_layers:
                 continue
             shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims innermost first
-            if len(shape) != 3 or shape[0] != n_experts:
+            if len(shape) != (3 if m[2] in EXPERT_PARTS else 2) or shape[0] != n_experts:
                 raise CorruptFile(
-                    f"{self.path}: {name} has shape {shape}; expected ({n_experts}, rows, cols)"
+                    f"{self.path}: {name} has shape {shape}; expected {n_experts} experts outermost"
                 )
             per_expert = int(t.n_bytes) // n_experts
             for e in range(n_experts):
                 part = (int(t.data_offset) + e * per_expert, per_expert, t.tensor_type, shape[1:])
-                out.setdefault((int(m[1]), e), {})[EXPERT_PARTS[m[2]]] = part
+                out.setdefault((int(m[1]), e), {})[parts[m[2]]] = part
         for layer, moe in enumerate(self.config.moe_layers):
-            if moe and any(len(out.get((layer, e), {})) != 3 for e in range(n_experts)):
+            if moe and any(
+                not {"gate", "up", "down"} <= set(out.get((layer, e), {})) for e in range(n_experts)
+            ):
                 raise CorruptFile(f"{self.path}: layer {layer} lacks one of {', '.join(EXPERT_PARTS)}")
         return out
 
@@ -215,7 +297,12 @@ class GgufSource:
         c = self.config
         for gguf_name, t in self.tensors.items():
             m = _BLOCK.match(gguf_name)
-            if m and (m[2] in EXPERT_PARTS or int(m[1]) >= c.num_layers):
+            if m and (
+                m[2] in EXPERT_PARTS
+                or m[2] in EXPERT_BIASES
+                or m[2] in MLA_SPLIT
+                or int(m[1]) >= c.num_layers
+            ):
                 continue
             name = self._name(gguf_name)
             if name is None:
@@ -260,10 +347,21 @@ class GgufSource:
             if not self._keeps_blocks(name, t.tensor_type):
                 shape = tuple(int(s) for s in reversed(t.shape))
                 sd[name] = self._fix(name, dequantize(self._read(t), t.tensor_type, shape))
+        for layer in range(self.config.num_layers):
+            if f"blk.{layer}.{MLA_SPLIT[0]}" in self.tensors:
+                sd[f"layers.{layer}.attn.kv_b_proj.weight"] = self._kv_b(layer)
         if "lm_head.weight" not in sd and "lm_head.weight" not in self._compact_names():
             if "embed.weight" in sd:
                 sd["lm_head.weight"] = sd["embed.weight"]
         return sd
+
+    def _kv_b(self, layer: int) -> torch.Tensor:
+        """DeepSeek's kv_b_proj [H * (nope + dv), kv_rank] put back together from llama.cpp's k_b and v_b."""
+        k_t, v_t = (self.tensors[f"blk.{layer}.{n}"] for n in MLA_SPLIT)
+        k = dequantize(self._read(k_t), k_t.tensor_type, tuple(int(s) for s in reversed(k_t.shape)))
+        v = dequantize(self._read(v_t), v_t.tensor_type, tuple(int(s) for s in reversed(v_t.shape)))
+        kv = torch.cat([k.transpose(1, 2), v], dim=1)  # [H, nope + dv, kv_rank]
+        return kv.reshape(-1, kv.shape[-1]).contiguous()
 
     def _compact_names(self) -> set[str]:
         names = {n for n, t in self._dense_tensors() if self._keeps_blocks(n, t.tensor_type)}
