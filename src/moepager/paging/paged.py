@@ -23,8 +23,10 @@ class PagedExperts:
         self.config, self.cache = config, cache
         # expert -> slot of the layer step being computed (-1: not held)
         self._slot_of = torch.full((config.num_experts,), -1, dtype=torch.long, device=cache.device)
-        # a cache that holds every expert misses each one once at most: a guess per layer step would cost more
-        guessing = prefetch and routers and cache.capacity < cache.num_keys
+        # a cache that holds every expert misses each one once at most: a guess per layer step would cost more,
+        # unless a miss is a network fetch (a remote source)
+        slow = getattr(cache.source, "slow_misses", False)
+        guessing = prefetch and routers and (cache.capacity < cache.num_keys or slow)
         self.prefetcher = RouterPrefetcher(routers, cache) if guessing else None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
