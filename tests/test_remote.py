@@ -87,6 +87,11 @@ def test_first_run_fetches_dense_and_touched_experts_then_runs_offline(
     assert tiers["remote"]["bytes_fetched"] < model_bytes / 2
     assert tiers["local"]["disk_bytes"] < model_bytes / 2  # the experts not fetched are holes
 
+    record = tmp_path / "run.json"
+    record.write_text(json.dumps(first))
+    assert main(["stats", str(record)]) == 0
+    assert "remote: " in capsys.readouterr().out
+
     hub.stop()  # the server is gone: the same run works from the local store, fetching nothing
     with pytest.warns(UserWarning, match="using the local store"):
         second = _run(capsys, REPO, "--remote", "--local-store", store)
@@ -232,3 +237,19 @@ def test_clear_errors(hub, tmp_path, capsys, monkeypatch):
     _offline(monkeypatch)
     assert main(["run", REPO, "--remote", "--local-store", str(tmp_path), *PROMPT]) == 2
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_serve_takes_the_remote_options():
+    from moepager.cli import build_parser
+
+    args = build_parser().parse_args(["serve", REPO, "--remote", "--disk-budget", "2GiB", "--revision", "v1"])
+    assert (args.remote, args.disk_budget, args.revision, args.local_store) == (True, "2GiB", "v1", None)
+
+
+def test_hf_token_is_sent(model, hub, tmp_path, capsys, monkeypatch):
+    hub.token = "hf_secret"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main(["run", REPO, "--remote", "--local-store", str(tmp_path), *PROMPT]) == 2
+    assert "set HF_TOKEN" in capsys.readouterr().err
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert _run(capsys, REPO, "--remote", "--local-store", str(tmp_path))["token_ids"]

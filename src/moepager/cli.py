@@ -49,9 +49,14 @@ def cmd_run(args) -> None:
 
     args.model = _model_or_default(args.model)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
-    model, paging = _remote(args, args.model, _paging_options(args))
+    model, paging = open_remote(args, args.model, _paging_options(args))
     engine = load(
-        model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype, **paging, **kv
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        experts_dtype=args.experts_dtype,
+        **paging,
+        **kv,
     )
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
@@ -83,7 +88,7 @@ def cmd_serve(args) -> None:
              "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
              "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
-    source, options = _remote(args, model, options)
+    source, options = open_remote(args, model, options)
     engine = load(source, device=args.device, dtype=args.dtype, **options)
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key)
@@ -130,7 +135,7 @@ def add_remote_options(p: argparse.ArgumentParser, flag: bool = True) -> None:
                    "the least used are evicted from disk")  # fmt: skip
 
 
-def _remote(args, model, paging: dict) -> tuple:
+def open_remote(args, model, paging: dict) -> tuple:
     """With --remote: the RemoteSource to load instead of MODEL, and paging on (experts fetched as used)."""
     if not getattr(args, "remote", False):
         return model, paging

@@ -2,7 +2,8 @@
 
 `/{repo}/resolve/{revision}/{file}` answers HEAD and GET, whole or by Range (206), with the ETag,
 X-Repo-Commit and Content-Length headers huggingface_hub reads; `/api/models/{repo}/revision/{revision}`
-gives the commit and the file list (HfApi.model_info). Faults on demand (`fail`): HTTP 500s, answers that
+gives the commit and the file list (HfApi.model_info), `/api/models/{repo}/tree/{revision}` the listing that
+snapshot_download asks for. Faults on demand (`fail`): HTTP 500s, answers that
 stall past the client's timeout, or bodies cut after some bytes, so retries and clean failures can be tested
 against a real server. It counts the bytes it sends. It serves files from the folders it is given, nothing else.
 
@@ -22,13 +23,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 _RESOLVE = re.compile(r"^/([\w.-]+/[\w.-]+)/resolve/([^/]+)/(.+)$")
-_API = re.compile(r"^/api/models/([\w.-]+/[\w.-]+)(?:/revision/([^/]+))?$")
+_API = re.compile(r"^/api/models/([\w.-]+/[\w.-]+)(?:/(revision|tree)/([^/]+))?$")
 
 
 class HubServer:
     """Serves {repo id: folder} on 127.0.0.1 in a background thread; stop() ends it."""
 
-    def __init__(self, repos: dict[str, Path], port: int = 0):
+    def __init__(self, repos: dict[str, Path], port: int = 0, rate: float | None = None):
         self.repos = {r: Path(p) for r, p in repos.items()}
         self.commits = {r: hashlib.sha1(r.encode()).hexdigest() for r in self.repos}
         self.bytes_sent = 0
@@ -36,6 +37,11 @@ class HubServer:
         self.fault: str | None = None  # "error", "stall" or "cut"
         self.fault_count = 0  # range GETs left to spoil (-1: all)
         self.stall_s = 2.0
+        self.token: str | None = None  # when set, requests without "Authorization: Bearer TOKEN" get a 401
+        self.rate = (
+            rate  # bytes/s over all connections together (a link's bandwidth); None: as fast as it goes
+        )
+        self._link = threading.Lock()  # bodies take turns on the link, a piece at a time
         self._lock = threading.Lock()
         self.connections: set[socket.socket] = set()  # open keep-alive connections, closed by stop()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
@@ -104,14 +110,22 @@ def _handler(server: HubServer):
 
         def _serve(self, head: bool) -> None:
             path = self.path.split("?")[0]
+            if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                return self._send(401, b"Invalid credentials", {"X-Error-Code": "RepoNotFound"}, head)
             if m := _API.match(path):
                 repo = m[1]
                 if repo not in server.repos:
                     return self._send(
                         404, b'{"error":"Repository not found"}', {"X-Error-Code": "RepoNotFound"}
                     )
-                files = sorted(str(p.relative_to(server.repos[repo])) for p in server.repos[repo].rglob("*")
-                               if p.is_file())  # fmt: skip
+                root = server.repos[repo]
+                files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+                if m[2] == "tree":  # what snapshot_download lists
+                    tree = [{"type": "file", "path": f, "size": (root / f).stat().st_size,
+                             "oid": hashlib.sha1(f.encode()).hexdigest()} for f in files]  # fmt: skip
+                    return self._send(
+                        200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head
+                    )
                 info = {"id": repo, "modelId": repo, "sha": server.commits[repo], "private": False,
                         "siblings": [{"rfilename": f} for f in files]}  # fmt: skip
                 return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
@@ -140,27 +154,34 @@ def _handler(server: HubServer):
                 return self._send(500, b"Internal Error")
             if fault == "stall":
                 time.sleep(server.stall_s)
-            with open(file, "rb") as f:
-                f.seek(start)
-                body = f.read(end - start)
             self.send_response(206 if rng else 200)
             for k, v in headers.items():
                 self.send_header(k, v)
             if rng:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(end - start))
             self.end_headers()
-            if fault == "cut":  # half the body, then the connection ends (the half arrives, then EOF)
-                body = body[: len(body) // 2]
-                self.wfile.write(body)
+            # a cut body: half of it, then the connection ends (the half arrives, then EOF)
+            stop = start + (end - start) // 2 if fault == "cut" else end
+            sent = 0
+            with open(file, "rb") as f:
+                f.seek(start)
+                while start + sent < stop:
+                    piece = f.read(min(1 << 20, stop - start - sent))
+                    if not piece:
+                        break
+                    if server.rate:
+                        with server._link:
+                            time.sleep(len(piece) / server.rate)
+                    self.wfile.write(piece)
+                    sent += len(piece)
+            if fault == "cut":
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_WR)
                 self.close_connection = True
-            else:
-                self.wfile.write(body)
             with server._lock:
-                server.bytes_sent += len(body)
-                server.ranges.append((name, start, start + len(body)))
+                server.bytes_sent += sent
+                server.ranges.append((name, start, start + sent))
 
     return Handler
 
@@ -170,8 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("folder", help="a checkpoint folder to serve")
     p.add_argument("--repo", required=True, help="the id it is served as (ORG/NAME)")
     p.add_argument("--port", type=int, default=8808)
+    p.add_argument(
+        "--rate", type=float, help="bandwidth in MiB/s, shared by all connections (default: unlimited)"
+    )
     args = p.parse_args(argv)
-    server = HubServer({args.repo: Path(args.folder)}, args.port)
+    server = HubServer({args.repo: Path(args.folder)}, args.port, args.rate and args.rate * 2**20)
     print(f"serving {args.folder} as {args.repo} at {server.url} (HF_ENDPOINT={server.url})", flush=True)
     try:
         while True:

@@ -190,6 +190,14 @@ def render_stats(stats: dict) -> str:
             f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads, "
             f"off (kept missing) in layers {p.get('layers_off') or 'none'}"
         )
+    if "tiers" in stats:  # a remote source: the network and local disk tiers under the cache
+        r, d = stats["tiers"]["remote"], stats["tiers"]["local"]
+        out.append(
+            f"remote: {format_bytes(r['bytes_fetched'])} fetched in {r['requests']} requests ({r['retries']} "
+            f"retried), {r['experts_fetched']} experts, {r['wait_s']:.2f} s waited; local disk: "
+            f"{d['experts_stored']} of {d['experts_total']} experts stored ({format_bytes(d['disk_bytes'])} "
+            f"on disk), {d['from_local']} of {d['expert_reads']} reads already local, {d['evictions']} evicted"
+        )
     if "decode_tokens_per_s" in stats:
         out.append(
             f"decode {stats['decode_tokens_per_s']:.2f} tokens/s, prefill {stats['prefill_tokens_per_s']:.2f}"

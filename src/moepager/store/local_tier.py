@@ -140,7 +140,8 @@ class LocalMirror:
 
     def stored_bytes(self) -> int:
         """Expert bytes committed (what the disk budget counts)."""
-        return sum(self.nbytes(k) for k in self.committed)
+        with self.lock:
+            return sum(self.nbytes(k) for k in self.committed)
 
     def commit(self, crcs: dict[Key, int]) -> None:
         """Experts whose bytes are written and synced (see sync) now count."""

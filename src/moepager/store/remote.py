@@ -280,7 +280,7 @@ class RemoteSource:
         missing = [k for k in keys if not self.mirror.has(k)]
         need = sum(self.mirror.nbytes(k) for k in missing)
         budget = self.mirror.disk_budget
-        if budget is not None and need + self.mirror.stored_bytes() > budget and need > budget:
+        if budget is not None and need > budget:
             raise MoepagerError(f"the experts asked for take {need / 2**30:.2f} GiB, above the disk budget of "
                                 f"{budget / 2**30:.2f} GiB; raise --disk-budget or fetch --experts hot")  # fmt: skip
         batches, batch, size = [], [], 0
