@@ -157,19 +157,22 @@ def test_failing_server_gives_a_clear_error_and_a_store_that_verifies(model, hub
 
 
 def test_half_written_expert_is_never_used(model, hub, tmp_path):
-    """Bytes written without their journal line (a crash between the two) and a journal line cut short are
-    ignored: the expert is fetched again."""
+    """Bytes written without their journal line (a crash between the two), a journal line cut short and a
+    damaged one are never taken for an expert: the expert is fetched again."""
     source = RemoteSource(REPO, tmp_path, progress=False)
     _check_experts(source, [(0, 3)], model[0])
     mirror = source.mirror
     piece = mirror.pieces[(1, 5)][0]
     mirror.write(piece.file, piece.offset, memoryview(b"\xff" * piece.nbytes))  # garbage, never committed
+    piece = mirror.pieces[(0, 3)][0]
+    mirror.write(piece.file, piece.offset, memoryview(b"\x00" * piece.nbytes))  # as if evicted...
     with open(mirror.path / STATE_DIR / JOURNAL, "a") as f:
+        f.write("e 0 x\n")  # ...with a damaged eviction line: the expert is checked and dropped
         f.write("c 1 5 12")  # torn: no newline
     mirror.close()
     del source, mirror
     source = RemoteSource(REPO, tmp_path, progress=False)
-    assert sorted(source.mirror.committed) == [(0, 3)]
+    assert source.mirror.committed == {}
     _check_experts(source, [(1, 5), (0, 3)], model[0])
     assert source.verify() == []
 

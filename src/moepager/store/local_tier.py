@@ -85,17 +85,24 @@ class LocalMirror:
         if not lines or lines[0] != MAGIC:
             raise CorruptFile(f"{path}: not a moepager local tier journal; delete {self.path} to fetch again")
         complete = lines[1:-1]  # the last element is "" after a whole line, or a line cut by a crash: ignored
+        damaged = False
         for line in complete:
             f = line.split()
-            if f[:1] == ["dense"]:
-                self.dense_crc = int(f[1])
-            elif f[:1] == ["c"] and (int(f[1]), int(f[2])) in self.pieces:
-                key = (int(f[1]), int(f[2]))
-                self.committed.pop(key, None)
-                self.committed[key] = int(f[3])
-            elif f[:1] == ["e"]:
-                self.committed.pop((int(f[1]), int(f[2])), None)
-        if len(complete) > 2 * len(self.committed) + 1024 or lines[-1]:
+            try:
+                if f[0] == "dense":
+                    self.dense_crc = int(f[1])
+                elif f[0] == "c" and (int(f[1]), int(f[2])) in self.pieces:
+                    key = (int(f[1]), int(f[2]))
+                    self.committed.pop(key, None)
+                    self.committed[key] = int(f[3])
+                elif f[0] == "e":
+                    self.committed.pop((int(f[1]), int(f[2])), None)
+            except (IndexError, ValueError):
+                damaged = True
+        if damaged:  # a lost eviction line would leave holes counted as experts: keep only those that check
+            for key in [k for k, crc in self.committed.items() if crc_of(self.path, self.pieces[k]) != crc]:
+                del self.committed[key]
+        if len(complete) > 2 * len(self.committed) + 1024 or lines[-1] or damaged:
             self._compact()
         self._journal = open(path, "a")
 
