@@ -218,6 +218,9 @@ class RemoteSource:
                     continue
                 except MoepagerError as e:
                     error = e
+                except OSError as e:  # writing the mirror: a full disk, most likely
+                    error = MoepagerError(f"cannot write {self.path / file}: {e.strerror}; free some disk space "
+                                          f"or give a smaller --disk-budget")  # fmt: skip
             failed.update(g for _, g in inside)
         done = [g for g in groups if g not in failed]
         self.mirror.sync([p for g in done for p in groups[g]])
