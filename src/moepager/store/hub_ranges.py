@@ -1,4 +1,4 @@
-"""Byte ranges of a hub repository's files over HTTP, through huggingface_hub's own settings and helpers.
+"""Byte ranges of a hub repository's files over HTTP, through huggingface_hub's own settings and functions.
 
 Owns the network: the repository's commit and file list (HfApi.model_info), file sizes (get_hf_file_metadata),
 and range requests on `hf_hub_url(...)` with `build_hf_headers()` (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE are
