@@ -49,12 +49,13 @@ def cmd_run(args) -> None:
 
     args.model = _model_or_default(args.model)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
+    model, paging = open_remote(args, args.model, _paging_options(args))
     engine = load(
-        args.model,
+        model,
         device=args.device,
         dtype=args.dtype,
         experts_dtype=args.experts_dtype,
-        **_paging_options(args),
+        **paging,
         **kv,
     )
     ids = _prompt_ids(engine, args)
@@ -87,7 +88,8 @@ def cmd_serve(args) -> None:
              "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
              "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
-    engine = load(model, device=args.device, dtype=args.dtype, **options)
+    source, options = open_remote(args, model, options)
+    engine = load(source, device=args.device, dtype=args.dtype, **options)
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key)
 
@@ -116,7 +118,58 @@ def _add_serve(sub) -> None:
     )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_remote_options(s)
     s.set_defaults(func=cmd_serve)
+
+
+def add_remote_options(p: argparse.ArgumentParser, flag: bool = True) -> None:
+    """--remote and its settings, for any command that loads a model (run, serve, chat, fetch)."""
+    g = p.add_argument_group("models from the hub, fetched as used (HF_ENDPOINT and HF_TOKEN apply)")
+    if flag:
+        g.add_argument("--remote", action="store_true", help="MODEL is a hub id (ORG/NAME): fetch config, "
+                       "tokenizer and dense weights, then each expert by range when first needed, into a local "
+                       "store that later runs read (offline too)")  # fmt: skip
+    g.add_argument("--revision", help="branch, tag or commit of the hub model (default main)")
+    g.add_argument("--local-store", help="folder of the local stores (default $HF_HOME/moepager)")
+    g.add_argument("--disk-budget", help="disk for fetched experts (20GiB, or 50%% of the model's experts); "
+                   "the least used are evicted from disk")  # fmt: skip
+
+
+def open_remote(args, model, paging: dict) -> tuple:
+    """With --remote: the RemoteSource to load instead of MODEL, and paging on (experts fetched as used)."""
+    if not getattr(args, "remote", False):
+        return model, paging
+    from .store.remote import RemoteSource
+
+    source = RemoteSource(model, args.local_store, args.revision, args.disk_budget)
+    if not any(paging.get(k) for k in ("expert_memory", "memory_limit", "pins", "hot_set")):
+        paging = {**paging, "expert_memory": "100%"}  # every expert may stay in RAM, fetched when first used
+    return source, paging
+
+
+def cmd_fetch(args) -> None:
+    from .fetch import fetch
+
+    print(fetch(args.model, args.experts, args.local_store, args.revision, args.disk_budget, args.hot_set,
+                args.text, args.tokens, args.verify, progress=not args.quiet))  # fmt: skip
+
+
+def _add_fetch(sub) -> None:
+    f = sub.add_parser("fetch", help="fill the local store of a hub model ahead of time (see run --remote)")
+    f.add_argument("model", help="hub model id, ORG/NAME")
+    f.add_argument("--experts", choices=["hot", "all"], default="all", help="all experts, or the hot ones: those "
+                   "of --hot-set, else those a calibration text routes to (default all)")  # fmt: skip
+    f.add_argument("--hot-set", help="a hot set file (run --save-hot-set) naming the experts to fetch")
+    f.add_argument(
+        "--text", help="calibration text for --experts hot (default: the packaged evaluation text)"
+    )
+    f.add_argument("--tokens", type=int, default=512, help="calibration tokens for --experts hot")
+    f.add_argument(
+        "--verify", action="store_true", help="check the stored experts' checksums; refetch bad ones"
+    )
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_remote_options(f, flag=False)
+    f.set_defaults(func=cmd_fetch)
 
 
 def cmd_synth(args) -> None:
@@ -415,8 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
     r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "
                    "its saved prefix is not recomputed), saved after generating")  # fmt: skip
+    add_remote_options(r)
     r.set_defaults(func=cmd_run)
     _add_paging(sub)
+    _add_fetch(sub)
     _add_synth_bench(sub)
     _add_store(sub)
     _add_serve(sub)

@@ -53,6 +53,7 @@ class Engine:
             None  # prompt tokens the last resumed session did not recompute
         )
         self._identity: str | None = None
+        self.source = None  # the ModelSource the weights came from (set by load)
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -144,6 +145,8 @@ class Engine:
             out["kv_cache"] = self.kv_stats
         if self.session_reused_tokens is not None:
             out["session_reused_tokens"] = self.session_reused_tokens
+        if hasattr(self.source, "tier_stats"):  # tiers below the expert cache (a remote source)
+            out["tiers"] = self.source.tier_stats()
         return out
 
 
@@ -237,4 +240,5 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
     engine = Engine(net, experts, source_tokenizer(ckpt), ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
+    engine.source = model if hasattr(model, "expert_keys") else ckpt
     return engine

@@ -23,8 +23,10 @@ class PagedExperts:
         self.config, self.cache = config, cache
         # expert -> slot of the layer step being computed (-1: not held)
         self._slot_of = torch.full((config.num_experts,), -1, dtype=torch.long, device=cache.device)
-        # a cache that holds every expert misses each one once at most: a guess per layer step would cost more
-        guessing = prefetch and routers and cache.capacity < cache.num_keys
+        # a cache that holds every expert misses each one once at most: a guess per layer step would cost more,
+        # unless a miss is a network fetch (a remote source)
+        slow = getattr(cache.source, "slow_misses", False)
+        guessing = prefetch and routers and (cache.capacity < cache.num_keys or slow)
         self.prefetcher = RouterPrefetcher(routers, cache) if guessing else None
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -187,6 +189,14 @@ def render_stats(stats: dict) -> str:
         out.append(
             f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads, "
             f"off (kept missing) in layers {p.get('layers_off') or 'none'}"
+        )
+    if "tiers" in stats:  # a remote source: the network and local disk tiers under the cache
+        r, d = stats["tiers"]["remote"], stats["tiers"]["local"]
+        out.append(
+            f"remote: {format_bytes(r['bytes_fetched'])} fetched in {r['requests']} requests ({r['retries']} "
+            f"retried), {r['experts_fetched']} experts, {r['wait_s']:.2f} s waited; local disk: "
+            f"{d['experts_stored']} of {d['experts_total']} experts stored ({format_bytes(d['disk_bytes'])} "
+            f"on disk), {d['from_local']} of {d['expert_reads']} reads already local, {d['evictions']} evicted"
         )
     if "decode_tokens_per_s" in stats:
         out.append(
