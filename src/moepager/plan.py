@@ -7,9 +7,12 @@ with the smallest expert cache (one token's experts of one layer), and measures 
   steps of as many misses as a layer step is expected to have, for about `seconds`;
 - the compute: decode steps in which every expert is a hit (each layer computes its experts from resident
   slots through the paging path), so attention, dense weights, routing and host decisions are all counted.
-Then decode time per token = compute + misses per token x expert bytes / disk bandwidth, with the misses from
-a stated assumption: routing spread uniformly over the experts, so the hit rate is cache slots / all experts.
-Reads are taken as not overlapping compute (prefetch off): on a small CPU the reads compete with compute.
+- the routing: the experts the model's own routers chose in those decode steps, replayed through the default
+  eviction policy (paging/trace.py) with the cache's slots; the first half of the steps warms the cache, the
+  hit rate is that of the second half.
+Then decode time per token = compute + misses per token x expert bytes / disk bandwidth. The assumptions,
+printed with the plan: the routing of the measured steps (a prompt of token ids 1..8, then sampled tokens) is
+like the run's, and reads do not overlap compute (prefetch off: on a small CPU the reads compete with compute).
 """
 
 from __future__ import annotations
@@ -52,7 +55,9 @@ class Plan:
     disk_seconds: float
     compute_s_per_token: float  # a decode step with every expert a hit
     compute_tokens_measured: int
-    hit_rate: float  # the assumption: uniform routing
+    hit_rate: float  # replayed from the measured steps' routing
+    uniform_hit_rate: float  # what routing spread uniformly over the experts would give: slots / all
+    routing_steps: int  # decode layer steps the hit rate was replayed over
     misses_per_token: float
     read_s_per_token: float
     decode_tokens_per_s: float
@@ -63,20 +68,39 @@ class Plan:
 
 class _AllHits:
     """The experts contract for timing compute alone: each layer's experts are renamed to experts 0..n-1 of one
-    layer, which stay resident, and computed through the paging path (acquire, switch_glu, release)."""
+    layer, which stay resident, and computed through the paging path (acquire, switch_glu, release). The
+    routing asked for is recorded, (layer, ids [N][K]) per layer step, as a trace records it."""
 
     def __init__(self, paged, layer: int):
-        self.paged, self.layer = paged, layer
+        self.paged, self.layer, self.steps = paged, layer, []
 
     def __call__(self, layer, x, ids, weights):
+        self.steps.append((layer, ids.tolist()))
         ranks = torch.searchsorted(torch.unique(ids), ids)  # [N, K] in 0..n-1
         return self.paged(self.layer, x, ranks, weights)
 
 
-def _time_compute(engine, paged, seconds: float) -> tuple[float, int]:
-    """Seconds per decode step with every expert a hit, and the steps timed (after two warm-up steps)."""
+def _replayed_hit_rate(steps: list, slots: int) -> tuple[float, int]:
+    """The default policy's hit rate with `slots` over the decode steps' routing, counted over the second half
+    (the first warms the cache, as a run's prefill and first tokens do), and the layer steps replayed."""
+    from .paging.policies import make_policy
+    from .paging.trace import replay
+
+    requests = [(layer, sorted(set(ids[0]))) for layer, ids in steps if len(ids) == 1]  # decode: one token
+    half = len(requests) // 2
+    asked = lambda reqs: sum(len(e) for _, e in reqs)  # noqa: E731
+    hits = replay(requests, slots, make_policy(None)) * asked(requests)
+    hits -= replay(requests[:half], slots, make_policy(None)) * asked(requests[:half])
+    later = asked(requests) - asked(requests[:half])
+    return (hits / later if later else 1.0), len(requests) - half
+
+
+def _time_compute(engine, paged, seconds: float) -> tuple[float, int, list]:
+    """Seconds per decode step with every expert a hit, the steps timed (after two warm-up steps), and the
+    routing of every step (at least 32 decode steps, for the replay)."""
     first = min(layer for layer, _ in paged.cache.source.expert_keys())
-    engine.model.set_experts(_AllHits(paged, first))
+    experts = _AllHits(paged, first)
+    engine.model.set_experts(experts)
     prompt = list(range(1, 9))
     most = max(8, min(256, engine.config.max_position_embeddings - 16))  # steps, within the model's context
     timed, t_start, steps = 0.0, None, 0
@@ -86,11 +110,11 @@ def _time_compute(engine, paged, seconds: float) -> tuple[float, int]:
             t_start, d0 = time.perf_counter(), engine.timings.decode_s
         elif i > 2:
             steps += 1
-            if (time.perf_counter() - t_start >= seconds and steps >= 4) or steps >= most:
+            if (time.perf_counter() - t_start >= seconds and steps >= 32) or steps >= most:
                 timed = engine.timings.decode_s - d0
                 break
     engine.model.set_experts(paged)
-    return timed / steps, steps
+    return timed / steps, steps, experts.steps
 
 
 def _time_disk(cache, misses_per_step: int, seconds: float) -> tuple[float, int, float]:
@@ -133,13 +157,15 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     left = limit - fp["total"]
     budget = max(0, min(cache.total_bytes, left - cache.staging_bytes))  # as ExpertCache splits a limit
     slots = max(cache.min_slots, min(budget // cache.slot_bytes, cache.num_keys))
-    hit_rate = slots / cache.num_keys
+    compute_s, steps, routing = _time_compute(engine, paged, seconds)
+    hit_rate, routing_steps = _replayed_hit_rate(routing, slots)
+    if slots >= cache.num_keys:  # every expert fits: each is read once at most, then always hits
+        hit_rate = 1.0
     misses_per_step = cfg.top_k * (1 - hit_rate)
     read_bytes = cache.source.expert_nbytes(*cache.source.expert_keys()[0])
     bw, done, disk_s = (0.0, 0, 0.0)
     if misses_per_step > 0:
         bw, done, disk_s = _time_disk(cache, math.ceil(misses_per_step), seconds)
-    compute_s, steps = _time_compute(engine, paged, seconds)
     misses = misses_per_step * cfg.num_moe_layers
     read_s = misses * read_bytes / bw if misses > 0 else 0.0
     return Plan(
@@ -150,7 +176,8 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
         expert_budget_bytes=budget, slot_bytes=cache.slot_bytes, expert_read_bytes=read_bytes,
         cache_experts=slots, total_experts=cache.num_keys, moe_layers=cfg.num_moe_layers, top_k=cfg.top_k,
         disk_bytes_per_s=bw, disk_bytes_measured=done, disk_seconds=disk_s, compute_s_per_token=compute_s,
-        compute_tokens_measured=steps, hit_rate=hit_rate, misses_per_token=misses, read_s_per_token=read_s,
+        compute_tokens_measured=steps, hit_rate=hit_rate, uniform_hit_rate=slots / cache.num_keys,
+        routing_steps=routing_steps, misses_per_token=misses, read_s_per_token=read_s,
         decode_tokens_per_s=1 / (compute_s + read_s),
     )  # fmt: skip
 
@@ -185,10 +212,11 @@ def format_plan(p: Plan) -> str:
     out.append(f"predicted decode: {p.decode_tokens_per_s:.1f} tokens/s = 1 / ({p.compute_s_per_token * 1e3:.1f} ms "
                f"compute + {p.read_s_per_token * 1e3:.1f} ms reading {p.misses_per_token:.1f} experts of "
                f"{b(p.expert_read_bytes)} per token)")  # fmt: skip
-    out.append(f"  assumes routing spread uniformly over the experts: hit rate = cache / all experts = "
-               f"{p.hit_rate:.2f}, {p.top_k} experts per token in each of {p.moe_layers} layers, reads not "
-               "overlapping compute; skewed routing hits more (faster), prefetch may overlap reads or compete "
-               "with compute")  # fmt: skip
+    out.append(f"  hit rate {p.hit_rate:.2f}: the routing of the measured decode steps replayed through the "
+               f"default policy with this cache ({p.routing_steps} layer steps after as many to warm it; routing "
+               f"spread uniformly would give {p.uniform_hit_rate:.2f}); {p.top_k} experts per token in each of "
+               f"{p.moe_layers} layers; assumes the run's text routes like these steps and reads do not overlap "
+               "compute (prefetch off; on it may overlap reads, or compete with compute)")  # fmt: skip
     out.append(
         f"run with: moepager run{model} --memory-limit {p.memory} --max-context {p.context} --no-prefetch"
     )
