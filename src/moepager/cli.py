@@ -65,8 +65,11 @@ def _load(args):
 
 
 def _context(engine, args) -> int:
-    """Positions a generation may reach: --max-context when given, else the model's own context length."""
-    return args.max_context or engine.config.max_position_embeddings
+    """Positions a generation may reach: the model's context length, or less: --max-context, or the context a
+    --memory-limit was planned for."""
+    planned = getattr(getattr(engine.experts, "cache", None), "footprint", None) or {}
+    given = [args.max_context, planned.get("context"), engine.config.max_position_embeddings]
+    return min(n for n in given if n)
 
 
 def _sampling(args) -> dict:
@@ -101,7 +104,7 @@ def cmd_run(args) -> None:
     if args.json:
         print(json.dumps({"text": "".join(text), "token_ids": out_ids, "stats": engine.stats()}))
     else:
-        print()
+        print(flush=True)  # the text's line ends before the summary's begins
     print(summary_line(engine.stats(), reads), file=sys.stderr)
 
 
@@ -478,8 +481,9 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
                    "turns paging on (default: every expert resident)")  # fmt: skip
     r.add_argument("--memory-limit", help="whole-process budget (e.g. 1GiB): experts get what the rest leaves "
                    "(default: none; `moepager plan` shows what a budget gives)")  # fmt: skip
-    r.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit "
-                   "(default: 4096, or what fits the limit)")  # fmt: skip
+    r.add_argument("--max-context", type=int, help="the most positions (prompt and new tokens) a generation may "
+                   "reach; the KV cache is planned for it under --memory-limit (default: the model's context; "
+                   "4096 under --memory-limit, or what fits the limit)")  # fmt: skip
     r.add_argument(
         "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default: nextuse)"
     )
@@ -545,9 +549,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # a warning is one line, as an error is
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"moepager: warning: {message}", file=sys.stderr
+            )
+            args.func(args)
     except MoepagerError as e:
         print(f"moepager: error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,6 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 
-import psutil
 import torch
 
 from .paging.cache import format_bytes, parse_bytes
@@ -141,7 +140,6 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     from . import load
 
     limit = parse_bytes(memory, what="--memory")
-    runtime_before = psutil.Process().memory_info().rss
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # the smallest cache (raised to top_k slots): the limit's footprint is measured as for any run
@@ -171,7 +169,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     return Plan(
         model=model_arg or "", memory=str(memory), memory_bytes=limit, device=str(engine.device),
         dtype=str(engine.model.norm.weight.dtype).removeprefix("torch."), context=fp["context"], context_note=note,
-        runtime_bytes=max(runtime_before, fp["process"] - dense), dense_bytes=min(dense, fp["process"]),
+        runtime_bytes=max(0, fp["process"] - dense), dense_bytes=min(dense, fp["process"]),
         kv_bytes=fp["kv_cache"], buffer_bytes=fp["buffers"], staging_bytes=cache.staging_bytes,
         expert_budget_bytes=budget, slot_bytes=cache.slot_bytes, expert_read_bytes=read_bytes,
         cache_experts=slots, total_experts=cache.num_keys, moe_layers=cfg.num_moe_layers, top_k=cfg.top_k,
