@@ -523,8 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="generate text from a prompt, streaming it to the terminal")
-    r.add_argument("model", nargs="?", help="checkpoint folder, store, GGUF file or a hub id in the local Hugging "
-                   "Face cache (default: the embedded default model)")  # fmt: skip
+    r.add_argument("model", nargs="?", help="checkpoint folder, store, GGUF file, ollama model name (qwen3:30b-a3b) "
+                   "or a hub id in the local Hugging Face cache (see `moepager list`; default: the embedded default "
+                   "model)")  # fmt: skip
     r.add_argument(
         "--prompt", help="prompt text (the chat template is applied when the model has one; default: none)"
     )

@@ -269,8 +269,6 @@ _INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"
          "n_group", "topk_group", "first_k_dense_replace", "moe_layer_freq", "sliding_window")  # fmt: skip
 _FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit",
            "router_jitter_noise", "clip_qkv")  # fmt: skip
-
-
 _POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 
 

@@ -152,9 +152,11 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
         return dense_footprint(model, config, device, fits), note
     need = footprint["total"] + min_experts
     if fits >= MIN_FITTED_CONTEXT:
-        fix = f"at this limit the context can be at most {fits} tokens (--max-context {fits}), or raise the limit to {format_bytes(need)}"  # fmt: skip
+        fix = f"at this limit the context can be at most {fits} tokens (--max-context {fits}), or raise the limit "
+        fix += f"to {format_bytes(need)}"
     else:
-        fix = f"raise the limit to at least {format_bytes(footprint['process'] + BUFFERS_FIXED + min_experts + MIN_FITTED_CONTEXT * footprint['context_bytes_per_token'])} ({MIN_FITTED_CONTEXT} tokens of context)"  # fmt: skip
+        floor = limit - room + MIN_FITTED_CONTEXT * footprint["context_bytes_per_token"]
+        fix = f"raise the limit to at least {format_bytes(floor)} ({MIN_FITTED_CONTEXT} tokens of context)"
     raise MoepagerError(
         f"memory_limit {format_bytes(limit)} is below what the model needs at a context of {wanted} tokens: "
         f"{format_bytes(need)} (runtime and dense weights {format_bytes(footprint['process'])}, KV cache "
