@@ -75,6 +75,8 @@ def test_plan_refuses_a_limit_below_the_dense_part(tiny, capsys):
     capsys.readouterr()  # building the model may have written a progress bar
     err = _error_of(["plan", str(path), "--memory", "10MiB"], capsys)
     assert "raise the limit to at least" in err
+    assert "--seconds 0.0" in _error_of(["plan", str(path), "--memory", "1GiB", "--seconds", "0"], capsys)
+    assert "--memory: cannot read 'lots'" in _error_of(["plan", str(path), "--memory", "lots"], capsys)
 
 
 def _error_of(argv, capsys) -> str:

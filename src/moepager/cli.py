@@ -124,6 +124,10 @@ def cmd_plan(args) -> None:
     from .plan import format_plan, plan
 
     parse_device(args.device)
+    if args.max_context is not None and args.max_context < 1:
+        raise MoepagerError(f"--max-context {args.max_context}: give a positive number of tokens")
+    if not args.seconds > 0:
+        raise MoepagerError(f"--seconds {args.seconds}: give a positive time to measure for")
     model = _model_or_default(args.model)
     print(format_plan(plan(model, args.memory, args.max_context, device=args.device, dtype=args.dtype,
                            seconds=args.seconds, model_arg=args.model)))  # fmt: skip
