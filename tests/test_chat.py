@@ -35,7 +35,10 @@ def _conversation(engine, max_tokens=5) -> Conversation:
     return Conversation(engine, max_tokens, {"temperature": 0.0}, engine.config.max_position_embeddings)
 
 
-def test_second_turn_reuses_the_cache_and_matches_a_fresh_conversation(engine):
+@pytest.mark.parametrize("kv", ["in RAM", "spilled"])
+def test_second_turn_reuses_the_cache_and_matches_a_fresh_conversation(engine, chat_model, kv):
+    if kv == "spilled":  # blocks of 4 positions, 1 KiB in RAM: most of the conversation lives on disk
+        engine = moepager.load(chat_model, expert_memory="50%", kv_memory=1024, kv_block_size=4)
     conv = _conversation(engine)
     first = "".join(conv.reply("w5 w6 w7"))
     assert first and conv.messages[-1] == {"role": "assistant", "content": first}

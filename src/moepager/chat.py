@@ -40,6 +40,11 @@ class Conversation:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        if hasattr(getattr(self, "cache", None), "close"):  # a spilling cache holds a scratch file
+            self.cache.close()
         self.cache, self.cached_ids = None, []  # cached_ids: the ids whose K/V the cache holds
 
     def reply(self, text: str):
@@ -70,7 +75,7 @@ class Conversation:
             if finished:  # the last id yielded never went through the model
                 self.cached_ids = (ids + out)[: self.cache.seq_len]
             else:  # stopped inside a forward: some layers may hold a position others lack
-                self.cache, self.cached_ids = None, []
+                self._drop_cache()
 
     def stats_line(self) -> str:
         turns = sum(m["role"] == "user" for m in self.messages)
@@ -148,5 +153,5 @@ def main(conv: Conversation, stdin: TextIO | None = None, stdout: TextIO | None 
         except MoepagerError as e:
             if not interactive:
                 raise
-            print(f"\nmoepager: error: {e}", file=stderr, flush=True)
+            print(f"\nmoepager: error: {e} (/reset starts the conversation over)", file=stderr, flush=True)
         print(file=stdout, flush=True)
