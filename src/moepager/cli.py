@@ -43,30 +43,58 @@ def _model_or_default(model: str | None) -> str:
     return str(default_model_path())
 
 
-def cmd_run(args) -> None:
+def _check_before_load(args) -> None:
+    """Refuse what can be refused before the model is loaded: nothing is loaded or written for bad input."""
+    from .engine import parse_device
+    from .generate import check_sampling
+
+    parse_device(args.device)
+    check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, cli=True)
+    for flag, value in (("--max-context", args.max_context), ("--prefill-chunk", args.prefill_chunk)):
+        if value is not None and value < 1:
+            raise MoepagerError(f"{flag} {value}: give a positive number of tokens")
+
+
+def _load(args):
     from . import load
-    from .tokenizer import StreamingDetokenizer
 
     args.model = _model_or_default(args.model)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
     model, paging = open_remote(args, args.model, _paging_options(args))
-    engine = load(
-        model,
-        device=args.device,
-        dtype=args.dtype,
-        experts_dtype=args.experts_dtype,
-        **paging,
-        **kv,
-    )
+    return load(model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype, **paging, **kv)
+
+
+def _context(engine, args) -> int:
+    """Positions a generation may reach: the model's context length, or less: --max-context, or the context a
+    --memory-limit was planned for."""
+    planned = getattr(getattr(engine.experts, "cache", None), "footprint", None) or {}
+    given = [args.max_context, planned.get("context"), engine.config.max_position_embeddings]
+    return min(n for n in given if n)
+
+
+def _sampling(args) -> dict:
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+
+
+def cmd_run(args) -> None:
+    from .generate import check_sampling
+    from .summary import DecodeReads, summary_line
+    from .tokenizer import StreamingDetokenizer, check_utf8
+
+    _check_before_load(args)
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
+    engine = _load(args)
     ids = _prompt_ids(engine, args)
+    check_sampling(args.max_tokens, prompt_tokens=len(ids), context=_context(engine, args), cli=True)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     if args.session:  # resumes the file if it exists (reusing the shared prefix), saves it at the end
-        tokens = engine.stream_session(args.session, ids, args.max_tokens, **sampling)
+        tokens = engine.stream_session(args.session, ids, args.max_tokens, **_sampling(args))
     else:
-        tokens = engine.stream(ids, args.max_tokens, **sampling)
-    for tid in tokens:
+        tokens = engine.stream(ids, args.max_tokens, **_sampling(args))
+    reads = DecodeReads(engine)
+    for tid in reads.count(tokens):
         out_ids.append(tid)
         piece = detok.add(tid) if detok else f"{tid} "
         text.append(piece)
@@ -76,7 +104,54 @@ def cmd_run(args) -> None:
     if args.json:
         print(json.dumps({"text": "".join(text), "token_ids": out_ids, "stats": engine.stats()}))
     else:
-        print()
+        print(flush=True)  # the text's line ends before the summary's begins
+    print(summary_line(engine.stats(), reads), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from .chat import Conversation
+    from .chat import main as chat_main
+
+    _check_before_load(args)
+    engine = _load(args)
+    conversation = Conversation(engine, args.max_tokens, _sampling(args), _context(engine, args), args.system)
+    chat_main(conversation)
+    _save_paging_outputs(engine, args)
+
+
+def cmd_plan(args) -> None:
+    from .engine import parse_device
+    from .plan import format_plan, plan
+
+    parse_device(args.device)
+    if args.max_context is not None and args.max_context < 1:
+        raise MoepagerError(f"--max-context {args.max_context}: give a positive number of tokens")
+    if not args.seconds > 0:
+        raise MoepagerError(f"--seconds {args.seconds}: give a positive time to measure for")
+    model = _model_or_default(args.model)
+    print(format_plan(plan(model, args.memory, args.max_context, device=args.device, dtype=args.dtype,
+                           seconds=args.seconds, model_arg=args.model)))  # fmt: skip
+
+
+def _add_chat_plan(sub) -> None:
+    c = sub.add_parser("chat", help="talk with a model: streaming replies, history, the chat template; "
+                       "/reset, /stats, /exit (stdin may be piped: one user turn per line)")  # fmt: skip
+    c.add_argument("model", nargs="?", help="as for run (default: the embedded default model)")
+    c.add_argument("--system", help="a system message opening the conversation (default: none)")
+    add_model_options(c)
+    c.set_defaults(func=cmd_chat)
+    p = sub.add_parser("plan", help="before loading the experts: the memory a budget leaves them, measured disk "
+                       "and compute speed, the decode speed to expect, and the flags to pass")  # fmt: skip
+    p.add_argument("model", nargs="?", help="as for run (default: the embedded default model)")
+    p.add_argument("--memory", required=True, help="the whole process's memory budget, e.g. 8GiB")
+    p.add_argument("--max-context", type=int, help="tokens of context to plan the KV cache for "
+                   "(default: 4096, or the most that fits)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--seconds", type=float, default=1.0, help="time spent measuring the disk, and the compute"
+    )
+    p.set_defaults(func=cmd_plan)
 
 
 def cmd_serve(args) -> None:
@@ -102,19 +177,26 @@ def _add_serve(sub) -> None:
         "model", nargs="?", help="checkpoint folder or hub id (default: the embedded default model)"
     )
     s.add_argument("--host", default="127.0.0.1", help="address to bind; the default is loopback only")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--api-key", default=os.environ.get("MOEPAGER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MOEPAGER_API_KEY, else none)")  # fmt: skip
     s.add_argument("--model-name", help="the model id clients send (default: MODEL as given)")
-    s.add_argument("--expert-memory", help="expert cache budget, passed to moepager.load (e.g. 25%% or 4GiB)")
-    s.add_argument("--memory-limit", help="total memory limit, passed to moepager.load")
-    s.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
-    s.add_argument("--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy")
+    s.add_argument(
+        "--expert-memory",
+        help="expert cache budget, as for run (e.g. 25%% or 4GiB; default: every expert resident)",
+    )
+    s.add_argument("--memory-limit", help="whole-process memory limit, as for run (default: none)")
+    s.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit "
+                   "(default: 4096, or what fits the limit)")  # fmt: skip
+    s.add_argument(
+        "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default: nextuse)"
+    )
     s.add_argument(
         "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
     )
     s.add_argument(
-        "--kv-memory", help="RAM for each sequence's KV cache (e.g. 64MiB); older blocks spill to disk"
+        "--kv-memory",
+        help="RAM for each sequence's KV cache (e.g. 64MiB); older blocks spill to disk (default: all in RAM)",
     )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
@@ -194,14 +276,14 @@ def _add_synth_bench(sub) -> None:
     )
     s.add_argument("out", help="folder to create")
     s.add_argument("--family", default="mixtral", help="mixtral or qwen3_moe")
-    s.add_argument("--size", help="target size, e.g. 8GiB (sets the number of layers)")
-    s.add_argument("--layers", type=int, help="number of layers (instead of --size)")
-    s.add_argument("--hidden", type=int, default=2048)
+    s.add_argument("--size", help="target size, e.g. 8GiB (sets the number of layers; default: --layers)")
+    s.add_argument("--layers", type=int, help="number of layers (instead of --size; default: from --size)")
+    s.add_argument("--hidden", type=int, default=2048, help="hidden size D")
     s.add_argument("--intermediate", type=int, default=6144, help="intermediate size of one expert")
-    s.add_argument("--experts", type=int, default=8)
-    s.add_argument("--top-k", type=int, default=2)
+    s.add_argument("--experts", type=int, default=8, help="routed experts per layer")
+    s.add_argument("--top-k", type=int, default=2, help="experts per token")
     s.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="of the random weights")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 
@@ -210,13 +292,16 @@ def _add_synth_bench(sub) -> None:
     b.add_argument("--budgets", default="10%,25%,50%,100%", help="expert memory budgets: percents or sizes")
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds; median and range are reported")
     b.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")
-    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--prompt-tokens", type=int, default=32, help="tokens of the prompt")
     b.add_argument("--peers", default="accelerate,naive,llamacpp", help="comma list, or 'none'")
     b.add_argument("--memory-cap", default="auto",
                    help="total memory cap per run incl. page cache: auto (resident + budget + overhead) or a size")  # fmt: skip
     b.add_argument("--overhead", default="1GiB", help="added to resident + budget by --memory-cap auto")
     b.add_argument("--no-cgroup", action="store_true", help="do not use a cgroup even when one is available")
-    b.add_argument("--work-dir", help="where peers' files go (per-expert .pt files, offload folder)")
+    b.add_argument(
+        "--work-dir",
+        help="where peers' files go (per-expert .pt files, offload folder; default: beside MODEL)",
+    )
     b.add_argument("--out", default="benchmarks/results", help="folder for the JSON, markdown and PNG")
     b.add_argument("--name", help="file stem of the results (default: the model folder's name)")
     b.add_argument("--dtype", help="compute dtype (default: the checkpoint's)")
@@ -224,10 +309,14 @@ def _add_synth_bench(sub) -> None:
         "--engine-option",
         action="append",
         metavar="KEY=VALUE",
-        help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable)",
+        help="extra moepager.load option for the moepager runs, e.g. policy=lru (repeatable; default: none)",
     )
     b.add_argument("--gguf", help="GGUF file of the same model for the llamacpp peer (default: a GGUF MODEL)")
-    b.add_argument("--tokenizer", metavar="FOLDER", help="folder with tokenizer.json for the prompt text")
+    b.add_argument(
+        "--tokenizer",
+        metavar="FOLDER",
+        help="folder with tokenizer.json for the prompt text (default: MODEL's, else random ids)",
+    )
     b.add_argument("--temperature", type=float, default=1.0, help="every engine samples at it (0 = greedy)")
     b.add_argument("--seed", type=int, default=0, help="of every engine's sampler and of a random prompt")
     b.add_argument("--timeout", type=float, default=1800, help="seconds before a run is killed")
@@ -272,7 +361,10 @@ def _add_store(sub) -> None:
     c.set_defaults(func=cmd_convert)
     v = sub.add_parser("verify", help="check a store's checksums, or compare it bit for bit with its source")
     v.add_argument("store", help="a folder written by `moepager convert`")
-    v.add_argument("--source", help="the checkpoint it was converted from: compare every tensor")
+    v.add_argument(
+        "--source",
+        help="the checkpoint it was converted from: compare every tensor (default: checksums only)",
+    )
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_verify)
 
@@ -353,9 +445,13 @@ def _add_paging(sub) -> None:
                    "several separated by commas")  # fmt: skip
     p.add_argument("--per-token", action="store_true", help="replay each multi-token forward (a prefill, an eval "
                    "window) one token at a time, as decode would ask for it")  # fmt: skip
-    p.add_argument("--top-k", type=int, help="keep each token's first K experts: the same text routed top-K")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--plot", help="write a PNG of hit rate vs budget (needs matplotlib)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="keep each token's first K experts: the same text routed top-K (default: all)",
+    )
+    p.add_argument("--json", action="store_true", help="print the hit rates as one JSON object")
+    p.add_argument("--plot", help="write a PNG of hit rate vs budget (needs matplotlib; default: none)")
     p.set_defaults(func=cmd_replay)
     s = sub.add_parser("stats", help="render the expert cache stats of a saved moepager run --json record")
     s.add_argument("record", help="a file holding the output of moepager run ... --json")
@@ -399,20 +495,27 @@ def _add_moefy(sub) -> None:
     m.add_argument(
         "--top-k", type=int, default=8, help="experts per token (K); K = E reproduces the dense model"
     )
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="of the clustering and the router fit")
     m.add_argument("--shared", type=int, help="neurons of the always-on shared expert (default: about half)")
     m.add_argument("--calibration", help="calibration text file (default: the Python reference topics)")
     m.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
-    m.add_argument("--plan", help="reuse a learned plan (OUT/moefy/plan.safetensors of an earlier run)")
+    m.add_argument(
+        "--plan",
+        help="reuse a learned plan (OUT/moefy/plan.safetensors of an earlier run; default: learn one)",
+    )
     m.set_defaults(func=cmd_moefy)
     e = sub.add_parser("eval", help="perplexity on a text file, and greedy agreement with a reference model")
     e.add_argument("model", nargs="?", help="checkpoint folder (default: the embedded default model)")
     e.add_argument("--text", required=True, help="a plain text file")
-    e.add_argument("--reference", help="a model with the same tokenizer, e.g. the dense original")
-    e.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens of the text")
+    e.add_argument(
+        "--reference", help="a model with the same tokenizer, e.g. the dense original (default: none)"
+    )
+    e.add_argument(
+        "--max-tokens", type=int, help="evaluate at most this many tokens of the text (default: all)"
+    )
     e.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     e.set_defaults(func=cmd_eval)
 
 
@@ -422,53 +525,81 @@ def cmd_list(args) -> None:
     list_main(args.json)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("run", help="generate text from a prompt, streaming it to the terminal")
-    r.add_argument("model", nargs="?", help="checkpoint folder, store, GGUF file, ollama model name (qwen3:30b-a3b) "
-                   "or a hub id in the local Hugging Face cache (see `moepager list`)")  # fmt: skip
-    r.add_argument("--prompt", help="prompt text (the chat template is applied when the model has one)")
-    r.add_argument("--prompt-ids", help="comma-separated token ids, for models without a tokenizer")
-    r.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    r.add_argument("--max-tokens", type=int, default=64)
+def add_model_options(r: argparse.ArgumentParser) -> None:
+    """The options of every command that loads a model and generates (run, chat): sampling, device, memory."""
+    r.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (per reply in chat)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--seed", type=int)
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens "
+                   "reaching this probability (1 = all)")  # fmt: skip
+    r.add_argument(
+        "--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = no limit)"
+    )
+    r.add_argument("--seed", type=int, help="seed of the sampler (default: not seeded)")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
-    r.add_argument(
-        "--experts-dtype",
-        choices=["bf16", "fp16", "int8", "int4"],
-        help="convert routed experts as they are read (int8/int4 are lossy)",
-    )
+    r.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
+                   help="convert routed experts as they are read; int8/int4 are lossy (default: as stored)")  # fmt: skip
     r.add_argument("--expert-memory", help="memory for routed experts: 512MiB, 2GB or a share of them (25%%); "
-                   "turns paging on")  # fmt: skip
+                   "turns paging on (default: every expert resident)")  # fmt: skip
+    r.add_argument("--memory-limit", help="whole-process budget (e.g. 1GiB): experts get what the rest leaves "
+                   "(default: none; `moepager plan` shows what a budget gives)")  # fmt: skip
+    r.add_argument("--max-context", type=int, help="the most positions (prompt and new tokens) a generation may "
+                   "reach; the KV cache is planned for it under --memory-limit (default: the model's context; "
+                   "4096 under --memory-limit, or what fits the limit)")  # fmt: skip
     r.add_argument(
-        "--memory-limit", help="whole-process budget (e.g. 700MiB): experts get what the rest leaves"
-    )
-    r.add_argument("--max-context", type=int, help="context the KV cache is planned for under --memory-limit")
-    r.add_argument(
-        "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default nextuse)"
+        "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default: nextuse)"
     )
     r.add_argument(
         "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
     )
-    r.add_argument("--pin", help="experts never evicted, as LAYER:EXPERT pairs: 0:3,1:7")
-    r.add_argument("--hot-set", help="pin the experts listed in this file (see --save-hot-set)")
-    r.add_argument("--save-hot-set", help="after the run, save the most used experts to this file")
-    r.add_argument("--trace", help="save the routing trace (experts chosen per token and layer) to this file")
+    r.add_argument("--pin", help="experts never evicted, as LAYER:EXPERT pairs: 0:3,1:7 (default: none)")
     r.add_argument(
-        "--kv-memory", help="RAM for the KV cache (e.g. 64MiB); older blocks spill to disk beyond it"
+        "--hot-set", help="pin the experts listed in this file (see --save-hot-set; default: none)"
     )
+    r.add_argument(
+        "--save-hot-set", help="at the end, save the most used experts to this file (default: not saved)"
+    )
+    r.add_argument("--trace", help="save the routing trace (experts chosen per token and layer) to this file "
+                   "(default: not recorded)")  # fmt: skip
+    r.add_argument("--kv-memory", help="RAM for the KV cache (e.g. 64MiB); older blocks spill to disk beyond it "
+                   "(default: all in RAM)")  # fmt: skip
     r.add_argument("--kv-spill-dir", help="folder for the KV spill file (default: the system temp folder)")
     r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
-    r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "
-                   "its saved prefix is not recomputed), saved after generating")  # fmt: skip
     add_remote_options(r)
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (as for None defaults)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="moepager", description="Run MoE language models larger than memory.")
+    p.add_argument("--version", action="version", version=f"moepager {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="generate text from a prompt, streaming it to the terminal")
+    r.add_argument("model", nargs="?", help="checkpoint folder, store, GGUF file, ollama model name (qwen3:30b-a3b) "
+                   "or a hub id in the local Hugging Face cache (see `moepager list`; default: the embedded default "
+                   "model)")  # fmt: skip
+    r.add_argument(
+        "--prompt", help="prompt text (the chat template is applied when the model has one; default: none)"
+    )
+    r.add_argument(
+        "--prompt-ids", help="comma-separated token ids, for models without a tokenizer (default: none)"
+    )
+    r.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "
+                   "its saved prefix is not recomputed), saved after generating (default: none)")  # fmt: skip
+    add_model_options(r)
     r.set_defaults(func=cmd_run)
     _add_paging(sub)
     _add_fetch(sub)
@@ -479,13 +610,22 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="runnable MoE models in the Hugging Face cache and ollama's store")
     ls.add_argument("--json", action="store_true", help="one JSON list: name, where, family, size, path")
     ls.set_defaults(func=cmd_list)
+    _add_chat_plan(sub)
+    for parser in [p, *sub.choices.values()]:
+        parser.formatter_class = _DefaultsFormatter
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():  # a warning is one line, as an error is
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"moepager: warning: {message}", file=sys.stderr
+            )
+            args.func(args)
     except MoepagerError as e:
         print(f"moepager: error: {e}", file=sys.stderr)
         return 2

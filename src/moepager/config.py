@@ -261,6 +261,34 @@ FAMILIES = {
 }
 
 
+# config.json keys read above, by the type their value must have (null is allowed: it means "not set")
+_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "max_position_embeddings", "intermediate_size", "moe_intermediate_size", "num_experts", "num_local_experts",
+         "n_routed_experts", "num_experts_per_tok", "shared_expert_intermediate_size", "n_shared_experts",
+         "decoder_sparse_step", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+         "n_group", "topk_group", "first_k_dense_replace", "moe_layer_freq", "sliding_window")  # fmt: skip
+_FLOATS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit",
+           "router_jitter_noise", "clip_qkv")  # fmt: skip
+_POSITIVE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_types(d: dict, family: str) -> None:
+    """A wrongly typed value ("hidden_size": "lots") is named here, before it fails somewhere deep inside."""
+    for key in _INTS + _FLOATS:
+        v = d.get(key)
+        low = 1 if key in _POSITIVE else 0
+        kind = f"an integer >= {low}" if key in _INTS else "a number"
+        ok = v is None or (
+            isinstance(v, int) and not isinstance(v, bool) and v >= low
+            if key in _INTS
+            else isinstance(v, (int, float)) and not isinstance(v, bool)
+        )
+        if not ok:
+            raise UnsupportedArchitecture(
+                f"config.json of a {family} model: {key} is {v!r}, expected {kind}; fix that field"
+            )
+
+
 def config_from_hf(d: dict) -> ModelConfig:
     """Translate a Hugging Face config.json dict; unknown keys are ignored."""
     family = d.get("model_type")
@@ -269,6 +297,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         raise UnsupportedArchitecture(
             f"model_type {family!r} ({arch}) is not supported; supported: {', '.join(FAMILIES)}"
         )
+    _check_types(d, family)
     try:
         return FAMILIES[family](d)
     except KeyError as e:

@@ -28,7 +28,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 
 def parse_device(device: str | torch.device) -> torch.device:
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # a name torch does not know at all ("tpu")
+        raise MoepagerError(f"device {device!r} is not supported; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MoepagerError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     if dev.type not in ("cpu", "cuda"):

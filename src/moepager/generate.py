@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import MoepagerError
 from .layers import KVCache
 from .model import Transformer
 
@@ -22,6 +23,30 @@ class SamplingParams:
     top_k: int = 0  # 0 = no limit
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)
+
+
+def check_sampling(max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                   prompt_tokens: int | None = None, context: int | None = None, cli: bool = False) -> None:  # fmt: skip
+    """Refuse sampling parameters that cannot be honoured, with a message naming the value and what to do.
+
+    One place for every front end: cli=True names the values as command-line flags (--max-tokens), else as
+    request fields (max_tokens). context: positions the model can hold; the prompt and the new tokens must fit.
+    """
+    name = (lambda n: "--" + n.replace("_", "-")) if cli else (lambda n: n)
+    number = lambda x, kind=(int, float): isinstance(x, kind) and not isinstance(x, bool)  # noqa: E731
+    if max_tokens is not None and not (number(max_tokens, int) and max_tokens >= 1):
+        raise MoepagerError(f"{name('max_tokens')} {max_tokens!r}: give at least 1 token to generate")
+    if not (number(temperature) and 0 <= temperature < float("inf")):
+        raise MoepagerError(f"{name('temperature')} {temperature!r}: give a number >= 0 (0 = greedy)")
+    if not (number(top_p) and 0 < top_p <= 1):
+        raise MoepagerError(f"{name('top_p')} {top_p!r}: give a number in (0, 1] (1 = no nucleus cut)")
+    if not (number(top_k, int) and top_k >= 0):
+        raise MoepagerError(f"{name('top_k')} {top_k!r}: give an integer >= 0 (0 = no limit)")
+    if None not in (max_tokens, prompt_tokens, context) and prompt_tokens + max_tokens > context:
+        room = context - prompt_tokens
+        fix = f"use {name('max_tokens')} {room} or less" if room > 0 else "shorten the prompt"
+        raise MoepagerError(f"{name('max_tokens')} {max_tokens} after a {prompt_tokens}-token prompt passes the "
+                            f"context of {context} tokens; {fix}")  # fmt: skip
 
 
 @dataclass

@@ -183,6 +183,12 @@ class KVCache:
         self.length[layer] = n + t
         return self.k[layer][:, :, : n + t], self.v[layer][:, :, : n + t]
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first n positions (a conversation reusing the prefix it shares with the cache)."""
+        if not 0 <= n <= min(self.length):
+            raise ValueError(f"cannot truncate a cache of {self.seq_len} positions to {n}")
+        self.length = [n] * len(self.length)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 

@@ -91,3 +91,18 @@ class StreamingDetokenizer:
             return ""  # nothing new (a skipped special token) or a character still incomplete
         self.ids, self.read = self.ids[self.read :], len(self.ids) - self.read
         return text[len(done) :]
+
+
+def check_utf8(text: str, what: str) -> str:
+    """text as given, or an error naming `what` when it holds bytes that are not UTF-8 (Python keeps those of
+    argv and of some locales' stdin as lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = (
+            text[e.start].encode("utf-8", "surrogateescape") if "\udc80" <= text[e.start] <= "\udcff" else b""
+        )
+        byte = f"byte 0x{bad[0]:02x}" if bad else repr(text[e.start])
+        raise MoepagerError(f"{what} is not valid UTF-8 ({byte} at character {e.start}); convert it to UTF-8 "
+                            "(e.g. iconv -t UTF-8)") from None  # fmt: skip
+    return text

@@ -98,6 +98,22 @@ class PagedExperts:
         return out
 
 
+BUFFERS_FIXED = 32 * 2**20  # allocator slack and small working tensors, whatever the context
+MIN_FITTED_CONTEXT = 256  # below this a fitted context is no use: the limit is refused instead
+DEFAULT_CONTEXT = 4096
+
+
+def context_bytes(config: ModelConfig, itemsize: int) -> int:
+    """Bytes each token of planned context costs: its K/V in every layer (buffers grow by doubling, so up to
+    twice that) and the activations a prefill chunk of that length may hold."""
+    c = config
+    if c.attention == "mla":
+        per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
+    else:
+        per_token = 2 * c.num_kv_heads * c.head_dim
+    return 2 * per_token * itemsize * c.num_layers + 16 * c.hidden_size * 4
+
+
 def dense_footprint(model, config: ModelConfig, device: torch.device, max_context: int) -> dict:
     """What the process needs besides the expert cache, measured after the dense weights are loaded:
     the runtime and dense weights (RSS, or allocated GPU memory for CUDA), the KV cache at max_context
@@ -108,38 +124,79 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
         process = torch.cuda.memory_allocated(device)
     else:
         process = psutil.Process().memory_info().rss
-    c = config
-    if c.attention == "mla":
-        per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
+    itemsize = model.norm.weight.dtype.itemsize
+    per_token = context_bytes(config, itemsize)
+    buffers = BUFFERS_FIXED + 16 * config.hidden_size * 4 * max_context
+    kv = (per_token - 16 * config.hidden_size * 4) * max_context
+    return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers,
+            "context": max_context, "context_bytes_per_token": per_token}  # fmt: skip
+
+
+def fit_context(limit: int, model, config: ModelConfig, device: torch.device, max_context: int | None,
+                min_experts: int) -> tuple[dict, str | None]:  # fmt: skip
+    """The footprint under a whole-process limit, and a note when the context was lowered to fit.
+
+    max_context given: refused (naming the context that fits) unless it fits with min_experts bytes of experts.
+    Not given: DEFAULT_CONTEXT, or the largest multiple of 256 tokens that fits, with a note saying so.
+    """
+    from ..errors import MoepagerError
+    from .cache import format_bytes
+
+    wanted = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
+    footprint = dense_footprint(model, config, device, wanted)
+    if limit >= footprint["total"] + min_experts:
+        return footprint, None
+    room = limit - footprint["process"] - BUFFERS_FIXED - min_experts
+    fits = max(0, room // footprint["context_bytes_per_token"]) // 256 * 256
+    if max_context is None and fits >= MIN_FITTED_CONTEXT:
+        note = (f"memory_limit {format_bytes(limit)} leaves room for a context of {fits} tokens, not {wanted}: "
+                f"the KV cache is planned for {fits} (--max-context chooses)")  # fmt: skip
+        return dense_footprint(model, config, device, fits), note
+    need = footprint["total"] + min_experts
+    if fits >= MIN_FITTED_CONTEXT:
+        fix = f"at this limit the context can be at most {fits} tokens (--max-context {fits}), or raise the limit "
+        fix += f"to {format_bytes(need)}"
     else:
-        per_token = 2 * c.num_kv_heads * c.head_dim
-    kv = 2 * per_token * model.norm.weight.dtype.itemsize * c.num_layers * max_context
-    # activations of a prefill chunk plus allocator slack
-    buffers = 32 * 2**20 + 16 * max_context * c.hidden_size * 4
-    return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers}
+        floor = limit - room + MIN_FITTED_CONTEXT * footprint["context_bytes_per_token"]
+        fix = f"raise the limit to at least {format_bytes(floor)} ({MIN_FITTED_CONTEXT} tokens of context)"
+    raise MoepagerError(
+        f"memory_limit {format_bytes(limit)} is below what the model needs at a context of {wanted} tokens: "
+        f"{format_bytes(need)} (runtime and dense weights {format_bytes(footprint['process'])}, KV cache "
+        f"{format_bytes(footprint['kv_cache'])}, buffers {format_bytes(footprint['buffers'])}, the smallest expert "
+        f"cache {format_bytes(min_experts)}); {fix}"
+    )
+
+
+def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> int:
+    """Bytes of the smallest expert cache: one token's experts of one layer (top_k slots)."""
+    from ..moe import bank_spec
+    from ..store.source import expert_formats
+
+    keys = source.expert_keys()
+    if not keys:
+        return 0
+    slot = bank_spec(source.read_expert(*keys[0]), expert_formats(source), dtype).slot_bytes
+    return slot * min(config.top_k, len(keys))
 
 
 def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
                 policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts)."""
-    from ..errors import MoepagerError
+    import warnings
+
     from ..moe import MoE
-    from .cache import format_bytes, parse_bytes
+    from .cache import parse_bytes
 
     config = model.config
     limit, footprint = None, None
     if memory_limit is not None:
         total = parse_bytes(memory_limit, what="memory_limit")
-        ctx = min(max_context or 4096, config.max_position_embeddings)
-        footprint = dense_footprint(model, config, device, ctx)
-        if total <= footprint["total"]:
-            raise MoepagerError(
-                f"memory_limit {format_bytes(total)} is below what the model needs without its experts: "
-                f"{format_bytes(footprint['total'])} (runtime and dense weights {format_bytes(footprint['process'])}, "
-                f"KV cache for {ctx} tokens {format_bytes(footprint['kv_cache'])}, buffers "
-                f"{format_bytes(footprint['buffers'])}); raise the limit or lower max_context"
-            )
+        footprint, note = fit_context(
+            total, model, config, device, max_context, min_expert_bytes(source, config, dtype)
+        )
+        if note:
+            warnings.warn(note, stacklevel=3)
         limit = total - footprint["total"]
     cache = ExpertCache(source, config, expert_memory if expert_memory is not None else (None if limit is None else "100%"),
                         device, dtype, policy, limit=limit)  # fmt: skip

@@ -1,0 +1,103 @@
+"""`moepager plan` and the context a memory limit leaves: fields and arithmetic, not timing."""
+
+import dataclasses
+import re
+
+import psutil
+import pytest
+
+import moepager
+from moepager.cli import main
+from moepager.errors import MoepagerError
+from moepager.paging.paged import BUFFERS_FIXED, fit_context
+from moepager.plan import plan
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def test_plan_fields_add_up(tiny):
+    path = tiny("qwen3_moe")[0]
+    p = plan(str(path), _rss() + 256 * 2**20, max_context=128, seconds=0.05)
+    assert p.context == 128 and p.context_note is None
+    parts = p.runtime_bytes + p.dense_bytes + p.kv_bytes + p.buffer_bytes
+    assert (
+        p.dense_bytes > 0
+        and p.kv_bytes > 0
+        and parts + p.expert_budget_bytes + p.staging_bytes <= p.memory_bytes
+    )
+    assert p.cache_experts == p.total_experts == 32  # 2 MoE layers of 16: a tiny model fits whole
+    assert p.hit_rate == 1.0 and p.read_s_per_token == 0.0 and p.disk_bytes_measured == 0
+    assert p.compute_s_per_token > 0 and p.decode_tokens_per_s == pytest.approx(1 / p.compute_s_per_token)
+
+
+@pytest.fixture(scope="module")
+def large_experts(tmp_path_factory):
+    """A Qwen3-MoE with 6 MiB experts (32 of them), so a limit can leave room for some and not all, whatever
+    the few MiB the test process grows by between two loads."""
+    import torch
+    import transformers as tf
+    from tiny_models import COMMON
+
+    out = tmp_path_factory.mktemp("large_experts")
+    config = tf.Qwen3MoeConfig(**{**COMMON, "hidden_size": 128}, num_experts=16, num_experts_per_tok=4,
+                               moe_intermediate_size=4096, head_dim=32)  # fmt: skip
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    return out
+
+
+def test_plan_with_experts_paged(large_experts, capsys):
+    probe = plan(str(large_experts), _rss() + 2**30, max_context=128, seconds=0.02)
+    assert probe.cache_experts == probe.total_experts == 32
+    footprint = (
+        probe.runtime_bytes + probe.dense_bytes + probe.kv_bytes + probe.buffer_bytes + probe.staging_bytes
+    )
+    limit = footprint + 16 * probe.slot_bytes  # room for about half of the experts
+    assert (
+        main(
+            ["plan", str(large_experts), "--memory", str(limit), "--max-context", "128", "--seconds", "0.05"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    for row in ("runtime", "dense weights", "KV cache at 128 tokens", "buffers", "expert cache", "disk:",
+                "GB/s", "compute:", "ms per token", "predicted decode:", "tokens/s", "uniformly", "run with:"):  # fmt: skip
+        assert row in out, row
+    slots = int(re.search(r"(\d+) of 32 experts", out)[1])
+    assert 8 <= slots <= 24, out  # about 16: the process grows or shrinks by some MiB between two loads
+    assert f"moepager run {large_experts} --memory-limit {limit} --max-context 128" in out
+
+
+def test_plan_refuses_a_limit_below_the_dense_part(tiny, capsys):
+    path = tiny("mixtral")[0]
+    capsys.readouterr()  # building the model may have written a progress bar
+    err = _error_of(["plan", str(path), "--memory", "10MiB"], capsys)
+    assert "raise the limit to at least" in err
+    assert "--seconds 0.0" in _error_of(["plan", str(path), "--memory", "1GiB", "--seconds", "0"], capsys)
+    assert "--memory: cannot read 'lots'" in _error_of(["plan", str(path), "--memory", "lots"], capsys)
+
+
+def _error_of(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_memory_limit_fits_the_context_when_none_was_asked_for(tiny):
+    engine = moepager.load(tiny("mixtral")[0])
+    config = dataclasses.replace(engine.config, max_position_embeddings=8192)
+    per_token = (
+        2 * 2 * config.num_kv_heads * config.head_dim * 4 * config.num_layers + 16 * config.hidden_size * 4
+    )
+    limit = (
+        _rss() + BUFFERS_FIXED + 1100 * per_token + 2**20
+    )  # about 1100 tokens of context and 1 MiB of experts
+    footprint, note = fit_context(limit, engine.model, config, engine.device, None, 2**20)
+    assert footprint["context"] in (768, 1024) and "leaves room for a context of" in note
+    with pytest.raises(MoepagerError, match=r"at a context of 4096 tokens.*can be at most (768|1024) tokens"):
+        fit_context(limit, engine.model, config, engine.device, 4096, 2**20)
+    footprint, note = fit_context(limit, engine.model, config, engine.device, 512, 2**20)
+    assert footprint["context"] == 512 and note is None
