@@ -93,8 +93,10 @@ def test_first_run_fetches_dense_and_touched_experts_then_runs_offline(
     assert "remote: " in capsys.readouterr().out
 
     hub.stop()  # the server is gone: the same run works from the local store, fetching nothing
-    with pytest.warns(UserWarning, match="using the local store"):
-        second = _run(capsys, REPO, "--remote", "--local-store", store)
+    assert main(["run", REPO, "--remote", "--local-store", store, *PROMPT]) == 0
+    out = capsys.readouterr()
+    assert "moepager: warning:" in out.err and "using the local store" in out.err  # one line, as CLI warnings are
+    second = json.loads(out.out)
     assert second["token_ids"] == local["token_ids"]
     assert second["stats"]["tiers"]["remote"]["bytes_fetched"] == 0
     _offline(monkeypatch)  # and with HF_HUB_OFFLINE set, without trying the network

@@ -211,10 +211,10 @@ def add_remote_options(p: argparse.ArgumentParser, flag: bool = True) -> None:
         g.add_argument("--remote", action="store_true", help="MODEL is a hub id (ORG/NAME): fetch config, "
                        "tokenizer and dense weights, then each expert by range when first needed, into a local "
                        "store that later runs read (offline too)")  # fmt: skip
-    g.add_argument("--revision", help="branch, tag or commit of the hub model (default main)")
-    g.add_argument("--local-store", help="folder of the local stores (default $HF_HOME/moepager)")
+    g.add_argument("--revision", help="branch, tag or commit of the hub model (default: main)")
+    g.add_argument("--local-store", help="folder of the local stores (default: $HF_HOME/moepager)")
     g.add_argument("--disk-budget", help="disk for fetched experts (20GiB, or 50%% of the model's experts); "
-                   "the least used are evicted from disk")  # fmt: skip
+                   "the least used are evicted from disk (default: no limit)")  # fmt: skip
 
 
 def open_remote(args, model, paging: dict) -> tuple:
@@ -240,8 +240,10 @@ def _add_fetch(sub) -> None:
     f = sub.add_parser("fetch", help="fill the local store of a hub model ahead of time (see run --remote)")
     f.add_argument("model", help="hub model id, ORG/NAME")
     f.add_argument("--experts", choices=["hot", "all"], default="all", help="all experts, or the hot ones: those "
-                   "of --hot-set, else those a calibration text routes to (default all)")  # fmt: skip
-    f.add_argument("--hot-set", help="a hot set file (run --save-hot-set) naming the experts to fetch")
+                   "of --hot-set, else those a calibration text routes to (default: all)")  # fmt: skip
+    f.add_argument(
+        "--hot-set", help="a hot set file (run --save-hot-set) naming the experts to fetch (default: none)"
+    )
     f.add_argument(
         "--text", help="calibration text for --experts hot (default: the packaged evaluation text)"
     )
