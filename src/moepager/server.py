@@ -34,6 +34,7 @@ from .tokenizer import StreamingDetokenizer
 from .tools import parse_tool_calls, template_messages, tool_format, tool_grammar
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
+_LARGE_TEXT = 16 * 1024  # characters of prompt above which tokenizing runs off the event loop
 
 
 class Generation:
@@ -158,7 +159,12 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, str | None
 
 
 def _token_text(tok, tid: int) -> str:
-    return tok.decode([tid]) if tok else str(tid)
+    """A token as text; a special token (or an id past the tokenizer's vocabulary) by its name, never ""."""
+    text = tok.decode([tid]) if tok else str(tid)
+    if not text:
+        raw = tok.tok.id_to_token(tid) if hasattr(tok, "tok") else None
+        text = raw or f"<|token_{tid}|>"
+    return text
 
 
 def chat_logprobs(tok, lps: list[TokenLogprob]) -> dict:
@@ -229,6 +235,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     created = int(time.time())
     tok = engine.tokenizer
     stop_ids = list(engine.config.eos_token_ids) + (tok.eos_ids if tok else [])
+    # a text longer than this cannot fit the context whatever its tokens: refused before tokenizing it
+    longest = (
+        max(map(len, tok.tok.get_vocab(with_added_tokens=True)), default=1) if hasattr(tok, "tok") else None
+    )
+    max_chars = context * longest if longest else None
     grammars = Grammars(tok.tok.to_str(), engine.config.vocab_size, stop_ids) if hasattr(tok, "tok") else None
 
     @asynccontextmanager
@@ -276,13 +287,13 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
                            param="model", code="model_not_found")  # fmt: skip
         if not prompt:
             raise APIError(400, "the prompt is empty", param="prompt")
-        bad = [i for i in prompt if not 0 <= i < engine.config.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary", param="prompt")
         room = context - len(prompt)
         if room < 1:
             raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
                            f"{len(prompt)}", param="messages", code="context_length_exceeded")  # fmt: skip
+        for i in (min(prompt), max(prompt)):
+            if not 0 <= i < engine.config.vocab_size:
+                raise APIError(400, f"token id {i} is outside the vocabulary", param="prompt")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:
             max_tokens = min(default_max or room, room)
@@ -321,6 +332,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             gens.append(Generation(app.state, prompt, max_tokens, p, stops, processor, counts_prompt=i == 0))
         return gens
 
+    def check_length(chars: int) -> None:
+        if max_chars is not None and chars > max_chars:
+            raise APIError(400, f"this model's maximum context length is {context} tokens; a {chars}-character "
+                           "prompt cannot fit", param="messages", code="context_length_exceeded")  # fmt: skip
+
     def include_usage(body: _Body) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
 
@@ -356,7 +372,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
                 raise APIError(
                     400, "this model has no tokenizer.json; send the prompt as token ids", param="prompt"
                 )
-            prompt = tok.encode(prompt)
+            check_length(len(prompt))
+            prompt = await _off_loop(len(prompt) > _LARGE_TEXT, tok.encode, prompt)
         gens = await generations(body, prompt, 16, top_logprobs=body.logprobs)
         rid, kind, created = f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time())
         want = body.logprobs is not None
@@ -398,8 +415,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         ]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         grammar, fmt = _chat_grammar(body, tools)
+        chars = sum(len(m["content"]) for m in messages)
+        check_length(chars)
         try:
-            prompt = tok.encode_chat(template_messages(messages), tools=tools)
+            prompt = await _off_loop(
+                chars > _LARGE_TEXT, tok.encode_chat, template_messages(messages), tools=tools
+            )
         except Exception as e:  # a template may reject a conversation (e.g. roles that do not alternate)
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -495,6 +516,11 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         return None, None
 
     return app
+
+
+async def _off_loop(large: bool, fn, *args, **kwargs):
+    """fn(*args) on a worker thread when its input is large, so the event loop keeps answering meanwhile."""
+    return await run_in_threadpool(fn, *args, **kwargs) if large else fn(*args, **kwargs)
 
 
 def _sse(events: AsyncIterator[dict]) -> EventSourceResponse:
