@@ -134,7 +134,32 @@ def outlines_run(tok_json: str, eos: int, schema: str, ids: list[int]):
     return t_tok, t_compile, times
 
 
-RUNNERS = {"llguidance": llguidance_run, "xgrammar": xgrammar_run, "outlines-core": outlines_run}
+def moepager_run(tok_json: str, eos: int, schema: str, ids: list[int]):
+    """What the server pays per token: moepager.constrain (llguidance) computing the mask and applying it to
+    a [1, V] logits row, then advancing."""
+    from moepager.constrain import Grammars, json_schema_grammar
+
+    t0 = time.perf_counter()
+    grammars = Grammars(tok_json, 49152, [eos])
+    grammars._tokenizer()
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    constraint = grammars.matcher(json_schema_grammar(json.loads(schema)))
+    t_compile = time.perf_counter() - t0
+    logits = torch.randn(1, 49152)
+    times = []
+    for t in ids:
+        row = logits.clone()
+        t0 = time.perf_counter()
+        constraint.mask_(row)
+        times.append(time.perf_counter() - t0)
+        assert row[0, t] > float("-inf"), "moepager refused a valid token"
+        constraint.advance(t)
+    return t_tok, t_compile, times
+
+
+RUNNERS = {"llguidance": llguidance_run, "xgrammar": xgrammar_run, "outlines-core": outlines_run,
+           "moepager.constrain (llguidance, mask applied)": moepager_run}  # fmt: skip
 
 
 def main() -> None:

@@ -275,6 +275,19 @@ def test_json_object_always_parses(served):
     assert any(objects)  # not only {}
 
 
+def test_json_whitespace_is_bounded(served):
+    """A model that would write newlines forever still ends its JSON: at most 20 whitespace characters a gap."""
+    import re
+
+    client, engine, _, _ = served
+    newline = str(_ids(engine, ["\n"])[0])
+    out = _chat(client, response_format={"type": "json_object"}, max_tokens=1500, temperature=1.0, seed=1,
+                logit_bias={newline: 100})  # fmt: skip
+    text = out.choices[0].message.content
+    assert out.choices[0].finish_reason == "stop" and isinstance(json.loads(text), dict)
+    assert "\n" * 20 in text and max(len(m) for m in re.findall(r"\s+", text)) <= 20
+
+
 def test_json_schema_output_validates(served):
     client, _, _, _ = served
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import torch
 
 from .errors import MoepagerError
 
-# compact JSON with single spaces after separators: whitespace is bounded, so a model cannot pad forever
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_SHIFTS = torch.arange(32, dtype=torch.int32)
+# at most 20 whitespace characters between JSON tokens: enough for the indented JSON models are trained on
+# (a model forced to write compact JSON drifts into nonsense), bounded so that no model can pad forever
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
 
 
 def json_schema_grammar(schema: dict | bool) -> str:
@@ -74,13 +75,20 @@ class Constraint:
 
     def __init__(self, matcher, vocab_size: int):
         self.m, self.vocab_size = matcher, vocab_size
-        self.bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)  # allocated once per sequence
+        self.bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)  # bit t = token t allowed; reused
 
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [1, V]: tokens the grammar does not allow next become -inf (in place)."""
-        self.m.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
-        allowed = ((self.bits[:, None] >> _SHIFTS) & 1).flatten()[: self.vocab_size].bool()  # [V]
-        return logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        self.m.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        banned = np.unpackbits(~self.bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(
+            bool
+        )  # [V]
+        if logits.device.type == "cpu":
+            # numpy, single-threaded, in tens of microseconds: a torch op over 49k elements may wake its
+            # thread pool, which costs milliseconds on a busy machine
+            np.copyto(logits.numpy()[0], -np.inf, where=banned)
+            return logits
+        return logits.masked_fill_(torch.from_numpy(banned).to(logits.device), float("-inf"))
 
     def advance(self, token: int) -> None:
         if not self.m.consume_token(token):
