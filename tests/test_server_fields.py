@@ -375,6 +375,36 @@ def test_tool_history_reaches_the_template(served):
     assert out.usage.prompt_tokens > 60  # the tool list, the call and its result are in the prompt
 
 
+QWEN_LIKE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}"
+    "\n</tools><|im_end|>\n{%- endif %}{%- for message in messages %}<|im_start|>{{ message.role }}\n"
+    "{{ message.content }}{%- if message.tool_calls %}{%- for tool_call in message.tool_calls %}"
+    "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    '<tool_call>\n{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}{%- endif %}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{%- endif %}"
+)
+
+
+def test_template_with_tools_renders_as_transformers(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from moepager.tokenizer import Tokenizer
+
+    write_char_tokenizer(tmp_path, QWEN_LIKE)
+    tool = {"type": "function", "function": {"name": "f", "description": "a < b & 'c'", "parameters": PERSON}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "1", "type": "function", "function": {"name": "f", "arguments": {"name": "é<"}}}]},
+        {"role": "tool", "content": "ok"},
+    ]  # fmt: skip
+    ours = Tokenizer(tmp_path).apply_chat_template(messages, tools=[tool])
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), chat_template=QWEN_LIKE)
+    assert ours == hf.apply_chat_template(messages, tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert "a < b & 'c'" in ours and "<tool_call>" in ours
+
+
 def test_tools_without_a_template_format_are_refused(model_dir_words):
     engine = moepager.load(model_dir_words)
     with _serving(create_app(engine, MODEL)) as base:
