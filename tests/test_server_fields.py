@@ -261,6 +261,7 @@ def _chat(client, **kw):
     )
 
 
+@pytest.mark.slow
 def test_json_object_always_parses(served):
     client, _, _, _ = served
     objects = []

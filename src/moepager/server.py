@@ -23,15 +23,25 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from .batching import Scheduler, Sequence
-from .constrain import Grammars, json_schema_grammar, lark_grammar
+from .constrain import Grammars
 from .engine import Engine
 from .errors import MoepagerError
 from .generate import SamplingParams
 from .metrics import MeasureRequests, Metrics
 from .sampling import LogitsProcessor, TokenLogprob
-from .server_fields import APIError, ChatBody, CompletionBody, _Body, adjustments, content_text, parse
+from .server_fields import (
+    APIError,
+    ChatBody,
+    CompletionBody,
+    LimitBody,
+    _Body,
+    adjustments,
+    chat_grammar,
+    content_text,
+    parse,
+)
 from .tokenizer import StreamingDetokenizer
-from .tools import parse_tool_calls, template_messages, tool_format, tool_grammar
+from .tools import parse_tool_calls, template_messages
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
 _LARGE_TEXT = 16 * 1024  # characters of prompt above which tokenizing runs off the event loop
@@ -187,37 +197,6 @@ def completion_logprobs(tok, lps: list[TokenLogprob], offset: int = 0) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- app
-
-
-class LimitBody:
-    """ASGI middleware: a request body over `max_bytes` gets a 413 and is never held in memory."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if length.isdigit() and int(length) > self.max_bytes:
-            while (await receive()).get("more_body"):  # drained, not kept: the client can read the answer
-                pass
-            return await _error_response(self._error()).__call__(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:  # a chunked body with no declared length
-                raise self._error()
-            return message
-
-        await self.app(scope, counted, send)
-
-    def _error(self) -> APIError:
-        return APIError(413, f"the request body is larger than {self.max_bytes} bytes",
-                        code="request_too_large")  # fmt: skip
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -414,7 +393,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             {**m.model_dump(exclude_none=True), "content": content_text(m.content)} for m in body.messages
         ]
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        grammar, fmt = _chat_grammar(body, tools)
+        grammar, fmt = chat_grammar(body, tools, tok, grammars is not None)
         chars = sum(len(m["content"]) for m in messages)
         check_length(chars)
         try:
@@ -476,44 +455,6 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             msg, finish = message(text, g.finish_reason)
             choices.append({"index": i, "message": msg, "logprobs": logprobs(lps), "finish_reason": finish})
         return response(choices, _usage(gens), kind="chat.completion")
-
-    def _chat_grammar(body: ChatBody, tools: list[dict] | None):
-        """(grammar, field) the request's output must follow, or None; and the tool format when calls may come."""
-        choice = body.tool_choice
-        if choice is not None and not tools and choice != "none":
-            raise APIError(400, "tool_choice needs tools", param="tool_choice")
-        rf = body.response_format
-        wants_json = rf is not None and rf.type != "text"
-        if (wants_json or tools) and grammars is None:
-            raise APIError(400, "structured output needs the model's tokenizer.json", param="response_format")
-        if tools and choice != "none":
-            if wants_json:
-                raise APIError(400, "response_format cannot be combined with tools", param="response_format")
-            fmt = tool_format(tok.chat_template)
-            if fmt is None:
-                raise APIError(400, "this model's chat template has no tool-call format; tools cannot be used",
-                               param="tools")  # fmt: skip
-            only = None
-            if isinstance(choice, dict):
-                only = (choice.get("function") or {}).get("name")
-                if choice.get("type") != "function" or only not in {t["function"]["name"] for t in tools}:
-                    raise APIError(400, "tool_choice must name one of the tools: "
-                                   '{"type": "function", "function": {"name": ...}}', param="tool_choice")  # fmt: skip
-            ids = tok.encode(fmt.open, add_special_tokens=False)
-            special = ids[0] if len(ids) == 1 and tok.decode(ids) == "" else None
-            parallel = body.parallel_tool_calls is not False and only is None
-            lark = tool_grammar(fmt, tools, "auto" if choice in (None, "auto") else "required", only, parallel,
-                                special)  # fmt: skip
-            return (lark_grammar(lark), "tools"), fmt
-        if wants_json:
-            if rf.type == "json_object":
-                return (json_schema_grammar({"type": "object"}), "response_format"), None
-            if rf.json_schema is None:
-                raise APIError(
-                    400, "response_format json_schema needs a json_schema", param="response_format"
-                )
-            return (json_schema_grammar(rf.json_schema.schema_ or {}), "response_format"), None
-        return None, None
 
     return app
 

@@ -1,7 +1,8 @@
 """The request side of the OpenAI API: body schemas, which fields are served, and errors in OpenAI's shape.
 
-Owns parsing a request body (off the event loop when it is large), the rule that a field this server does
-not honour is a 400 naming it (never silently ignored), and turning sampling fields into Adjustments.
+Owns the request body limit (413), parsing a body (off the event loop when it is large), the rule that a
+field this server does not honour is a 400 naming it (never silently ignored), turning sampling fields into
+Adjustments and `response_format` / `tools` / `tool_choice` into the grammar the output must follow.
 Response shapes and generation are server.py's; tool formats are tools.py's.
 """
 
@@ -13,8 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
+from .constrain import json_schema_grammar, lark_grammar
 from .sampling import Adjustments
+from .tools import ToolFormat, tool_format, tool_grammar
 
 # Fields that change nothing about the output and are accepted as sent (OpenAI bookkeeping and hints).
 HARMLESS = {
@@ -193,3 +197,77 @@ def content_text(content: str | list[dict] | None) -> str:
             raise APIError(400, "only text content parts are supported", param="messages")
         return "".join(parts)
     return content or ""
+
+
+def chat_grammar(
+    body: ChatBody, tools: list[dict] | None, tok, can_constrain: bool
+) -> tuple[tuple[str, str] | None, ToolFormat | None]:
+    """(grammar, field) the request's output must follow, or None; and the tool format when calls may come.
+
+    tok: the model's tokenizer (its chat template names the tool-call format); can_constrain: it has the
+    tokenizer.json that grammars are compiled against."""
+    choice = body.tool_choice
+    if choice is not None and not tools and choice != "none":
+        raise APIError(400, "tool_choice needs tools", param="tool_choice")
+    rf = body.response_format
+    wants_json = rf is not None and rf.type != "text"
+    if (wants_json or tools) and not can_constrain:
+        raise APIError(400, "structured output and tools need the model's tokenizer.json",
+                       param="tools" if tools else "response_format")  # fmt: skip
+    if tools and choice != "none":
+        if wants_json:
+            raise APIError(400, "response_format cannot be combined with tools", param="response_format")
+        fmt = tool_format(tok.chat_template)
+        if fmt is None:
+            raise APIError(400, "this model's chat template has no tool-call format; tools cannot be used",
+                           param="tools")  # fmt: skip
+        only = None
+        if isinstance(choice, dict):
+            only = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or only not in {t["function"]["name"] for t in tools}:
+                raise APIError(400, "tool_choice must name one of the tools: "
+                               '{"type": "function", "function": {"name": ...}}', param="tool_choice")  # fmt: skip
+        ids = tok.encode(fmt.open, add_special_tokens=False)
+        special = ids[0] if len(ids) == 1 and tok.decode(ids) == "" else None
+        parallel = body.parallel_tool_calls is not False and only is None
+        lark = tool_grammar(fmt, tools, "auto" if choice in (None, "auto") else "required", only, parallel,
+                            special)  # fmt: skip
+        return (lark_grammar(lark), "tools"), fmt
+    if wants_json:
+        if rf.type == "json_object":
+            return (json_schema_grammar({"type": "object"}), "response_format"), None
+        if rf.json_schema is None:
+            raise APIError(400, "response_format json_schema needs a json_schema", param="response_format")
+        return (json_schema_grammar(rf.json_schema.schema_ or {}), "response_format"), None
+    return None, None
+
+
+class LimitBody:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 and is never held in memory."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_bytes:
+            while (await receive()).get("more_body"):  # drained, not kept: the client can read the answer
+                pass
+            return await JSONResponse(self._error().body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # a chunked body with no declared length
+                raise self._error()
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                        code="request_too_large")  # fmt: skip
