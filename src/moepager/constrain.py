@@ -54,13 +54,6 @@ class Grammars:
                 )
             return self._tok
 
-    def check(self, grammar: str) -> str | None:
-        """None when the grammar compiles, else llguidance's error message."""
-        import llguidance
-
-        err = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer())
-        return err or None
-
     def matcher(self, grammar: str) -> Constraint:
         import llguidance
 
@@ -80,9 +73,8 @@ class Constraint:
     def mask_(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [1, V]: tokens the grammar does not allow next become -inf (in place)."""
         self.m.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
-        banned = np.unpackbits(~self.bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(
-            bool
-        )  # [V]
+        banned = np.unpackbits(~self.bits.view(np.uint8), bitorder="little")  # [V rounded up to 32]
+        banned = banned[: self.vocab_size].view(bool)  # [V]
         if logits.device.type == "cpu":
             # numpy, single-threaded, in tens of microseconds: a torch op over 49k elements may wake its
             # thread pool, which costs milliseconds on a busy machine

@@ -42,12 +42,8 @@ class LogitsProcessor:
 
     def __init__(self, prompt: list[int], adjust: Adjustments, constraint: Constraint | None = None,
                  top_logprobs: int | None = None):  # fmt: skip
-        self.prompt, self.adjust, self.constraint, self.top_logprobs = (
-            prompt,
-            adjust,
-            constraint,
-            top_logprobs,
-        )
+        self.prompt, self.adjust = prompt, adjust
+        self.constraint, self.top_logprobs = constraint, top_logprobs  # top_logprobs None: no logprobs
         self.logprobs: list[TokenLogprob] = []
         self.counts: torch.Tensor | None = None  # [V] generated-token counts, made on first use
         self.seen: torch.Tensor | None = None  # [V] bool: in the prompt or the output

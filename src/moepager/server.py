@@ -34,7 +34,7 @@ from .server_fields import (
     ChatBody,
     CompletionBody,
     LimitBody,
-    _Body,
+    RequestBody,
     adjustments,
     chat_grammar,
     content_text,
@@ -259,7 +259,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         return {"id": model_id, "object": "model", "created": created, "owned_by": "moepager"}
 
     def check_common(
-        body: _Body, prompt: list[int], default_max: int | None
+        body: RequestBody, prompt: list[int], default_max: int | None
     ) -> tuple[int, SamplingParams, list[str]]:
         if body.model != model_id:
             raise APIError(404, f"the model {body.model!r} does not exist; this server has {model_id!r}",
@@ -286,7 +286,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         top_p = 1.0 if body.top_p is None else body.top_p
         return max_tokens, SamplingParams(temperature, top_p, body.top_k or 0, body.seed, stop_ids), stops
 
-    async def generations(body: _Body, prompt: list[int], default_max: int | None,
+    async def generations(body: RequestBody, prompt: list[int], default_max: int | None,
                           top_logprobs: int | None = None, grammar: tuple[str, str] | None = None) -> list[Generation]:  # fmt: skip
         """The request's `n` choices; grammar is (llguidance grammar, the request field it came from)."""
         max_tokens, params, stops = check_common(body, prompt, default_max)
@@ -316,7 +316,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             raise APIError(400, f"this model's maximum context length is {context} tokens; a {chars}-character "
                            "prompt cannot fit", param="messages", code="context_length_exceeded")  # fmt: skip
 
-    def include_usage(body: _Body) -> bool:
+    def include_usage(body: RequestBody) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
 
     @app.get("/health")

@@ -58,7 +58,7 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None  # obfuscation pads against side channels: nothing to pad here
 
 
-class _Body(BaseModel):
+class RequestBody(BaseModel):
     # unknown fields are collected (extra="allow") and refused by name in `check_fields`
     model_config = ConfigDict(strict=True, extra="allow")
     model: str
@@ -77,7 +77,7 @@ class _Body(BaseModel):
     logit_bias: dict[str, float] | None = None
 
 
-class CompletionBody(_Body):
+class CompletionBody(RequestBody):
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)  # how many top alternatives per token (OpenAI: <= 5)
 
@@ -126,7 +126,7 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
-class ChatBody(_Body):
+class ChatBody(RequestBody):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -137,14 +137,14 @@ class ChatBody(_Body):
     parallel_tool_calls: bool | None = None
 
 
-async def parse(request: Request, schema: type[_Body]) -> _Body:
+async def parse(request: Request, schema: type[RequestBody]) -> RequestBody:
     raw = await request.body()
     if len(raw) > _LARGE_BODY:
         return await run_in_threadpool(_parse_raw, raw, schema)
     return _parse_raw(raw, schema)
 
 
-def _parse_raw(raw: bytes, schema: type[_Body]) -> _Body:
+def _parse_raw(raw: bytes, schema: type[RequestBody]) -> RequestBody:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -163,7 +163,7 @@ def _parse_raw(raw: bytes, schema: type[_Body]) -> _Body:
     return body
 
 
-def check_fields(body: _Body) -> None:
+def check_fields(body: RequestBody) -> None:
     """A field this server would not honour is refused by name: a silent 200 would mislead the client."""
     for name, value in (body.model_extra or {}).items():
         if name in HARMLESS or value is None or value in NEUTRAL.get(name, ()):
@@ -175,7 +175,7 @@ def check_fields(body: _Body) -> None:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
 
-def adjustments(body: _Body, vocab_size: int) -> Adjustments:
+def adjustments(body: RequestBody, vocab_size: int) -> Adjustments:
     bias = {}
     for key, value in (body.logit_bias or {}).items():
         if not key.isdigit() or int(key) >= vocab_size:

@@ -64,7 +64,8 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict], choice: str, only: str | No
         calls = f"calls: {opener} call_list\ncall_list: %json {json.dumps(array)}\n"
     else:
         many = ' ("\\n" call)*' if parallel else ""
-        calls = f"calls: call{many}\ncall: {opener} call_json {json.dumps(fmt.close)}\ncall_json: %json {json.dumps(schema)}\n"
+        calls = (f"calls: call{many}\ncall: {opener} call_json {json.dumps(fmt.close)}\n"
+                 f"call_json: %json {json.dumps(schema)}\n")  # fmt: skip
     if choice == "auto":
         first = fmt.open[0] if opener_token is None else None
         text = "TEXT: /(.|\\n)+/" if first is None else f"TEXT: /[^{_regex_escape(first)}](.|\\n)*/"
