@@ -538,3 +538,34 @@ def test_expert_cache_metrics_do_not_mislead(tiny):
         "# TYPE moepager_expert_read_bytes_total counter" in text
         or "# TYPE moepager_expert_read_bytes counter" in text
     )
+
+
+def test_mistral_tool_calls_after_a_special_token(tmp_path):
+    """Mistral's format: the special [TOOL_CALLS] token (named in the grammar by id), then a JSON list."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from moepager.constrain import Grammars, lark_grammar
+    from moepager.tools import MISTRAL, parse_tool_calls, tool_grammar
+
+    write_char_tokenizer(tmp_path, "[TOOL_CALLS]")
+    tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("[TOOL_CALLS]", special=True)])
+    opener = tok.token_to_id("[TOOL_CALLS]")
+    grammars = Grammars(tok.to_str(), tok.get_vocab_size(), [tok.token_to_id("<|im_end|>")])
+    g = torch.Generator().manual_seed(0)
+    for choice in ("required", "auto"):
+        constraint = grammars.matcher(
+            lark_grammar(tool_grammar(MISTRAL, [WEATHER], choice, None, False, opener))
+        )
+        out = [opener] if choice == "auto" else []  # auto: the model chose to call
+        for t in out:
+            constraint.advance(t)
+        while not constraint.finished and len(out) < 500:
+            logits = torch.randn(1, tok.get_vocab_size(), generator=g)
+            t = int(torch.multinomial(torch.softmax(constraint.mask_(logits), -1), 1, generator=g))
+            constraint.advance(t)
+            out.append(t)
+        assert out[0] == opener and constraint.finished
+        calls = parse_tool_calls(tok.decode(out), MISTRAL)  # the special token is not in the text
+        assert calls and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER["function"]["parameters"])
