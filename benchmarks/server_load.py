@@ -120,12 +120,13 @@ def run_level(base: str, clients: int, requests: int, prompt_len: int, max_token
         "mean_batch": round(delta("moepager_decode_step_sequences_total") / steps, 2) if steps else 0.0,
         "ttft_p50_s": round(statistics.median(ttft), 3) if ttft else None,
         "bytes_read_per_token": (
-            round(delta("moepager_experts_bytes_read") / total)
-            if total and "moepager_experts_bytes_read" in after
+            round(delta("moepager_expert_read_bytes_total") / total)
+            if total and "moepager_expert_read_bytes_total" in after
             else None
         ),  # None: resident
-        "expert_hits": delta("moepager_experts_hits"),
-        "expert_misses": delta("moepager_experts_misses"),
+        "expert_hits": delta("moepager_expert_hits_total"),  # already resident
+        "expert_prefetch_hits": delta("moepager_expert_prefetch_hits_total"),  # read ahead: still disk bytes
+        "expert_misses": delta("moepager_expert_misses_total"),
     }
 
 

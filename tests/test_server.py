@@ -286,8 +286,8 @@ def test_paged_experts_in_a_batch(model_dir):
             t.join(60)
         m = _metrics(base)
     assert results == expected
-    assert m["moepager_experts_bytes_read"] > 0 and m["moepager_experts_misses"] > 0
-    assert "moepager_experts_resident_bytes" in m
+    assert m["moepager_expert_read_bytes_total"] > 0 and m["moepager_expert_misses_total"] > 0
+    assert "moepager_expert_resident_bytes" in m
 
 
 class _SlowExperts:
@@ -347,7 +347,7 @@ ERRORS = [  # (body, status, param)
     ({"model": MODEL, "prompt": " ".join(["w1"] * 300)}, 400, "messages"),
     ({"model": MODEL, "prompt": "w1", "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "w1", "max_tokens": 1000}, 400, "max_tokens"),
-    ({"model": MODEL, "prompt": "w1", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "w1", "n": 0}, 400, "n"),
     ({"model": MODEL, "prompt": "w1", "temperature": 5}, 400, "temperature"),
     ({"model": MODEL, "prompt": "w1", "seed": 2**70}, 400, "seed"),
 ]
@@ -443,7 +443,7 @@ def test_serve_command(model_dir):
         )
         assert code == 200 and out["usage"]["completion_tokens"] == 3
         with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
-            assert "moepager_experts_bytes_read" in r.read().decode()  # paged, as asked for
+            assert "moepager_expert_read_bytes_total" in r.read().decode()  # paged, as asked for
     finally:
         proc.terminate()
         proc.wait(20)

@@ -20,6 +20,7 @@ import torch
 from .engine import Engine
 from .generate import SamplingParams, sample
 from .layers import KVCache
+from .sampling import LogitsProcessor
 
 log = logging.getLogger("moepager.server")
 
@@ -33,6 +34,7 @@ class Sequence:
     max_tokens: int
     params: SamplingParams
     on_event: Callable[[Event], None]
+    processor: LogitsProcessor | None = None  # penalties, bias, a grammar, logprobs: None costs nothing
     cancelled: bool = (
         False  # set by the caller from any thread; the worker drops the sequence at its next step
     )
@@ -138,7 +140,7 @@ class Scheduler:
         self.stats.prefill_s += dt
         self.engine.timings.prefill_tokens += len(seq.prompt)
         self.engine.timings.prefill_s += dt
-        self._emit(seq, sample(logits, seq.params, seq.generator))
+        self._emit(seq, self._sample(seq, logits))
 
     @torch.inference_mode()
     def _step(self, active: list[Sequence]) -> None:
@@ -153,15 +155,29 @@ class Scheduler:
         self.engine.timings.decode_tokens += len(active)
         self.engine.timings.decode_s += dt
         for i, s in enumerate(active):
-            self._emit(s, sample(logits[i : i + 1], s.params, s.generator))
+            try:
+                token = self._sample(s, logits[i : i + 1])
+            except Exception as e:  # one request's processor failing ends that request only
+                log.exception("sampling failed")
+                self._finish(s, ("error", f"{type(e).__name__}: {e}"))
+                continue
+            self._emit(s, token)
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """logits [1, V] -> token [1], through the sequence's own processor when it has one."""
+        if seq.processor is None:
+            return sample(logits, seq.params, seq.generator)
+        token = sample(seq.processor.process(logits), seq.params, seq.generator)
+        seq.processor.accept(int(token))
+        return token
 
     def _emit(self, seq: Sequence, token: torch.Tensor) -> None:
         seq.last = token.view(1)
         seq.produced += 1
         tid = int(token)
         seq.on_event(("token", tid))
-        if tid in seq.params.stop_ids:
-            self._finish(seq, ("done", "stop"))
+        if tid in seq.params.stop_ids or (seq.processor is not None and seq.processor.finished):
+            self._finish(seq, ("done", "stop"))  # a stop id, or a grammar that is complete
         elif seq.produced >= seq.max_tokens:
             self._finish(seq, ("done", "length"))
 

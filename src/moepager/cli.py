@@ -156,8 +156,9 @@ def _add_chat_plan(sub) -> None:
 
 def cmd_serve(args) -> None:
     from . import load
-    from .server import serve
+    from .server import reserve_port, serve
 
+    sock = reserve_port(args.host, args.port)  # a taken port fails now, not after loading the model
     model = _model_or_default(args.model)
     given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
              "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
@@ -166,7 +167,7 @@ def cmd_serve(args) -> None:
     source, options = open_remote(args, model, options)
     engine = load(source, device=args.device, dtype=args.dtype, **options)
     name = args.model_name or (str(args.model) if args.model else "default")
-    serve(engine, name, host=args.host, port=args.port, api_key=args.api_key)
+    serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, sock=sock)
 
 
 def _add_serve(sub) -> None:

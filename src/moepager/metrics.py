@@ -1,89 +1,98 @@
-"""Prometheus metrics of the server: request counts and latencies, tokens, batching, and the expert cache.
+"""Prometheus metrics of the server through prometheus-client: requests, tokens, batching, the expert cache.
 
-Owns the text exposition format and the ASGI middleware that counts requests. Model-side numbers
-(the scheduler's counters, engine.stats()) are read when /metrics is scraped, never pushed.
+Owns the metric names (Prometheus conventions: `_total` counters, `_seconds` and `_bytes` units) and the ASGI
+middleware that counts requests. Each app has its own registry. Model-side numbers (the scheduler's counters,
+engine.stats()) are read when /metrics is scraped, never pushed. Expert cache hits count experts already
+resident; prefetch hits were read from disk ahead of time and are counted apart, with the bytes they cost.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .batching import Scheduler
 from .engine import Engine
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
-# cumulative expert cache stats; everything else it reports is a level (resident bytes, capacity, ...)
-_EXPERT_COUNTERS = {"hits", "prefetch_hits", "misses", "bytes_read", "read_s", "wait_s", "evictions",
-                    "prefetch_reads", "prefetch_wasted"}  # fmt: skip
 _PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}
+# expert cache stat -> (metric name without the moepager_expert_ prefix, kind, help)
+_EXPERT = {
+    "hits": ("hits", "counter", "experts found resident when their layer needed them (no disk read)"),
+    "prefetch_hits": ("prefetch_hits", "counter", "experts needed that prefetch had read ahead (a disk read, early)"),
+    "misses": ("misses", "counter", "experts read on demand while compute waited"),
+    "bytes_read": ("read_bytes", "counter", "expert bytes read from disk, on demand and by prefetch"),
+    "read_s": ("read_seconds", "counter", "time spent in expert reads, summed over threads"),
+    "wait_s": ("wait_seconds", "counter", "time compute waited for expert reads"),
+    "evictions": ("evictions", "counter", "experts evicted from the cache"),
+    "prefetch_reads": ("prefetch_reads", "counter", "expert reads started by prefetch"),
+    "prefetch_wasted": ("prefetch_wasted", "counter", "prefetched experts evicted before any use"),
+    "hit_rate": ("hit_ratio", "gauge", "true hits / (hits + prefetch hits + misses) since start"),
+    "resident_bytes": ("resident_bytes", "gauge", "bytes of experts resident in the cache"),
+    "budget_bytes": ("budget_bytes", "gauge", "the expert cache's byte budget"),
+    "total_expert_bytes": ("model_bytes", "gauge", "bytes of all routed experts of the model"),
+}  # fmt: skip
 
 
 class Metrics:
-    """Counters for /metrics, updated on the event loop; the model-side numbers are read at scrape time."""
+    """Request-side metrics, updated on the event loop; a collector reads the model side at scrape time."""
 
-    def __init__(self):
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.prompt_tokens = self.completion_tokens = 0
-        self.latency = {name: [0] * len(_LATENCY_BUCKETS) + [0.0] for name in ("request", "first_token")}
-
-    def observe(self, name: str, seconds: float) -> None:
-        h = self.latency[name]
-        for i, edge in enumerate(_LATENCY_BUCKETS):
-            h[i] += seconds <= edge
-        h[-1] += seconds
-
-    def render(self, scheduler: Scheduler, engine: Engine) -> str:
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]):
-            out.extend([f"# HELP moepager_{name} {help}", f"# TYPE moepager_{name} {kind}"])
-            out.extend(f"moepager_{name}{labels} {value}" for labels, value in samples)
-
-        metric("requests_total", "counter", "HTTP requests by path and status",
-               [(f'{{path="{p}",status="{s}"}}', n) for (p, s), n in sorted(self.requests.items())])  # fmt: skip
-        metric(
-            "prompt_tokens_total", "counter", "prompt tokens of finished requests", [("", self.prompt_tokens)]
+    def __init__(self, scheduler: Scheduler, engine: Engine):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "moepager_requests", "HTTP requests by path and status", ["path", "status"], registry=r
         )
-        metric(
-            "completion_tokens_total",
-            "counter",
-            "tokens generated for clients",
-            [("", self.completion_tokens)],
+        self.prompt_tokens = Counter(
+            "moepager_prompt_tokens", "prompt tokens of finished requests", registry=r
         )
-        for name, help in (
-            ("request", "time from request to the last byte"),
-            ("first_token", "time to first token"),
-        ):
-            h = self.latency[name]
-            samples = [
-                (f'_bucket{{le="{"+Inf" if e == float("inf") else e}"}}', h[i])
-                for i, e in enumerate(_LATENCY_BUCKETS)
-            ]
-            samples += [("_sum", h[-1]), ("_count", h[len(_LATENCY_BUCKETS) - 1])]
-            metric(f"{name}_duration_seconds", "histogram", help, samples)
-        s = scheduler.stats
-        metric("active_sequences", "gauge", "sequences in the running batch", [("", s.active)])
-        metric("waiting_sequences", "gauge", "sequences waiting to join the batch", [("", s.waiting)])
-        metric("decode_steps_total", "counter", "batched decode steps", [("", s.steps)])
-        metric("decode_step_sequences_total", "counter", "sum of batch sizes over decode steps", [("", s.step_sequences)])  # fmt: skip
-        metric("prefill_tokens_total", "counter", "prompt tokens prefilled", [("", s.prefill_tokens)])
-        metric("prefill_seconds_total", "counter", "time spent in prefill", [("", s.prefill_s)])
-        metric("decode_tokens_total", "counter", "tokens decoded", [("", s.decode_tokens)])
-        metric("decode_seconds_total", "counter", "time spent in decode steps", [("", s.decode_s)])
-        stats = engine.stats()
-        metric(
-            "peak_memory_bytes",
-            "gauge",
-            "peak resident memory of the process",
-            [("", stats["peak_memory_bytes"])],
+        self.completion_tokens = Counter(
+            "moepager_completion_tokens", "tokens generated for clients", registry=r
         )
-        # the expert cache names its own stats (hits, misses, bytes_read, resident_bytes, ...)
-        for key, value in sorted((stats.get("experts") or {}).items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                kind = "counter" if key in _EXPERT_COUNTERS else "gauge"
-                metric(f"experts_{key}", kind, f"expert cache: {key}", [("", value)])
-        return "\n".join(out) + "\n"
+        self.latency = Histogram("moepager_request_duration_seconds", "time from request to its last byte",
+                                 buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.first_token = Histogram("moepager_time_to_first_token_seconds", "time from request to first token",
+                                     buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        r.register(_ModelCollector(scheduler, engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ModelCollector:
+    def __init__(self, scheduler: Scheduler, engine: Engine):
+        self.scheduler, self.engine = scheduler, engine
+
+    def describe(self):
+        return []  # names depend on the engine (paged or not): collected at scrape time only
+
+    def collect(self):
+        s = self.scheduler.stats
+
+        def family(name: str, kind: str, help: str, value: float):
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            return cls(f"moepager_{name}", help, value=value)
+
+        yield family("active_sequences", "gauge", "sequences in the running batch", s.active)
+        yield family("waiting_sequences", "gauge", "sequences waiting to join the batch", s.waiting)
+        yield family("decode_steps", "counter", "batched decode steps", s.steps)
+        yield family(
+            "decode_step_sequences", "counter", "sum of batch sizes over decode steps", s.step_sequences
+        )
+        yield family("prefill_tokens", "counter", "prompt tokens prefilled", s.prefill_tokens)
+        yield family("prefill_seconds", "counter", "time spent in prefill", s.prefill_s)
+        yield family("decode_tokens", "counter", "tokens decoded", s.decode_tokens)
+        yield family("decode_seconds", "counter", "time spent in decode steps", s.decode_s)
+        stats = self.engine.stats()
+        yield family(
+            "peak_memory_bytes", "gauge", "peak resident memory of the process", stats["peak_memory_bytes"]
+        )
+        experts = stats.get("experts") or {}
+        for key, (name, kind, help) in _EXPERT.items():
+            if key in experts:
+                yield family(f"expert_{name}", kind, help, experts[key])
 
 
 class MeasureRequests:
@@ -106,6 +115,6 @@ class MeasureRequests:
             await self.app(scope, receive, send_status)
         finally:
             path = scope["path"] if scope["path"] in _PATHS else "other"
-            self.metrics.requests[(path, status[0])] += 1
+            self.metrics.requests.labels(path, str(status[0])).inc()
             if path.startswith("/v1/") and path != "/v1/models":
-                self.metrics.observe("request", time.perf_counter() - t0)
+                self.metrics.latency.observe(time.perf_counter() - t0)
