@@ -56,6 +56,7 @@ def cmd_run(args) -> None:
         experts_dtype=args.experts_dtype,
         **_paging_options(args),
         **kv,
+        **_ray_options(args),
     )
     ids = _prompt_ids(engine, args)
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
@@ -87,7 +88,7 @@ def cmd_serve(args) -> None:
              "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
              "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
-    engine = load(model, device=args.device, dtype=args.dtype, **options)
+    engine = load(model, device=args.device, dtype=args.dtype, **options, **_ray_options(args))
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key)
 
@@ -116,7 +117,24 @@ def _add_serve(sub) -> None:
     )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    _add_ray(s)
     s.set_defaults(func=cmd_serve)
+
+
+def _add_ray(p) -> None:
+    p.add_argument("--ray", metavar="ADDRESS", help="spread the routed experts over actors of this Ray cluster "
+                   "(auto, 127.0.0.1:6379, local); --expert-memory is then each actor's budget")  # fmt: skip
+    p.add_argument("--ray-actors", type=int, help="expert actors (default: one per node of the cluster)")
+    p.add_argument("--ray-placement", metavar="TRACE", help="place experts by their usage in this routing trace "
+                   "(from --trace) instead of round-robin")  # fmt: skip
+    p.add_argument("--ray-replicate", type=int, default=0, help="hottest experts per layer held by two actors")
+
+
+def _ray_options(args) -> dict:
+    if args.ray is None:
+        return {}
+    return {"ray": args.ray, "ray_actors": args.ray_actors, "ray_placement": args.ray_placement,
+            "ray_replicate": args.ray_replicate}  # fmt: skip
 
 
 def cmd_synth(args) -> None:
@@ -408,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
     r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "
                    "its saved prefix is not recomputed), saved after generating")  # fmt: skip
+    _add_ray(r)
     r.set_defaults(func=cmd_run)
     _add_paging(sub)
     _add_synth_bench(sub)
