@@ -1,5 +1,6 @@
-"""Experts spread over Ray actors on a local cluster (127.0.0.1): the same tokens and logits as one process,
-resident and paged, in continuous batching too; a lost actor fails its request clearly and the next succeeds."""
+"""Experts spread over Ray actors on a local cluster: the same tokens and logits as one process, resident and
+paged, placed by usage with hot experts replicated, in continuous batching too; nodes joining and leaving are
+reported; a lost actor fails its request clearly and the next request succeeds."""
 
 import os
 import signal
@@ -23,11 +24,15 @@ FAMILY = "qwen3_moe"  # 16 experts, top-4: a token's experts land on both actors
 
 @pytest.fixture(scope="module")
 def cluster():
-    """One local cluster (its own GCS and raylet processes) for the module, stopped when it ends."""
-    info = ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                    _node_ip_address="127.0.0.1")  # fmt: skip
-    yield info.address_info["address"]
+    """One local cluster for the module (a head node: its own GCS and raylet processes; nodes can be added),
+    stopped when it ends. Ray binds it to this machine's address: it maps 127.0.0.1 to that itself."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False})
+    ray.init(address=c.address, log_to_driver=False)
+    yield c
     ray.shutdown()
+    c.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def _load(path, **kw):
 @pytest.fixture(scope="module")
 def two_actors(model, cluster):
     """The model's experts resident on two actors, shared by the tests that leave them alive."""
-    engine = _load(model[0], ray=cluster, ray_actors=2)
+    engine = _load(model[0], ray=cluster.address, ray_actors=2)
     yield engine
     engine.experts.close()
 
@@ -59,7 +64,9 @@ def test_two_actors_match_one_process(model, cluster, two_actors, budget):
     (its rounding may differ from resident); actors return pairs, so they match resident bit for bit."""
     path, prompt, reference = model
     resident, local = _load(path), _load(path, expert_memory=budget)
-    dist = two_actors if budget is None else _load(path, expert_memory=budget, ray=cluster, ray_actors=2)
+    dist = (
+        two_actors if budget is None else _load(path, expert_memory=budget, ray=cluster.address, ray_actors=2)
+    )
     try:
         ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
         assert torch.equal(dist.logits(ids), resident.logits(ids))  # prefill: grouped pairs
@@ -93,10 +100,37 @@ def test_continuous_batching_matches_single_sequences(model, two_actors):
     assert scheduler.stats.step_sequences > scheduler.stats.steps  # the sequences shared decode steps
 
 
-def test_lost_actor_fails_the_request_clearly_then_recovers(model, cluster):
-    path, prompt, reference = model
-    dist = _load(path, ray=cluster, ray_actors=2)
+def _wait_for(events, event):
+    for _ in range(100):
+        if any(e["event"] == event for e in events):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_nodes_joining_and_leaving_are_reported(cluster, two_actors, caplog):
+    events = two_actors.experts.nodes.events
+    node = cluster.add_node(num_cpus=0)  # no CPUs: no actor restarts onto it
     try:
+        assert _wait_for(events, "joined")
+    finally:
+        cluster.remove_node(node)
+    assert _wait_for(events, "left")
+    assert "left the cluster" in caplog.text
+    assert two_actors.stats()["experts"]["node_events"][-1]["event"] == "left"
+
+
+def test_lost_actor_fails_the_request_clearly_then_recovers(model, cluster, tmp_path):
+    """Placed by measured usage, the two hottest experts of each layer on both actors."""
+    path, prompt, reference = model
+    traced = _load(path, record_trace=True)
+    traced.generate(prompt, 16)
+    traced.trace.save(tmp_path / "trace.json")
+    dist = _load(
+        path, ray=cluster.address, ray_actors=2, ray_placement=str(tmp_path / "trace.json"), ray_replicate=2
+    )
+    try:
+        assert sum(len(o) == 2 for o in dist.experts.plan.values()) == 2 * len(dist.experts.home)
         before = dist.experts.actor_pids()
         out = []
         with pytest.raises(MoepagerError, match="expert actor 0 .* was lost .* retry the request"):
