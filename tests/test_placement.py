@@ -52,3 +52,11 @@ def test_usage_comes_from_a_trace(tmp_path):
 def test_bad_placement_is_a_clear_error(kw, match):
     with pytest.raises(MoepagerError, match=match):
         place(KEYS, **kw)
+
+
+def test_an_address_nobody_answers_at_is_a_clear_error():
+    from moepager.distributed.ray_experts import _reachable
+
+    with pytest.raises(MoepagerError, match="no Ray cluster answers at 127.0.0.1:1"):
+        _reachable("127.0.0.1:1")
+    _reachable("auto")  # found by Ray itself

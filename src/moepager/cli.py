@@ -127,7 +127,9 @@ def _add_ray(p) -> None:
     p.add_argument("--ray-actors", type=int, help="expert actors (default: one per node of the cluster)")
     p.add_argument("--ray-placement", metavar="TRACE", help="place experts by their usage in this routing trace "
                    "(from --trace) instead of round-robin")  # fmt: skip
-    p.add_argument("--ray-replicate", type=int, default=0, help="hottest experts per layer held by two actors")
+    p.add_argument(
+        "--ray-replicate", type=int, default=0, help="hottest experts per layer held by two actors"
+    )
 
 
 def _ray_options(args) -> dict:

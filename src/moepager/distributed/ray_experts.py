@@ -49,12 +49,29 @@ def connect(address: str) -> None:
     ray = _ray()
     if ray.is_initialized():
         return
+    _reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise MoepagerError(
             f"cannot connect to a Ray cluster at {address!r} ({e}); start one with "
             "`ray start --head --port 6379` and give its address, or 'local' for a cluster of this machine"
+        ) from None
+
+
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """A host:port address must answer: Ray itself would keep retrying it for minutes."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local": Ray finds (or starts) the cluster itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise MoepagerError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}); start one with `ray start --head "
+            "--port 6379` on that machine, or give 'auto' to find the one this machine belongs to"
         ) from None
 
 
