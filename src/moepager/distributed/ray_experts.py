@@ -81,8 +81,8 @@ class WireStats:
 
     layer_steps: int = 0  # MoE layer steps computed through actors
     calls: int = 0  # actor calls = round trips (those of one step are in flight together)
-    bytes_sent: int = 0  # tokens and pair indices sent to actors
-    bytes_received: int = 0  # pair outputs received
+    bytes_sent: int = 0  # payload sent to actors: tokens' hidden states and pair indices
+    bytes_received: int = 0  # payload received: pair outputs
     wait_s: float = 0.0  # time the driver waited for actors' answers
     failures: int = 0  # steps failed by a lost or failing actor
 
@@ -141,10 +141,8 @@ class RayExperts:
 
     def _ready(self, timeout: float) -> list[dict]:
         refs = [a.ready.remote() for a in self.actors]
-        return [
-            self._get(i, ref, time.perf_counter() + timeout, "loading its experts")
-            for i, ref in enumerate(refs)
-        ]
+        deadline = time.perf_counter() + timeout
+        return [self._get(i, ref, deadline, "loading its experts") for i, ref in enumerate(refs)]
 
     def _get(self, i: int, ref, deadline: float, doing: str):
         """An actor's answer, or a MoepagerError saying which actor failed and what to do."""
@@ -154,8 +152,9 @@ class RayExperts:
         except ray.exceptions.GetTimeoutError:
             self.wire.failures += 1
             raise MoepagerError(
-                f"expert actor {i} did not answer within {self.timeout:.0f} s while {doing}; check the Ray "
-                "cluster (`ray status`): a node may be gone or out of resources"
+                f"expert actor {i} did not answer in time while {doing} ({STEP_TIMEOUT_S:.0f} s for a layer step, "
+                f"{READY_TIMEOUT_S:.0f} s for loading); check the cluster (`ray status`): a node may be gone or "
+                "out of resources"
             ) from None
         except ray.exceptions.RayActorError as e:
             self.wire.failures += 1
@@ -219,9 +218,8 @@ class RayExperts:
         n, k = ids.shape
         grouped = not few_tokens(ids, self.config)
         flat = ids.flatten().cpu()
-        order = torch.argsort(
-            flat, stable=True
-        )  # pairs by expert, then token: each expert's tokens ascending
+        # pairs by expert, then token: each expert's tokens ascending, as one process takes them
+        order = torch.argsort(flat, stable=True)
         experts = flat[order]
         owner = self._owners(layer, experts)
         xc = x.cpu()

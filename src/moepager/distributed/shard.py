@@ -157,7 +157,10 @@ class ExpertShard:
         return out
 
     def stats(self) -> dict:
-        out = {**self.ready(), "calls": self.calls, "compute_s": self.compute_s}
+        import psutil
+
+        out = {**self.ready(), "calls": self.calls, "compute_s": self.compute_s, "expert_bytes": self.nbytes(),
+               "rss_bytes": psutil.Process().memory_info().rss}  # fmt: skip
         if self.cache is not None:
             out["cache"] = self.cache.stats()
         return out
