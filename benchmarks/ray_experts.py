@@ -54,7 +54,9 @@ def run(engine, prompt: list[int], tokens: int, seed: int) -> tuple[dict, list[i
     if "calls" in d:
         row.update(calls_per_token=d["calls"] / n, bytes_sent_per_token=d["bytes_sent"] / n,
                    bytes_received_per_token=d["bytes_received"] / n, wait_ms_per_token=1000 * d["wait_s"] / n,
-                   actor_compute_ms_per_token=1000 * d["actor_compute_s"] / n)  # fmt: skip
+                   actor_compute_ms_per_token=1000 * d["actor_compute_s"] / n,
+                   actor_critical_ms_per_token=1000 * d["actor_s"] / n, driver_ms_per_token=1000 * d["driver_s"] / n,
+                   transport_ms_per_token=1000 * (d["wait_s"] - d["actor_s"]) / n)  # fmt: skip
     return row, ids
 
 
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-resident", action="store_true", help="skip the all-resident reference (memory)")
     ap.add_argument("--out", help="markdown file for the results (a .json beside it)")
     args = ap.parse_args()
 
@@ -86,8 +89,9 @@ def main() -> None:
             raise SystemExit(
                 f"an actor's half ({format_bytes(max(shard) * slot)}) exceeds the cap; raise --cap"
             )
-        resident = moepager.load(args.model)
-        engines = {"paged": paged, "2 actors": actors, "resident": resident}
+        engines = {"paged": paged, "2 actors": actors}
+        if not args.no_resident:
+            engines["resident"] = moepager.load(args.model)
         prompt = torch.randint(0, paged.config.vocab_size, (args.prompt_tokens,),
                                generator=torch.Generator().manual_seed(args.seed)).tolist()  # fmt: skip
         for e in engines.values():  # warm: kernels compiled, the paged cache filled as far as it goes
@@ -107,13 +111,21 @@ def main() -> None:
     report(args, rows, same, cap, total, shard, slot)
 
 
+def command() -> str:
+    import sys
+
+    return "python " + " ".join(sys.argv)
+
+
 def report(args, rows: dict, same: bool, cap: int, total: int, shard: list[int], slot: int) -> None:
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in rows.items()}
     lines = [
+        f"`{command()}`",
+        "",
         f"model `{args.model}`, experts {format_bytes(total)}; per-process expert cap {args.cap} = "
         f"{format_bytes(cap)}; actors hold {shard[0]} and {shard[1]} experts ({format_bytes(shard[0] * slot)}, "
         f"{format_bytes(shard[1] * slot)}); {args.tokens} tokens sampled at temperature 1 after a "
-        f"{args.prompt_tokens}-token prompt, {args.rounds} alternating rounds; tokens identical in all three: "
+        f"{args.prompt_tokens}-token prompt, {args.rounds} alternating rounds; tokens identical in all: "
         f"{'yes' if same else 'NO'}",
         "",
         "| configuration | decode tok/s (median, range) | vs paged | disk bytes / token |",
@@ -124,14 +136,19 @@ def report(args, rows: dict, same: bool, cap: int, total: int, shard: list[int],
         lines.append(f"| {n} | {med[n]['tok_s']:.2f} ({min(ts):.2f}-{max(ts):.2f}) | "
                      f"{med[n]['tok_s'] / med['paged']['tok_s']:.2f}x | {format_bytes(med[n]['disk_bytes_per_token'])} |")  # fmt: skip
     d = med["2 actors"]
-    overhead = 1000 / d["tok_s"] - 1000 / med["resident"]["tok_s"]
+    overhead = ""
+    if "resident" in med:
+        overhead = f"; time per token minus the resident process's: {1000 / d['tok_s'] - 1000 / med['resident']['tok_s']:+.1f} ms"
     lines += [
         "",
         f"Distribution per token (medians): {d['calls_per_token']:.1f} round trips (one per actor per MoE layer "
         f"that routes to it), {format_bytes(d['bytes_sent_per_token'])} sent, "
-        f"{format_bytes(d['bytes_received_per_token'])} received, driver waited {d['wait_ms_per_token']:.1f} ms "
-        f"of which the actors computed {d['actor_compute_ms_per_token']:.1f} ms (summed over both); "
-        f"time per token minus the resident process's: {overhead:+.1f} ms.",
+        f"{format_bytes(d['bytes_received_per_token'])} received; the driver waited {d['wait_ms_per_token']:.1f} ms, "
+        f"of which the slowest actor of each step computed {d['actor_critical_ms_per_token']:.1f} ms (both actors "
+        f"together {d['actor_compute_ms_per_token']:.1f} ms): **{d['transport_ms_per_token']:.1f} ms per token "
+        f"({d['transport_ms_per_token'] / d['calls_per_token']:.2f} ms per round trip) of transport and Ray "
+        f"scheduling**, plus {d['driver_ms_per_token']:.1f} ms of the driver preparing calls and combining "
+        f"answers{overhead}.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -84,6 +84,8 @@ class WireStats:
     bytes_sent: int = 0  # payload sent to actors: tokens' hidden states and pair indices
     bytes_received: int = 0  # payload received: pair outputs
     wait_s: float = 0.0  # time the driver waited for actors' answers
+    actor_s: float = 0.0  # of which the slowest called actor of each step was computing
+    driver_s: float = 0.0  # time the driver spent preparing calls and combining answers
     failures: int = 0  # steps failed by a lost or failing actor
 
 
@@ -215,6 +217,7 @@ class RayExperts:
         return owner
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        t_start = time.perf_counter()
         n, k = ids.shape
         grouped = not few_tokens(ids, self.config)
         flat = ids.flatten().cpu()
@@ -235,10 +238,11 @@ class RayExperts:
             calls.append((a, pos, self.actors[a].compute.remote(layer, *args, grouped)))
             self.wire.bytes_sent += sum(v.nbytes for v in (args[0][1], args[1], args[2]))
         t0 = time.perf_counter()
-        outs = [
-            (pos, from_wire(self._get(a, ref, deadline, f"computing layer {layer}"))) for a, pos, ref in calls
-        ]
-        self.wire.wait_s += time.perf_counter() - t0
+        answers = [(pos, self._get(a, ref, deadline, f"computing layer {layer}")) for a, pos, ref in calls]
+        t1 = time.perf_counter()
+        self.wire.wait_s += t1 - t0
+        self.wire.actor_s += max(seconds for _, (_, seconds) in answers)
+        outs = [(pos, from_wire(out)) for pos, (out, _) in answers]
         self.wire.layer_steps += 1
         self.wire.calls += len(calls)
         self.wire.bytes_received += sum(o.numel() * o.element_size() for _, o in outs)
@@ -247,11 +251,13 @@ class RayExperts:
             full[pos] = out
         full = full.to(x.device)
         if not grouped:  # as moe.gathered: sum_k weights * out
-            return torch.bmm(weights[:, None].to(full.dtype), full.view(n, k, -1))[:, 0]
-        y = torch.zeros_like(x)  # as moe.grouped: experts ascending
-        flat_w = weights.flatten()
-        for _, token_rows, pos in group_by_expert(ids):
-            y.index_add_(0, token_rows, full[pos] * flat_w[pos, None].to(full.dtype))
+            y = torch.bmm(weights[:, None].to(full.dtype), full.view(n, k, -1))[:, 0]
+        else:  # as moe.grouped: experts ascending
+            y = torch.zeros_like(x)
+            flat_w = weights.flatten()
+            for _, token_rows, pos in group_by_expert(ids):
+                y.index_add_(0, token_rows, full[pos] * flat_w[pos, None].to(full.dtype))
+        self.wire.driver_s += time.perf_counter() - t_start - (t1 - t0)
         return y
 
     def stats(self) -> dict:

@@ -123,8 +123,11 @@ class ExpertShard:
         return {"pid": os.getpid(), "host": socket.gethostname(), "experts": len(self.keys),
                 "paged": self.cache is not None, "load_s": self.load_s}  # fmt: skip
 
-    def compute(self, layer: int, x: Wire, rows: np.ndarray, experts: np.ndarray, grouped: bool) -> Wire:
-        """x [n, D], rows [P] (into x), experts [P] (ascending) -> the pairs' unweighted outputs [P, D]."""
+    def compute(
+        self, layer: int, x: Wire, rows: np.ndarray, experts: np.ndarray, grouped: bool
+    ) -> tuple[Wire, float]:
+        """x [n, D], rows [P] (into x), experts [P] (ascending) -> (the pairs' unweighted outputs [P, D], the
+        seconds computing them: the driver tells its wait for the wire from the work)."""
         t0 = time.perf_counter()
         xt, rows_t, experts_t = from_wire(x), torch.from_numpy(rows), torch.from_numpy(experts)
         with torch.inference_mode():
@@ -133,9 +136,10 @@ class ExpertShard:
                 out = pair_outputs(bank, xt, rows_t, self.slot_of[layer][experts_t], grouped, self.config)
             else:
                 out = self._paged(layer, xt, rows_t, experts_t, grouped)
+        dt = time.perf_counter() - t0
         self.calls += 1
-        self.compute_s += time.perf_counter() - t0
-        return to_wire(out)
+        self.compute_s += dt
+        return to_wire(out), dt
 
     def _paged(self, layer, x, rows, experts, grouped) -> torch.Tensor:
         """As PagedExperts: acquire the layer's experts from the cache (in waves when they do not all fit),
