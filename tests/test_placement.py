@@ -46,7 +46,7 @@ def test_usage_comes_from_a_trace(tmp_path):
 
 @pytest.mark.parametrize(
     "kw, match",
-    [({"actors": 0}, "at least 1"), ({"actors": 2, "replicate": 1}, "needs their usage"),
+    [({"actors": 0}, "at least 1"), ({"actors": 2, "replicate": -1}, "0 or more"), ({"actors": 2, "replicate": 1}, "needs their usage"),
      ({"actors": 1, "usage": {}, "replicate": 1}, "at least 2 actors")],
 )  # fmt: skip
 def test_bad_placement_is_a_clear_error(kw, match):
@@ -60,3 +60,10 @@ def test_an_address_nobody_answers_at_is_a_clear_error():
     with pytest.raises(MoepagerError, match="no Ray cluster answers at 127.0.0.1:1"):
         _reachable("127.0.0.1:1")
     _reachable("auto")  # found by Ray itself
+
+
+def test_ray_options_without_ray_are_refused(capsys):
+    from moepager.cli import main
+
+    assert main(["run", "model", "--ray-actors", "2"]) == 2
+    assert "need --ray ADDRESS" in capsys.readouterr().err

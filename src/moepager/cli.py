@@ -134,6 +134,8 @@ def _add_ray(p) -> None:
 
 def _ray_options(args) -> dict:
     if args.ray is None:
+        if args.ray_actors is not None or args.ray_placement or args.ray_replicate:
+            raise MoepagerError("--ray-actors, --ray-placement and --ray-replicate need --ray ADDRESS")
         return {}
     return {"ray": args.ray, "ray_actors": args.ray_actors, "ray_placement": args.ray_placement,
             "ray_replicate": args.ray_replicate}  # fmt: skip

@@ -37,6 +37,8 @@ def place(keys: list[Key], actors: int, usage: dict[Key, int] | None = None, rep
     """
     if actors < 1:
         raise MoepagerError(f"ray_actors must be at least 1, got {actors}")
+    if replicate < 0:
+        raise MoepagerError(f"ray_replicate must be 0 or more, got {replicate}")
     if replicate and usage is None:
         raise MoepagerError(
             "replicating hot experts needs their usage: give a routing trace as the placement "
