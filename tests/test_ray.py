@@ -83,6 +83,20 @@ def test_two_actors_match_one_process(model, cluster, two_actors, budget):
             dist.experts.close()
 
 
+def test_cli_runs_on_the_cluster(model, cluster, capsys):
+    import json
+
+    from moepager.cli import main
+
+    path, prompt, reference = model
+    ids = ",".join(map(str, prompt.tolist()))
+    argv = ["run", str(path), "--prompt-ids", ids, "--max-tokens", "16", "--json", "--ray", cluster.address]
+    assert main([*argv, "--ray-actors", "2"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["token_ids"] == reference
+    assert len(record["stats"]["experts"]["actors"]) == 2
+
+
 def test_continuous_batching_matches_single_sequences(model, two_actors):
     prompts = [model[1].tolist(), [5, 9, 2, 11]]
     alone = [two_actors.generate(p, 8) for p in prompts]

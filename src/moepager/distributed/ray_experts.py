@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -139,6 +141,7 @@ class RayExperts:
         self.wire = WireStats()
         self.lost: set[int] = set()  # actors whose call was lost: the next step first waits for their restart
         self.nodes = NodeWatch(self.ray)
+        weakref.finalize(self, self.nodes.stop)  # an engine dropped without close() stops watching too
         self.info = self._ready(READY_TIMEOUT_S)
 
     def _ready(self, timeout: float) -> list[dict]:
@@ -315,6 +318,7 @@ def build_ray(source, address: str, actors: int | None = None, placement: str | 
     shard = ray.remote(ExpertShard).options(
         max_restarts=MAX_RESTARTS, max_task_retries=0, num_cpus=actor_cpus, scheduling_strategy="SPREAD"
     )
-    handles = [shard.remote(str(source.path), mine, expert_memory, dtype, experts_dtype, policy)
+    path = str(Path(source.path).resolve())  # actors do not share the driver's working directory
+    handles = [shard.remote(path, mine, expert_memory, dtype, experts_dtype, policy)
                for mine in shards(plan, actors)]  # fmt: skip
     return RayExperts(config, handles, plan)
