@@ -61,7 +61,15 @@ def _load(args):
     args.model = _model_or_default(args.model)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
     model, paging = open_remote(args, args.model, _paging_options(args))
-    return load(model, device=args.device, dtype=args.dtype, experts_dtype=args.experts_dtype, **paging, **kv)
+    return load(
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        experts_dtype=args.experts_dtype,
+        **paging,
+        **kv,
+        **_ray_options(args),
+    )
 
 
 def _context(engine, args) -> int:
@@ -165,7 +173,7 @@ def cmd_serve(args) -> None:
              "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
     source, options = open_remote(args, model, options)
-    engine = load(source, device=args.device, dtype=args.dtype, **options)
+    engine = load(source, device=args.device, dtype=args.dtype, **options, **_ray_options(args))
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, sock=sock)
 
@@ -201,6 +209,7 @@ def _add_serve(sub) -> None:
     )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    _add_ray(s)
     add_remote_options(s)
     s.set_defaults(func=cmd_serve)
 
@@ -255,6 +264,26 @@ def _add_fetch(sub) -> None:
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     add_remote_options(f, flag=False)
     f.set_defaults(func=cmd_fetch)
+
+
+def _add_ray(p) -> None:
+    p.add_argument("--ray", metavar="ADDRESS", help="spread the routed experts over actors of this Ray cluster "
+                   "(auto, 127.0.0.1:6379, local); --expert-memory is then each actor's budget (default: one process)")  # fmt: skip
+    p.add_argument("--ray-actors", type=int, help="expert actors (default: one per node of the cluster)")
+    p.add_argument("--ray-placement", metavar="TRACE", help="place experts by their usage in this routing trace "
+                   "(from --trace) instead of round-robin (default: round-robin)")  # fmt: skip
+    p.add_argument(
+        "--ray-replicate", type=int, default=0, help="hottest experts per layer held by two actors"
+    )
+
+
+def _ray_options(args) -> dict:
+    if args.ray is None:
+        if args.ray_actors is not None or args.ray_placement or args.ray_replicate:
+            raise MoepagerError("--ray-actors, --ray-placement and --ray-replicate need --ray ADDRESS")
+        return {}
+    return {"ray": args.ray, "ray_actors": args.ray_actors, "ray_placement": args.ray_placement,
+            "ray_replicate": args.ray_replicate}  # fmt: skip
 
 
 def cmd_synth(args) -> None:
@@ -568,6 +597,7 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
                    "(default: all in RAM)")  # fmt: skip
     r.add_argument("--kv-spill-dir", help="folder for the KV spill file (default: the system temp folder)")
     r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    _add_ray(r)
     add_remote_options(r)
 
 

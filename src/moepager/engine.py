@@ -179,7 +179,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
          memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
          max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
          kv_block_size: int = 256, kv_spill_dir: str | None = None, prefill_chunk: int = 512,
-         **runtime_options) -> Engine:  # fmt: skip
+         ray: str | None = None, ray_actors: int | None = None, ray_placement: str | None = None,
+         ray_replicate: int = 0, **runtime_options) -> Engine:  # fmt: skip
     """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource). dtype defaults
     to the checkpoint's own.
 
@@ -195,6 +196,11 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
 
     experts_dtype: "bf16", "fp16", "int8" or "int4" converts routed experts as they are read (lossy: measure it
     with `moepager eval`); None keeps the source's own experts.
+
+    ray: a Ray cluster address ("auto", "127.0.0.1:6379", "local"): the routed experts are spread over
+    ray_actors actors (default one per node), placed round-robin or, with ray_placement=TRACE_FILE, by measured
+    usage, ray_replicate hottest per layer held twice; expert_memory is then each actor's budget
+    (see distributed/ray_experts.py).
     """
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
@@ -225,7 +231,15 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
-    if expert_memory is not None or memory_limit is not None or pins or hot_set is not None:
+    if ray is not None:
+        from .distributed.ray_experts import build_ray
+
+        if memory_limit is not None or pins or hot_set is not None:
+            raise MoepagerError("with ray, give each actor's expert budget as expert_memory (memory_limit, "
+                                "pins and hot sets apply to one process)")  # fmt: skip
+        experts = build_ray(ckpt, ray, ray_actors, ray_placement, ray_replicate, expert_memory,
+                            None if experts_dtype else dtype, experts_dtype, policy)  # fmt: skip
+    elif expert_memory is not None or memory_limit is not None or pins or hot_set is not None:
         from .paging.paged import build_paged
 
         expert_dtype = None if experts_dtype else dtype  # converted experts are kept as converted, as below
