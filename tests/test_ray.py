@@ -92,9 +92,11 @@ def test_cli_runs_on_the_cluster(model, cluster, capsys):
     ids = ",".join(map(str, prompt.tolist()))
     argv = ["run", str(path), "--prompt-ids", ids, "--max-tokens", "16", "--json", "--ray", cluster.address]
     assert main([*argv, "--ray-actors", "2"]) == 0
-    record = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    record = json.loads(out.out)
     assert record["token_ids"] == reference
     assert len(record["stats"]["experts"]["actors"]) == 2
+    assert "experts on 2 Ray actors" in out.err  # the summary line names the distribution's cost
 
 
 def test_continuous_batching_matches_single_sequences(model, two_actors):

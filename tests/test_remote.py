@@ -95,7 +95,9 @@ def test_first_run_fetches_dense_and_touched_experts_then_runs_offline(
     hub.stop()  # the server is gone: the same run works from the local store, fetching nothing
     assert main(["run", REPO, "--remote", "--local-store", store, *PROMPT]) == 0
     out = capsys.readouterr()
-    assert "moepager: warning:" in out.err and "using the local store" in out.err  # one line, as CLI warnings are
+    assert (
+        "moepager: warning:" in out.err and "using the local store" in out.err
+    )  # one line, as CLI warnings are
     second = json.loads(out.out)
     assert second["token_ids"] == local["token_ids"]
     assert second["stats"]["tiers"]["remote"]["bytes_fetched"] == 0

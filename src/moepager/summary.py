@@ -40,7 +40,14 @@ def summary_line(stats: dict, reads: DecodeReads | None = None) -> str:
         f"decode {stats['decode_tokens_per_s']:.1f} tok/s, prefill {stats['prefill_tokens_per_s']:.1f} tok/s"
     )
     x = stats.get("experts")
-    if x:
+    if x and "distributed" in x:  # experts on Ray actors: what the distribution cost
+        w = x["distributed"]
+        line += (
+            f"; experts on {len(x['actors'])} Ray actors: {w['calls']} round trips, "
+            f"{format_bytes(w['bytes_sent'])} sent, {format_bytes(w['bytes_received'])} received, "
+            f"{format_bytes(x['bytes_read'])} read"
+        )
+    elif x:
         used = x["hits"] + x["prefetch_hits"] + x["misses"]
         share = lambda n: n / used if used else 0.0  # noqa: E731
         line += (
