@@ -224,6 +224,82 @@ def _add_store(sub) -> None:
     v.set_defaults(func=cmd_verify)
 
 
+def cmd_experts(args) -> None:
+    from .store import expert_commands as ec
+
+    a, path, msg = args.action, args.store, args.message or ""
+    if a == "list":
+        print(ec.list_experts(path))
+    elif a == "show":
+        print(ec.show_expert(path, args.layer, args.expert))
+    elif a == "export":
+        print(ec.export_expert(path, args.layer, args.expert, _need(args.file, "export", "FILE")))
+    elif a == "import":
+        print(
+            ec.import_expert(
+                path, args.layer, args.expert, _need(args.file, "import", "FILE"), args.router, msg
+            )
+        )
+    elif a == "add":
+        print(ec.add_expert(path, _need(args.layer, "add", "LAYER"), _need(args.file, "add", "FILE"), msg))
+    elif a in ("remove", "disable", "enable"):
+        print(ec.edit_expert(path, a, args.layer, args.expert, msg))
+    elif a == "generations":
+        print(ec.list_generations(path))
+    elif a == "rollback":
+        print(ec.rollback(path, _need(args.generation, "rollback", "GENERATION")))
+    elif a == "gc":
+        print(ec.gc(path, [int(g) for g in (args.keep or "").split(",") if g.strip()]))
+
+
+def _need(value, action: str, name: str):
+    if value is None:
+        raise MoepagerError(f"experts {action} needs {name}")
+    return value
+
+
+def cmd_export(args) -> None:
+    from .store.export import export
+
+    print(f"wrote {export(args.store, args.out, force=args.force)}")
+
+
+def _add_experts(sub) -> None:
+    x = sub.add_parser(
+        "experts", help="list, show, export, import, add, remove experts of a store; generations"
+    )
+    x.add_argument("store", help="a folder written by `moepager convert`")
+    x.add_argument("action", choices=["list", "show", "export", "import", "add", "remove", "disable", "enable",
+                                      "generations", "rollback", "gc"])  # fmt: skip
+    x.add_argument("args", nargs="*", help="show/export/import/remove/disable/enable: LAYER EXPERT [FILE]; "
+                   "add: LAYER FILE; rollback: GENERATION")  # fmt: skip
+    x.add_argument("-m", "--message", help="what the new generation is (default: the edit)")
+    x.add_argument("--router", action="store_true", help="import: set the router row from the file too")
+    x.add_argument("--keep", help="gc: generations to keep besides the current one, e.g. 1,3")
+    x.set_defaults(func=cmd_experts)
+    e = sub.add_parser("export", help="write a store's current generation as a Hugging Face checkpoint")
+    e.add_argument("store")
+    e.add_argument("out", help="folder to create (config.json, model.safetensors, tokenizer files)")
+    e.add_argument("--force", action="store_true", help="replace OUT if it is a checkpoint moepager wrote")
+    e.set_defaults(func=cmd_export)
+
+
+def _experts_args(args) -> None:
+    """Positional LAYER EXPERT FILE / LAYER FILE / GENERATION, by action."""
+    vals = list(args.args)
+    args.layer = args.expert = args.file = args.generation = None
+    try:
+        if args.action == "add":
+            args.layer, args.file = int(vals[0]), vals[1]
+        elif args.action == "rollback":
+            args.generation = int(vals[0])
+        elif args.action in ("show", "export", "import", "remove", "disable", "enable"):
+            args.layer, args.expert = int(vals[0]), int(vals[1])
+            args.file = vals[2] if len(vals) > 2 else None
+    except (IndexError, ValueError):
+        raise MoepagerError(f"experts {args.action}: bad arguments {' '.join(vals)!r} (see --help)") from None
+
+
 def _pins(text: str | None) -> list[tuple[int, int]]:
     if not text:
         return []
@@ -414,12 +490,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(sub)
     _add_serve(sub)
     _add_moefy(sub)
+    _add_experts(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "experts":
+            _experts_args(args)
         args.func(args)
     except MoepagerError as e:
         print(f"moepager: error: {e}", file=sys.stderr)

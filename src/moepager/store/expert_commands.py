@@ -1,0 +1,145 @@
+"""`moepager experts STORE ...`: list, show, export and import single experts, add, remove, disable, enable,
+and the generations of a store (list, rollback, gc). Each edit is committed as its own generation.
+
+An expert travels as a safetensors file of its canonical tensors (gate [I, D], up [I, D], down [D, I], the
+family's biases) plus its router row ("router" [D]; "router_bias", "correction_bias" [1] where the family has
+them). The CLI parses argv and calls these; they return the text to print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import MoepagerError
+from .editable import EditableStore
+
+ROUTER_KEYS = {"router": "weight", "router_bias": "bias", "correction_bias": "e_score_correction_bias"}
+
+
+def list_experts(path: str | Path) -> str:
+    with EditableStore(path) as st:
+        lines = [f"{st.path}: generation {st.generation}, {st.config.family}, E={st.num_experts}, "
+                 f"top_k={st.config.top_k}"]  # fmt: skip
+        for layer in st.moe_layers():
+            absent = sorted(st.absent(layer))
+            gone = f", absent: {', '.join(map(str, absent))}" if absent else ""
+            lines.append(f"layer {layer}: {len(st.experts(layer))} experts{gone}")
+    return "\n".join(lines)
+
+
+def show_expert(path: str | Path, layer: int, expert: int) -> str:
+    with EditableStore(path) as st:
+        st._check_expert(layer, expert, present=False)
+        entry = st.manifest.experts[(layer, expert)]
+        layout = st.manifest.layouts[entry.layout]
+        state = "absent" if expert in st.absent(layer) else "routed"
+        lines = [f"expert {expert} of layer {layer} ({state}): {entry.file} bytes {entry.offset}.."
+                 f"{entry.offset + entry.nbytes}, crc32 {entry.crc32:08x}, encoding {layout.encoding}"]  # fmt: skip
+        weights = st.read_expert(layer, expert)
+        for t in layout.tensors:
+            w = weights[t.name]
+            norm = f", norm {w.float().norm():.4g}" if w.is_floating_point() else ""
+            lines.append(f"  {t.name}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)}{norm}")
+        for part, r in st.router(layer).items():
+            value = f"norm {r[expert].float().norm():.4g}" if r.dim() == 2 else f"{r[expert].item():.4g}"
+            lines.append(f"  router {part}: {value}")
+    return "\n".join(lines)
+
+
+def export_expert(path: str | Path, layer: int, expert: int, out: str | Path) -> str:
+    from safetensors.torch import save_file
+
+    with EditableStore(path) as st:
+        st._check_expert(layer, expert, present=False)
+        tensors = {k: v.contiguous() for k, v in st.read_expert(layer, expert).items()}
+        router = st.router(layer)
+        for key, part in ROUTER_KEYS.items():
+            if part in router:
+                row = router[part][expert]
+                tensors[key] = (row if row.dim() else row[None]).contiguous()
+    save_file(
+        tensors, str(out), metadata={"format": "moepager-expert", "layer": str(layer), "expert": str(expert)}
+    )
+    return f"wrote {out}"
+
+
+def _read_expert_file(file: str | Path) -> tuple[dict, dict]:
+    """-> (canonical weights, router values by ROUTER_KEYS name)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(file))
+    except (OSError, SafetensorError) as e:
+        raise MoepagerError(f"{file}: not a readable safetensors file ({e})") from None
+    router = {k: tensors.pop(k) for k in ROUTER_KEYS if k in tensors}
+    return tensors, router
+
+
+def _router_args(router: dict) -> dict:
+    return {"router_bias": router["router_bias"].item() if "router_bias" in router else None,
+            "correction_bias": router["correction_bias"].item() if "correction_bias" in router else None}  # fmt: skip
+
+
+def import_expert(
+    path: str | Path, layer: int, expert: int, file: str | Path, with_router: bool, message: str
+) -> str:
+    weights, router = _read_expert_file(file)
+    with EditableStore(path) as st:
+        st.replace(layer, expert, weights)
+        if with_router:
+            if "router" not in router:
+                raise MoepagerError(f"{file}: no 'router' tensor [D]; import without --router")
+            args = _router_args(router)
+            st.set_router_row(layer, expert, router["router"], args["router_bias"], args["correction_bias"])
+        gen = st.commit(message or f"import {layer}:{expert} from {Path(file).name}")
+    return f"expert {expert} of layer {layer} replaced: generation {gen}"
+
+
+def add_expert(path: str | Path, layer: int, file: str | Path, message: str) -> str:
+    weights, router = _read_expert_file(file)
+    if "router" not in router:
+        raise MoepagerError(f"{file}: no 'router' tensor [D]: a new expert needs its router row")
+    with EditableStore(path) as st:
+        args = _router_args(router)
+        expert = st.add(layer, weights, router["router"], args["router_bias"], args["correction_bias"])
+        gen = st.commit(message or f"add {layer}:{expert} from {Path(file).name}")
+    return f"added expert {expert} to layer {layer}: generation {gen}"
+
+
+def edit_expert(path: str | Path, action: str, layer: int, expert: int, message: str) -> str:
+    """remove, disable or enable."""
+    with EditableStore(path) as st:
+        getattr(st, action)(layer, expert)
+        gen = st.commit(message)
+    return f"{action} expert {expert} of layer {layer}: generation {gen}"
+
+
+def list_generations(path: str | Path) -> str:
+    """One line per kept generation, oldest first, starting with the id rollback takes; * marks the current."""
+    from .format import read_manifest
+
+    manifest = read_manifest(Path(path))
+    history = manifest.history or [
+        {"id": manifest.generation, "parent": None, "time": "", "message": "as converted"}
+    ]
+    lines = []
+    for h in history:
+        mark = "*" if h["id"] == manifest.generation else " "
+        parent = f"parent {h['parent']}" if h["parent"] is not None else "root"
+        lines.append(f"{h['id']} {mark} {h['time'] or '-'} {parent}: {h['message']}")
+    return "\n".join(lines)
+
+
+def rollback(path: str | Path, generation: int) -> str:
+    with EditableStore(path) as st:
+        st.rollback(generation)
+    return f"{path}: generation {generation} is current"
+
+
+def gc(path: str | Path, keep: list[int]) -> str:
+    with EditableStore(path) as st:
+        dropped, freed = st.gc(keep)
+    if not dropped:
+        return f"{path}: nothing to drop"
+    return f"{path}: dropped generations {', '.join(map(str, dropped))}, freed {freed / 2**20:.1f} MiB"
