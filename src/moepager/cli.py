@@ -284,6 +284,63 @@ def _add_experts(sub) -> None:
     e.set_defaults(func=cmd_export)
 
 
+def cmd_tune(args) -> None:
+    from pathlib import Path
+
+    from .paging.cache import format_bytes
+    from .store.format import is_store
+    from .tune import TuneOptions, tune
+
+    model = _model_or_default(args.model)
+    store = model
+    if not is_store(Path(model)):
+        if args.store is None:
+            raise MoepagerError(f"{model} is a checkpoint; give --store OUT: it is converted there and tuned")
+        from .store.convert import convert
+
+        store = str(convert(model, args.store, progress=not args.quiet))
+    experts = _pins(args.experts) if args.experts else None
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    o = TuneOptions(text=args.text, store=store, experts=experts, auto=args.auto, layers=layers, router=args.router,
+                    steps=args.steps, seq_len=args.seq_len, lr=args.lr, expert_memory=args.expert_memory,
+                    save_every=args.save_every, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    r = tune(o)
+    first, last = (
+        sum(r["losses"][i : i + 10]) / len(r["losses"][i : i + 10])
+        for i in (0, max(0, len(r["losses"]) - 10))
+    )
+    c = r["cache"]
+    print(
+        f"{store}: tuned {len(r['experts'])} experts ({', '.join(f'{a}:{b}' for a, b in r['experts'])}) for "
+        f"{len(r['losses'])} steps, loss {first:.4f}->{last:.4f}; generations {', '.join(map(str, r['generations']))}"
+    )
+    print(f"memory: trained tensors {format_bytes(r['trained_bytes'])} + optimizer state "
+          f"{format_bytes(r['optimizer_bytes'])}; expert cache peak {format_bytes(c['peak_resident_bytes'])} of "
+          f"a {format_bytes(c['budget_bytes'])} budget ({format_bytes(c['total_expert_bytes'])} of experts)")  # fmt: skip
+
+
+def _add_tune(sub) -> None:
+    t = sub.add_parser("tune", help="fine-tune chosen experts of a store on text, the rest frozen and paged")
+    t.add_argument("model", nargs="?", help="a store, or a checkpoint converted to --store first (default: the "
+                   "embedded default model)")  # fmt: skip
+    t.add_argument("--text", required=True, help="training text file")
+    t.add_argument("--store", help="where a checkpoint MODEL is converted to before tuning")
+    t.add_argument("--experts", help="experts to train, as LAYER:EXPERT pairs: 0:3,5:7")
+    t.add_argument("--auto", type=int, help="train the N experts the text routes the most tokens to")
+    t.add_argument("--layers", help="choose only among these layers: 3,4,5")
+    t.add_argument("--router", action="store_true", help="also train the chosen experts' router rows")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--expert-memory", default="25%", help="cache budget for the frozen experts")
+    t.add_argument(
+        "--save-every", type=int, default=0, help="steps between generations (default: at the end)"
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tune)
+
+
 def _experts_args(args) -> None:
     """Positional LAYER EXPERT FILE / LAYER FILE / GENERATION, by action."""
     vals = list(args.args)
@@ -491,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_moefy(sub)
     _add_experts(sub)
+    _add_tune(sub)
     return p
 
 
