@@ -204,7 +204,7 @@ def test_reader_keeps_its_generation_during_a_commit(store):
     assert torch.equal(moepager.load(path).logits(ids), after)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", FAMILIES + ["qwen2_moe", "deepseek_v3"])
 def test_export_loads_in_transformers_and_matches(store, tmp_path, capsys, family):
     path = store(family)
     if family != "deepseek_v3":  # grouped routing cannot be edited; its export is of the converted store

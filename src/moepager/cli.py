@@ -225,37 +225,9 @@ def _add_store(sub) -> None:
 
 
 def cmd_experts(args) -> None:
-    from .store import expert_commands as ec
+    from .store.expert_commands import run
 
-    a, path, msg = args.action, args.store, args.message or ""
-    if a == "list":
-        print(ec.list_experts(path))
-    elif a == "show":
-        print(ec.show_expert(path, args.layer, args.expert))
-    elif a == "export":
-        print(ec.export_expert(path, args.layer, args.expert, _need(args.file, "export", "FILE")))
-    elif a == "import":
-        print(
-            ec.import_expert(
-                path, args.layer, args.expert, _need(args.file, "import", "FILE"), args.router, msg
-            )
-        )
-    elif a == "add":
-        print(ec.add_expert(path, _need(args.layer, "add", "LAYER"), _need(args.file, "add", "FILE"), msg))
-    elif a in ("remove", "disable", "enable"):
-        print(ec.edit_expert(path, a, args.layer, args.expert, msg))
-    elif a == "generations":
-        print(ec.list_generations(path))
-    elif a == "rollback":
-        print(ec.rollback(path, _need(args.generation, "rollback", "GENERATION")))
-    elif a == "gc":
-        print(ec.gc(path, [int(g) for g in (args.keep or "").split(",") if g.strip()]))
-
-
-def _need(value, action: str, name: str):
-    if value is None:
-        raise MoepagerError(f"experts {action} needs {name}")
-    return value
+    print(run(args.store, args.action, args.args, args.message or "", args.router, args.keep))
 
 
 def cmd_export(args) -> None:
@@ -287,9 +259,8 @@ def _add_experts(sub) -> None:
 def cmd_tune(args) -> None:
     from pathlib import Path
 
-    from .paging.cache import format_bytes
     from .store.format import is_store
-    from .tune import TuneOptions, tune
+    from .tune import TuneOptions, summary, tune
 
     model = _model_or_default(args.model)
     store = model
@@ -304,19 +275,7 @@ def cmd_tune(args) -> None:
     o = TuneOptions(text=args.text, store=store, experts=experts, auto=args.auto, layers=layers, router=args.router,
                     steps=args.steps, seq_len=args.seq_len, lr=args.lr, expert_memory=args.expert_memory,
                     save_every=args.save_every, seed=args.seed, progress=not args.quiet)  # fmt: skip
-    r = tune(o)
-    first, last = (
-        sum(r["losses"][i : i + 10]) / len(r["losses"][i : i + 10])
-        for i in (0, max(0, len(r["losses"]) - 10))
-    )
-    c = r["cache"]
-    print(
-        f"{store}: tuned {len(r['experts'])} experts ({', '.join(f'{a}:{b}' for a, b in r['experts'])}) for "
-        f"{len(r['losses'])} steps, loss {first:.4f}->{last:.4f}; generations {', '.join(map(str, r['generations']))}"
-    )
-    print(f"memory: trained tensors {format_bytes(r['trained_bytes'])} + optimizer state "
-          f"{format_bytes(r['optimizer_bytes'])}; expert cache peak {format_bytes(c['peak_resident_bytes'])} of "
-          f"a {format_bytes(c['budget_bytes'])} budget ({format_bytes(c['total_expert_bytes'])} of experts)")  # fmt: skip
+    print(summary(tune(o), store))
 
 
 def _add_tune(sub) -> None:
@@ -339,22 +298,6 @@ def _add_tune(sub) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tune)
-
-
-def _experts_args(args) -> None:
-    """Positional LAYER EXPERT FILE / LAYER FILE / GENERATION, by action."""
-    vals = list(args.args)
-    args.layer = args.expert = args.file = args.generation = None
-    try:
-        if args.action == "add":
-            args.layer, args.file = int(vals[0]), vals[1]
-        elif args.action == "rollback":
-            args.generation = int(vals[0])
-        elif args.action in ("show", "export", "import", "remove", "disable", "enable"):
-            args.layer, args.expert = int(vals[0]), int(vals[1])
-            args.file = vals[2] if len(vals) > 2 else None
-    except (IndexError, ValueError):
-        raise MoepagerError(f"experts {args.action}: bad arguments {' '.join(vals)!r} (see --help)") from None
 
 
 def _pins(text: str | None) -> list[tuple[int, int]]:
@@ -555,8 +498,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "experts":
-            _experts_args(args)
         args.func(args)
     except MoepagerError as e:
         print(f"moepager: error: {e}", file=sys.stderr)

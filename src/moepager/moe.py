@@ -358,14 +358,15 @@ class Router(nn.Module):
     def __init__(self, config: ModelConfig, absent: tuple[int, ...] = ()):
         super().__init__()
         self.config = config
-        # [E] bool, from the config (not a weight): built on the CPU even when the model is built on meta
-        self.absent = None
-        if absent:
+        if (
+            absent
+        ):  # [E] bool, from the config (not a weight): built on the CPU even when the model is on meta
             with torch.device("cpu"):
                 mask = torch.zeros(config.num_experts, dtype=torch.bool)
                 mask[list(absent)] = True
-            del self.absent
             self.register_buffer("absent", mask, persistent=False)
+        else:
+            self.absent = None
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
         if config.routing == "sigmoid_group":

@@ -278,6 +278,20 @@ def tune(options: TuneOptions) -> dict:
     }
 
 
+def summary(r: dict, store: str | Path) -> str:
+    """tune()'s result as two lines: what was trained and how the loss moved, then memory."""
+    from .paging.cache import format_bytes
+
+    losses, c = r["losses"], r["cache"]
+    first, last = (sum(losses[i : i + 10]) / len(losses[i : i + 10]) for i in (0, max(0, len(losses) - 10)))
+    experts = ", ".join(f"{a}:{b}" for a, b in r["experts"])
+    return (f"{store}: tuned {len(r['experts'])} experts ({experts}) for {len(losses)} steps, loss "
+            f"{first:.4f}->{last:.4f}; generations {', '.join(map(str, r['generations']))}\n"
+            f"memory: trained tensors {format_bytes(r['trained_bytes'])} + optimizer state "
+            f"{format_bytes(r['optimizer_bytes'])}; expert cache peak {format_bytes(c['peak_resident_bytes'])} of "
+            f"a {format_bytes(c['budget_bytes'])} budget ({format_bytes(c['total_expert_bytes'])} of experts)")  # fmt: skip
+
+
 def _choose(engine, windows: torch.Tensor, o: TuneOptions) -> list[Key]:
     config = engine.config
     if (o.experts is None) == (o.auto is None):

@@ -71,7 +71,10 @@ class EditableStore:
             raise MoepagerError(
                 f"{self.path} is not a moepager store (no {MANIFEST}); convert a checkpoint first"
             )
-        self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise MoepagerError(f"{self.path}: cannot open the store for writing ({e.strerror})") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -121,7 +124,7 @@ class EditableStore:
 
     def read_expert(self, layer: int, expert: int) -> ExpertWeights:
         """The expert as staged or stored (quantized experts as codes and scales)."""
-        self._check_expert(layer, expert, present=False)
+        self.check_expert(layer, expert, present=False)
         staged = self._staged.get((layer, expert))
         if staged is None:
             return self.source.read_expert(layer, expert)
@@ -153,7 +156,7 @@ class EditableStore:
 
     def replace(self, layer: int, expert: int, weights: ExpertWeights) -> None:
         """Stage new weights for an expert (gate [I, D], up [I, D], down [D, I] and the family's biases)."""
-        self._check_expert(layer, expert, present=True)
+        self.check_expert(layer, expert, present=True)
         self._staged[(layer, expert)] = self._stored(layer, weights)
         self.changes.append(f"replace {layer}:{expert}")
 
@@ -163,7 +166,7 @@ class EditableStore:
     ) -> None:  # fmt: skip
         """Stage the expert's router row [D] (and its router bias / score correction bias, where the family
         has them)."""
-        self._check_expert(layer, expert, present=False)
+        self.check_expert(layer, expert, present=False)
         r = self._router(layer)
         if tuple(row.shape) != (r["weight"].shape[1],):
             raise MoepagerError(f"router row of {layer}:{expert}: shape {tuple(row.shape)}, the router needs "
@@ -203,7 +206,7 @@ class EditableStore:
     def disable(self, layer: int, expert: int) -> None:
         """The router stops picking the expert; its bytes stay (enable brings it back)."""
         self._check_routing(layer, "disable an expert")
-        self._check_expert(layer, expert, present=True)
+        self.check_expert(layer, expert, present=True)
         if len(self.experts(layer)) <= self.config.top_k:
             raise MoepagerError(f"layer {layer} has {len(self.experts(layer))} experts and routes to "
                                 f"{self.config.top_k}; it cannot lose one")  # fmt: skip
@@ -212,7 +215,7 @@ class EditableStore:
 
     def enable(self, layer: int, expert: int) -> None:
         """Undo disable: the router may pick the expert again."""
-        self._check_expert(layer, expert, present=False)
+        self.check_expert(layer, expert, present=False)
         if expert not in self._absent.get(layer, ()):
             raise MoepagerError(f"expert {expert} of layer {layer} is not disabled")
         if self._is_zero(layer, expert):
@@ -248,7 +251,8 @@ class EditableStore:
             raise MoepagerError(f"layer {layer} is not a MoE layer of this model (MoE layers: "
                                 f"{', '.join(map(str, self.moe_layers()))})")  # fmt: skip
 
-    def _check_expert(self, layer: int, expert: int, present: bool) -> None:
+    def check_expert(self, layer: int, expert: int, present: bool) -> None:
+        """A MoE layer's expert id within E (with `present`: one its router picks), else a clear error."""
         self._check_layer(layer)
         if not 0 <= expert < self.num_experts:
             raise MoepagerError(f"layer {layer} has experts 0..{self.num_experts - 1}, not {expert}")

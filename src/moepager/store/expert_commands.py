@@ -16,6 +16,43 @@ from .editable import EditableStore
 ROUTER_KEYS = {"router": "weight", "router_bias": "bias", "correction_bias": "e_score_correction_bias"}
 
 
+def run(path: str, action: str, values: list[str], message: str, router: bool, keep: str | None) -> str:
+    """One `moepager experts` action on its positional values (LAYER EXPERT [FILE], LAYER FILE, GENERATION)."""
+    if action == "list":
+        return list_experts(path)
+    if action == "generations":
+        return list_generations(path)
+    if action == "gc":
+        return gc(path, _ints(action, (keep or "").replace(",", " ").split()))
+    if action == "rollback":
+        return rollback(path, _ints(action, values[:1], 1)[0])
+    if action == "add":
+        layer, file = _ints(action, values[:1], 1)[0], (values[1:2] or [None])[0]
+        if file is None:
+            raise MoepagerError("experts add needs LAYER FILE")
+        return add_expert(path, layer, file, message)
+    layer, expert = _ints(action, values[:2], 2)
+    if action in ("export", "import") and len(values) < 3:
+        raise MoepagerError(f"experts {action} needs LAYER EXPERT FILE")
+    if action == "show":
+        return show_expert(path, layer, expert)
+    if action == "export":
+        return export_expert(path, layer, expert, values[2])
+    if action == "import":
+        return import_expert(path, layer, expert, values[2], router, message)
+    return edit_expert(path, action, layer, expert, message)  # remove, disable, enable
+
+
+def _ints(action: str, values: list[str], n: int | None = None) -> list[int]:
+    try:
+        out = [int(v) for v in values]
+    except ValueError:
+        out = []
+    if (n is not None and len(out) != n) or len(out) != len(values):
+        raise MoepagerError(f"experts {action}: bad arguments {' '.join(values)!r} (see --help)")
+    return out
+
+
 def list_experts(path: str | Path) -> str:
     with EditableStore(path) as st:
         lines = [f"{st.path}: generation {st.generation}, {st.config.family}, E={st.num_experts}, "
@@ -29,7 +66,7 @@ def list_experts(path: str | Path) -> str:
 
 def show_expert(path: str | Path, layer: int, expert: int) -> str:
     with EditableStore(path) as st:
-        st._check_expert(layer, expert, present=False)
+        st.check_expert(layer, expert, present=False)
         entry = st.manifest.experts[(layer, expert)]
         layout = st.manifest.layouts[entry.layout]
         state = "absent" if expert in st.absent(layer) else "routed"
@@ -50,7 +87,7 @@ def export_expert(path: str | Path, layer: int, expert: int, out: str | Path) ->
     from safetensors.torch import save_file
 
     with EditableStore(path) as st:
-        st._check_expert(layer, expert, present=False)
+        st.check_expert(layer, expert, present=False)
         tensors = {k: v.contiguous() for k, v in st.read_expert(layer, expert).items()}
         router = st.router(layer)
         for key, part in ROUTER_KEYS.items():
