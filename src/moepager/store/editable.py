@@ -310,7 +310,7 @@ class EditableStore:
         if not self.dirty:
             raise MoepagerError(f"{self.path}: nothing to commit")
         old = self.manifest
-        history = old.history or [_record(old.generation, None, "as converted")]
+        history = old.history or [_record(old.generation, None, "as converted", stamp=False)]
         gid = max(h["id"] for h in history) + 1
         experts, layouts = dict(old.experts), dict(old.layouts)
         new_files: dict[str, dict] = {}
@@ -376,7 +376,7 @@ class EditableStore:
 
     def generations(self) -> list[dict]:
         """{id, parent, time, message, current} of every kept generation, oldest first."""
-        history = self.manifest.history or [_record(self.generation, None, "as converted")]
+        history = self.manifest.history or [_record(self.generation, None, "as converted", stamp=False)]
         return [{**h, "current": h["id"] == self.generation} for h in history]
 
     def rollback(self, generation: int) -> None:
@@ -444,9 +444,10 @@ class EditableStore:
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _record(gid: int, parent: int | None, message: str) -> dict:
-    return {"id": gid, "parent": parent, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "message": message}  # fmt: skip
+def _record(gid: int, parent: int | None, message: str, stamp: bool = True) -> dict:
+    """A generation's line in the history (a converted store's generation 0 has no commit time)."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if stamp else ""
+    return {"id": gid, "parent": parent, "time": when, "message": message}
 
 
 def _layout_of(stored: dict[str, torch.Tensor], like: Layout) -> Layout:
