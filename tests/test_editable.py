@@ -188,20 +188,37 @@ def test_generations_rollback_and_gc(store, capsys):
 
 
 def test_reader_keeps_its_generation_during_a_commit(store):
+    import threading
+
     path = store("qwen3_moe")
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     reader = moepager.load(path, expert_memory="30%", prefetch=False)  # reads experts from disk every step
     before = reader.logits(ids)
+    outputs, done = [], threading.Event()
+
+    def read_meanwhile():
+        while not done.is_set():
+            outputs.append(reader.logits(ids))
+
+    thread = threading.Thread(target=read_meanwhile)
+    thread.start()
+    try:
+        with moepager.store.open(path, writable=True) as st:
+            for g in range(3):  # commits while the reader runs on generation 0
+                for layer in st.moe_layers():
+                    for e in range(4):
+                        st.replace(layer, e, random_expert(st.read_expert(layer, e), 10 * g + e))
+                st.commit()
+    finally:
+        done.set()
+        thread.join()
+    after = moepager.load(path).logits(ids)
+    assert not torch.equal(after, before)
+    assert outputs and all(torch.equal(out, before) for out in outputs)
+    assert torch.equal(reader.logits(ids), before)  # the old generation's bytes are untouched
     with moepager.store.open(path, writable=True) as st:
-        for layer in st.moe_layers():
-            for e in range(4):
-                st.replace(layer, e, random_expert(st.read_expert(layer, e), e))
-        st.commit()
-        after = moepager.load(path).logits(ids)
-        assert not torch.equal(after, before)
-        assert torch.equal(reader.logits(ids), before)  # the old generation's bytes are untouched
-        st.gc()
-    assert torch.equal(moepager.load(path).logits(ids), after)
+        st.gc(keep=[0])
+    assert torch.equal(reader.logits(ids), before) and torch.equal(moepager.load(path).logits(ids), after)
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["qwen2_moe", "deepseek_v3"])
