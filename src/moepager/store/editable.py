@@ -141,15 +141,7 @@ class EditableStore:
 
     def _router(self, layer: int) -> dict[str, torch.Tensor]:
         if layer not in self._routers:
-            found: dict[str, torch.Tensor] = {}
-            for name in self.manifest.dense_files:  # a later file replaces an earlier one's tensors
-                infos = read_header(self.path / name)
-                for part in ROUTER_PARTS:
-                    if router_name(layer, part) in infos:
-                        found[part] = read_tensor(infos[router_name(layer, part)]).clone()
-            if "weight" not in found:
-                raise MoepagerError(f"{self.path}: layer {layer} has no router weight in the store")
-            self._routers[layer] = found
+            self._routers[layer] = read_router(self.source, layer)
         return self._routers[layer]
 
     # ---------------------------------------------------------------------------------------- editing
@@ -442,6 +434,20 @@ class EditableStore:
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def read_router(source: StoreSource, layer: int) -> dict[str, torch.Tensor]:
+    """A layer's router tensors in the source's generation (weight [E, D]; bias, e_score_correction_bias [E]
+    where the family has them), read alone from the dense files (a later file's tensors win)."""
+    found: dict[str, torch.Tensor] = {}
+    for name in source.manifest.dense_files:
+        infos = read_header(source.path / name)
+        for part in ROUTER_PARTS:
+            if router_name(layer, part) in infos:
+                found[part] = read_tensor(infos[router_name(layer, part)]).clone()
+    if "weight" not in found:
+        raise MoepagerError(f"{source.path}: layer {layer} has no router weight in the store")
+    return found
 
 
 def _record(gid: int, parent: int | None, message: str, stamp: bool = True) -> dict:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MoepagerError
-from .editable import EditableStore
+from .editable import EditableStore, read_router
+from .store_source import StoreSource
 
 ROUTER_KEYS = {"router": "weight", "router_bias": "bias", "correction_bias": "e_score_correction_bias"}
 
@@ -53,50 +54,62 @@ def _ints(action: str, values: list[str], n: int | None = None) -> list[int]:
     return out
 
 
+def _reader(path: str | Path) -> StoreSource:
+    return StoreSource(path)
+
+
+def _check(src: StoreSource, layer: int, expert: int) -> None:
+    c = src.config
+    if not (0 <= layer < c.num_layers and c.moe_layers[layer] and 0 <= expert < c.num_experts):
+        raise MoepagerError(f"{src.path}: no routed expert {expert} in layer {layer} (E={c.num_experts})")
+
+
 def list_experts(path: str | Path) -> str:
-    with EditableStore(path) as st:
-        lines = [f"{st.path}: generation {st.generation}, {st.config.family}, E={st.num_experts}, "
-                 f"top_k={st.config.top_k}"]  # fmt: skip
-        for layer in st.moe_layers():
-            absent = sorted(st.absent(layer))
+    src = _reader(path)
+    c = src.config
+    lines = [
+        f"{src.path}: generation {src.manifest.generation}, {c.family}, E={c.num_experts}, top_k={c.top_k}"
+    ]
+    for layer in range(c.num_layers):
+        if c.moe_layers[layer]:
+            absent = sorted(c.absent_experts.get(layer, ()))
             gone = f", absent: {', '.join(map(str, absent))}" if absent else ""
-            lines.append(f"layer {layer}: {len(st.experts(layer))} experts{gone}")
+            lines.append(f"layer {layer}: {c.num_experts - len(absent)} experts{gone}")
     return "\n".join(lines)
 
 
 def show_expert(path: str | Path, layer: int, expert: int) -> str:
-    with EditableStore(path) as st:
-        st.check_expert(layer, expert, present=False)
-        entry = st.manifest.experts[(layer, expert)]
-        layout = st.manifest.layouts[entry.layout]
-        state = "absent" if expert in st.absent(layer) else "routed"
-        lines = [f"expert {expert} of layer {layer} ({state}): {entry.file} bytes {entry.offset}.."
-                 f"{entry.offset + entry.nbytes}, crc32 {entry.crc32:08x}, encoding {layout.encoding}"]  # fmt: skip
-        weights = st.read_expert(layer, expert)
-        for t in layout.tensors:
-            w = weights[t.name]
-            norm = f", norm {w.float().norm():.4g}" if w.is_floating_point() else ""
-            lines.append(f"  {t.name}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)}{norm}")
-        for part, r in st.router(layer).items():
-            value = f"norm {r[expert].float().norm():.4g}" if r.dim() == 2 else f"{r[expert].item():.4g}"
-            lines.append(f"  router {part}: {value}")
+    src = _reader(path)
+    _check(src, layer, expert)
+    entry = src.manifest.experts[(layer, expert)]
+    layout = src.manifest.layouts[entry.layout]
+    state = "absent" if expert in src.config.absent_experts.get(layer, ()) else "routed"
+    lines = [f"expert {expert} of layer {layer} ({state}): {entry.file} bytes {entry.offset}.."
+             f"{entry.offset + entry.nbytes}, crc32 {entry.crc32:08x}, encoding {layout.encoding}"]  # fmt: skip
+    weights = src.read_expert(layer, expert)
+    for t in layout.tensors:
+        w = weights[t.name]
+        norm = f", norm {w.float().norm():.4g}" if w.is_floating_point() else ""
+        lines.append(f"  {t.name}: {str(t.dtype).removeprefix('torch.')} {list(t.shape)}{norm}")
+    for part, r in read_router(src, layer).items():
+        value = f"norm {r[expert].float().norm():.4g}" if r.dim() == 2 else f"{r[expert].item():.4g}"
+        lines.append(f"  router {part}: {value}")
     return "\n".join(lines)
 
 
 def export_expert(path: str | Path, layer: int, expert: int, out: str | Path) -> str:
     from safetensors.torch import save_file
 
-    with EditableStore(path) as st:
-        st.check_expert(layer, expert, present=False)
-        tensors = {k: v.contiguous() for k, v in st.read_expert(layer, expert).items()}
-        router = st.router(layer)
-        for key, part in ROUTER_KEYS.items():
-            if part in router:
-                row = router[part][expert]
-                tensors[key] = (row if row.dim() else row[None]).contiguous()
-    save_file(
-        tensors, str(out), metadata={"format": "moepager-expert", "layer": str(layer), "expert": str(expert)}
-    )
+    src = _reader(path)
+    _check(src, layer, expert)
+    tensors = {k: v.contiguous() for k, v in src.read_expert(layer, expert).items()}
+    router = read_router(src, layer)
+    for key, part in ROUTER_KEYS.items():
+        if part in router:
+            row = router[part][expert]
+            tensors[key] = (row if row.dim() else row[None]).contiguous()
+    meta = {"format": "moepager-expert", "layer": str(layer), "expert": str(expert)}
+    save_file(tensors, str(out), metadata=meta)
     return f"wrote {out}"
 
 
