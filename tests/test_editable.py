@@ -252,6 +252,8 @@ def test_expert_commands(store, tmp_path, capsys):
     assert main(["experts", str(path), "list"]) == 0
     text = capsys.readouterr().out
     assert "E=5" in text and "layer 0: 4 experts, absent: 4" in text and "layer 1: 5 experts\n" in text
+    assert main(["export", str(path), str(tmp_path / "hf")]) == 2
+    assert "different numbers of experts (layer 0: 4, layer 1: 5)" in capsys.readouterr().err
     assert main(["experts", str(path), "show", "1", "4"]) == 0
     assert "experts.1.bin" in capsys.readouterr().out
     assert main(["experts", str(path), "remove", "1", "4"]) == 0

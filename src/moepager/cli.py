@@ -251,7 +251,7 @@ def _add_experts(sub) -> None:
     x.set_defaults(func=cmd_experts)
     e = sub.add_parser("export", help="write a store's current generation as a Hugging Face checkpoint")
     e.add_argument("store")
-    e.add_argument("out", help="folder to create (config.json, model.safetensors, tokenizer files)")
+    e.add_argument("out", help="folder to create (config.json, sharded safetensors, tokenizer files)")
     e.add_argument("--force", action="store_true", help="replace OUT if it is a checkpoint moepager wrote")
     e.set_defaults(func=cmd_export)
 

@@ -3,7 +3,8 @@
 Owns the way back from moepager's tensor names to the hub's (checkpoint.NAME_RULES read backwards, with each
 family's expert layout). Absent experts (removed, disabled, padding) are left out and the rest renumbered,
 which transformers can load when every MoE layer keeps the same number of experts. Quantized stores are
-refused: their float weights are gone. Written into a hidden folder beside OUT, fsynced, then renamed.
+refused: their float weights are gone. Sharded: the dense tensors, then one file per MoE layer's experts (so
+memory holds one layer of experts at a time). Written into a hidden folder beside OUT, fsynced, then renamed.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def _expert_tensors(family: str, layer: int, experts: list[dict]) -> dict[str, t
             for e, x in enumerate(experts) for k in ("gate", "up", "down")}  # fmt: skip
 
 
-def export(store: str | Path, out: str | Path, force: bool = False) -> Path:
+def export(store: str | Path, out: str | Path, force: bool = False, progress: bool = True) -> Path:
     """Write the current generation of `store` to the checkpoint folder `out`; return its path."""
     from safetensors.torch import save_file
+    from tqdm import tqdm
 
     src = StoreSource(store)
     m, c = src.manifest, src.config
@@ -88,16 +90,23 @@ def export(store: str | Path, out: str | Path, force: bool = False) -> Path:
         force and (out / "config.json").is_file() and not (out / "manifest.json").exists()
     ):
         raise MoepagerError(f"{out} exists; pass --force to replace a checkpoint folder there")
-    tensors: dict[str, torch.Tensor] = {}
+    dense: dict[str, torch.Tensor] = {}
     for name, t in src.dense_state_dict().items():
         if name == "lm_head.weight" and c.tie_embeddings:
             continue
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
         if ".ffn.router." in name:  # absent experts' rows dropped
             t = t[kept[layer]]
-        tensors[hub_name(name, c.family)] = t.contiguous()
-    for layer, ids in kept.items():
-        tensors.update(_expert_tensors(c.family, layer, [src.read_expert(layer, e) for e in ids]))
+        dense[hub_name(name, c.family)] = t.contiguous()
+    # one shard for the dense tensors, one per MoE layer's experts: memory stays at one layer of experts
+    shards = [lambda: dense] + [
+        (
+            lambda layer=layer, ids=ids: _expert_tensors(
+                c.family, layer, [src.read_expert(layer, e) for e in ids]
+            )
+        )
+        for layer, ids in kept.items()
+    ]
     config = dict(m.config)
     for key in COUNT_KEYS:
         if isinstance(config.get(key), int) and counts:
@@ -106,7 +115,15 @@ def export(store: str | Path, out: str | Path, force: bool = False) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weight_map, total = {}, 0
+        for i, make in enumerate(tqdm(shards, desc="export", unit="shard", disable=not progress)):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = make()
+            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         data = {x.file for x in m.experts.values()} | set(m.dense_files)
         for name in m.files:
