@@ -80,8 +80,12 @@ class EditableStore:
         except BlockingIOError:
             os.close(self._lock)
             raise MoepagerError(f"{self.path}: another process is editing this store; wait for it") from None
-        self._load()
-        self._remove_unreferenced()
+        try:
+            self._load()
+            self._remove_unreferenced()
+        except BaseException:
+            self.close()
+            raise
 
     def _load(self) -> None:
         self.source = StoreSource(self.path)
