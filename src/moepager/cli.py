@@ -401,6 +401,82 @@ def _add_store(sub) -> None:
     v.set_defaults(func=cmd_verify)
 
 
+def cmd_experts(args) -> None:
+    from .store.expert_commands import run
+
+    print(run(args.store, args.action, args.args, args.message or "", args.router, args.keep))
+
+
+def cmd_export(args) -> None:
+    from .store.export import export
+
+    print(f"wrote {export(args.store, args.out, force=args.force)}")
+
+
+def _add_experts(sub) -> None:
+    x = sub.add_parser(
+        "experts", help="list, show, export, import, add, remove experts of a store; generations"
+    )
+    x.add_argument("store", help="a folder written by `moepager convert`")
+    x.add_argument("action", choices=["list", "show", "export", "import", "add", "remove", "disable", "enable",
+                                      "generations", "rollback", "gc"])  # fmt: skip
+    x.add_argument("args", nargs="*", help="show/export/import/remove/disable/enable: LAYER EXPERT [FILE]; "
+                   "add: LAYER FILE; rollback: GENERATION")  # fmt: skip
+    x.add_argument("-m", "--message", help="what the new generation is (default: the edit)")
+    x.add_argument("--router", action="store_true", help="import: set the router row from the file too")
+    x.add_argument("--keep", help="gc: generations to keep besides the current one, e.g. 1,3")
+    x.set_defaults(func=cmd_experts)
+    e = sub.add_parser("export", help="write a store's current generation as a Hugging Face checkpoint")
+    e.add_argument("store")
+    e.add_argument("out", help="folder to create (config.json, sharded safetensors, tokenizer files)")
+    e.add_argument("--force", action="store_true", help="replace OUT if it is a checkpoint moepager wrote")
+    e.set_defaults(func=cmd_export)
+
+
+def cmd_tune(args) -> None:
+    from pathlib import Path
+
+    from .store.format import is_store
+    from .tune import TuneOptions, summary, tune
+
+    model = _model_or_default(args.model)
+    store = model
+    if not is_store(Path(model)):
+        if args.store is None:
+            raise MoepagerError(f"{model} is a checkpoint; give --store OUT: it is converted there and tuned")
+        from .store.convert import convert
+
+        store = str(convert(model, args.store, progress=not args.quiet))
+    experts = _pins(args.experts) if args.experts else None
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    o = TuneOptions(text=args.text, store=store, experts=experts, auto=args.auto, layers=layers, router=args.router,
+                    steps=args.steps, seq_len=args.seq_len, lr=args.lr, expert_memory=args.expert_memory,
+                    save_every=args.save_every, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    print(summary(tune(o), store))
+
+
+def _add_tune(sub) -> None:
+    t = sub.add_parser("tune", help="fine-tune chosen experts of a store on text, the rest frozen and paged")
+    t.add_argument("model", nargs="?", help="a store, or a checkpoint converted to --store first (default: the "
+                   "embedded default model)")  # fmt: skip
+    t.add_argument("--text", required=True, help="training text file")
+    t.add_argument("--store", help="where a checkpoint MODEL is converted to before tuning")
+    t.add_argument("--experts", help="experts to train, as LAYER:EXPERT pairs: 0:3,5:7")
+    t.add_argument("--auto", type=int, help="train the N experts the text routes the most tokens to")
+    t.add_argument("--layers", help="choose only among these layers: 3,4,5")
+    t.add_argument("--router", action="store_true", help="also train the chosen experts' router rows")
+    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--expert-memory", default="25%", help="cache budget for the frozen experts")
+    t.add_argument(
+        "--save-every", type=int, default=0, help="steps between generations (default: at the end)"
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tune)
+
+
 def _pins(text: str | None) -> list[tuple[int, int]]:
     if not text:
         return []
@@ -644,6 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="one JSON list: name, where, family, size, path")
     ls.set_defaults(func=cmd_list)
     _add_chat_plan(sub)
+    _add_experts(sub)
+    _add_tune(sub)
     for parser in [p, *sub.choices.values()]:
         parser.formatter_class = _DefaultsFormatter
     return p

@@ -66,6 +66,9 @@ class ModelConfig:
     swiglu_limit: float = 7.0
     shared_expert_size: int = 0  # intermediate size of the always-on shared expert; 0 = none
     shared_expert_gate: bool = False  # Qwen2-MoE scales the shared expert by sigmoid(gate(x))
+    # per MoE layer, expert ids its router never picks: removed or disabled in an edited store, or padding
+    # where another layer grew (the manifest's absent_experts; empty for any checkpoint)
+    absent_experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_moe_layers(self) -> int:

@@ -310,9 +310,17 @@ def _sparsemixer_pick(scores: torch.Tensor, masked: torch.Tensor, eps: float):
     return torch.softmax(gates, dim=-1).gather(-1, top), top
 
 
-def route(logits: torch.Tensor, config: ModelConfig, correction_bias: torch.Tensor | None = None):
-    """Router logits [N, E] -> (weights [N, K], ids [N, K]) by the family's rule."""
+def route(
+    logits: torch.Tensor,
+    config: ModelConfig,
+    correction_bias: torch.Tensor | None = None,
+    absent: torch.Tensor | None = None,
+):
+    """Router logits [N, E] -> (weights [N, K], ids [N, K]) by the family's rule. absent [E] (bool): experts
+    never picked, as if the layer did not have them (their logit is -inf before any normalization)."""
     k = config.top_k
+    if absent is not None and config.routing != "sigmoid_group":
+        logits = logits.masked_fill(absent, float("-inf"))
     if config.routing == "softmax_topk":  # Mixtral, Qwen-MoE, OLMoE
         probs = torch.softmax(logits.float(), dim=-1)
         w, ids = torch.topk(probs, k, dim=-1)
@@ -325,6 +333,8 @@ def route(logits: torch.Tensor, config: ModelConfig, correction_bias: torch.Tens
     if config.routing == "sigmoid_group":  # DeepSeek-V3: pick groups, then experts; weigh by raw scores
         scores = logits.float().sigmoid()
         choice = scores + correction_bias if correction_bias is not None else scores
+        if absent is not None:  # the weights come from the scores of picked experts only
+            choice = choice.masked_fill(absent, float("-inf"))
         n, e, g = scores.shape[0], config.num_experts, config.n_group
         group_scores = choice.view(n, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
         group_idx = torch.topk(group_scores, config.topk_group, dim=-1, sorted=False)[1]
@@ -345,9 +355,18 @@ def route(logits: torch.Tensor, config: ModelConfig, correction_bias: torch.Tens
 
 
 class Router(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, absent: tuple[int, ...] = ()):
         super().__init__()
         self.config = config
+        if (
+            absent
+        ):  # [E] bool, from the config (not a weight): built on the CPU even when the model is on meta
+            with torch.device("cpu"):
+                mask = torch.zeros(config.num_experts, dtype=torch.bool)
+                mask[list(absent)] = True
+            self.register_buffer("absent", mask, persistent=False)
+        else:
+            self.absent = None
         self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size))
         self.bias = nn.Parameter(torch.zeros(config.num_experts)) if config.router_bias else None
         if config.routing == "sigmoid_group":
@@ -361,7 +380,7 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight, self.bias)
-        return route(logits, self.config, self.e_score_correction_bias)
+        return route(logits, self.config, self.e_score_correction_bias, self.absent)
 
 
 class MoE(nn.Module):
@@ -370,7 +389,7 @@ class MoE(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.router = Router(config)
+        self.router = Router(config, config.absent_experts.get(layer, ()))
         self.shared = (
             MLP(config.hidden_size, config.shared_expert_size) if config.shared_expert_size else None
         )

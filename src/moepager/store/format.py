@@ -12,6 +12,13 @@ share one entry of `layouts`. Encoding "plain" means the tensors are the canonic
 down [D, I] (+ *_bias) of the experts contract; a quantized encoding adds its own tensors (scales, ...) and
 its own decoder, and is the extension point for `--experts-dtype`.
 
+A store edited in place (editable.py) is format_version 2 and keeps generations: each commit appends its new
+bytes in files of its own (experts.N.bin, dense.N.safetensors, never rewritten), writes its whole manifest to
+generations/N.json, then replaces manifest.json (the current generation, plus the list of generations) by an
+atomic rename. Version 2 adds per expert the file it lies in, the dense files in order (a later one's tensors
+replace an earlier one's), and absent experts (removed, disabled or padding: never routed). A converted store
+stays version 1, read as its generation 0.
+
 This module reads and checks manifests; it does not read tensor bytes (store_source.py does).
 """
 
@@ -19,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,8 +35,10 @@ from ..errors import CorruptFile, MoepagerError
 from .reader import ALIGN
 
 MAGIC = "moepager-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this moepager reads; convert writes 1, an edit 2
+EDITED_VERSION = 2
 MANIFEST = "manifest.json"
+GENERATIONS = "generations"  # folder of every kept generation's manifest, N.json
 EXPERTS_FILE = "experts.bin"
 DENSE_FILE = "dense.safetensors"
 TENSOR_ALIGN = 64  # offset of each tensor inside an expert: keeps every dtype's views aligned
@@ -62,6 +71,7 @@ class ExpertEntry:
     nbytes: int  # bytes of tensors, without the padding to the next expert
     layout: str  # key of Manifest.layouts
     crc32: int  # zlib.crc32 of the nbytes bytes
+    file: str = EXPERTS_FILE  # the file of the store it lies in (version 2: each commit adds its own)
 
 
 @dataclass
@@ -72,9 +82,24 @@ class Manifest:
     experts: dict[tuple[int, int], ExpertEntry]
     files: dict[str, dict]  # name -> {"size": bytes, "crc32": int | None}: truncation shows without reading
     source: str = ""  # where it was converted from (informational)
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
+    # version 2 (edited stores)
+    generation: int = 0  # this manifest's generation id
+    dense_files: tuple[str, ...] = (DENSE_FILE,)  # in order: a later file's tensors replace earlier ones
+    absent: dict[int, tuple[int, ...]] = field(default_factory=dict)  # layer -> experts never routed
+    history: list[dict] = field(default_factory=list)  # manifest.json only: {id, parent, time, message}
 
     def to_json(self) -> dict:
+        out = self._v1_json()
+        if self.format_version >= 2:
+            out.update(generation=self.generation, dense_files=list(self.dense_files),
+                       absent_experts={str(k): list(v) for k, v in sorted(self.absent.items()) if v},
+                       generations=self.history)  # fmt: skip
+            for x, (key, entry) in zip(out["experts"], sorted(self.experts.items())):
+                x["file"] = entry.file
+        return out
+
+    def _v1_json(self) -> dict:
         return {
             "magic": MAGIC,
             "format_version": self.format_version,
@@ -104,8 +129,13 @@ def is_store(folder: Path) -> bool:
     return MAGIC.encode() in head
 
 
-def read_manifest(folder: Path) -> Manifest:
-    path = folder / MANIFEST
+def read_manifest(folder: Path, generation: int | None = None) -> Manifest:
+    """The current manifest, or with `generation` the one kept for that generation."""
+    path = folder / MANIFEST if generation is None else generation_path(folder, generation)
+    if generation is not None and not path.is_file():
+        raise MoepagerError(
+            f"{folder}: no generation {generation} (see `moepager experts {folder} generations`)"
+        )
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
@@ -152,7 +182,11 @@ def _parse(raw: dict, path: Path) -> Manifest:
         layouts[str(key)] = Layout(lay["encoding"], tuple(tensors))
     experts = {}
     for x in raw["experts"]:
-        entry = ExpertEntry(int(x["offset"]), int(x["nbytes"]), str(x["layout"]), int(x["crc32"]))
+        entry = ExpertEntry(int(x["offset"]), int(x["nbytes"]), str(x["layout"]), int(x["crc32"]),
+                            str(x.get("file", EXPERTS_FILE)))  # fmt: skip
+        if entry.file not in raw["files"]:
+            raise CorruptFile(f"{path}: expert {x['expert']} of layer {x['layer']} lies in {entry.file!r}, "
+                              f"which the manifest does not list; {RECONVERT}")  # fmt: skip
         layout = layouts[entry.layout]
         if (
             entry.offset % ALIGN
@@ -163,8 +197,21 @@ def _parse(raw: dict, path: Path) -> Manifest:
             )
         experts[(int(x["layer"]), int(x["expert"]))] = entry
     files = {str(k): dict(v) for k, v in raw["files"].items()}
-    return Manifest(raw["config"], str(raw["dtype"]), layouts, experts, files, str(raw.get("source", "")),
-                    raw["format_version"])  # fmt: skip
+    m = Manifest(raw["config"], str(raw["dtype"]), layouts, experts, files, str(raw.get("source", "")),
+                 raw["format_version"])  # fmt: skip
+    if m.format_version >= 2:
+        m.generation = int(raw["generation"])
+        m.dense_files = tuple(str(f) for f in raw["dense_files"])
+        m.absent = {int(k): tuple(int(e) for e in v) for k, v in raw["absent_experts"].items()}
+        m.history = [dict(h) for h in raw.get("generations") or []]
+        missing = [f for f in m.dense_files if f not in files]
+        if missing:
+            raise CorruptFile(f"{path}: dense file {missing[0]!r} is not listed in files; {RECONVERT}")
+    return m
+
+
+def generation_path(folder: Path, generation: int) -> Path:
+    return folder / GENERATIONS / f"{generation}.json"
 
 
 def check_files(folder: Path, manifest: Manifest) -> None:
@@ -180,8 +227,10 @@ def check_files(folder: Path, manifest: Manifest) -> None:
                               f"{RECONVERT}")  # fmt: skip
 
 
-def write_manifest(folder: Path, manifest: Manifest) -> None:
-    path = folder / MANIFEST
+def write_manifest(folder: Path, manifest: Manifest, path: Path | None = None) -> None:
+    """Write the manifest (to manifest.json unless `path` is given) and fsync it. Not atomic on its own: an
+    edit writes to a temporary name and renames (editable.py)."""
+    path = path or folder / MANIFEST
     with open(path, "w") as f:
         json.dump(manifest.to_json(), f, separators=(",", ":"))  # magic lands in the first bytes (is_store)
         f.flush()

@@ -1,7 +1,9 @@
 """StoreSource: the ModelSource of a store written by `moepager convert` (format in format.py).
 
 Owns reading a store: the manifest checked on open (magic, version, file sizes), dense tensors from
-dense.safetensors, and each routed expert with one O_DIRECT read, checksum-verified by default.
+dense.safetensors (and, in an edited store, the later dense files over it), and each routed expert with one
+O_DIRECT read, checksum-verified by default. A source reads one generation, fixed when it is opened: an edit
+committed meanwhile adds files and never changes the ones it reads.
 It does not write stores (convert.py) or cache experts (the expert cache does).
 """
 
@@ -37,12 +39,14 @@ AS_STORED = ("plain", "int8")
 class StoreSource:
     """A converted store. `verify_checksums` checks each expert's crc32 as it is read (~6 GB/s of one core)."""
 
-    def __init__(self, path: str | Path, reader: DirectReader | None = None, verify_checksums: bool = True):
+    def __init__(self, path: str | Path, reader: DirectReader | None = None, verify_checksums: bool = True,
+                 generation: int | None = None):  # fmt: skip
         self.path = Path(path)
-        self.manifest = read_manifest(self.path)
+        self.manifest = read_manifest(self.path, generation)
         check_files(self.path, self.manifest)
         self.raw_config = self.manifest.config
         self.config = config_from_hf(self.raw_config)
+        self.config.absent_experts = dict(self.manifest.absent)
         self.verify_checksums = verify_checksums
         self.experts_file = self.path / EXPERTS_FILE
         largest = max((align_up(x.nbytes) for x in self.manifest.experts.values()), default=0)
@@ -62,15 +66,22 @@ class StoreSource:
                         )
 
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
-        path = self.path / DENSE_FILE
-        infos = sorted(read_header(path).values(), key=lambda i: i.offset)
-        sd = {info.name: read_tensor(info) for info in infos}
-        if self.verify_checksums:
-            self._check_dense(path, infos, sd)
+        sd = {}
+        for name in self.manifest.dense_files:  # a later file's tensors replace an earlier one's
+            sd.update(self.dense_file(name))
         if "embed.weight" not in sd:
             raise CorruptFile(f"{self.path / DENSE_FILE}: no embed.weight; {RECONVERT}")
         if self.config.tie_embeddings or "lm_head.weight" not in sd:
             sd["lm_head.weight"] = sd["embed.weight"]
+        return sd
+
+    def dense_file(self, name: str = DENSE_FILE) -> dict[str, torch.Tensor]:
+        """The tensors of one dense file of the store, its checksum verified if asked."""
+        path = self.path / name
+        infos = sorted(read_header(path).values(), key=lambda i: i.offset)
+        sd = {info.name: read_tensor(info) for info in infos}
+        if self.verify_checksums:
+            self._check_dense(path, infos, sd)
         return sd
 
     def _check_dense(self, path: Path, infos: list, sd: dict[str, torch.Tensor]) -> None:
@@ -82,7 +93,7 @@ class StoreSource:
                 raise CorruptFile(f"{path}: tensor data is not contiguous at {info.name!r}; {RECONVERT}")
             crc = zlib.crc32(sd[info.name].contiguous().view(-1).view(torch.uint8).numpy(), crc)
             first += info.nbytes
-        if crc != self.manifest.files[DENSE_FILE]["crc32"]:
+        if crc != self.manifest.files[path.name]["crc32"]:
             raise CorruptFile(f"{path}: checksum mismatch; the store is damaged: {RECONVERT}")
 
     def expert_keys(self) -> list[tuple[int, int]]:
@@ -98,7 +109,7 @@ class StoreSource:
     def read_raw(self, layer: int, expert: int) -> memoryview:
         """The expert's bytes as stored (checksum-verified if asked), valid until this thread's next read."""
         entry = self.manifest.experts[(layer, expert)]
-        view = self.reader.read(self.experts_file, entry.offset, align_up(entry.nbytes))[: entry.nbytes]
+        view = self.reader.read(self.path / entry.file, entry.offset, align_up(entry.nbytes))[: entry.nbytes]
         if self.verify_checksums:
             self.check(layer, expert, view)
         return view
@@ -110,7 +121,7 @@ class StoreSource:
     def _mismatch(self, layer: int, expert: int) -> CorruptFile:
         entry = self.manifest.experts[(layer, expert)]
         return CorruptFile(
-            f"{self.experts_file}: checksum mismatch for expert {expert} of layer {layer} (bytes "
+            f"{self.path / entry.file}: checksum mismatch for expert {expert} of layer {layer} (bytes "
             f"{entry.offset}..{entry.offset + entry.nbytes}); the store is damaged: {RECONVERT}"
         )
 
@@ -156,7 +167,7 @@ class StoreSource:
         entries = [self.manifest.experts[k] for k in keys]
         crcs = [0] * len(keys)
         for i, pos, view in self.reader.read_pieces(
-            [(self.experts_file, x.offset, x.nbytes) for x in entries]
+            [(self.path / x.file, x.offset, x.nbytes) for x in entries]
         ):
             if self.verify_checksums:
                 crcs[i] = zlib.crc32(view, crcs[i])

@@ -1,5 +1,8 @@
 """`moepager verify`: check a store's checksums and, given its source checkpoint, every tensor bit for bit.
 
+An edited store's checksums are checked for every kept generation (bytes that generations share, once);
+the comparison with a source is of the current generation.
+
 Owns the checks and the report (a list of problems, empty when the store is good); the CLI prints it.
 """
 
@@ -21,6 +24,7 @@ class Report:
     experts_compared: int = 0
     dense_compared: int = 0
     converted: bool = False  # the store holds experts in another dtype: compared after the same conversion
+    generations: int = 1  # generations whose checksums were checked
     bytes_read: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -98,11 +102,53 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
                 )
             report.experts_compared += 1
     report.bytes_read = st.reader.stats()["bytes_read"] + (src.reader.stats()["bytes_read"] if src else 0)
+    _verify_older_generations(st, report, progress)
     return report
 
 
+def _verify_older_generations(current: StoreSource, report: Report, progress: bool) -> None:
+    """Checksums of the kept generations other than the current one: experts and dense files not already
+    checked (a generation mostly shares its bytes with the one before it)."""
+    from tqdm import tqdm
+
+    from ..errors import MoepagerError
+
+    seen = {(x.file, x.offset) for x in current.manifest.experts.values()}
+    dense_seen = set(current.manifest.dense_files)
+    for h in current.manifest.history:
+        if h["id"] == current.manifest.generation:
+            continue
+        try:
+            st = StoreSource(current.path, verify_checksums=True, generation=h["id"])
+        except MoepagerError as e:
+            report.problems.append(f"generation {h['id']}: {e}")
+            continue
+        report.generations += 1
+        for name in st.manifest.dense_files:
+            if name not in dense_seen:
+                dense_seen.add(name)
+                try:
+                    st.dense_file(name)
+                except CorruptFile as e:
+                    report.problems.append(f"generation {h['id']}: {e}")
+        keys = [k for k, x in st.manifest.experts.items() if (x.file, x.offset) not in seen]
+        for layer, e in tqdm(keys, desc=f"verify generation {h['id']}", unit="expert", disable=not progress):
+            x = st.manifest.experts[(layer, e)]
+            seen.add((x.file, x.offset))
+            try:
+                st.read_raw(layer, e)
+            except CorruptFile as err:
+                report.problems.append(f"generation {h['id']}: {err}")
+                continue
+            report.experts_checked += 1
+        report.bytes_read += st.reader.stats()["bytes_read"]
+
+
 def format_report(r: Report) -> str:
-    lines = [f"{r.store}: {r.experts_checked} experts with a good checksum, {len(r.problems)} problem(s)"]
+    gens = f" over {r.generations} generations" if r.generations > 1 else ""
+    lines = [
+        f"{r.store}: {r.experts_checked} experts with a good checksum{gens}, {len(r.problems)} problem(s)"
+    ]
     if r.experts_compared or r.dense_compared:
         how = " (the source converted to the store's dtypes first)" if r.converted else ""
         lines.append(
