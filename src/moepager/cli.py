@@ -424,7 +424,7 @@ def _add_experts(sub) -> None:
                    "add: LAYER FILE; rollback: GENERATION")  # fmt: skip
     x.add_argument("-m", "--message", help="what the new generation is (default: the edit)")
     x.add_argument("--router", action="store_true", help="import: set the router row from the file too")
-    x.add_argument("--keep", help="gc: generations to keep besides the current one, e.g. 1,3")
+    x.add_argument("--keep", help="gc: generations to keep besides the current one, e.g. 1,3 (default: none)")
     x.set_defaults(func=cmd_experts)
     e = sub.add_parser("export", help="write a store's current generation as a Hugging Face checkpoint")
     e.add_argument("store")
@@ -460,10 +460,19 @@ def _add_tune(sub) -> None:
     t.add_argument("model", nargs="?", help="a store, or a checkpoint converted to --store first (default: the "
                    "embedded default model)")  # fmt: skip
     t.add_argument("--text", required=True, help="training text file")
-    t.add_argument("--store", help="where a checkpoint MODEL is converted to before tuning")
-    t.add_argument("--experts", help="experts to train, as LAYER:EXPERT pairs: 0:3,5:7")
-    t.add_argument("--auto", type=int, help="train the N experts the text routes the most tokens to")
-    t.add_argument("--layers", help="choose only among these layers: 3,4,5")
+    t.add_argument(
+        "--store",
+        help="where a checkpoint MODEL is converted to before tuning (default: none; needed for a checkpoint)",
+    )
+    t.add_argument(
+        "--experts", help="experts to train, as LAYER:EXPERT pairs: 0:3,5:7 (default: none; or --auto)"
+    )
+    t.add_argument(
+        "--auto",
+        type=int,
+        help="train the N experts the text routes the most tokens to (default: none; or --experts)",
+    )
+    t.add_argument("--layers", help="choose only among these layers: 3,4,5 (default: every MoE layer)")
     t.add_argument("--router", action="store_true", help="also train the chosen experts' router rows")
     t.add_argument("--steps", type=int, default=100)
     t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
