@@ -474,14 +474,14 @@ def _add_tune(sub) -> None:
     )
     t.add_argument("--layers", help="choose only among these layers: 3,4,5 (default: every MoE layer)")
     t.add_argument("--router", action="store_true", help="also train the chosen experts' router rows")
-    t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
     t.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     t.add_argument("--expert-memory", default="25%", help="cache budget for the frozen experts")
     t.add_argument(
         "--save-every", type=int, default=0, help="steps between generations (default: at the end)"
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the training windows' order")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tune)
 
