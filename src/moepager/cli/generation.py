@@ -1,0 +1,143 @@
+"""`run`, `chat` and `plan`: the commands that load a model and generate, or predict how fast it would."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import MoepagerError
+from .model_options import (
+    add_model_options,
+    check_before_load,
+    generation_context,
+    load_engine,
+    model_or_default,
+    sampling_options,
+    save_paging_outputs,
+)
+
+
+def prompt_ids(engine, args) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise MoepagerError(
+                f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}"
+            ) from None
+        bad = [i for i in ids if not 0 <= i < engine.config.vocab_size]
+        if bad:
+            raise MoepagerError(
+                f"--prompt-ids: {bad[0]} is outside the vocabulary (0..{engine.config.vocab_size - 1})"
+            )
+        return ids
+    if args.prompt is None:
+        raise MoepagerError("give --prompt TEXT or --prompt-ids 1,2,3")
+    if engine.tokenizer is None:
+        raise MoepagerError(
+            f"{engine.path} has no tokenizer.json; use --prompt-ids 1,2,3 instead of --prompt"
+        )
+    if engine.tokenizer.chat_template and not args.raw:
+        return engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    return engine.tokenizer.encode(args.prompt)
+
+
+def cmd_run(args) -> None:
+    from ..generate import check_sampling
+    from ..summary import DecodeReads, summary_line
+    from ..tokenizer import StreamingDetokenizer, check_utf8
+
+    check_before_load(args)
+    if args.prompt is not None:
+        check_utf8(args.prompt, "--prompt")
+    engine = load_engine(args)
+    ids = prompt_ids(engine, args)
+    check_sampling(
+        args.max_tokens, prompt_tokens=len(ids), context=generation_context(engine, args), cli=True
+    )
+    detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
+    out_ids, text = [], []
+    if args.session:  # resumes the file if it exists (reusing the shared prefix), saves it at the end
+        tokens = engine.stream_session(args.session, ids, args.max_tokens, **sampling_options(args))
+    else:
+        tokens = engine.stream(ids, args.max_tokens, **sampling_options(args))
+    reads = DecodeReads(engine)
+    for tid in reads.count(tokens):
+        out_ids.append(tid)
+        piece = detok.add(tid) if detok else f"{tid} "
+        text.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+    save_paging_outputs(engine, args)
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": out_ids, "stats": engine.stats()}))
+    else:
+        print(flush=True)  # the text's line ends before the summary's begins
+    print(summary_line(engine.stats(), reads), file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    from ..chat import Conversation
+    from ..chat import main as chat_main
+
+    check_before_load(args)
+    engine = load_engine(args)
+    conversation = Conversation(
+        engine, args.max_tokens, sampling_options(args), generation_context(engine, args), args.system
+    )
+    chat_main(conversation)
+    save_paging_outputs(engine, args)
+
+
+def cmd_plan(args) -> None:
+    from ..engine import parse_device
+    from ..plan import format_plan, plan
+
+    parse_device(args.device)
+    if args.max_context is not None and args.max_context < 1:
+        raise MoepagerError(f"--max-context {args.max_context}: give a positive number of tokens")
+    if not args.seconds > 0:
+        raise MoepagerError(f"--seconds {args.seconds}: give a positive time to measure for")
+    model = model_or_default(args.model)
+    print(format_plan(plan(model, args.memory, args.max_context, device=args.device, dtype=args.dtype,
+                           seconds=args.seconds, model_arg=args.model)))  # fmt: skip
+
+
+def add_chat_plan(sub) -> None:
+    c = sub.add_parser("chat", help="talk with a model: streaming replies, history, the chat template; "
+                       "/reset, /stats, /exit (stdin may be piped: one user turn per line)")  # fmt: skip
+    c.add_argument("model", nargs="?", help="as for run (default: the embedded default model)")
+    c.add_argument("--system", help="a system message opening the conversation (default: none)")
+    add_model_options(c)
+    c.set_defaults(func=cmd_chat)
+    p = sub.add_parser("plan", help="before loading the experts: the memory a budget leaves them, measured disk "
+                       "and compute speed, the decode speed to expect, and the flags to pass")  # fmt: skip
+    p.add_argument("model", nargs="?", help="as for run (default: the embedded default model)")
+    p.add_argument("--memory", required=True, help="the whole process's memory budget, e.g. 8GiB")
+    p.add_argument("--max-context", type=int, help="tokens of context to plan the KV cache for "
+                   "(default: 4096, or the most that fits)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--seconds", type=float, default=1.0, help="time spent measuring the disk, and the compute"
+    )
+    p.set_defaults(func=cmd_plan)
+
+
+def add_run(sub) -> None:
+    r = sub.add_parser("run", help="generate text from a prompt, streaming it to the terminal")
+    r.add_argument("model", nargs="?", help="checkpoint folder, store, GGUF file, ollama model name (qwen3:30b-a3b) "
+                   "or a hub id in the local Hugging Face cache (see `moepager list`; default: the embedded default "
+                   "model)")  # fmt: skip
+    r.add_argument(
+        "--prompt", help="prompt text (the chat template is applied when the model has one; default: none)"
+    )
+    r.add_argument(
+        "--prompt-ids", help="comma-separated token ids, for models without a tokenizer (default: none)"
+    )
+    r.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    r.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")
+    r.add_argument("--session", help="session file: resumed if it exists (the prompt is the whole conversation; "
+                   "its saved prefix is not recomputed), saved after generating (default: none)")  # fmt: skip
+    add_model_options(r)
+    r.set_defaults(func=cmd_run)
