@@ -87,6 +87,12 @@ def test_written_gguf_runs_like_its_checkpoint(tmp_path, capsys, family, kind):
     gguf = tmp_path / "model.gguf"
     write_gguf(folder, gguf, vocab=vocab)
     check_same_run(folder, gguf, capsys, chat=kind == "smollm2")
+    # bench's prompt: the same English text through the GGUF's vocabulary as through the folder's
+    from moepager.bench import make_prompt
+
+    n_vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    (a, how), (b, _) = make_prompt(gguf, n_vocab, 16), make_prompt(folder, n_vocab, 16)
+    assert a == b and how.startswith("English text")
 
 
 def converter() -> Path:

@@ -147,20 +147,22 @@ PROMPT_TEXT = (
 )
 
 
-def make_prompt(folder: Path | None, vocab_size: int, n: int, seed: int = 0) -> tuple[list[int], str]:
-    """`n` ids of real English text through the tokenizer in `folder` (real routing), else seeded random ids.
-
-    A GGUF carries its vocabulary in a form moepager does not read yet: give it a folder (--tokenizer)."""
+def make_prompt(path: Path | None, vocab_size: int, n: int, seed: int = 0) -> tuple[list[int], str]:
+    """`n` ids of real English text through the tokenizer of `path` (real routing): a folder's tokenizer.json
+    or a GGUF's own vocabulary; else seeded random ids."""
+    from ..store.source import open_source, source_tokenizer
     from ..tokenizer import Tokenizer
 
-    tok = Tokenizer.from_folder(folder) if folder is not None else None
+    tok = None
+    if path is not None:
+        tok = source_tokenizer(open_source(path)) if is_gguf(path) else Tokenizer.from_folder(path)
     if tok is not None:
         ids = tok.encode(PROMPT_TEXT * (1 + n // 40))[:n]
         if ids and max(ids) >= vocab_size:
-            raise MoepagerError(f"{folder}/tokenizer.json gives id {max(ids)}, past the model's vocabulary "
+            raise MoepagerError(f"the tokenizer of {path} gives id {max(ids)}, past the model's vocabulary "
                                 f"({vocab_size}): not this model's tokenizer")  # fmt: skip
         if len(ids) == n:
-            return ids, f"English text (benchmarks' PROMPT_TEXT) through {folder}/tokenizer.json"
+            return ids, f"English text (benchmarks' PROMPT_TEXT) through the tokenizer of {path}"
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (n,), generator=gen).tolist()
     return (
@@ -231,8 +233,9 @@ def main(opts: BenchOptions) -> dict:
         _log(f"no memory cgroup ({why_no_cgroup}): runs are not capped; peak memory = RSS + fincore")
     overhead = parse_size(opts.overhead)
     files = [Path(f) for f in info["files"]]
-    folder = Path(opts.tokenizer) if opts.tokenizer else (None if is_gguf(path) else path)
-    prompt, prompt_source = make_prompt(folder, info["vocab_size"], opts.prompt_tokens, opts.seed)
+    prompt, prompt_source = make_prompt(
+        Path(opts.tokenizer) if opts.tokenizer else path, info["vocab_size"], opts.prompt_tokens, opts.seed
+    )
 
     peers = list(opts.peers)
     skip_forever: dict[str, str] = {}  # engine -> why it cannot run here (the same in every round)

@@ -35,7 +35,8 @@ def prompt_ids(engine, args) -> list[int]:
         raise MoepagerError("give --prompt TEXT or --prompt-ids 1,2,3")
     if engine.tokenizer is None:
         raise MoepagerError(
-            f"{engine.path} has no tokenizer.json; use --prompt-ids 1,2,3 instead of --prompt"
+            f"{engine.path} has no tokenizer (no tokenizer.json beside it, or a GGUF without tokenizer.ggml.tokens); "
+            "use --prompt-ids 1,2,3 instead of --prompt"
         )
     if engine.tokenizer.chat_template and not args.raw:
         return engine.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
