@@ -201,6 +201,29 @@ def test_queued_guesses_are_cancelled_or_read_on_demand():
     assert not c.res.in_use  # every hold was given back
 
 
+def test_a_guess_cancelled_and_made_again_is_read_by_its_newer_batch_only():
+    """A queued guess cancelled by its layer's step gives its slot to a miss; guessed again, it gets another
+    slot in a newer batch. The older batch, starting late, must not read it into the slot it had (now the
+    miss's): that overwrote an expert in use and left the guess's new slot unread."""
+    import threading
+
+    from moepager.paging.cache import PREFETCH_THREADS
+
+    c = _cache(8, policy="lru")
+    gate = threading.Event()
+    blockers = [c.prefetch_pool.submit(gate.wait) for _ in range(PREFETCH_THREADS)]  # no batch starts yet
+    assert c.prefetch(1, [2]) == 1
+    held = c.acquire(1, [5])  # the guess was wrong: cancelled, its slot free again, taken by 5
+    c.release_held(1, held)
+    assert c.prefetch(1, [2]) == 1  # guessed again: another slot, a newer batch
+    gate.set()
+    for f in blockers + list(c.loading.values()):
+        f.result()
+    for layer, e in [(1, 5), (1, 2)]:
+        assert c.views[c.res.slot[(layer, e)]]["gate"][0, 0].item() == 100 * layer + e
+    assert not c.res.in_use
+
+
 class _RecordingCache:
     """What RouterPrefetcher sees of a cache: its capacity and prefetch(), here only recorded."""
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from edited_models import load_reference, read_layers, write_layers
-from tiny_models import VOCAB
+from tiny_models import VOCAB, assert_like_reference
 
 import moepager
 import moepager.store
@@ -51,17 +51,9 @@ def random_expert(like: dict, seed: int) -> dict:
 
 def assert_matches(path, ref_path):
     ref = load_reference(ref_path)
-    engine = moepager.load(path)
-    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = ref(ids).logits
-    assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
-    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 7:].tolist()
-    assert engine.generate(prompt[0], max_new_tokens=16, stop_ids=[]) == want
+    assert_like_reference(moepager.load(path), ref)
     paged = moepager.load(path, expert_memory="30%", prefetch=False)  # re-read from the store as needed
-    assert (paged.logits(ids) - expected).abs().max().item() < 1e-4
+    assert_like_reference(paged, ref)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import assert_like_reference
 
 import moepager
 from moepager.cli import main
@@ -55,14 +55,7 @@ def test_store_matches_transformers(stores, family):
     path, ref = stores(family)
     engine = moepager.load(path)
     assert isinstance(open_source(path), StoreSource)
-    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = ref(ids).logits
-    assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
-    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = ref.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 7:].tolist()
-    assert engine.generate(prompt[0], max_new_tokens=32, stop_ids=[]) == want
+    assert_like_reference(engine, ref, new_tokens=32)
 
 
 def test_every_expert_is_aligned_and_one_read(stores):

@@ -82,3 +82,15 @@ def copy_with_tokenizer(src: Path, out: Path, chat_template: str | None = None) 
         cfg["chat_template"] = chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(cfg))
     return out
+
+
+def assert_like_reference(engine, ref, new_tokens: int = 16) -> None:
+    """The engine's logits within 1e-4 of the transformers model `ref`, and its greedy tokens identical."""
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    assert engine.generate(prompt[0], max_new_tokens=new_tokens, stop_ids=[]) == want[0, 7:].tolist()

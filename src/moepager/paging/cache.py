@@ -251,7 +251,9 @@ class ExpertCache:
         self.loading: dict[
             Key, Future
         ] = {}  # key -> its read in flight (_DONE: read by the step that wants it)
-        self.queued: dict[Key, Future] = {}  # guesses whose prefetch batch has not started
+        self.queued: dict[
+            Key, object
+        ] = {}  # guesses whose prefetch batch has not started -> that batch's ticket
         self.prefetched: set[Key] = set()  # arrived by prefetch, not used since
         self.uses: dict[Key, int] = {}  # layer steps that used each expert (for hot sets)
         self.layer_stats: dict[int, CacheStats] = {}
@@ -479,14 +481,20 @@ class ExpertCache:
                 self.res.hold(key)
                 self.res.unranked[key] = None
             for batch in _split(claimed, PREFETCH_BATCHES):
-                future = self.prefetch_pool.submit(self._prefetch, batch)
+                ticket = object()
+                future = self.prefetch_pool.submit(self._prefetch, batch, ticket)
                 for key, _ in batch:
-                    self.loading[key] = self.queued[key] = future
+                    self.loading[key], self.queued[key] = future, ticket
         return len(claimed)
 
-    def _prefetch(self, batch: list[tuple[Key, int]]) -> None:
-        with self.lock:  # the keys a layer step took over or cancelled meanwhile are not read here
-            batch = [(key, slot) for key, slot in batch if self.queued.pop(key, None) is not None]
+    def _prefetch(self, batch: list[tuple[Key, int]], ticket: object) -> None:
+        # the keys a layer step took over or cancelled meanwhile are not read here; nor are those cancelled and
+        # guessed again since: a newer batch owns them now, with another slot (this batch's slot may belong to
+        # another expert already)
+        with self.lock:
+            batch = [(key, slot) for key, slot in batch if self.queued.get(key) is ticket]
+            for key, _ in batch:
+                del self.queued[key]
         self._fill(batch, True)
 
     # -------------------------------------------------------------------------------- explicit residency
