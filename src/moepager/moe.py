@@ -358,9 +358,8 @@ class Router(nn.Module):
     def __init__(self, config: ModelConfig, absent: tuple[int, ...] = ()):
         super().__init__()
         self.config = config
-        if (
-            absent
-        ):  # [E] bool, from the config (not a weight): built on the CPU even when the model is on meta
+        if absent:
+            # [E] bool, from the config (not a weight): built on the CPU even when the model is on meta
             with torch.device("cpu"):
                 mask = torch.zeros(config.num_experts, dtype=torch.bool)
                 mask[list(absent)] = True
