@@ -168,8 +168,15 @@ def test_generations_rollback_and_gc(store, capsys):
     assert report.ok and report.generations == 3
     assert main(["experts", str(path), "rollback", "2"]) == 0
     assert torch.equal(moepager.load(path).logits(ids), logits[2])
+    old = moepager.store.open(path, generation=0).manifest.experts[(0, 1)]  # in experts.bin, replaced since
+    blocks = (path / "experts.bin").stat().st_blocks
     assert main(["experts", str(path), "gc"]) == 0
     assert "dropped generations 0, 1" in capsys.readouterr().out
+    # its bytes in experts.bin, which generation 2 still reads, are freed: the range reads as zeros
+    assert (path / "experts.bin").stat().st_blocks < blocks
+    with open(path / "experts.bin", "rb") as f:
+        f.seek(old.offset)
+        assert f.read(old.nbytes) == bytes(old.nbytes)
     assert not (path / "experts.1.bin").exists() and (path / "experts.2.bin").exists()
     assert sorted(p.name for p in (path / "generations").iterdir()) == ["2.json"]
     assert (path / "experts.bin").exists()  # still holds generation 2's untouched experts

@@ -400,13 +400,20 @@ class EditableStore:
         dropped = [h["id"] for h in history if h["id"] not in keep_ids]
         if not dropped or not self.manifest.history:
             return [], 0
+        try:  # read before the dropped ones go: their experts' bytes are freed where no kept one uses them
+            dead = _dead_experts(
+                [read_manifest(self.path, g) for g in dropped],
+                [read_manifest(self.path, g) for g in keep_ids],
+            )
+        except MoepagerError:  # a damaged generation: free no expert bytes (verify reports it)
+            dead = []
         current = self.manifest
         current.history = [
             {k: v for k, v in h.items() if k != "current"} for h in history if h["id"] in keep_ids
         ]
         _atomic_manifest(self.path, current, self.path / MANIFEST)
         self._load()
-        return dropped, self._remove_unreferenced()
+        return dropped, self._remove_unreferenced() + _punch_experts(self.path, dead)
 
     def _check_clean(self, what: str) -> None:
         if self.dirty:
@@ -513,3 +520,31 @@ def open_store(path: str | Path, writable: bool = False, **options) -> EditableS
             raise TypeError(f"options for a writable store: none, got {', '.join(options)}")
         return EditableStore(path)
     return StoreSource(path, **options)
+
+
+def _dead_experts(dropped: list, kept: list) -> list[tuple[str, int, int]]:
+    """(file, offset, bytes) of the experts only dropped generations use: replaced or removed since. Each
+    starts at an ALIGN boundary and the next expert no earlier than its aligned end, so that range is its own."""
+    live = {(x.file, x.offset) for m in kept for x in m.experts.values()}
+    dead = {(x.file, x.offset, align_up(x.nbytes)) for m in dropped for x in m.experts.values()}
+    return sorted(d for d in dead if d[:2] not in live)
+
+
+def _punch_experts(folder: Path, ranges: list[tuple[str, int, int]]) -> int:
+    """Free the disk blocks of dead experts in files kept generations still read (the file keeps its size and
+    the range reads as zeros) -> bytes freed. After the commit point: a crash here only leaves bytes unfreed."""
+    from .local_tier import punch_hole
+
+    freed = 0
+    for name, offset, nbytes in ranges:
+        path = folder / name
+        if not path.is_file():  # the whole file went with its generations
+            continue
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            if punch_hole(fd, offset, nbytes):
+                freed += nbytes
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return freed

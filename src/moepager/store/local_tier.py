@@ -266,13 +266,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
-def punch_hole(fd: int, offset: int, nbytes: int) -> None:
-    """Free a byte range of a file (it reads as zeros after). Filesystems without holes keep the bytes: the
-    journal has already forgotten them, so this only costs disk there."""
+def punch_hole(fd: int, offset: int, nbytes: int) -> bool:
+    """Free a byte range of a file (it reads as zeros after) -> whether it was freed. Filesystems without
+    holes keep the bytes: the journal has already forgotten them, so this only costs disk there."""
     if nbytes and _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, nbytes) != 0:
         err = ctypes.get_errno()
         if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
             raise OSError(err, os.strerror(err))
+        return False
+    return True
 
 
 def _lock_exclusively(path: Path):
