@@ -6,6 +6,7 @@ import zlib
 
 import pytest
 import torch
+from serve_process import serve_process
 from tiny_models import COMMON, write_word_tokenizer
 
 import moepager
@@ -266,32 +267,12 @@ def test_hf_token_is_sent(model, hub, tmp_path, capsys, monkeypatch):
 def test_serve_remote_answers_like_the_local_model(model, hub, tmp_path):
     """`moepager serve ORG/NAME --remote` as a user starts it (loopback, a free port, stopped by its pid):
     experts are fetched as requests route to them, and the answer is the local model's."""
-    import socket
-    import subprocess
-    import sys
-    import time
     import urllib.request
 
     path, _ = model
     local = moepager.load(path)
     ids = local.generate(torch.tensor([1, 2, 3]), max_new_tokens=5, stop_ids=[])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = tmp_path / "store"
-    cmd = [sys.executable, "-m", "moepager", "serve", REPO, "--remote", "--local-store", str(store),
-           "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+    with serve_process(REPO, "--remote", "--local-store", str(tmp_path / "store")) as base:
         body = {"model": REPO, "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0}
         req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")  # fmt: skip
@@ -300,6 +281,3 @@ def test_serve_remote_answers_like_the_local_model(model, hub, tmp_path):
         assert out["choices"][0]["text"] == local.tokenizer.decode(ids) and len(ids) == 5
         assert out["choices"][0]["text"].strip()
         assert 0 < hub.bytes_sent < sum(f.stat().st_size for f in path.iterdir())  # not the whole model
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -7,8 +7,6 @@ Greedy output over HTTP is compared with `moepager run`, and the batched decode 
 import contextlib
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -17,6 +15,7 @@ import urllib.request
 import openai
 import pytest
 import torch
+from serve_process import serve_process
 from tiny_models import FAMILIES, VOCAB, copy_with_tokenizer
 
 import moepager
@@ -406,17 +405,8 @@ def test_metrics_are_prometheus_text(server, client):
 @pytest.mark.slow
 def test_serve_command(model_dir):
     """`moepager serve` as a user starts it: loopback, a free port, stopped by the test."""
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    cmd = [
-        sys.executable,
-        "-m",
-        "moepager",
-        "serve",
+    args = [
         str(model_dir),
-        "--port",
-        str(port),
         "--model-name",
         MODEL,
         "--expert-memory",
@@ -426,27 +416,13 @@ def test_serve_command(model_dir):
         "--kv-memory",
         "64KiB",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+    with serve_process(*args, timeout=60) as base:
         code, out = _post(
             base, "/v1/completions", {"model": MODEL, "prompt": "w1", "max_tokens": 3}, key=None
         )
         assert code == 200 and out["usage"]["completion_tokens"] == 3
         with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
             assert "moepager_expert_read_bytes_total" in r.read().decode()  # paged, as asked for
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def test_serve_without_model_uses_the_default(monkeypatch, tiny):
