@@ -52,7 +52,7 @@ class Conversation:
         interrupted answer joins as far as it got)."""
         messages = self.messages + [{"role": "user", "content": check_utf8(text, "the message")}]
         ids = self.engine.tokenizer.encode_chat(messages)
-        check_sampling(self.max_tokens, prompt_tokens=len(ids), context=self.context, cli=True, **{
+        check_sampling(self.max_tokens, prompt_tokens=len(ids), context=self.context, **{
             k: v for k, v in self.sampling.items() if k != "seed"})  # fmt: skip
         reuse = 0
         if self.cache is None:

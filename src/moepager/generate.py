@@ -26,13 +26,11 @@ class SamplingParams:
 
 
 def check_sampling(max_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                   prompt_tokens: int | None = None, context: int | None = None, cli: bool = False) -> None:  # fmt: skip
-    """Refuse sampling parameters that cannot be honoured, with a message naming the value and what to do.
-
-    One place for every front end: cli=True names the values as command-line flags (--max-tokens), else as
-    request fields (max_tokens). context: positions the model can hold; the prompt and the new tokens must fit.
-    """
-    name = (lambda n: "--" + n.replace("_", "-")) if cli else (lambda n: n)
+                   prompt_tokens: int | None = None, context: int | None = None) -> None:  # fmt: skip
+    """Refuse sampling parameters that cannot be honoured, with a message naming the flag (--max-tokens) and
+    what to do. context: positions the model can hold; the prompt and the new tokens must fit. (The server
+    refuses request fields through its request schemas, with HTTP errors naming the field.)"""
+    name = lambda n: "--" + n.replace("_", "-")  # noqa: E731
     number = lambda x, kind=(int, float): isinstance(x, kind) and not isinstance(x, bool)  # noqa: E731
     if max_tokens is not None and not (number(max_tokens, int) and max_tokens >= 1):
         raise MoepagerError(f"{name('max_tokens')} {max_tokens!r}: give at least 1 token to generate")

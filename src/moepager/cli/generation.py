@@ -53,9 +53,7 @@ def cmd_run(args) -> None:
         check_utf8(args.prompt, "--prompt")
     engine = load_engine(args)
     ids = prompt_ids(engine, args)
-    check_sampling(
-        args.max_tokens, prompt_tokens=len(ids), context=generation_context(engine, args), cli=True
-    )
+    check_sampling(args.max_tokens, prompt_tokens=len(ids), context=generation_context(engine, args))
     detok = StreamingDetokenizer(engine.tokenizer) if engine.tokenizer else None
     out_ids, text = [], []
     if args.session:  # resumes the file if it exists (reusing the shared prefix), saves it at the end

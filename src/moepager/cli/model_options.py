@@ -23,7 +23,7 @@ def check_before_load(args) -> None:
     from ..generate import check_sampling
 
     parse_device(args.device)
-    check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k, cli=True)
+    check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k)
     for flag, value in (("--max-context", args.max_context), ("--prefill-chunk", args.prefill_chunk)):
         if value is not None and value < 1:
             raise MoepagerError(f"{flag} {value}: give a positive number of tokens")
