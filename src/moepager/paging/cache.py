@@ -248,12 +248,10 @@ class ExpertCache:
         self.lock = threading.Lock()
         self.res = Residency(capacity, make_policy(policy))
         self.policy = self.res.policy
-        self.loading: dict[
-            Key, Future
-        ] = {}  # key -> its read in flight (_DONE: read by the step that wants it)
-        self.queued: dict[
-            Key, object
-        ] = {}  # guesses whose prefetch batch has not started -> that batch's ticket
+        # key -> its read in flight (_DONE: read by the step that wants it)
+        self.loading: dict[Key, Future] = {}
+        # guesses whose prefetch batch has not started -> that batch's ticket
+        self.queued: dict[Key, object] = {}
         self.prefetched: set[Key] = set()  # arrived by prefetch, not used since
         self.uses: dict[Key, int] = {}  # layer steps that used each expert (for hot sets)
         self.layer_stats: dict[int, CacheStats] = {}

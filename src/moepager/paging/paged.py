@@ -103,15 +103,18 @@ MIN_FITTED_CONTEXT = 256  # below this a fitted context is no use: the limit is 
 DEFAULT_CONTEXT = 4096
 
 
-def context_bytes(config: ModelConfig, itemsize: int) -> int:
-    """Bytes each token of planned context costs: its K/V in every layer (buffers grow by doubling, so up to
-    twice that) and the activations a prefill chunk of that length may hold."""
-    c = config
+def _kv_bytes_per_token(c: ModelConfig, itemsize: int) -> int:
+    """K/V of one position in every layer, twice over: the buffers grow by doubling."""
     if c.attention == "mla":
         per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
     else:
         per_token = 2 * c.num_kv_heads * c.head_dim
-    return 2 * per_token * itemsize * c.num_layers + 16 * c.hidden_size * 4
+    return 2 * per_token * itemsize * c.num_layers
+
+
+def _activation_bytes_per_token(c: ModelConfig) -> int:
+    """fp32 activations a prefill chunk holds per token."""
+    return 16 * c.hidden_size * 4
 
 
 def dense_footprint(model, config: ModelConfig, device: torch.device, max_context: int) -> dict:
@@ -124,10 +127,10 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
         process = torch.cuda.memory_allocated(device)
     else:
         process = psutil.Process().memory_info().rss
-    itemsize = model.norm.weight.dtype.itemsize
-    per_token = context_bytes(config, itemsize)
-    buffers = BUFFERS_FIXED + 16 * config.hidden_size * 4 * max_context
-    kv = (per_token - 16 * config.hidden_size * 4) * max_context
+    kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize)
+    per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs
+    kv = kv_per_token * max_context
+    buffers = BUFFERS_FIXED + _activation_bytes_per_token(config) * max_context
     return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers,
             "context": max_context, "context_bytes_per_token": per_token}  # fmt: skip
 

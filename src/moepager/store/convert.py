@@ -77,7 +77,7 @@ def convert(
         }
         files.update({name: {"size": (tmp / name).stat().st_size, "crc32": None} for name in copied})
         write_manifest(tmp, Manifest(src.raw_config, dtype, layouts, experts, files, source=str(src.path)))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -264,7 +264,7 @@ def _flush_and_evict(f) -> None:
     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -279,6 +279,6 @@ def _replace(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     os.rename(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

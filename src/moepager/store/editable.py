@@ -30,7 +30,7 @@ import torch
 
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
-from .convert import _ExpertsFile, _fsync_dir, layout_of
+from .convert import _ExpertsFile, fsync_dir, layout_of
 from .encoding import convert_expert, expert_from_tensors, expert_tensors
 from .format import (
     EDITED_VERSION,
@@ -440,7 +440,7 @@ class EditableStore:
             if stale and p.is_file():
                 freed += p.stat().st_size
                 p.unlink()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         return freed
 
 
@@ -509,7 +509,7 @@ def _atomic_manifest(folder: Path, manifest: Manifest, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     write_manifest(folder, manifest, tmp)
     os.rename(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def open_store(path: str | Path, writable: bool = False, **options) -> EditableStore | StoreSource:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from .convert import _fsync_dir
+from .convert import fsync_dir
 from .editable import COUNT_KEYS
 from .store_source import StoreSource
 
@@ -132,11 +132,11 @@ def export(store: str | Path, out: str | Path, force: bool = False, progress: bo
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -30,8 +30,9 @@ import torch
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
 from .checkpoint import Checkpoint
+from .convert import fsync_dir
 from .hub_ranges import HubRanges
-from .local_tier import JOURNAL, MAGIC, STATE_DIR, LocalMirror, Piece, crc_of, fsync_dir, write_atomic
+from .local_tier import JOURNAL, MAGIC, STATE_DIR, LocalMirror, Piece, crc_of, write_atomic
 from .reader import DirectReader
 
 # config and tokenizer files, fetched whole
