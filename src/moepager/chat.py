@@ -52,8 +52,8 @@ class Conversation:
         interrupted answer joins as far as it got)."""
         messages = self.messages + [{"role": "user", "content": check_utf8(text, "the message")}]
         ids = self.engine.tokenizer.encode_chat(messages)
-        check_sampling(self.max_tokens, prompt_tokens=len(ids), context=self.context, **{
-            k: v for k, v in self.sampling.items() if k != "seed"})  # fmt: skip
+        # the sampling values were checked before the model loaded; each turn only has to fit the context
+        check_sampling(self.max_tokens, prompt_tokens=len(ids), context=self.context)
         reuse = 0
         if self.cache is None:
             self.cache = self.engine.new_cache()
