@@ -2,7 +2,8 @@
 (the decoder itself has only nn.Linear and nn.Embedding).
 
 - GGUF blocks: a quantized model's attention, shared experts, embedding and output stay in their file's
-  compact form instead of being expanded to floats (a Q4 model would take 8x its size).
+  compact form instead of being expanded to floats (a Q4 model would take 8x its size), and are computed by
+  llama.cpp's own kernels (kernels/ggml.py), as llama.cpp computes them.
   `swap_compact(model, {weight name: (qtype, blocks, (rows, cols))})` replaces each named module's weight by
   its blocks, a buffer `blocks` that load_state_dict then assigns like any tensor.
 - fp32 on the CPU: `swap_matvec(model)` has every linear layer compute a single token (decode) with the
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import gguf, matvec
+from .kernels import ggml, matvec
 
 
 class BlockLinear(nn.Module):
@@ -26,12 +27,9 @@ class BlockLinear(nn.Module):
         self.qtype, self.out_features, self.in_features = qtype, rows, cols
         self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
-        self._prepared: gguf.Prepared | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._prepared is None or self._prepared.raw is not self.blocks:  # loaded or moved since
-            self._prepared = gguf.Prepared(self.qtype, self.blocks)
-        y = self._prepared.linear(x.reshape(-1, self.in_features).float())  # [N, R] fp32
+        y = ggml.mul_mat(self.qtype, self.blocks, x.reshape(-1, self.in_features))  # [N, R] fp32
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -45,7 +43,7 @@ class BlockEmbedding(nn.Module):
         self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = gguf.dequantize(self.qtype, self.blocks[ids.flatten().cpu()])  # [n, D] float32
+        rows = ggml.dequantize(self.qtype, self.blocks[ids.flatten().cpu()])  # [n, D] float32
         return rows.to(device=ids.device, dtype=self.dtype).view(*ids.shape, self.dim)
 
 

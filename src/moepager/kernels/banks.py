@@ -8,8 +8,9 @@ Formats, each kept in the form it is computed from (a quantized bank never holds
 - "float": W [S, R, C] in the compute dtype. CPU float32 decode runs the numba gathered kernel (matvec.py).
 - "int8" / "int4": our stores' weight-only codes with bf16 scales, computed by torch's CPU kernels
   (intquant.py), one call per distinct slot.
-- "gguf": llama.cpp blocks [S, R, row bytes] as they lie in the file (kernels/gguf.py), read as one layer's
-  type (a cache's slots are sized for the largest layer, so the view may skip bytes between slots).
+- "gguf": llama.cpp blocks [S, R, row bytes] as they lie in the file, read as one layer's type (a cache's
+  slots are sized for the largest layer, so the view may skip bytes between slots), computed by llama.cpp's
+  own kernels (kernels/ggml.py): one mul_mat_id call per product, activations quantized as llama.cpp does.
 
 Letters: S slots, R rows (outputs), C columns (inputs), N tokens, K experts per token, G int4 groups.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import gguf, matvec
+from . import ggml, matvec
 from .intquant import QuantizedWeight
 
 
@@ -87,14 +88,16 @@ class QuantBank(MatrixBank):
 
 
 class GgufBank(MatrixBank):
-    """llama.cpp quantized blocks, bytes [S, R, row bytes], computed on the blocks themselves."""
+    """llama.cpp quantized blocks, bytes [S, R, row bytes], computed on the blocks themselves. Both products
+    go through ggml's mul_mat_id, so a (token, slot) pair gives the same bits decoded or grouped."""
 
     def __init__(self, qtype: int, raw: torch.Tensor):
         self.qtype, self.raw = qtype, raw
         self.rows = raw.shape[1]
 
     def apply(self, x, slot):
-        return gguf.linear(self.qtype, self.raw[slot], x.float()).to(x.dtype)
+        ids = torch.full((x.shape[0], 1), slot, dtype=torch.int32)
+        return ggml.mul_mat_id(self.qtype, self.raw, x, ids)[:, 0].to(x.dtype)
 
     def gather_mv(self, x, slots):
-        return gguf.gather_matvec(self.qtype, self.raw, x.float(), slots).to(x.dtype)
+        return ggml.mul_mat_id(self.qtype, self.raw, x, slots).to(x.dtype)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MoepagerError
-from ..kernels.gguf import dequantize
+from ..kernels.ggml import dequantize
 from ..kernels.intquant import native_int4_layout, pack_int4, quantize, unpack_int4
 from .source import expert_formats
 

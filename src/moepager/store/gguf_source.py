@@ -6,8 +6,8 @@ one routed expert as three byte ranges of the stacked `ffn_{gate,up,down}_exps` 
 outermost, so each expert's matrix is one contiguous range; GPT-OSS adds three bias ranges), through the
 O_DIRECT reader. DeepSeek-V3 files (`deepseek2`) get MLA's kv_b_proj put back from llama.cpp's k_b/v_b split.
 
-Compact (the default): matrices in a block format the kernels compute from (kernels/gguf.py: Q4_0, Q8_0,
-Q4_K, Q5_K, Q6_K) stay as their blocks, uint8 [rows, row bytes]: experts (`expert_formats` says which and
+Compact (the default): matrices in a block format the kernels compute from (kernels/ggml.py: llama.cpp's
+quantized types) stay as their blocks, uint8 [rows, row bytes]: experts (`expert_formats` says which and
 how, per layer: a Q4_K_M file mixes types across layers) and the dense matrices of attention, shared
 experts, embeddings and output (`compact_dense`). Other types, and everything when compact=False, are
 dequantized exactly as gguf.quants does (F32/F16/BF16 keep their dtype).
@@ -25,7 +25,7 @@ import torch
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..gguf_tokenizer import gguf_tokenizer, read_metadata
-from ..kernels.gguf import SUPPORTED
+from ..kernels.ggml import SUPPORTED
 from ..moe import ExpertWeights
 from ..tokenizer import Tokenizer
 from .reader import CHUNK, DirectReader, copy_piece

@@ -1,0 +1,281 @@
+"""llama.cpp's own CPU kernels (ggml, from the libggml-python wheel), called through ctypes.
+
+Owns the products of GGUF block-quantized weights, computed exactly as llama.cpp computes them: the
+activations are quantized once per call to the weight type's dot-product partner (Q8_0 for Q4_0..Q8_0,
+Q8_K for the K-quants), and integer dot products run in ggml's SIMD kernels. Three calls:
+- `mul_mat_id(qtype, bank, x, ids)`: a MoE layer's routed experts in one call (ggml's mul_mat_id), over a
+  bank uint8 [S, R, row bytes] (slots may lie further apart than a matrix: a cache sizes slots for the
+  largest layer) for the (token, slot) pairs ids [N, K]; decode and prefill alike (ggml groups the tokens
+  of each expert itself);
+- `mul_mat(qtype, w, x)`: a dense matrix (attention, shared experts, output head);
+- `dequantize(qtype, raw)`: ggml's own to_float, for embedding rows and checks.
+Each product is a ggml graph of one node over tensors whose data pointers are the torch tensors' own memory
+(nothing is copied or repacked). Graphs are cached per shape, so a decode step patches three pointers and
+calls ggml_graph_compute. It does not own which slots a layer uses (the experts primitive) or where the
+bytes come from (the store).
+
+Letters: S slots, R rows (outputs), C columns (inputs), N tokens, K matrices per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+Q = GGMLQuantizationType
+F32, I32 = 0, 26  # ggml_type values of the activations and the ids
+# the block types moepager computes compact (llama.cpp's "quantized" types a GGUF holds for its matrices)
+SUPPORTED: frozenset[int] = frozenset(
+    {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4}
+)
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_MAX_THREADS = 512  # GGML_MAX_N_THREADS, the size of the thread pool's cpu mask
+# struct ggml_tensor (ggml.h, ggml 0.20): type, buffer, ne[4], nb[4], op, op_params[16], flags, src[10],
+# view_src, view_offs, then data. Checked against ggml_get_data when the library loads.
+_NB_OFFSET = 48
+_DATA_OFFSET = 248
+_CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of a few decode batch sizes
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", _P), ("no_alloc", ctypes.c_bool)]
+
+
+class _CPlan(ctypes.Structure):
+    _fields_ = [
+        ("work_size", ctypes.c_size_t),
+        ("work_data", _P),
+        ("n_threads", ctypes.c_int),
+        ("threadpool", _P),
+        ("abort_callback", _P),
+        ("abort_callback_data", _P),
+        ("use_ref", ctypes.c_bool),
+    ]
+
+
+class _PoolParams(ctypes.Structure):
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * _MAX_THREADS),
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+class _ToFloat(ctypes.Structure):  # struct ggml_type_traits's leading fields
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", _I64),
+        ("blck_size_interleave", _I64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.CFUNCTYPE(None, _P, _P, _I64)),
+    ]
+
+
+def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
+    for lib, name, res, args in [
+        (base, "ggml_init", _P, [_InitParams]),
+        (base, "ggml_free", None, [_P]),
+        (base, "ggml_new_tensor_3d", _P, [_P, ctypes.c_int, _I64, _I64, _I64]),
+        (base, "ggml_new_tensor_2d", _P, [_P, ctypes.c_int, _I64, _I64]),
+        (base, "ggml_mul_mat", _P, [_P, _P, _P]),
+        (base, "ggml_mul_mat_id", _P, [_P, _P, _P, _P]),
+        (base, "ggml_new_graph_custom", _P, [_P, ctypes.c_size_t, ctypes.c_bool]),
+        (base, "ggml_build_forward_expand", None, [_P, _P]),
+        (base, "ggml_get_data", _P, [_P]),
+        (base, "ggml_tensor_overhead", ctypes.c_size_t, []),
+        (base, "ggml_graph_overhead_custom", ctypes.c_size_t, [ctypes.c_size_t, ctypes.c_bool]),
+        (base, "ggml_get_type_traits", ctypes.POINTER(_ToFloat), [ctypes.c_int]),
+        (base, "ggml_threadpool_params_default", _PoolParams, [ctypes.c_int]),
+        (cpu, "ggml_cpu_init", None, []),
+        (cpu, "ggml_graph_plan", _CPlan, [_P, ctypes.c_int, _P]),
+        (cpu, "ggml_graph_compute", ctypes.c_int, [_P, ctypes.POINTER(_CPlan)]),
+        (cpu, "ggml_threadpool_new", _P, [ctypes.POINTER(_PoolParams)]),
+    ]:
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+class _Ggml:
+    """The two libraries, loaded once, and one thread pool per thread count (threads sleep between calls:
+    torch's own pool runs the ops in between)."""
+
+    def __init__(self):
+        import libggml  # the prebuilt libraries ship in this wheel; imported only when a GGUF is computed
+
+        where = os.path.join(os.path.dirname(libggml.__file__), "lib64")
+        self.base = ctypes.CDLL(os.path.join(where, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        self.cpu = ctypes.CDLL(os.path.join(where, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        _signatures(self.base, self.cpu)
+        self.cpu.ggml_cpu_init()
+        self.pools: dict[int, int] = {}
+        self.lock = threading.Lock()  # one graph computes at a time: graphs and pools are shared
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        ctx = self.base.ggml_init(_InitParams(self.base.ggml_tensor_overhead() * 2, None, True))
+        try:
+            t = self.base.ggml_new_tensor_2d(ctx, F32, 32, 3)
+            _set_data(t, 0x1000)
+            nb = (ctypes.c_size_t * 2).from_address(t + _NB_OFFSET)
+            if self.base.ggml_get_data(t) != 0x1000 or tuple(nb) != (4, 128):
+                raise RuntimeError("libggml's struct ggml_tensor is not the layout moepager was written for")
+        finally:
+            self.base.ggml_free(ctx)
+
+    def pool(self, threads: int) -> int:
+        if threads not in self.pools:
+            params = self.base.ggml_threadpool_params_default(threads)
+            params.poll = 0  # no spinning between calls: the cores go back to torch
+            self.pools[threads] = self.cpu.ggml_threadpool_new(ctypes.byref(params))
+        return self.pools[threads]
+
+
+_lib: _Ggml | None = None
+_lib_lock = threading.Lock()
+
+
+def _ggml() -> _Ggml:
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _Ggml()
+    return _lib
+
+
+def _set_data(tensor: int, ptr: int) -> None:
+    ctypes.c_void_p.from_address(tensor + _DATA_OFFSET).value = ptr
+
+
+class _Graph:
+    """One product as a ggml graph: its tensors' data pointers are patched at each call."""
+
+    def __init__(self, build, threads: int):
+        g = _ggml()
+        self.g, self.threads = g, threads
+        size = g.base.ggml_tensor_overhead() * 8 + g.base.ggml_graph_overhead_custom(8, False)
+        self.ctx = g.base.ggml_init(_InitParams(size, None, True))
+        self.inputs, self.out = build(g.base, self.ctx)
+        self.graph = g.base.ggml_new_graph_custom(self.ctx, 8, False)
+        g.base.ggml_build_forward_expand(self.graph, self.out)
+        self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads))
+        self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
+        self.plan.work_data = self.work.data_ptr()
+
+    def __call__(self, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        for t, x in zip(self.inputs, inputs):
+            _set_data(t, x.data_ptr())
+        _set_data(self.out, out.data_ptr())
+        with self.g.lock:
+            status = self.g.cpu.ggml_graph_compute(self.graph, ctypes.byref(self.plan))
+        if status != 0:
+            raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        return out
+
+    def __del__(self):
+        if getattr(self, "ctx", None):
+            self.g.base.ggml_free(self.ctx)
+
+
+_graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+
+
+def _graph(key: tuple, build) -> _Graph:
+    threads = torch.get_num_threads()
+    key = (*key, threads)
+    graph = _graphs.get(key)
+    if graph is None:
+        graph = _graphs[key] = _Graph(build, threads)
+        if len(_graphs) > _CACHED_GRAPHS:
+            _graphs.popitem(last=False)
+    else:
+        _graphs.move_to_end(key)
+    return graph
+
+
+def _weights(base, ctx, qtype: int, w: torch.Tensor) -> int:
+    """A ggml tensor over w uint8 [S, R, row bytes] (any stride between slots), ne = [C, R, S]."""
+    s, r, rb = w.shape
+    qk, bb = GGML_QUANT_SIZES[Q(qtype)]
+    t = base.ggml_new_tensor_3d(ctx, qtype, rb // bb * qk, r, s)
+    (ctypes.c_size_t * 3).from_address(t + _NB_OFFSET + 8)[:] = [rb, w.stride(0), w.stride(0) * s]
+    _set_data(t, w.data_ptr())
+    return t
+
+
+def _check(qtype: int, w: torch.Tensor, x: torch.Tensor) -> None:
+    if qtype not in SUPPORTED:
+        name = Q(qtype).name if qtype in Q._value2member_map_ else qtype
+        names = ", ".join(Q(t).name for t in sorted(SUPPORTED))
+        raise ValueError(f"GGUF quantization type {name} has no moepager kernel (supported: {names})")
+    if w.dtype != torch.uint8 or w.device.type != "cpu" or w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
+        raise ValueError(f"GGUF weights must be uint8 rows on the CPU, not {w.dtype} {list(w.shape)}")
+    qk, bb = GGML_QUANT_SIZES[Q(qtype)]
+    if w.shape[-1] % bb or x.shape[-1] != w.shape[-1] // bb * qk:
+        raise ValueError(f"{Q(qtype).name} rows of {w.shape[-1]} bytes do not take inputs {list(x.shape)}")
+
+
+def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """bank uint8 [S, R, row bytes], x float32 [N, C] or [N, K, C], ids [N, K] -> float32 [N, K, R]:
+    out[n, k] = bank[ids[n, k]] @ x[n] (or x[n, k]), as llama.cpp computes it."""
+    _check(qtype, bank, x)
+    n, k = ids.shape
+    s, r, _ = bank.shape
+    x = x.detach().float().contiguous()
+    used = 1 if x.dim() == 2 else k  # inputs per token: shared by its K experts, or one each
+    if x.shape[:-1] not in ((n,), (n, k)):
+        raise ValueError(f"inputs {list(x.shape)}: not [N, C] or [N, K, C] for ids {list(ids.shape)}")
+    ids32 = ids.to(torch.int32).contiguous()
+    if n and (int(ids32.min()) < 0 or int(ids32.max()) >= s):
+        raise IndexError(f"mul_mat_id: a slot is outside the bank of {s}")
+    c = x.shape[-1]
+
+    def build(base, ctx):
+        a = _weights(base, ctx, qtype, bank)
+        b = base.ggml_new_tensor_3d(ctx, F32, c, used, n)
+        i = base.ggml_new_tensor_2d(ctx, I32, k, n)
+        return (a, b, i), base.ggml_mul_mat_id(ctx, a, b, i)
+
+    key = ("id", qtype, bank.data_ptr(), bank.shape, bank.stride(0), n, k, used)
+    out = torch.empty(n, k, r, dtype=torch.float32)
+    return _graph(key, build)(out, bank, x, ids32)
+
+
+def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w uint8 [R, row bytes], x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it."""
+    _check(qtype, w, x)
+    x = x.detach().float().contiguous()
+    n, c = x.shape
+
+    def build(base, ctx):
+        a = _weights(base, ctx, qtype, w[None])
+        b = base.ggml_new_tensor_2d(ctx, F32, c, n)
+        return (a, b), base.ggml_mul_mat(ctx, a, b)
+
+    key = ("mm", qtype, w.data_ptr(), w.shape, n)
+    return _graph(key, build)(torch.empty(n, w.shape[0], dtype=torch.float32), w, x)
+
+
+def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:
+    """raw uint8 [..., R, row bytes] -> float32 [..., R, C], by ggml's own to_float."""
+    if qtype not in SUPPORTED:
+        raise ValueError(f"GGUF quantization type {qtype} has no moepager kernel")
+    qk, bb = GGML_QUANT_SIZES[Q(qtype)]
+    if raw.dtype != torch.uint8 or raw.shape[-1] % bb:
+        raise ValueError(f"{Q(qtype).name} rows must be uint8 [..., k * {bb} bytes], not {list(raw.shape)}")
+    raw = raw.contiguous()
+    out = torch.empty(*raw.shape[:-1], raw.shape[-1] // bb * qk, dtype=torch.float32)
+    if out.numel():
+        _ggml().base.ggml_get_type_traits(qtype).contents.to_float(
+            raw.data_ptr(), out.data_ptr(), out.numel()
+        )
+    return out
