@@ -1,49 +1,70 @@
-"""Greedy next-token agreement between moepager and llama.cpp on the same GGUF file (teacher-forced over a
-text, so every position counts, not just the few a greedy loop visits before it repeats itself), and the
-largest logit difference between moepager's compact blocks and the file dequantized to fp32 (its exact
-reference). Usage:
+"""Teacher-forced agreement between moepager and llama.cpp on the same GGUF file: over the tokens of a text,
+each position's next-token argmax and logits from both engines (so every position counts, not just the few a
+greedy loop visits before it repeats itself). llama.cpp runs in its own process (llama-cpp-python ships its own
+libggml under the same soname as the libggml-python wheel moepager computes with, so the two cannot share a
+process), with an f32 KV cache (its default f16 cache alone moves logits by ~0.08). Usage:
 
-    python benchmarks/gguf_agreement.py MODEL.gguf --tokenizer FOLDER [--tokens 256]
+    python benchmarks/gguf_agreement.py MODEL.gguf [MODEL.gguf ...] [--tokens 256] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import moepager
 from moepager.data import __file__ as data_init
-from moepager.store.gguf_source import GgufSource
-from moepager.tokenizer import Tokenizer
+
+LLAMA_CPP = """
+import json, sys
+import numpy as np
+import llama_cpp
+model, ids_file, out, threads = sys.argv[1:5]
+ids = json.load(open(ids_file))
+llm = llama_cpp.Llama(model_path=model, n_ctx=len(ids) + 8, logits_all=True, type_k=0, type_v=0,
+                      n_threads=int(threads), n_threads_batch=int(threads), verbose=False)
+llm.eval(ids)
+np.save(out, np.array(llm.scores[: len(ids)], dtype=np.float32))
+"""
+
+
+def llama_cpp_logits(model: str, ids: list[int], threads: int) -> torch.Tensor:
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "logits.npy"
+        ids_file.write_text(json.dumps(ids))
+        subprocess.run(
+            [sys.executable, "-c", LLAMA_CPP, model, str(ids_file), str(out), str(threads)], check=True
+        )
+        return torch.from_numpy(np.load(out))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("model")
-    p.add_argument(
-        "--tokenizer", required=True, help="folder with the tokenizer.json of the model's vocabulary"
-    )
+    p.add_argument("models", nargs="+")
     p.add_argument("--tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    from pathlib import Path
-
-    import llama_cpp
-
     text = (Path(data_init).parent / "eval_gpl3.txt").read_text()
-    ids = Tokenizer(Path(args.tokenizer)).encode(text)[: args.tokens]
-    compact = moepager.load(args.model).logits([ids])[0]  # [T, V]
-    exact = moepager.load(GgufSource(args.model, compact=False)).logits([ids])[0]
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=len(ids) + 8, logits_all=True, verbose=False)
-    llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))  # [T, V]
-    agree = (compact.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    agree_exact = (compact.argmax(-1) == exact.argmax(-1)).float().mean().item()
-    print(f"{args.model}: {len(ids)} positions of eval_gpl3.txt")
-    print(f"  greedy agreement with llama.cpp: {agree:.3f}")
-    print(f"  greedy agreement with the dequantized fp32 model: {agree_exact:.3f}, "
-          f"max |logit difference| {(compact - exact).abs().max().item():.2e}")  # fmt: skip
+    print("| file | positions | argmax agreement with llama.cpp | max abs logit difference | logit scale |")
+    print("| --- | --- | --- | --- | --- |")
+    for model in args.models:
+        torch.set_num_threads(args.threads)
+        engine = moepager.load(model)
+        ids = engine.tokenizer.encode(text)[: args.tokens]
+        ours = engine.logits([ids])[0]  # [T, V]
+        del engine
+        theirs = llama_cpp_logits(model, ids, args.threads)
+        agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+        diff = (ours - theirs).abs().max().item()
+        print(f"| {Path(model).name} | {len(ids)} | {agree:.3f} | {diff:.2e} | {theirs.abs().max().item():.2f} |",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

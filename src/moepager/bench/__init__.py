@@ -30,8 +30,7 @@ from ..synth import parse_size
 from . import report
 from .isolate import cgroup_unavailable_reason, drop_page_cache, run_isolated
 from .limits import disk_bandwidth, machine
-
-PEERS = ("accelerate", "naive", "llamacpp")
+from .report import PEERS
 
 
 @dataclass

@@ -11,7 +11,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-PEERS = ("accelerate", "naive", "llamacpp")  # columns of the ratio table, in this order
+# columns of the ratio table, in this order; llamacpp-* are llama.cpp's other settings (bench/worker.py)
+PEERS = ("accelerate", "naive", "llamacpp", "llamacpp-norepack", "llamacpp-lazy")
+LLAMACPP = ("llamacpp", "llamacpp-norepack", "llamacpp-lazy")
 METRICS = {  # name -> how to read it from a run record
     "decode_tokens_per_s": lambda r: r.get("decode_tokens_per_s"),
     "prefill_tokens_per_s": lambda r: r.get("prefill_tokens_per_s"),
@@ -96,6 +98,13 @@ def summarize(runs: list[dict], bandwidth: list[float], expert_nbytes: float | N
                 )
                 if p["decode_tokens_per_s"]["median"] > 1 / floor:
                     limits[budget].setdefault("beaten_by", []).append(peer)
+        # llama.cpp at its best setting for this budget (repacked, plain mmap or lazy expert loading)
+        tried = [(rows[(budget, p)]["decode_tokens_per_s"]["median"], p) for p in LLAMACPP
+                 if (budget, p) in rows and rows[(budget, p)]["decode_tokens_per_s"]]  # fmt: skip
+        if len(tried) > 1:
+            best, which = max(tried)
+            ratios[budget]["moepager_over_llamacpp-best"] = mp["decode_tokens_per_s"]["median"] / best
+            ratios[budget]["llamacpp_best_setting"] = which
     return {"rows": list(rows.values()), "bandwidth": bw, "compute_s_per_token": compute, "limits": limits,
             "ratios": ratios}  # fmt: skip
 
@@ -153,14 +162,19 @@ def markdown(record: dict) -> str:
             f"{_fmt(row['disk_bytes_per_token'], mi, 0)} | {_fmt(row['wait_fraction'], pct=True)} | "
             f"{_fmt(row['peak_memory_bytes'], gib)} | {_fmt(row['failcnt'], digits=0)} |")  # fmt: skip
     if s["limits"]:
-        peers = [p for p in PEERS if any(f"moepager_over_{p}" in r for r in s["ratios"].values())]
+        peers = [
+            p
+            for p in (*PEERS, "llamacpp-best")
+            if any(f"moepager_over_{p}" in r for r in s["ratios"].values())
+        ]
         lines += ["", "| budget | bound | floor ms/token | limit tok/s | moepager / limit |"
                   + "".join(f" moepager / {p} |" for p in peers), "|" + " --- |" * (5 + len(peers))]  # fmt: skip
         for budget, lim in s["limits"].items():
             r = s["ratios"][budget]
             vs = "".join(
-                f" {r[k]:.2f}x |" if k in r else " - |" for k in (f"moepager_over_{p}" for p in peers)
-            )
+                f" {r[k]:.2f}x{' (' + r['llamacpp_best_setting'] + ')' if k.endswith('-best') else ''} |"
+                if k in r else " - |" for k in (f"moepager_over_{p}" for p in peers)
+            )  # fmt: skip
             lines.append(f"| {budget} | {lim['bound']} | {lim['floor_s_per_token'] * 1e3:.0f} | "
                          f"{lim['limit_tokens_per_s']:.2f} | {lim['efficiency']:.2f} |{vs}")  # fmt: skip
         beaten = {b: lim["beaten_by"] for b, lim in s["limits"].items() if lim.get("beaten_by")}
@@ -184,7 +198,8 @@ def plot(record: dict, path: Path) -> None:
     x = range(len(budgets))
     fig, ax = plt.subplots(figsize=(10, 4.6), dpi=120)
     styles = {"moepager": ("C0", "o", 2.4), "accelerate": ("C3", "s", 1.6), "naive": ("C2", "^", 1.6),
-              "llamacpp": ("C4", "D", 1.6)}  # fmt: skip
+              "llamacpp": ("C4", "D", 1.6), "llamacpp-norepack": ("C5", "v", 1.2),
+              "llamacpp-lazy": ("C6", "P", 1.2)}  # fmt: skip
     for engine, (color, marker, lw) in styles.items():
         pts = [(i, next((r for r in s["rows"] if r["budget"] == b and r["engine"] == engine), None))
                for i, b in enumerate(budgets)]  # fmt: skip

