@@ -3,6 +3,7 @@ refused with one line, exit 2 and nothing written."""
 
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -51,8 +52,10 @@ def test_run_prints_a_summary_line_on_stderr(model_with_tokenizer, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err.strip().splitlines()[-1]
     for field in ("decode", "prefill", "tok/s", "hit rate", "prefetch hits", "MiB read per decoded token",
-                  "peak memory"):  # fmt: skip
+                  "peak memory", "before weights", "after the first token"):  # fmt: skip
         assert field in err, err
+    floor = re.search(r"runtime ([\d.]+) MiB before weights, ([\d.]+) MiB after the first token", err)
+    assert floor and 0 < float(floor[1]) <= float(floor[2]), err
     assert main(["run", str(model_with_tokenizer), "--prompt-ids", "1,2", "--max-tokens", "3", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["token_ids"] and "experts all resident" in err  # --json too, stdout stays JSON

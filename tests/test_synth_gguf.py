@@ -64,3 +64,22 @@ def test_bad_shape_or_quant_is_refused_before_writing(tmp_path, capsys):
                  "--quant", "Q3_K_S"]) == 2  # fmt: skip
     assert "--quant 'Q3_K_S'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_run_on_a_gguf_imports_only_what_it_needs(small_shape, tmp_path):
+    """The runtime floor: `run` on a GGUF loads no server, grammar, metrics, Ray or numba modules."""
+    import subprocess
+    import sys
+
+    path = synth_gguf.synth_gguf(tmp_path / "m.gguf", "small", "Q4_0", progress_bar=False)
+    code = (
+        "import sys\nfrom moepager.cli import main\n"
+        f"main(['run', {str(path)!r}, '--prompt-ids', '1,2,3', '--max-tokens', '2'])\n"
+        "print(sorted(m for m in ('fastapi', 'uvicorn', 'llguidance', 'prometheus_client', 'ray', 'numba',"
+        " 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    assert "before weights" in out.stderr

@@ -6,6 +6,7 @@ experts contract. Runtime choices arrive here as arguments; the model config nev
 
 from __future__ import annotations
 
+import os
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,10 @@ class Engine:
         )
         self._identity: str | None = None
         self.source = None  # the ModelSource the weights came from (set by load)
+        # the runtime floor: resident bytes of the process before any weight was loaded (set by load), and
+        # once the first token was computed (kernels' libraries, thread pools and caches set up)
+        self.rss_before_weights: int | None = None
+        self.rss_after_first_token: int | None = None
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -74,8 +79,11 @@ class Engine:
         if prompt.numel() == 0:
             raise MoepagerError("the prompt is empty")
         cache = cache if cache is not None else self.new_cache()
-        yield from generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings,
-                                 self.kv.prefill_chunk)  # fmt: skip
+        for tid in generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings,
+                                 self.kv.prefill_chunk):  # fmt: skip
+            if self.rss_after_first_token is None:
+                self.rss_after_first_token = current_rss()
+            yield tid
         if hasattr(cache, "stats"):
             self.kv_stats = cache.stats()
 
@@ -140,6 +148,8 @@ class Engine:
     def stats(self) -> dict:
         out = self.timings.as_dict()
         out["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out["rss_before_weights_bytes"] = self.rss_before_weights
+        out["rss_after_first_token_bytes"] = self.rss_after_first_token
         if torch.cuda.is_available() and self.device.type == "cuda":
             out["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if hasattr(self.experts, "stats"):
@@ -204,6 +214,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     """
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
+    rss_before_weights = current_rss()
     dev = parse_device(device)
     # GGUF blocks are computed by CPU kernels; on CUDA they are dequantized to the compute dtype as read
     ckpt = model if hasattr(model, "expert_keys") else open_source(model, compact=dev.type == "cpu")
@@ -257,5 +268,15 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
     engine = Engine(net, experts, source_tokenizer(ckpt), ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
+    engine.rss_before_weights = rss_before_weights
     engine.source = model if hasattr(model, "expert_keys") else ckpt
     return engine
+
+
+def current_rss() -> int:
+    """Resident bytes of this process now (/proc/self/statm: cheap enough to read once per generation)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0

@@ -60,4 +60,8 @@ def summary_line(stats: dict, reads: DecodeReads | None = None) -> str:
             line += f", {format_bytes(x['bytes_read'])} read"
     else:
         line += "; experts all resident"
-    return line + f"; peak memory {format_bytes(stats['peak_memory_bytes'])}"
+    line += f"; peak memory {format_bytes(stats['peak_memory_bytes'])}"
+    if stats.get("rss_before_weights_bytes") and stats.get("rss_after_first_token_bytes"):
+        line += (f" (runtime {format_bytes(stats['rss_before_weights_bytes'])} before weights, "
+                 f"{format_bytes(stats['rss_after_first_token_bytes'])} after the first token)")  # fmt: skip
+    return line

@@ -171,6 +171,10 @@ def make_prompt(path: Path | None, vocab_size: int, n: int, seed: int = 0) -> tu
 
 
 def budget_bytes(budget: str, expert_bytes: int) -> int:
+    if (
+        budget == "limit"
+    ):  # moepager --memory-limit CAP: it decides what stays resident (the cap is every run's)
+        return expert_bytes
     if budget.endswith("%"):
         try:
             share = float(budget[:-1]) / 100
@@ -269,7 +273,7 @@ def main(opts: BenchOptions) -> dict:
              "dtype": opts.dtype, "engine_options": opts.engine_options, "naive_dir": str(work / "naive"),
              "offload_dir": str(work / "offload"), "gguf": gguf_file,
              "threads": opts.threads or torch.get_num_threads(),  # torch's default, for llama.cpp too
-             "temperature": opts.temperature, "seed": opts.seed}  # fmt: skip
+             "temperature": opts.temperature, "seed": opts.seed, "cap_bytes": cap}  # fmt: skip
         if cap:
             s["accelerate_cpu_bytes"] = max(1 << 20, cap - overhead)
         else:
@@ -294,6 +298,10 @@ def main(opts: BenchOptions) -> dict:
              + (f" {rate:.3f} tok/s" if rate else f" ({r.get('message', '')[:200]})")
              + f" [{time.perf_counter() - t:.0f} s]")  # fmt: skip
 
+    if "limit" in opts.budgets and opts.memory_cap == "auto":
+        raise MoepagerError(
+            "--budgets limit runs moepager with --memory-limit set to the cap: give --memory-cap"
+        )
     for rnd in range(opts.rounds):
         drop_page_cache(cache_files, opts.drop_caches)
         bw = disk_bandwidth(files)

@@ -123,7 +123,17 @@ def run_moepager(spec: dict, resident: bool) -> dict:
     _torch(spec)
     import moepager
 
-    options = {} if resident else {"expert_memory": spec["budget"], **spec.get("engine_options", {})}
+    if resident:
+        options = {}
+    elif spec["budget"] == "limit":  # what `moepager run --memory-limit CAP --max-context N` does
+        context = len(spec["prompt"]) + spec["tokens"] + 8
+        options = {
+            "memory_limit": spec["cap_bytes"],
+            "max_context": context,
+            **spec.get("engine_options", {}),
+        }
+    else:
+        options = {"expert_memory": spec["budget"], **spec.get("engine_options", {})}
     try:
         engine = moepager.load(spec["model"], dtype=spec.get("dtype"), **options)
     except TypeError as e:

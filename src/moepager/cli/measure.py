@@ -61,7 +61,11 @@ def add_synth_bench(sub) -> None:
 
     b = sub.add_parser("bench", help="tokens/s and memory vs expert budget, against peers and the disk limit")
     b.add_argument("model", help="checkpoint folder or MoE .gguf file (moepager and llama.cpp run the same)")
-    b.add_argument("--budgets", default="10%,25%,50%,100%", help="expert memory budgets: percents or sizes")
+    b.add_argument(
+        "--budgets",
+        default="10%,25%,50%,100%",
+        help="expert memory budgets: percents, sizes, or limit (moepager --memory-limit set to --memory-cap)",
+    )
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds; median and range are reported")
     b.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")
     b.add_argument("--prompt-tokens", type=int, default=32, help="tokens of the prompt")

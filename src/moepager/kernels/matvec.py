@@ -11,33 +11,62 @@ Letters: S slots in the bank, R rows (outputs), C columns (inputs), N tokens, K 
 
 from __future__ import annotations
 
-import numba
+import threading
+
 import numpy as np
 import torch
 
-from . import sync_threads
-
 _ROWS = 16  # rows per parallel task: enough work per task, and R of every supported shape divides into it
+# torch's thread count when numba was last set to match it, per calling thread: numba's and OpenMP's thread
+# counts are per thread, so a new thread (a server's worker) starts again at all cores
+_synced = threading.local()
+_compiled = (
+    None  # the kernel, built on first use: numba (and its JIT, ~130 MiB) is loaded only by fp32 models
+)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _gather_mv(w, x, slots, out):  # pragma: no cover - compiled
-    # w [S, R, C], x [N, Kx, C] with Kx 1 (shared input) or K, slots [N, K] -> out [N, K, R]
-    n_tok, k_per = slots.shape
-    rows, cols = w.shape[1], w.shape[2]
-    blocks = (rows + _ROWS - 1) // _ROWS
-    shared = x.shape[1] == 1
-    for task in numba.prange(n_tok * k_per * blocks):
-        b = task % blocks
-        nk = task // blocks
-        n, k = nk // k_per, nk % k_per
-        s = slots[n, k]
-        xi = x[n, 0] if shared else x[n, k]
-        for r in range(b * _ROWS, min(rows, (b + 1) * _ROWS)):
-            acc = np.float32(0.0)
-            for c in range(cols):
-                acc += w[s, r, c] * xi[c]
-            out[n, k, r] = acc
+def _kernel():
+    global _compiled
+    if _compiled is None:
+        import numba
+
+        @numba.njit(parallel=True, fastmath=True, cache=True)
+        def gather_mv(w, x, slots, out):  # pragma: no cover - compiled
+            # w [S, R, C], x [N, Kx, C] with Kx 1 (shared input) or K, slots [N, K] -> out [N, K, R]
+            n_tok, k_per = slots.shape
+            rows, cols = w.shape[1], w.shape[2]
+            blocks = (rows + _ROWS - 1) // _ROWS
+            shared = x.shape[1] == 1
+            for task in numba.prange(n_tok * k_per * blocks):
+                b = task % blocks
+                nk = task // blocks
+                n, k = nk // k_per, nk % k_per
+                s = slots[n, k]
+                xi = x[n, 0] if shared else x[n, k]
+                for r in range(b * _ROWS, min(rows, (b + 1) * _ROWS)):
+                    acc = np.float32(0.0)
+                    for c in range(cols):
+                        acc += w[s, r, c] * xi[c]
+                    out[n, k, r] = acc
+
+        _compiled = gather_mv
+    return _compiled
+
+
+def sync_threads() -> None:
+    """Run numba's parallel loops on as many threads as torch. They use torch's OpenMP runtime when torch is
+    loaded first, and starting numba's pool sets that runtime's thread count to all cores: put torch's back.
+    Checked on every kernel call, so it costs one torch call unless torch's count changed."""
+    import numba
+
+    n = torch.get_num_threads()
+    if n == getattr(_synced, "n", -1):
+        return
+    if numba.get_num_threads() != min(n, numba.config.NUMBA_NUM_THREADS):  # the first call starts the pool
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _synced.n = n
 
 
 def gather_matvec(w: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -47,7 +76,7 @@ def gather_matvec(w: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> torc
     x3 = x[:, None] if x.dim() == 2 else x  # [N, 1 or K, C]
     out = torch.empty(n, k, w.shape[1], dtype=torch.float32)
     sync_threads()
-    _gather_mv(w.detach().numpy(), x3.detach().contiguous().numpy(), slots.numpy(), out.numpy())
+    _kernel()(w.detach().numpy(), x3.detach().contiguous().numpy(), slots.numpy(), out.numpy())
     return out
 
 
