@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from .constrain import json_schema_grammar, lark_grammar
 from .sampling import Adjustments
-from .tools import ToolFormat, tool_format, tool_grammar
+from .tools import ToolFormat, chat_tool_format, tool_grammar
 
 # Fields that change nothing about the output and are accepted as sent (OpenAI bookkeeping and hints).
 HARMLESS = {
@@ -30,7 +30,7 @@ HARMLESS = {
     "prompt_cache_retention",
 }
 # Fields OpenAI knows that this server does not implement, accepted only at the value that asks for nothing.
-NEUTRAL = {"echo": (False,), "suffix": ("",), "best_of": (1,), "store": (False,), "modalities": (["text"],),
+NEUTRAL = {"suffix": ("",), "best_of": (1,), "store": (False,), "modalities": (["text"],),
            "audio": (), "functions": (), "function_call": (), "prediction": (), "reasoning_effort": (),
            "verbosity": (), "web_search_options": (), "moderation": (), "prompt_cache_options": ()}  # fmt: skip
 _LARGE_BODY = 64 * 1024  # parsed on a worker thread above this, so /health never waits on a big body
@@ -80,6 +80,7 @@ class RequestBody(BaseModel):
 class CompletionBody(RequestBody):
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)  # how many top alternatives per token (OpenAI: <= 5)
+    echo: bool | None = None  # the prompt first in the text (and its tokens' logprobs, with logprobs)
 
 
 class ToolCallFunction(_Strict):
@@ -201,11 +202,12 @@ def content_text(content: str | list[dict] | None) -> str:
 
 def chat_grammar(
     body: ChatBody, tools: list[dict] | None, tok, can_constrain: bool
-) -> tuple[tuple[str, str] | None, ToolFormat | None]:
-    """(grammar, field) the request's output must follow, or None; and the tool format when calls may come.
+) -> tuple[tuple[str, str] | None, ToolFormat | None, bool]:
+    """(grammar, field) the request's output must follow, or None; the tool format when calls may come; and
+    whether the format's opener is one special token (which the reply's text then lacks).
 
-    tok: the model's tokenizer (its chat template names the tool-call format); can_constrain: it has the
-    tokenizer.json that grammars are compiled against."""
+    tok: the model's tokenizer (its chat template names the tool-call format, else the generic one is used);
+    can_constrain: it has the tokenizer.json that grammars are compiled against."""
     choice = body.tool_choice
     if choice is not None and not tools and choice != "none":
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
@@ -217,10 +219,7 @@ def chat_grammar(
     if tools and choice != "none":
         if wants_json:
             raise APIError(400, "response_format cannot be combined with tools", param="response_format")
-        fmt = tool_format(tok.chat_template)
-        if fmt is None:
-            raise APIError(400, "this model's chat template has no tool-call format; tools cannot be used",
-                           param="tools")  # fmt: skip
+        fmt, _ = chat_tool_format(tok.chat_template)
         only = None
         if isinstance(choice, dict):
             only = (choice.get("function") or {}).get("name")
@@ -232,14 +231,14 @@ def chat_grammar(
         parallel = body.parallel_tool_calls is not False and only is None
         lark = tool_grammar(fmt, tools, "auto" if choice in (None, "auto") else "required", only, parallel,
                             special)  # fmt: skip
-        return (lark_grammar(lark), "tools"), fmt
+        return (lark_grammar(lark), "tools"), fmt, special is not None
     if wants_json:
         if rf.type == "json_object":
-            return (json_schema_grammar({"type": "object"}), "response_format"), None
+            return (json_schema_grammar({"type": "object"}), "response_format"), None, False
         if rf.json_schema is None:
             raise APIError(400, "response_format json_schema needs a json_schema", param="response_format")
-        return (json_schema_grammar(rf.json_schema.schema_ or {}), "response_format"), None
-    return None, None
+        return (json_schema_grammar(rf.json_schema.schema_ or {}), "response_format"), None, False
+    return None, None, False
 
 
 class LimitBody:
