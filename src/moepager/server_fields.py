@@ -138,20 +138,26 @@ class ChatBody(RequestBody):
     parallel_tool_calls: bool | None = None
 
 
-async def parse(request: Request, schema: type[RequestBody]) -> RequestBody:
+async def parse(request: Request, schema: type[BaseModel], check=None) -> BaseModel:
+    """The request's body validated by `schema`, then by check(body) (default: check_fields)."""
     raw = await request.body()
     if len(raw) > _LARGE_BODY:
-        return await run_in_threadpool(_parse_raw, raw, schema)
-    return _parse_raw(raw, schema)
+        return await run_in_threadpool(_parse_raw, raw, schema, check)
+    return _parse_raw(raw, schema, check)
 
 
-def _parse_raw(raw: bytes, schema: type[RequestBody]) -> RequestBody:
+def _parse_raw(raw: bytes, schema: type[BaseModel], check=None) -> BaseModel:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    return validated(data, schema, check)
+
+
+def validated(data: dict, schema: type[BaseModel], check=None) -> BaseModel:
+    """data validated by `schema` (errors in OpenAI's shape, naming the top-level field), then by check."""
     try:
         body = schema.model_validate(data)
     except ValidationError as e:
@@ -160,7 +166,7 @@ def _parse_raw(raw: bytes, schema: type[RequestBody]) -> RequestBody:
         where = ".".join(str(p) for p in first["loc"])
         kind = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
         raise APIError(400, f"{where}: {first['msg']}", param=param, code=kind) from None
-    check_fields(body)
+    (check or check_fields)(body)
     return body
 
 
