@@ -109,6 +109,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     app = FastAPI(title="moepager", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
     app.state.grammars, app.state.model_id, app.state.off_loop = grammars, model_id, _off_loop
+    app.state.api_key = api_key
     app.state.template_roles = template_roles(tok) if tok is not None and tok.chat_template else (True, True)
     app.add_middleware(LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(MeasureRequests, metrics=metrics)
