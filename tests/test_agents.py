@@ -335,3 +335,38 @@ def test_echo_logprobs_are_the_log_softmax_of_the_prompt(native, chars_dir):
             assert abs(values[i] - expected[i - 1, ids[i]].item()) < 1e-4
             best = expected[i - 1].topk(2).values
             assert sorted(tops[i].values(), reverse=True) == pytest.approx(best.tolist(), abs=1e-4)
+
+
+def test_a_reply_read_in_pieces_gives_the_calls_of_the_whole():
+    """The streaming reader: any cut of a reply into pieces gives the same calls as the whole reply."""
+    import random
+
+    from moepager.tool_stream import ToolCallStream
+    from moepager.tools import GENERIC, MISTRAL
+
+    hermes = ('<tool_call>\n{ "name" : "f", "arguments": {"a": "x}\\"]", "b": [1, {"c": null}]} }\n</tool_call>\n'
+              '<tool_call>\n{"arguments": {}, "name": "g"}\n</tool_call>')  # fmt: skip
+    mistral = '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'
+    cases = [(GENERIC, hermes, [("f", {"a": 'x}"]', "b": [1, {"c": None}]}), ("g", {})]),
+             (MISTRAL, mistral, [("f", {"a": 1}), ("g", {})])]  # fmt: skip
+    for fmt, text, want in cases:
+        for seed in range(20):
+            rng, reader, pieces, at = random.Random(seed), ToolCallStream(fmt), {}, 0
+            while at < len(text):
+                n = rng.randint(1, 5)
+                for d in reader.feed(text[at : at + n]):
+                    if d.kind == "call":
+                        assert d.index not in pieces and d.call.name
+                        pieces[d.index] = ""
+                    else:
+                        pieces[d.index] += d.text
+                at += n
+            assert (
+                reader.complete and [(c.name, json.loads(c.arguments_json())) for c in reader.calls] == want
+            )
+            assert [json.loads(p) for p in pieces.values()] == [a for _, a in want]
+    for text, is_calls in (("Hello <tool_call>", False), (" <tool_call>", False), ("<tool_c", True)):
+        reader = ToolCallStream(GENERIC)
+        reader.feed(text)
+        reader.finish()
+        assert reader.is_calls is is_calls and reader.text == ("" if is_calls else text)

@@ -576,7 +576,8 @@ def test_mistral_tool_calls_after_a_special_token(tmp_path):
     from tokenizers import AddedToken, Tokenizer
 
     from moepager.constrain import Grammars, lark_grammar
-    from moepager.tools import MISTRAL, parse_tool_calls, tool_grammar
+    from moepager.tool_stream import ToolCallStream
+    from moepager.tools import MISTRAL, tool_grammar
 
     write_char_tokenizer(tmp_path, "[TOOL_CALLS]")
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -597,6 +598,7 @@ def test_mistral_tool_calls_after_a_special_token(tmp_path):
             constraint.advance(t)
             out.append(t)
         assert out[0] == opener and constraint.finished
-        calls = parse_tool_calls(tok.decode(out), MISTRAL)  # the special token is not in the text
-        assert calls and len(calls) == 1
-        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER["function"]["parameters"])
+        reader = ToolCallStream(MISTRAL, opener_hidden=True)  # the special token is not in the text
+        reader.feed(tok.decode(out))
+        assert reader.complete and len(reader.calls) == 1
+        jsonschema.validate(json.loads(reader.calls[0].arguments_json()), WEATHER["function"]["parameters"])

@@ -1,8 +1,8 @@
-"""Tool calls in a model's own chat-template format: the grammar that constrains them and their parsing.
+"""Tool calls in a chat-template format (the model's own, or the generic one): their grammar and their prompt.
 
 Owns recognising a template's tool-call format, the Lark grammar (llguidance) for "auto", "required" and a
-named function, parsing the generated text back into OpenAI `tool_calls`, and turning OpenAI tool messages
-into what chat templates expect. A template without a tool-call format gets the generic one (as llama.cpp
+named function, and turning OpenAI tool messages into what chat templates expect (reading calls back from the
+generated text is tool_stream.py's). A template without a tool-call format gets the generic one (as llama.cpp
 does): the tools and how to call them are written into the system prompt, earlier calls and tool results
 into the messages' text, and the grammar holds the reply to a call or a text answer.
 """
@@ -10,7 +10,6 @@ into the messages' text, and the grammar holds the reply to a call or a text ans
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 
 from .constrain import JSON_OPTIONS
@@ -121,35 +120,6 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict], choice: str, only: str | No
         text = "TEXT: /(.|\\n)+/" if first is None else f"TEXT: /[^{_regex_escape(first)}](.|\\n)*/"
         return f"start: calls | TEXT\n{calls}{text}\n"
     return f"start: calls\n{calls}"
-
-
-def parse_tool_calls(text: str, fmt: ToolFormat) -> list[dict] | None:
-    """OpenAI tool_calls from generated text, or None when the text is not (only) tool calls."""
-    body = text.strip()
-    if fmt.array:
-        body = body[len(fmt.open) :] if body.startswith(fmt.open) else body  # a special opener is not decoded
-        try:
-            calls = json.loads(body)
-        except json.JSONDecodeError:
-            return None
-    else:
-        calls = []
-        while body.startswith(fmt.open.strip()):
-            end = body.find(fmt.close.strip())
-            if end < 0:
-                return None
-            try:
-                calls.append(json.loads(body[len(fmt.open.strip()) : end]))
-            except json.JSONDecodeError:
-                return None
-            body = body[end + len(fmt.close.strip()) :].strip()
-        if body or not calls:
-            return None
-    if not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
-        return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}))}}
-            for c in calls]  # fmt: skip
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
