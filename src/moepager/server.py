@@ -33,6 +33,8 @@ from .sampling import LogitsProcessor, TokenLogprob
 from .server_chat import LARGE_TEXT, chat_completion
 from .server_fields import APIError, ChatBody, CompletionBody, LimitBody, RequestBody, adjustments, parse
 from .server_generation import Generation, collect, merged, usage
+from .server_messages import MESSAGES_PATH, add_messages_routes, anthropic_error
+from .server_responses import add_responses_routes
 from .tools import template_roles
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
@@ -73,8 +75,6 @@ def completion_logprobs(tok, lps: list[TokenLogprob], offset: int = 0) -> dict:
 
 
 def _error_response(e: APIError, path: str = "") -> JSONResponse:
-    from .server_messages import MESSAGES_PATH, anthropic_error
-
     body = anthropic_error(e) if path == MESSAGES_PATH else e.body()  # each API's own error shape
     return JSONResponse(body, status_code=e.status)
 
@@ -258,7 +258,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
             """The prompt's tokens with their logprobs; the first has none (nothing comes before it)."""
             if not want:
                 return None
-            out = completion_logprobs(tok, [TokenLogprob(prompt[0], None, [])] + g.prompt_logprobs)
+            out = completion_logprobs(tok, [TokenLogprob(prompt[0], None, [])] + (g.prompt_logprobs or []))
             out["top_logprobs"][0] = None
             return out
 
@@ -299,9 +299,6 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     async def chat(request: Request):
         body = await parse(request, ChatBody)
         return await chat_completion(request, body, model_id, lambda lps: chat_logprobs(tok, lps), _sse)
-
-    from .server_messages import add_messages_routes
-    from .server_responses import add_responses_routes
 
     add_responses_routes(app, authorize)
     add_messages_routes(app, authorize)
