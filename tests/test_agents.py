@@ -145,7 +145,7 @@ def test_generic_format_renders_calls_and_results():
     ]  # fmt: skip
     text = tok.apply_chat_template(generic_messages(messages, [CITY], False, *template_roles(tok)))
     assert '"name": "get_weather"' in text and "Get the current weather in a city" in text  # the tools
-    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>' in text
     assert "<tool_response>\nsunny\n</tool_response>" in text
 
 
@@ -342,13 +342,16 @@ def test_a_reply_read_in_pieces_gives_the_calls_of_the_whole():
     import random
 
     from moepager.tool_stream import ToolCallStream
-    from moepager.tools import GENERIC, MISTRAL
+    from moepager.tools import GENERIC, HERMES, MISTRAL
 
     hermes = ('<tool_call>\n{ "name" : "f", "arguments": {"a": "x}\\"]", "b": [1, {"c": null}]} }\n</tool_call>\n'
               '<tool_call>\n{"arguments": {}, "name": "g"}\n</tool_call>')  # fmt: skip
+    generic = (
+        '<tool_call>[{"name": "f", "arguments": {"a": 1}},\n {"name": "g", "arguments": {}}]</tool_call>'
+    )
     mistral = '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'
-    cases = [(GENERIC, hermes, [("f", {"a": 'x}"]', "b": [1, {"c": None}]}), ("g", {})]),
-             (MISTRAL, mistral, [("f", {"a": 1}), ("g", {})])]  # fmt: skip
+    cases = [(HERMES, hermes, [("f", {"a": 'x}"]', "b": [1, {"c": None}]}), ("g", {})]),
+             (MISTRAL, mistral, [("f", {"a": 1}), ("g", {})]), (GENERIC, generic, [("f", {"a": 1}), ("g", {})])]  # fmt: skip
     for fmt, text, want in cases:
         for seed in range(20):
             rng, reader, pieces, at = random.Random(seed), ToolCallStream(fmt), {}, 0

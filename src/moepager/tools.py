@@ -25,8 +25,9 @@ class ToolFormat:
 
 HERMES = ToolFormat("hermes", "<tool_call>\n", "\n</tool_call>", array=False)  # Qwen, Hermes, many others
 MISTRAL = ToolFormat("mistral", "[TOOL_CALLS]", "", array=True)
-# for templates without a format: Hermes' markup, the one most instruction-tuned models have seen
-GENERIC = ToolFormat("generic", "<tool_call>\n", "\n</tool_call>", array=False)
+# for templates without a format: one JSON list of calls in Hermes' tags, as SmolLM2 (the default model) was
+# taught; a list lets the model end its calls with "]", where separate tags invite it to write more of them
+GENERIC = ToolFormat("generic", "<tool_call>", "</tool_call>", array=True)
 
 
 def tool_format(chat_template: str | None) -> ToolFormat | None:
@@ -49,9 +50,9 @@ def generic_tool_prompt(tools: list[dict], required: bool) -> str:
     """The system prompt text that teaches the generic format (the grammar enforces it; this explains it)."""
     listed = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
     must = "You must call a tool." if required else "Call a tool when it helps; otherwise answer in text."
-    return (f"You can call these tools:\n<tools>\n{listed}\n</tools>\n{must} To call one, reply with only:\n"
-            f'{GENERIC.open}{{"name": <tool name>, "arguments": <arguments as a JSON object>}}{GENERIC.close}\n'
-            "Each tool's result comes back in a <tool_response> element.")  # fmt: skip
+    return (f"You can call these tools:\n<tools>\n{listed}\n</tools>\n{must} To call tools, reply with only:\n"
+            f'{GENERIC.open}[{{"name": <tool name>, "arguments": <arguments as a JSON object>}}, ... (more calls '
+            f"if needed)]{GENERIC.close}\nEach tool's result comes back in a <tool_response> element.")  # fmt: skip
 
 
 def generic_messages(messages: list[dict], tools: list[dict] | None, required: bool, system_role: bool,
@@ -62,11 +63,9 @@ def generic_messages(messages: list[dict], tools: list[dict] | None, required: b
     for m in messages:
         m = dict(m)
         if m.get("tool_calls"):
-            calls = "\n".join(
-                GENERIC.open + json.dumps({"name": c["function"]["name"],
-                                           "arguments": _loads(c["function"]["arguments"])}) + GENERIC.close
-                for c in m.pop("tool_calls")
-            )  # fmt: skip
+            listed = [{"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])}
+                      for c in m.pop("tool_calls")]  # fmt: skip
+            calls = GENERIC.open + json.dumps(listed) + GENERIC.close
             m["content"] = f"{m['content']}\n{calls}" if m.get("content") else calls
         if m["role"] == "tool":
             m.pop("tool_call_id", None)
@@ -110,7 +109,8 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict], choice: str, only: str | No
         array = {"type": "array", "items": schema, "minItems": 1, "x-guidance": JSON_OPTIONS}
         if not parallel:
             array["maxItems"] = 1
-        calls = f"calls: {opener} call_list\ncall_list: %json {json.dumps(array)}\n"
+        close = f" {json.dumps(fmt.close)}" if fmt.close else ""
+        calls = f"calls: {opener} call_list{close}\ncall_list: %json {json.dumps(array)}\n"
     else:
         many = ' ("\\n" call)*' if parallel else ""
         calls = (f"calls: call{many}\ncall: {opener} call_json {json.dumps(fmt.close)}\n"
