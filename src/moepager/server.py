@@ -31,9 +31,18 @@ from .generate import SamplingParams
 from .metrics import MeasureRequests, Metrics
 from .sampling import LogitsProcessor, TokenLogprob
 from .server_chat import LARGE_TEXT, chat_completion
-from .server_fields import APIError, ChatBody, CompletionBody, LimitBody, RequestBody, adjustments, parse
+from .server_fields import (
+    MESSAGES_PATH,
+    APIError,
+    ChatBody,
+    CompletionBody,
+    LimitBody,
+    RequestBody,
+    adjustments,
+    parse,
+)
 from .server_generation import Generation, collect, merged, usage
-from .server_messages import MESSAGES_PATH, add_messages_routes, anthropic_error
+from .server_messages import add_messages_routes
 from .server_responses import add_responses_routes
 from .tools import template_roles
 
@@ -75,7 +84,7 @@ def completion_logprobs(tok, lps: list[TokenLogprob], offset: int = 0) -> dict:
 
 
 def _error_response(e: APIError, path: str = "") -> JSONResponse:
-    body = anthropic_error(e) if path == MESSAGES_PATH else e.body()  # each API's own error shape
+    body = e.anthropic_body() if path == MESSAGES_PATH else e.body()  # each API's own error shape
     return JSONResponse(body, status_code=e.status)
 
 

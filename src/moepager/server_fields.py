@@ -47,6 +47,17 @@ class APIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def anthropic_body(self) -> dict:
+        """The same error in the shape of Anthropic's Messages API: {"type": "error", "error": {type, message}}."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
+# Anthropic's error types by HTTP status
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}  # fmt: skip
+
 
 class _Strict(BaseModel):
     # strict: "5" is not an int here, as in OpenAI's API
@@ -260,7 +271,9 @@ class LimitBody:
         if length.isdigit() and int(length) > self.max_bytes:
             while (await receive()).get("more_body"):  # drained, not kept: the client can read the answer
                 pass
-            return await JSONResponse(self._error().body(), status_code=413)(scope, receive, send)
+            e = self._error()
+            body = e.anthropic_body() if scope.get("path") == MESSAGES_PATH else e.body()
+            return await JSONResponse(body, status_code=413)(scope, receive, send)
         seen = 0
 
         async def counted():

@@ -16,23 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
 from .server_chat import Reply, start_chat
-from .server_fields import APIError, ChatBody, parse, validated
+from .server_fields import MESSAGES_PATH, APIError, ChatBody, parse, validated
 
-MESSAGES_PATH = "/v1/messages"
 _HARMLESS = {"metadata", "service_tier", "container", "context_management"}
 _NEUTRAL = {"thinking": ({"type": "disabled"},), "mcp_servers": ([],)}
 _PARAMS = {
     "stop": "stop_sequences",
     "prompt": "messages",
 }  # the chat field a check names -> the Messages field
-# Anthropic's error types by HTTP status
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}  # fmt: skip
-
-
-def anthropic_error(e: APIError) -> dict:
-    """An error in Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
-    return {"type": "error", "error": {"type": _ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
 
 
 class MessagesBody(BaseModel):
@@ -218,7 +209,7 @@ async def _events(turn, mid: str, model_id: str):
                 yield event("content_block_delta", index=block, delta={"type": "input_json_delta",
                                                                          "partial_json": d.text})  # fmt: skip
     except APIError as e:
-        yield {"event": "error", "data": json.dumps(anthropic_error(e))}
+        yield {"event": "error", "data": json.dumps(e.anthropic_body())}
         return
     if open_block:
         yield event("content_block_stop", index=block)

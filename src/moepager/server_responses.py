@@ -20,7 +20,8 @@ from sse_starlette import EventSourceResponse
 from .server_chat import Reply, start_chat, tool_calls_json
 from .server_fields import HARMLESS, APIError, ChatBody, parse, validated
 
-KEPT_RESPONSES = 256  # earlier conversations kept for previous_response_id, oldest dropped first
+# earlier conversations kept for previous_response_id, oldest dropped first past either bound
+KEPT_RESPONSES, KEPT_CHARS = 256, 64 * 2**20
 # the chat field a check names -> the Responses field the client sent
 _PARAMS = {
     "max_tokens": "max_output_tokens",
@@ -147,22 +148,25 @@ def _renamed(e: APIError) -> APIError:
 
 
 class _Kept:
-    """Earlier conversations (chat messages, the answer included) by response id, at most KEPT_RESPONSES."""
+    """Earlier conversations (chat messages, the answer included) by response id: at most KEPT_RESPONSES of
+    them and KEPT_CHARS characters of their messages."""
 
     def __init__(self):
-        self.items: OrderedDict[str, list[dict]] = OrderedDict()
+        self.items: OrderedDict[str, tuple[list[dict], int]] = OrderedDict()  # id -> (messages, characters)
+        self.chars = 0
 
     def get(self, rid: str) -> list[dict]:
         if rid not in self.items:
             raise APIError(404, f"previous_response_id: no response {rid!r} is kept here (this server keeps the "
                            f"last {KEPT_RESPONSES}, in memory)", param="previous_response_id",
                            code="previous_response_not_found")  # fmt: skip
-        return self.items[rid]
+        return self.items[rid][0]
 
     def put(self, rid: str, messages: list[dict]) -> None:
-        self.items[rid] = messages
-        while len(self.items) > KEPT_RESPONSES:
-            self.items.popitem(last=False)
+        size = len(json.dumps(messages))
+        self.items[rid], self.chars = (messages, size), self.chars + size
+        while len(self.items) > KEPT_RESPONSES or self.chars > KEPT_CHARS:
+            self.chars -= self.items.popitem(last=False)[1][1]
 
 
 def add_responses_routes(app, authorize) -> None:
