@@ -2,24 +2,21 @@
 the routes of server_responses.py (/v1/responses) and server_messages.py (Anthropic's /v1/messages).
 
 Owns the app (its state, errors, the body size limit), checking the fields every request shares, making a
-request's `n` choices, /v1/completions (with echo and the prompt's logprobs), logprobs as text and
-server-sent events. The chat path is server_chat.py's, text from tokens server_generation.py's, request
-fields server_fields.py's, tool formats tools.py's, metrics metrics.py's. Handlers only enqueue Sequences
+request's `n` choices, and /v1/completions (with echo and the prompt's logprobs). The chat path is
+server_chat.py's, text, logprobs and events from tokens server_generation.py's, request fields
+server_fields.py's, tool formats tools.py's, metrics metrics.py's. Handlers only enqueue Sequences
 and await their events; the one worker thread in batching.py owns the model.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -41,43 +38,12 @@ from .server_fields import (
     adjustments,
     parse,
 )
-from .server_generation import Generation, collect, merged, usage
+from .server_generation import Generation, collect, completion_logprobs, merged, sse, usage
 from .server_messages import add_messages_routes
 from .server_responses import add_responses_routes
 from .tools import template_roles
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
-
-
-# --------------------------------------------------------------------------------------- logprobs as text
-
-
-def _token_text(tok, tid: int) -> str:
-    """A token as text; a special token (or an id past the tokenizer's vocabulary) by its name, never ""."""
-    text = tok.decode([tid]) if tok else str(tid)
-    if not text:
-        raw = tok.tok.id_to_token(tid) if hasattr(tok, "tok") else None
-        text = raw or f"<|token_{tid}|>"
-    return text
-
-
-def chat_logprobs(tok, lps: list[TokenLogprob]) -> dict:
-    def entry(tid: int, lp: float) -> dict:
-        text = _token_text(tok, tid)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps],
-            "refusal": None}  # fmt: skip
-
-
-def completion_logprobs(tok, lps: list[TokenLogprob], offset: int = 0) -> dict:
-    tokens = [_token_text(tok, x.token) for x in lps]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [{_token_text(tok, t): v for t, v in x.top} for x in lps], "text_offset": offsets}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- app
@@ -291,7 +257,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
                 if include_usage(body):
                     yield response([], usage(gens))
 
-            return _sse(events())
+            return sse(events())
         results = await collect(gens, request)
         choices = []
         for i, ((text, lps), g) in enumerate(zip(results, gens)):
@@ -307,7 +273,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(request: Request):
         body = await parse(request, ChatBody)
-        return await chat_completion(request, body, model_id, lambda lps: chat_logprobs(tok, lps), _sse)
+        return await chat_completion(request, body, model_id)
 
     add_responses_routes(app, authorize)
     add_messages_routes(app, authorize)
@@ -321,20 +287,6 @@ async def _off_loop(large: bool, fn, *args, **kwargs):
 
 def _decode(tok, ids: list[int]) -> str:
     return tok.decode(ids) if tok else " ".join(map(str, ids))
-
-
-def _sse(events: AsyncIterator[dict]) -> EventSourceResponse:
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-
-    async def wrapped():
-        try:
-            async for chunk in events:
-                yield {"data": json.dumps(chunk)}
-        except APIError as e:
-            yield {"data": json.dumps(e.body())}
-        yield {"data": "[DONE]"}
-
-    return EventSourceResponse(wrapped(), ping=15)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

@@ -19,7 +19,7 @@ from fastapi import Request
 
 from .sampling import TokenLogprob
 from .server_fields import APIError, ChatBody, chat_grammar, content_text
-from .server_generation import Generation, merged, usage
+from .server_generation import Generation, chat_logprobs, merged, sse, usage
 from .tool_stream import Delta, PartialCall, ToolCallStream
 from .tools import generic_messages, template_messages, tool_format
 
@@ -152,10 +152,8 @@ def _delta_json(d: Delta) -> dict:
     return {"tool_calls": [{"index": d.index, "function": {"arguments": d.text}}]}
 
 
-async def chat_completion(request: Request, body: ChatBody, model_id: str, logprobs_json, sse):
-    """/v1/chat/completions: the whole response, or its chunks as server-sent events.
-
-    logprobs_json(lps) -> OpenAI's chat logprobs; sse(events) -> the streaming response."""
+async def chat_completion(request: Request, body: ChatBody, model_id: str):
+    """/v1/chat/completions: the whole response, or its chunks as server-sent events."""
     turn = await start_chat(request.app.state, body)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -164,7 +162,7 @@ async def chat_completion(request: Request, body: ChatBody, model_id: str, logpr
         return out if usage is None else {**out, "usage": usage}
 
     def logprobs(lps):
-        return logprobs_json(lps) if body.logprobs else None
+        return chat_logprobs(request.app.state.engine.tokenizer, lps) if body.logprobs else None
 
     if body.stream:
 

@@ -2,16 +2,19 @@
 
 Owns turning a submitted Sequence's events (batching.py) into text deltas with the logprobs of their tokens,
 stop strings (held back until they cannot match), usage counts and the finish reason, and merging several
-choices' deltas. API shapes are the server modules'.
+choices' deltas; tokens and logprobs as text in OpenAI's shapes, and OpenAI's server-sent events. The
+other API shapes are the server modules'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
+from sse_starlette import EventSourceResponse
 
 from .batching import Sequence
 from .generate import SamplingParams
@@ -140,3 +143,48 @@ async def merged(gens: list[Generation]) -> AsyncIterator[tuple[int, str | None,
     finally:
         for t in tasks:
             t.cancel()
+
+
+# --------------------------------------------------------------------------------------- logprobs as text
+
+
+def _token_text(tok, tid: int) -> str:
+    """A token as text; a special token (or an id past the tokenizer's vocabulary) by its name, never ""."""
+    text = tok.decode([tid]) if tok else str(tid)
+    if not text:
+        raw = tok.tok.id_to_token(tid) if hasattr(tok, "tok") else None
+        text = raw or f"<|token_{tid}|>"
+    return text
+
+
+def chat_logprobs(tok, lps: list[TokenLogprob]) -> dict:
+    def entry(tid: int, lp: float) -> dict:
+        text = _token_text(tok, tid)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps],
+            "refusal": None}  # fmt: skip
+
+
+def completion_logprobs(tok, lps: list[TokenLogprob], offset: int = 0) -> dict:
+    tokens = [_token_text(tok, x.token) for x in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [{_token_text(tok, t): v for t, v in x.top} for x in lps], "text_offset": offsets}  # fmt: skip
+
+
+def sse(events: AsyncIterator[dict]) -> EventSourceResponse:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+
+    async def wrapped():
+        try:
+            async for chunk in events:
+                yield {"data": json.dumps(chunk)}
+        except APIError as e:
+            yield {"data": json.dumps(e.body())}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(wrapped(), ping=15)
