@@ -277,6 +277,10 @@ def test_messages_plain_streamed_and_tool(default):
     ]
     text = "".join(d["delta"]["text"] for k, d in events if k == "content_block_delta")
     assert text == whole["content"][0]["text"] and events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    stop = next(w for w in text.split()[1:] if text.find(w) > 0)  # greedy: the same text, cut before it
+    code, cut = _messages(base, {**ask, "stop_sequences": [stop]})
+    assert (cut["stop_reason"], cut["stop_sequence"]) == ("stop_sequence", stop)
+    assert cut["content"][0]["text"] == text[: text.find(stop)]
 
     tool = {"name": "get_weather", "description": CITY["function"]["description"],
             "input_schema": CITY["function"]["parameters"]}  # fmt: skip
