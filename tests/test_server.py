@@ -379,6 +379,30 @@ def test_wrong_api_key(server, client):
         bad.models.list()
 
 
+def test_messages_api_key_and_error_shape(server):
+    """Anthropic's clients send the key as x-api-key; errors on /v1/messages take Anthropic's shape."""
+    body = json.dumps(
+        {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": "w1"}]}
+    ).encode()
+
+    def post(headers: dict) -> tuple[int, dict]:
+        req = urllib.request.Request(server[0] + "/v1/messages", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    code, out = post({"x-api-key": "wrong"})
+    assert code == 401 and out == {"type": "error", "error": {"type": "authentication_error",
+                                                              "message": "incorrect API key provided"}}  # fmt: skip
+    code, out = post({"x-api-key": KEY})
+    assert code == 200 and out["type"] == "message" and out["usage"]["output_tokens"] == 2
+    code, out = post({"Authorization": f"Bearer {KEY}"})
+    assert code == 200
+
+
 def test_server_survives_bad_requests(server, client):
     for body, _, _ in ERRORS:
         _post(server[0], "/v1/completions", body)

@@ -340,20 +340,51 @@ def test_tool_calls_required_and_named(served):
     calls = out.choices[0].message.tool_calls
     _check_calls(calls, tools)
     assert [c.function.name for c in calls] == ["get_weather"]
-    # parallel calls (the default) continue while the model writes another call; cut, it says so
+    # parallel calls (the default) continue while the model writes another call; cut, it says so, and the
+    # markup of the cut call never reaches content
     out = _chat(client, tools=tools, tool_choice="required", max_tokens=30, temperature=1.0, seed=0)
-    assert out.choices[0].finish_reason == "length" and out.choices[0].message.tool_calls is None
+    assert out.choices[0].finish_reason == "length" and out.choices[0].message.content is None
+
+
+def streamed_calls(chunks) -> list:
+    """The tool calls of streamed chunks, checked for OpenAI's shape: a call's id, type and name come once,
+    in its first delta; its arguments come in pieces after."""
+    from openai.types.chat.chat_completion_message_tool_call import ChatCompletionMessageToolCall
+
+    calls: dict[int, dict] = {}
+    for chunk in chunks:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if tc.index not in calls:
+                assert tc.id and tc.type == "function" and tc.function.name and tc.function.arguments == ""
+                calls[tc.index] = {"id": tc.id, "type": "function", "function": {"name": tc.function.name,
+                                                                                  "arguments": ""}}  # fmt: skip
+            else:
+                assert tc.id is None and tc.function.name is None
+                calls[tc.index]["function"]["arguments"] += tc.function.arguments
+    return [ChatCompletionMessageToolCall.model_validate(calls[k]) for k in sorted(calls)]
 
 
 def test_tool_calls_streamed_and_auto(served):
     client, _, _, _ = served
     tools = [WEATHER]
-    chunks = list(_chat(client, tools=tools, tool_choice="required", max_tokens=400, temperature=1.0, seed=2,
-                        stream=True, parallel_tool_calls=False))  # fmt: skip
-    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-    assert len(deltas) == 1
-    _check_calls(deltas[0].tool_calls, tools)
+    kw = dict(
+        tools=tools,
+        tool_choice="required",
+        max_tokens=400,
+        temperature=1.0,
+        seed=2,
+        parallel_tool_calls=False,
+    )
+    chunks = list(_chat(client, stream=True, **kw))
+    calls = streamed_calls(chunks)
+    _check_calls(calls, tools)
+    pieces = [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(pieces) > 3  # the arguments came as they were written, not at once
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    whole = _chat(client, **kw).choices[0].message.tool_calls  # the same seed: the same call
+    assert [json.loads(c.function.arguments) for c in whole] == [
+        json.loads(c.function.arguments) for c in calls
+    ]
     for seed in range(3):  # auto: text or calls, and calls are valid whenever they come
         choice = _chat(client, tools=tools, max_tokens=300, temperature=1.0, seed=seed).choices[0]
         if choice.message.tool_calls:
@@ -406,7 +437,7 @@ def test_template_with_tools_renders_as_transformers(tmp_path):
     assert "a < b & 'c'" in ours and "<tool_call>" in ours
 
 
-def test_tools_without_a_template_format_are_refused(model_dir_words):
+def test_tools_on_a_tokenizer_grammars_cannot_read_are_a_400(model_dir_words):
     engine = moepager.load(model_dir_words)
     with _serving(create_app(engine, MODEL)) as base:
         code, out = _post(base, "/v1/chat/completions", {"model": MODEL, "tools": [WEATHER],
@@ -438,7 +469,7 @@ def test_unsupported_chat_field_is_a_400_naming_it(served, field, value):
     assert e.value.body["param"] == field and field in e.value.body["message"]
 
 
-@pytest.mark.parametrize("field,value", [("echo", True), ("suffix", "end"), ("best_of", 3)])
+@pytest.mark.parametrize("field,value", [("suffix", "end"), ("best_of", 3)])
 def test_unsupported_completion_field_is_a_400_naming_it(served, field, value):
     client, _, _, _ = served
     with pytest.raises(openai.BadRequestError) as e:
@@ -545,7 +576,8 @@ def test_mistral_tool_calls_after_a_special_token(tmp_path):
     from tokenizers import AddedToken, Tokenizer
 
     from moepager.constrain import Grammars, lark_grammar
-    from moepager.tools import MISTRAL, parse_tool_calls, tool_grammar
+    from moepager.tool_stream import ToolCallStream
+    from moepager.tools import MISTRAL, tool_grammar
 
     write_char_tokenizer(tmp_path, "[TOOL_CALLS]")
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
@@ -566,6 +598,7 @@ def test_mistral_tool_calls_after_a_special_token(tmp_path):
             constraint.advance(t)
             out.append(t)
         assert out[0] == opener and constraint.finished
-        calls = parse_tool_calls(tok.decode(out), MISTRAL)  # the special token is not in the text
-        assert calls and len(calls) == 1
-        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER["function"]["parameters"])
+        reader = ToolCallStream(MISTRAL, opener_hidden=True)  # the special token is not in the text
+        reader.feed(tok.decode(out))
+        assert reader.complete and len(reader.calls) == 1
+        jsonschema.validate(json.loads(reader.calls[0].arguments_json()), WEATHER["function"]["parameters"])

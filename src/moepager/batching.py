@@ -20,11 +20,12 @@ import torch
 from .engine import Engine
 from .generate import SamplingParams, sample
 from .layers import KVCache
-from .sampling import LogitsProcessor
+from .sampling import LogitsProcessor, prompt_logprobs
 
 log = logging.getLogger("moepager.server")
 
-# Events a sequence receives: ("token", id), ("done", "stop" | "length" | "cancelled"), ("error", message).
+# Events a sequence receives: ("token", id), ("done", "stop" | "length" | "cancelled"), ("error", message),
+# and first, when asked for, ("prompt_logprobs", [TokenLogprob per prompt token after the first]).
 Event = tuple[str, object]
 
 
@@ -35,6 +36,7 @@ class Sequence:
     params: SamplingParams
     on_event: Callable[[Event], None]
     processor: LogitsProcessor | None = None  # penalties, bias, a grammar, logprobs: None costs nothing
+    prompt_logprobs: int | None = None  # top alternatives per prompt token; None = no prompt logprobs
     cancelled: bool = (
         False  # set by the caller from any thread; the worker drops the sequence at its next step
     )
@@ -134,12 +136,21 @@ class Scheduler:
             seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
         t0 = time.perf_counter()
         prompt = torch.tensor(seq.prompt, dtype=torch.long, device=device)
-        logits = model(prompt[None], seq.cache, last_only=True)[:, -1]  # [1, V]
+        whole = seq.prompt_logprobs is not None  # every position's logits, not only the last
+        logits = model(prompt[None], seq.cache, last_only=not whole)[0]  # [T or 1, V]
+        if whole:
+            seq.on_event(
+                ("prompt_logprobs", prompt_logprobs(logits[:-1], seq.prompt[1:], seq.prompt_logprobs))
+            )
+        logits = logits[-1:]  # [1, V]
         dt = time.perf_counter() - t0
         self.stats.prefill_tokens += len(seq.prompt)
         self.stats.prefill_s += dt
         self.engine.timings.prefill_tokens += len(seq.prompt)
         self.engine.timings.prefill_s += dt
+        if seq.max_tokens == 0:  # only the prompt was asked for (its logprobs)
+            self._finish(seq, ("done", "length"))
+            return
         self._emit(seq, self._sample(seq, logits))
 
     @torch.inference_mode()

@@ -49,9 +49,12 @@ class Grammars:
 
         with self._lock:  # built once, on first use, from whichever thread needs it first
             if self._tok is None:
-                self._tok = llguidance.LLTokenizer(
-                    self.tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_ids or None
-                )
+                try:
+                    self._tok = llguidance.LLTokenizer(
+                        self.tokenizer_json, n_vocab=self.vocab_size, eos_token=self.eos_ids or None
+                    )
+                except ValueError as e:  # a tokenizer kind llguidance cannot read (a word-level one, say)
+                    raise MoepagerError(f"grammars cannot be used with this model's tokenizer: {e}") from None
             return self._tok
 
     def matcher(self, grammar: str) -> Constraint:

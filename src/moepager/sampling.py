@@ -95,3 +95,17 @@ class LogitsProcessor:
             self.seen = torch.zeros(v, dtype=torch.bool, device=logits.device)
             prompt = torch.tensor([t for t in self.prompt if t < v], dtype=torch.long, device=logits.device)
             self.seen[prompt] = True
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], top: int) -> list[TokenLogprob]:
+    """logits [T, V] at positions 0..T-1 and the tokens that followed them [T] -> each one's TokenLogprob
+    (the log-softmax of the model's raw logits, as for generated tokens)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    chosen = lp.gather(1, torch.tensor(targets, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+    if top <= 0:
+        return [TokenLogprob(t, v, []) for t, v in zip(targets, chosen)]
+    values, ids = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)  # [T, top] each
+    return [
+        TokenLogprob(t, v, list(zip(i, x)))
+        for t, v, i, x in zip(targets, chosen, ids.tolist(), values.tolist())
+    ]

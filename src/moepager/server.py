@@ -1,211 +1,63 @@
-"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics.
+"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics, and
+the routes of server_responses.py (/v1/responses) and server_messages.py (Anthropic's /v1/messages).
 
-Owns OpenAI's response, chunk and error shapes, text (detokenizing, stop strings, logprobs as text),
-`n` choices, structured output and tool calls in responses, the body size limit and server-sent events.
-Request fields are server_fields.py's, tool formats tools.py's, metrics metrics.py's. Handlers only enqueue
-Sequences and await their events; the one worker thread in batching.py owns the model.
+Owns the app (its state, errors, the body size limit), checking the fields every request shares, making a
+request's `n` choices, and /v1/completions (with echo and the prompt's logprobs). The chat path is
+server_chat.py's, text, logprobs and events from tokens server_generation.py's, request fields
+server_fields.py's, tool formats tools.py's, metrics metrics.py's. Handlers only enqueue Sequences
+and await their events; the one worker thread in batching.py owns the model.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .batching import Scheduler, Sequence
+from .batching import Scheduler
 from .constrain import Grammars
 from .engine import Engine
 from .errors import MoepagerError
 from .generate import SamplingParams
 from .metrics import MeasureRequests, Metrics
 from .sampling import LogitsProcessor, TokenLogprob
+from .server_chat import LARGE_TEXT, chat_completion
 from .server_fields import (
+    MESSAGES_PATH,
     APIError,
     ChatBody,
     CompletionBody,
     LimitBody,
     RequestBody,
     adjustments,
-    chat_grammar,
-    content_text,
     parse,
 )
-from .tokenizer import StreamingDetokenizer
-from .tools import parse_tool_calls, template_messages
+from .server_generation import Generation, collect, completion_logprobs, merged, sse, usage
+from .server_messages import add_messages_routes
+from .server_responses import add_responses_routes
+from .tools import template_roles
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
-_LARGE_TEXT = 16 * 1024  # characters of prompt above which tokenizing runs off the event loop
-
-
-class Generation:
-    """One choice's sequence, seen as text: detokenizes, applies stop strings, counts usage, keeps logprobs."""
-
-    def __init__(self, app_state, prompt: list[int], max_tokens: int, params: SamplingParams, stops: list[str],
-                 processor: LogitsProcessor | None = None, counts_prompt: bool = True):  # fmt: skip
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-
-        def on_event(event):  # called on the worker thread
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, event)
-            except RuntimeError:  # the loop has closed: the server is shutting down
-                pass
-
-        self.state, self.stops, self.stop_ids = app_state, [s for s in stops if s], set(params.stop_ids)
-        self.seq = Sequence(prompt, max_tokens, params, on_event, processor)
-        tok = app_state.engine.tokenizer
-        self.detok = StreamingDetokenizer(tok) if tok else None
-        self.prompt_tokens, self.completion_tokens = len(prompt), 0
-        self.counts_prompt = counts_prompt
-        self.finish_reason: str | None = None
-        self.t0 = time.perf_counter()
-
-    async def deltas(self, request: Request | None = None) -> AsyncIterator[tuple[str, list[TokenLogprob]]]:
-        """Yield (new text, logprobs of its tokens) as generated. With `request`, stops if the client left."""
-        text, sent, pending = "", 0, []
-        proc = self.seq.processor
-        want_logprobs = proc is not None and proc.top_logprobs is not None
-        self.state.scheduler.submit(self.seq)
-        try:
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(self.queue.get(), 0.5)
-                except asyncio.TimeoutError:
-                    if request is not None and await request.is_disconnected():
-                        return
-                    continue
-                if kind == "error":
-                    raise APIError(500, f"generation failed: {value}", type="server_error")
-                if kind == "done":
-                    self.finish_reason = "length" if value == "length" else "stop"
-                    if sent < len(text) or pending:
-                        yield text[sent:], pending
-                    return
-                if self.completion_tokens == 0:
-                    self.state.metrics.first_token.observe(time.perf_counter() - self.t0)
-                self.completion_tokens += 1
-                if want_logprobs and value not in self.stop_ids:  # the end-of-sequence token is not text
-                    pending.append(proc.logprobs[self.completion_tokens - 1])
-                text += self.detok.add(value) if self.detok else f"{value} "
-                cut = min(
-                    (i for i in (text.find(s, max(0, sent - len(s))) for s in self.stops) if i >= 0),
-                    default=-1,
-                )
-                if cut >= 0:
-                    self.finish_reason, text = "stop", text[:cut]
-                    if sent < len(text) or pending:
-                        yield text[sent:], pending
-                    return
-                safe = len(text) - self._held_back(text)
-                if safe > sent:
-                    yield text[sent:safe], pending
-                    sent, pending = safe, []
-        finally:
-            self.seq.cancel()  # no-op once finished; otherwise frees the sequence's KV cache
-            if self.counts_prompt:
-                self.state.metrics.prompt_tokens.inc(self.prompt_tokens)
-            self.state.metrics.completion_tokens.inc(self.completion_tokens)
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest tail of text that could still grow into a stop string."""
-        return max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
-                    if s.startswith(text[-n:])), default=0)  # fmt: skip
-
-
-def _usage(gens: list[Generation]) -> dict:
-    p, c = gens[0].prompt_tokens, sum(g.completion_tokens for g in gens)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-async def _collect(gens: list[Generation], request: Request) -> list[tuple[str, list[TokenLogprob]]]:
-    async def one(g: Generation):
-        text, lps = [], []
-        async for delta, lp in g.deltas(request):
-            text.append(delta)
-            lps.extend(lp)
-        return "".join(text), lps
-
-    return list(await asyncio.gather(*(one(g) for g in gens)))
-
-
-async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, str | None, list[TokenLogprob]]]:
-    """The deltas of every choice as they come: (index, text, logprobs); text None once choice `index` ends."""
-    out: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, g: Generation):
-        try:
-            async for delta, lps in g.deltas():
-                await out.put((i, delta, lps))
-            await out.put((i, None, []))
-        except APIError as e:
-            await out.put((i, e, []))
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        for _ in range(len(gens)):
-            while True:
-                i, delta, lps = await out.get()
-                if isinstance(delta, APIError):
-                    raise delta
-                yield i, delta, lps
-                if delta is None:
-                    break
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-# --------------------------------------------------------------------------------------- logprobs as text
-
-
-def _token_text(tok, tid: int) -> str:
-    """A token as text; a special token (or an id past the tokenizer's vocabulary) by its name, never ""."""
-    text = tok.decode([tid]) if tok else str(tid)
-    if not text:
-        raw = tok.tok.id_to_token(tid) if hasattr(tok, "tok") else None
-        text = raw or f"<|token_{tid}|>"
-    return text
-
-
-def chat_logprobs(tok, lps: list[TokenLogprob]) -> dict:
-    def entry(tid: int, lp: float) -> dict:
-        text = _token_text(tok, tid)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    return {"content": [{**entry(x.token, x.logprob), "top_logprobs": [entry(t, v) for t, v in x.top]} for x in lps],
-            "refusal": None}  # fmt: skip
-
-
-def completion_logprobs(tok, lps: list[TokenLogprob], offset: int = 0) -> dict:
-    tokens = [_token_text(tok, x.token) for x in lps]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [{_token_text(tok, t): v for t, v in x.top} for x in lps], "text_offset": offsets}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- app
 
 
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def _error_response(e: APIError, path: str = "") -> JSONResponse:
+    body = e.anthropic_body() if path == MESSAGES_PATH else e.body()  # each API's own error shape
+    return JSONResponse(body, status_code=e.status)
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_batch: int = 32,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:  # fmt: skip
-    """The FastAPI app; its lifespan starts and stops the worker that owns `engine`."""
+               max_body_bytes: int = MAX_BODY_BYTES, announce: str | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app; its lifespan starts and stops the worker that owns `engine` (and prints `announce`,
+    when given, once that worker runs)."""
     from contextlib import asynccontextmanager
 
     scheduler = Scheduler(engine, max_batch=max_batch)
@@ -224,32 +76,39 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
     @asynccontextmanager
     async def lifespan(app):
         scheduler.start()
+        if announce is not None:  # the model is loaded and the worker runs: clients may come
+            print(announce, flush=True)
         yield
         scheduler.stop()
 
     app = FastAPI(title="moepager", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.scheduler, app.state.metrics = engine, scheduler, metrics
+    app.state.grammars, app.state.model_id, app.state.off_loop = grammars, model_id, _off_loop
+    app.state.api_key = api_key
+    app.state.template_roles = template_roles(tok) if tok is not None and tok.chat_template else (True, True)
     app.add_middleware(LimitBody, max_bytes=max_body_bytes)
     app.add_middleware(MeasureRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return _error_response(e)
+        return _error_response(e, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, e):
-        return _error_response(APIError(400, str(e)))
+        return _error_response(APIError(400, str(e)), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request, e: HTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return _error_response(
-            APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind)
+            APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", kind),
+            request.url.path,
         )
 
     @app.exception_handler(Exception)
     async def _internal_error(request, e: Exception):
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+        error = APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+        return _error_response(error, request.url.path)
 
     def authorize(request: Request) -> None:
         if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
@@ -276,8 +135,9 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if max_tokens is None:
             max_tokens = min(default_max or room, room)
-        if not 1 <= max_tokens <= room:
-            raise APIError(400, f"max_tokens must be between 1 and {room} (context {context} minus a "
+        least = 0 if getattr(body, "echo", None) else 1  # echo with 0 new tokens: the prompt's logprobs only
+        if not least <= max_tokens <= room:
+            raise APIError(400, f"max_tokens must be between {least} and {room} (context {context} minus a "
                            f"{len(prompt)}-token prompt), got {max_tokens}", param="max_tokens")  # fmt: skip
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4:
@@ -287,8 +147,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
         return max_tokens, SamplingParams(temperature, top_p, body.top_k or 0, body.seed, stop_ids), stops
 
     async def generations(body: RequestBody, prompt: list[int], default_max: int | None,
-                          top_logprobs: int | None = None, grammar: tuple[str, str] | None = None) -> list[Generation]:  # fmt: skip
-        """The request's `n` choices; grammar is (llguidance grammar, the request field it came from)."""
+                          top_logprobs: int | None = None, grammar: tuple[str, str] | None = None,
+                          prompt_logprobs: int | None = None) -> list[Generation]:  # fmt: skip
+        """The request's `n` choices; grammar is (llguidance grammar, the request field it came from);
+        prompt_logprobs: the top alternatives of each prompt token's logprob (None: no prompt logprobs)."""
         max_tokens, params, stops = check_common(body, prompt, default_max)
         adjust = adjustments(body, engine.config.vocab_size)
         constraints = [None] * (body.n or 1)
@@ -309,12 +171,15 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
                 processor = LogitsProcessor(prompt, adjust, constraint, top_logprobs)
             p = SamplingParams(params.temperature, params.top_p, params.top_k, seed, params.stop_ids)
             gens.append(Generation(app.state, prompt, max_tokens, p, stops, processor, counts_prompt=i == 0))
+            gens[-1].seq.prompt_logprobs = prompt_logprobs
         return gens
 
     def check_length(chars: int) -> None:
         if max_chars is not None and chars > max_chars:
             raise APIError(400, f"this model's maximum context length is {context} tokens; a {chars}-character "
                            "prompt cannot fit", param="messages", code="context_length_exceeded")  # fmt: skip
+
+    app.state.generations, app.state.check_length = generations, check_length
 
     def include_usage(body: RequestBody) -> bool:
         return bool(body.stream_options and body.stream_options.include_usage)
@@ -346,26 +211,42 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
                 raise APIError(400, "only one prompt per request is supported (use n for several choices)",
                                param="prompt")  # fmt: skip
             prompt = prompt[0]
-        if isinstance(prompt, str):
+        text_prompt = prompt if isinstance(prompt, str) else None
+        if text_prompt is not None:
             if tok is None:
                 raise APIError(
                     400, "this model has no tokenizer.json; send the prompt as token ids", param="prompt"
                 )
             check_length(len(prompt))
-            prompt = await _off_loop(len(prompt) > _LARGE_TEXT, tok.encode, prompt)
-        gens = await generations(body, prompt, 16, top_logprobs=body.logprobs)
-        rid, kind, created = f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time())
+            prompt = await _off_loop(len(prompt) > LARGE_TEXT, tok.encode, prompt)
         want = body.logprobs is not None
+        echo_logprobs = body.logprobs if body.echo and want else None
+        gens = await generations(body, prompt, 16, top_logprobs=body.logprobs, prompt_logprobs=echo_logprobs)
+        rid, kind, created = f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time())
+        echoed = "" if not body.echo else text_prompt if text_prompt is not None else _decode(tok, prompt)
 
         def response(choices: list, usage: dict | None = None) -> dict:
             out = {"id": rid, "object": kind, "created": created, "model": model_id, "choices": choices}
             return out if usage is None else {**out, "usage": usage}
 
+        def echo_logprobs_json(g: Generation) -> dict | None:
+            """The prompt's tokens with their logprobs; the first has none (nothing comes before it)."""
+            if not want:
+                return None
+            out = completion_logprobs(tok, [TokenLogprob(prompt[0], None, [])] + (g.prompt_logprobs or []))
+            out["top_logprobs"][0] = None
+            return out
+
         if body.stream:
-            offsets = [0] * len(gens)
+            offsets, started = [0] * len(gens), [False] * len(gens)
 
             async def events():
-                async for i, delta, lps in _merged(gens):
+                async for i, delta, lps in merged(gens):
+                    if body.echo and not started[i]:  # the prompt first, once its logprobs have come
+                        started[i] = True
+                        lp = echo_logprobs_json(gens[i])
+                        offsets[i] = len(echoed)
+                        yield response([{"index": i, "text": echoed, "logprobs": lp, "finish_reason": None}])
                     if delta is None:
                         yield response([{"index": i, "text": "", "logprobs": None,
                                          "finish_reason": gens[i].finish_reason}])  # fmt: skip
@@ -374,88 +255,28 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
                     offsets[i] += len(delta)
                     yield response([{"index": i, "text": delta, "logprobs": lp, "finish_reason": None}])
                 if include_usage(body):
-                    yield response([], _usage(gens))
+                    yield response([], usage(gens))
 
-            return _sse(events())
-        results = await _collect(gens, request)
-        choices = [{"index": i, "text": text, "logprobs": completion_logprobs(tok, lps) if want else None,
-                    "finish_reason": g.finish_reason} for i, ((text, lps), g) in enumerate(zip(results, gens))]  # fmt: skip
-        return response(choices, _usage(gens))
+            return sse(events())
+        results = await collect(gens, request)
+        choices = []
+        for i, ((text, lps), g) in enumerate(zip(results, gens)):
+            logprobs = completion_logprobs(tok, lps, len(echoed)) if want else None
+            if body.echo and want:
+                head = echo_logprobs_json(g)
+                logprobs = {k: head[k] + logprobs[k] for k in logprobs}
+            choices.append(
+                {"index": i, "text": echoed + text, "logprobs": logprobs, "finish_reason": g.finish_reason}
+            )
+        return response(choices, usage(gens))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(request: Request):
         body = await parse(request, ChatBody)
-        if tok is None or not tok.chat_template:
-            raise APIError(
-                400, "this model's tokenizer has no chat template; use /v1/completions", param="messages"
-            )
-        messages = [
-            {**m.model_dump(exclude_none=True), "content": content_text(m.content)} for m in body.messages
-        ]
-        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
-        grammar, fmt = chat_grammar(body, tools, tok, grammars is not None)
-        chars = sum(len(m["content"]) for m in messages)
-        check_length(chars)
-        try:
-            prompt = await _off_loop(
-                chars > _LARGE_TEXT, tok.encode_chat, template_messages(messages), tools=tools
-            )
-        except Exception as e:  # a template may reject a conversation (e.g. roles that do not alternate)
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        gens = await generations(body, prompt, None, top, grammar)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        return await chat_completion(request, body, model_id)
 
-        def response(choices: list, usage: dict | None = None, kind: str = "chat.completion.chunk") -> dict:
-            out = {"id": rid, "object": kind, "created": created, "model": model_id, "choices": choices}
-            return out if usage is None else {**out, "usage": usage}
-
-        def message(text: str, finish: str | None) -> tuple[dict, str | None]:
-            calls = parse_tool_calls(text, fmt) if fmt is not None and finish == "stop" else None
-            if calls is None:
-                return {"role": "assistant", "content": text}, finish
-            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
-
-        def logprobs(lps):
-            return chat_logprobs(tok, lps) if body.logprobs else None
-
-        if body.stream:
-            buffered = [[] for _ in gens]  # tool calls are parsed from the whole text, then sent at once
-
-            async def events():
-                for i in range(len(gens)):
-                    yield response([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}])  # fmt: skip
-                async for i, delta, lps in _merged(gens):
-                    if delta is None:
-                        finish = gens[i].finish_reason
-                        if fmt is not None:
-                            msg, finish = message("".join(buffered[i]), finish)
-                            msg.pop("role")
-                            if msg.get("tool_calls"):
-                                msg["tool_calls"] = [
-                                    {"index": k, **c} for k, c in enumerate(msg["tool_calls"])
-                                ]
-                            yield response(
-                                [{"index": i, "delta": msg, "logprobs": None, "finish_reason": None}]
-                            )
-                        yield response([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish}])
-                    elif fmt is not None:
-                        buffered[i].append(delta)
-                    else:
-                        yield response([{"index": i, "delta": {"content": delta}, "logprobs": logprobs(lps),
-                                         "finish_reason": None}])  # fmt: skip
-                if include_usage(body):
-                    yield response([], _usage(gens))
-
-            return _sse(events())
-        results = await _collect(gens, request)
-        choices = []
-        for i, ((text, lps), g) in enumerate(zip(results, gens)):
-            msg, finish = message(text, g.finish_reason)
-            choices.append({"index": i, "message": msg, "logprobs": logprobs(lps), "finish_reason": finish})
-        return response(choices, _usage(gens), kind="chat.completion")
-
+    add_responses_routes(app, authorize)
+    add_messages_routes(app, authorize)
     return app
 
 
@@ -464,18 +285,8 @@ async def _off_loop(large: bool, fn, *args, **kwargs):
     return await run_in_threadpool(fn, *args, **kwargs) if large else fn(*args, **kwargs)
 
 
-def _sse(events: AsyncIterator[dict]) -> EventSourceResponse:
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-
-    async def wrapped():
-        try:
-            async for chunk in events:
-                yield {"data": json.dumps(chunk)}
-        except APIError as e:
-            yield {"data": json.dumps(e.body())}
-        yield {"data": "[DONE]"}
-
-    return EventSourceResponse(wrapped(), ping=15)
+def _decode(tok, ids: list[int]) -> str:
+    return tok.decode(ids) if tok else " ".join(map(str, ids))
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -496,7 +307,10 @@ def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 80
     """Run the server until interrupted, on `sock` when one was reserved with reserve_port."""
     import uvicorn
 
-    app = create_app(engine, model_id, api_key)
+    shown = f"[{host}]" if ":" in host else host
+    app = create_app(
+        engine, model_id, api_key, announce=f"moepager: serving {model_id} at http://{shown}:{port}/v1"
+    )
     if sock is None:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
         return

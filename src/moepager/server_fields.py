@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 
 from .constrain import json_schema_grammar, lark_grammar
 from .sampling import Adjustments
-from .tools import ToolFormat, tool_format, tool_grammar
+from .tools import ToolFormat, chat_tool_format, tool_grammar
 
 # Fields that change nothing about the output and are accepted as sent (OpenAI bookkeeping and hints).
 HARMLESS = {
@@ -30,7 +30,7 @@ HARMLESS = {
     "prompt_cache_retention",
 }
 # Fields OpenAI knows that this server does not implement, accepted only at the value that asks for nothing.
-NEUTRAL = {"echo": (False,), "suffix": ("",), "best_of": (1,), "store": (False,), "modalities": (["text"],),
+NEUTRAL = {"suffix": ("",), "best_of": (1,), "store": (False,), "modalities": (["text"],),
            "audio": (), "functions": (), "function_call": (), "prediction": (), "reasoning_effort": (),
            "verbosity": (), "web_search_options": (), "moderation": (), "prompt_cache_options": ()}  # fmt: skip
 _LARGE_BODY = 64 * 1024  # parsed on a worker thread above this, so /health never waits on a big body
@@ -46,6 +46,17 @@ class APIError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self) -> dict:
+        """The same error in the shape of Anthropic's Messages API: {"type": "error", "error": {type, message}}."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+
+MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
+# Anthropic's error types by HTTP status
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error"}  # fmt: skip
 
 
 class _Strict(BaseModel):
@@ -80,6 +91,7 @@ class RequestBody(BaseModel):
 class CompletionBody(RequestBody):
     prompt: str | list[int] | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)  # how many top alternatives per token (OpenAI: <= 5)
+    echo: bool | None = None  # the prompt first in the text (and its tokens' logprobs, with logprobs)
 
 
 class ToolCallFunction(_Strict):
@@ -137,20 +149,26 @@ class ChatBody(RequestBody):
     parallel_tool_calls: bool | None = None
 
 
-async def parse(request: Request, schema: type[RequestBody]) -> RequestBody:
+async def parse(request: Request, schema: type[BaseModel], check=None) -> BaseModel:
+    """The request's body validated by `schema`, then by check(body) (default: check_fields)."""
     raw = await request.body()
     if len(raw) > _LARGE_BODY:
-        return await run_in_threadpool(_parse_raw, raw, schema)
-    return _parse_raw(raw, schema)
+        return await run_in_threadpool(_parse_raw, raw, schema, check)
+    return _parse_raw(raw, schema, check)
 
 
-def _parse_raw(raw: bytes, schema: type[RequestBody]) -> RequestBody:
+def _parse_raw(raw: bytes, schema: type[BaseModel], check=None) -> BaseModel:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
+    return validated(data, schema, check)
+
+
+def validated(data: dict, schema: type[BaseModel], check=None) -> BaseModel:
+    """data validated by `schema` (errors in OpenAI's shape, naming the top-level field), then by check."""
     try:
         body = schema.model_validate(data)
     except ValidationError as e:
@@ -159,7 +177,7 @@ def _parse_raw(raw: bytes, schema: type[RequestBody]) -> RequestBody:
         where = ".".join(str(p) for p in first["loc"])
         kind = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
         raise APIError(400, f"{where}: {first['msg']}", param=param, code=kind) from None
-    check_fields(body)
+    (check or check_fields)(body)
     return body
 
 
@@ -201,11 +219,12 @@ def content_text(content: str | list[dict] | None) -> str:
 
 def chat_grammar(
     body: ChatBody, tools: list[dict] | None, tok, can_constrain: bool
-) -> tuple[tuple[str, str] | None, ToolFormat | None]:
-    """(grammar, field) the request's output must follow, or None; and the tool format when calls may come.
+) -> tuple[tuple[str, str] | None, ToolFormat | None, bool]:
+    """(grammar, field) the request's output must follow, or None; the tool format when calls may come; and
+    whether the format's opener is one special token (which the reply's text then lacks).
 
-    tok: the model's tokenizer (its chat template names the tool-call format); can_constrain: it has the
-    tokenizer.json that grammars are compiled against."""
+    tok: the model's tokenizer (its chat template names the tool-call format, else the generic one is used);
+    can_constrain: it has the tokenizer.json that grammars are compiled against."""
     choice = body.tool_choice
     if choice is not None and not tools and choice != "none":
         raise APIError(400, "tool_choice needs tools", param="tool_choice")
@@ -217,10 +236,7 @@ def chat_grammar(
     if tools and choice != "none":
         if wants_json:
             raise APIError(400, "response_format cannot be combined with tools", param="response_format")
-        fmt = tool_format(tok.chat_template)
-        if fmt is None:
-            raise APIError(400, "this model's chat template has no tool-call format; tools cannot be used",
-                           param="tools")  # fmt: skip
+        fmt, _ = chat_tool_format(tok.chat_template)
         only = None
         if isinstance(choice, dict):
             only = (choice.get("function") or {}).get("name")
@@ -232,14 +248,14 @@ def chat_grammar(
         parallel = body.parallel_tool_calls is not False and only is None
         lark = tool_grammar(fmt, tools, "auto" if choice in (None, "auto") else "required", only, parallel,
                             special)  # fmt: skip
-        return (lark_grammar(lark), "tools"), fmt
+        return (lark_grammar(lark), "tools"), fmt, special is not None
     if wants_json:
         if rf.type == "json_object":
-            return (json_schema_grammar({"type": "object"}), "response_format"), None
+            return (json_schema_grammar({"type": "object"}), "response_format"), None, False
         if rf.json_schema is None:
             raise APIError(400, "response_format json_schema needs a json_schema", param="response_format")
-        return (json_schema_grammar(rf.json_schema.schema_ or {}), "response_format"), None
-    return None, None
+        return (json_schema_grammar(rf.json_schema.schema_ or {}), "response_format"), None, False
+    return None, None, False
 
 
 class LimitBody:
@@ -255,7 +271,9 @@ class LimitBody:
         if length.isdigit() and int(length) > self.max_bytes:
             while (await receive()).get("more_body"):  # drained, not kept: the client can read the answer
                 pass
-            return await JSONResponse(self._error().body(), status_code=413)(scope, receive, send)
+            e = self._error()
+            body = e.anthropic_body() if scope.get("path") == MESSAGES_PATH else e.body()
+            return await JSONResponse(body, status_code=413)(scope, receive, send)
         seen = 0
 
         async def counted():
