@@ -12,10 +12,12 @@ head and embedding therefore have 49152 rows instead of the real model's vocabul
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import MoepagerError
 
@@ -97,8 +99,6 @@ def _unit_std(qtype: int, rng: np.random.Generator) -> float:
     from .kernels.ggml import dequantize
 
     raw = _random_blocks(qtype, 64, 1.0, rng)
-    import torch
-
     return float(dequantize(qtype, torch.from_numpy(raw.reshape(64, -1))).std())
 
 
@@ -176,7 +176,7 @@ def synth_gguf(
         total = sum(
             gguf.GGML_QUANT_SIZES[t][1] * int(np.prod(d)) // gguf.GGML_QUANT_SIZES[t][0] for _, d, t in plan
         )
-        free = __import__("shutil").disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+        free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
         if total > free:
             raise MoepagerError(
                 f"{out}: needs {total / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free"

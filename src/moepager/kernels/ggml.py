@@ -228,11 +228,15 @@ def _weights(base, ctx, qtype: int, w: torch.Tensor) -> int:
     return t
 
 
-def _check(qtype: int, w: torch.Tensor, x: torch.Tensor) -> None:
+def _check_type(qtype: int) -> None:
     if qtype not in SUPPORTED:
         name = Q(qtype).name if qtype in Q._value2member_map_ else qtype
         names = ", ".join(Q(t).name for t in sorted(SUPPORTED))
         raise ValueError(f"GGUF quantization type {name} has no moepager kernel (supported: {names})")
+
+
+def _check(qtype: int, w: torch.Tensor, x: torch.Tensor) -> None:
+    _check_type(qtype)
     if w.dtype != torch.uint8 or w.device.type != "cpu" or w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
         raise ValueError(f"GGUF weights must be uint8 rows on the CPU, not {w.dtype} {list(w.shape)}")
     qk, bb = GGML_QUANT_SIZES[Q(qtype)]
@@ -283,8 +287,7 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:
     """raw uint8 [..., R, row bytes] -> float32 [..., R, C], by ggml's own to_float."""
-    if qtype not in SUPPORTED:
-        raise ValueError(f"GGUF quantization type {qtype} has no moepager kernel")
+    _check_type(qtype)
     qk, bb = GGML_QUANT_SIZES[Q(qtype)]
     if raw.dtype != torch.uint8 or raw.shape[-1] % bb:
         raise ValueError(f"{Q(qtype).name} rows must be uint8 [..., k * {bb} bytes], not {list(raw.shape)}")
