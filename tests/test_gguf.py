@@ -6,7 +6,7 @@ import pytest
 import torch
 from gguf_vocab import add_vocab
 from quality import LIMITS, check_lossy, zeroed_experts
-from tiny_models import VOCAB
+from tiny_models import VOCAB, randomize
 
 import moepager
 from moepager.kernels import gguf as gguf_kernels
@@ -253,6 +253,7 @@ def test_q4_k_experts(tmp_path):
         pad_token_id=None,
     )
     ref = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize(ref)
     ref.save_pretrained(tmp_path / "hf")
     write_gguf(tmp_path / "hf", tmp_path / "m.gguf", Q.Q4_K)
     src = GgufSource(tmp_path / "m.gguf")
