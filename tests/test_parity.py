@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB
+from tiny_models import FAMILIES, VOCAB, assert_like_reference, build
 
 import moepager
 
@@ -52,3 +52,34 @@ def test_kv_cache_decode_matches_full_forward(tiny, engines, family):
         for t in range(8, 14):
             steps.append(engine.model(ids[:, t : t + 1], cache))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_gpt_oss_clamp_is_reached_and_matches_transformers(tmp_path):
+    """GPT-OSS clamps its experts' gate (above) and up (both sides) projections at swiglu_limit. The tiny model's
+    projections stay near 1, below the real limit of 7, so the limit is lowered to where a tenth of them pass it."""
+    limit = 0.5
+    ref = build("gpt_oss", tmp_path, swiglu_limit=limit)
+    seen = []  # the projections each expert call clamps, before clamping
+    for layer in ref.model.layers:
+        experts = layer.mlp.experts
+        apply_gate = experts._apply_gate
+
+        def record(gate_up, apply_gate=apply_gate):
+            seen.append(gate_up.detach().clone())
+            return apply_gate(gate_up)
+
+        experts._apply_gate = record
+    engine = moepager.load(tmp_path)
+    assert engine.config.swiglu_limit == limit
+    assert_like_reference(engine, ref)
+    # [tokens * K, 2I], gate and up interleaved
+    gate_up = torch.cat([g.reshape(-1, g.shape[-1]) for g in seen])
+    gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    assert gate.max() > limit and up.max() > limit and up.min() < -limit
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clamped = ref(ids).logits
+        for layer in ref.model.layers:
+            layer.mlp.experts.limit = 7.0
+        unclamped = ref(ids).logits
+    assert (clamped - unclamped).abs().max() > 1e-2  # the clamp changes the output, beyond the 1e-4 tolerance

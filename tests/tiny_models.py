@@ -43,12 +43,15 @@ def configs():
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe"]
 
 
-def build(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None):
-    """Write a random fp32 checkpoint of `family` to `out`; return the transformers model."""
+def build(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None, **config_fields):
+    """Write a random fp32 checkpoint of `family` to `out`; return the transformers model.
+    config_fields: values that replace the tiny config's."""
     import transformers as tf
 
     torch.manual_seed(seed)
     config = configs()[family]()
+    for key, value in config_fields.items():
+        setattr(config, key, value)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     randomize(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
