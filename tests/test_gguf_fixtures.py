@@ -1,0 +1,111 @@
+"""GGUF files written by llama.cpp's own converter (f32, q8_0) and quantizer (q4_0), committed in fixtures/gguf with
+the tiny checkpoints they were made from (fixtures/make_gguf_fixtures.py; PROVENANCE.json names the llama.cpp
+commit). An f32 file runs as transformers runs its checkpoint; every file gives the logits llama.cpp gave for it
+(stored beside it, and recomputed where llama-cpp-python is installed)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from quality import zeroed_experts
+
+import moepager
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+PROVENANCE = json.loads((FIXTURES / "PROVENANCE.json").read_text())
+IDS = torch.tensor([PROVENANCE["logits_ids"]])  # [1, T]: the tokens llama.cpp's stored logits are for
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+TYPES = ["f32", "q8_0", "q4_0"]
+# llama.cpp computes a q8_0 or q4_0 file's matmuls on activations rounded to 8 bits: ~1% per token (measured
+# 0.6-1.8%); its f32 file agrees with moepager to 5e-5 (GPT-OSS) and 5e-7 (the others)
+LLAMA_CPP_REL = {"f32": 1e-4, "q8_0": 0.03, "q4_0": 0.03}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """family -> (transformers model of the fixture's checkpoint, its logits for IDS, the same with its routed
+    experts zeroed)."""
+    import transformers as tf
+
+    made = {}
+
+    def get(family):
+        if family not in made:
+            ref = tf.AutoModelForCausalLM.from_pretrained(FIXTURES / family, dtype=torch.float32).eval()
+            with torch.no_grad():
+                made[family] = (ref, ref(IDS).logits, zeroed_experts(ref)(IDS).logits)
+        return made[family]
+
+    return get
+
+
+def gguf(family: str, kind: str) -> Path:
+    return FIXTURES / f"{family}.{kind}.gguf"
+
+
+def llama_cpp_logits(family: str, kind: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(f"{gguf(family, kind)}.logits.npy"))[None]  # [1, T, V]
+
+
+def relative(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """[tokens] |got - want| / |want| over the vocabulary."""
+    return ((got - want).norm(dim=-1) / want.norm(dim=-1)).flatten()
+
+
+def greedy(ref, prompt: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens by full forwards (transformers' generate would keep the fixtures' eos token out)."""
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, ref(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return ids[0, prompt.shape[1] :].tolist()
+
+
+def test_fixtures_are_small_and_from_llama_cpp():
+    assert len(PROVENANCE["llama_cpp_commit"]) == 40 and PROVENANCE["llama_cpp_python"]
+    for family in FAMILIES:
+        for kind in TYPES:
+            assert gguf(family, kind).stat().st_size < 300_000
+        assert (FIXTURES / family / "model.safetensors").stat().st_size < 300_000
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_file_runs_like_its_checkpoint(reference, family):
+    ref, expected, _ = reference(family)
+    resident = moepager.load(gguf(family, "f32"))
+    paged = moepager.load(gguf(family, "f32"), expert_memory="50%", prefetch=False)
+    for engine in (resident, paged):
+        assert (engine.logits(IDS) - expected).abs().max().item() < 1e-4
+    prompt = IDS[:, :5]
+    want = greedy(ref, prompt, 12)
+    assert resident.generate(prompt[0], max_new_tokens=12, stop_ids=[]) == want
+    assert paged.generate(prompt[0], max_new_tokens=12, stop_ids=[]) == want
+
+
+@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_file_gives_llama_cpps_logits(reference, family, kind):
+    _, exact, zeroed = reference(family)
+    want = llama_cpp_logits(family, kind)
+    got = moepager.load(gguf(family, kind)).logits(IDS)
+    assert relative(got, want).max().item() < LLAMA_CPP_REL[kind]
+    # the negative control: the model without its routed experts is far outside that tolerance
+    assert relative(zeroed, want).max().item() > 3 * LLAMA_CPP_REL[kind]
+    if kind != "f32":  # and a quantized file is not run as its unquantized checkpoint
+        assert (got - exact).abs().max().item() > 1e-3
+
+
+def test_stored_logits_are_what_llama_cpp_computes():
+    """Where llama-cpp-python is installed: the stored logits are recomputed (one file per type)."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python is not installed: the files are checked against the llama.cpp "
+        "logits stored beside them (written by make_gguf_fixtures.py --llama-python)"
+    )  # fmt: skip
+    for family, kind in [("qwen3_moe", "f32"), ("gpt_oss", "q8_0"), ("deepseek_v3", "q4_0")]:
+        llm = llama_cpp.Llama(str(gguf(family, kind)), n_ctx=64, n_batch=64, logits_all=True, type_k=0, type_v=0,
+                              n_threads=1, verbose=False)  # fmt: skip
+        llm.eval(IDS[0].tolist())
+        now = torch.from_numpy(np.asarray(llm.scores[: IDS.shape[1]], dtype=np.float32))[None]
+        assert relative(now, llama_cpp_logits(family, kind)).max().item() < 1e-5
