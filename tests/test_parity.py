@@ -83,3 +83,30 @@ def test_gpt_oss_clamp_is_reached_and_matches_transformers(tmp_path):
             layer.mlp.experts.limit = 7.0
         unclamped = ref(ids).logits
     assert (clamped - unclamped).abs().max() > 1e-2  # the clamp changes the output, beyond the 1e-4 tolerance
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_bias_and_norm_weight_moves_the_logits(tiny, family):
+    """Each bias, norm weight, sink and correction bias of the tiny models, put back to transformers' initial
+    value (zero, one), moves the logits past the 1e-4 tolerance: an engine that ignored it would fail the tests."""
+    import re
+
+    _, ref = tiny(family)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    tensors = dict(ref.named_parameters())
+    tensors.update((n, b) for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias"))
+    kinds = {}  # the name without its layer number -> the tensors of every layer
+    for name, t in tensors.items():
+        if t.dim() == 1 or name.endswith(("_bias", "sinks")):
+            kinds.setdefault(re.sub(r"\.\d+\.", ".N.", name), []).append(t)
+    assert kinds
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for kind, group in kinds.items():
+            saved = [t.clone() for t in group]
+            for t in group:
+                t.fill_(1.0 if kind.endswith("norm.weight") else 0.0)
+            moved = (ref(ids).logits - expected).abs().max().item()
+            for t, s in zip(group, saved):
+                t.copy_(s)
+            assert moved > 1e-3, kind
