@@ -14,7 +14,7 @@ import pytest
 import torch
 from gguf_vocab import hf_vocab, smollm2_gguf, spm_vocab, train_sentencepiece
 from test_gguf import write_gguf
-from tiny_models import configs
+from tiny_models import configs, randomize
 
 from moepager.cli import main
 
@@ -43,7 +43,9 @@ def tiny_with_tokenizer(family: str, kind: str, out: Path, converter: bool = Fal
     if converter and family == "qwen3_moe":
         config.mlp_only_layers = []  # llama.cpp's converter does not map Qwen3-MoE's dense MLP layers
     torch.manual_seed(0)
-    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model)
+    model.save_pretrained(out)
     vocab = (
         spm_vocab(model_file)
         if kind == "spm"

@@ -1,15 +1,16 @@
-"""Paged experts against transformers: exact output at every expert budget, with and without prefetch."""
+"""Paged experts against transformers: exact output at every expert budget, with and without prefetch, for every
+family and from every kind of source (checkpoint, store, GGUF)."""
 
 import warnings
 
 import pytest
 import torch
-from tiny_models import VOCAB
+from tiny_models import FAMILIES, VOCAB
 
 import moepager
 from moepager.errors import MoepagerError
 
-PAGED = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
+PAGED = FAMILIES
 
 
 def _load(path, **kw):
@@ -61,12 +62,19 @@ def stores(tiny, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("source", ["safetensors", "store"])
+@pytest.mark.parametrize("source", ["safetensors", "store", "gguf"])
 @pytest.mark.parametrize("family", PAGED)
-def test_paged_matches_transformers_at_every_budget(references, stores, family, source):
+def test_paged_matches_transformers_at_every_budget(references, stores, tmp_path, family, source):
     path, prompt, tokens, ids, logits = references(family)
     if source == "store":  # the expert-aligned store written by moepager convert, read with O_DIRECT
         path = stores(family)
+    elif source == "gguf":  # stacked experts, read by byte range
+        from test_gguf import ARCH, write_gguf
+
+        if family not in ARCH:
+            pytest.skip(f"moepager reads no {family} GGUF")
+        write_gguf(path, tmp_path / "m.gguf")
+        path = tmp_path / "m.gguf"
     probe = _load(path, expert_memory="100%")
     budgets = _budgets(probe)
     for budget in budgets:

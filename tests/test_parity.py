@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB
+from tiny_models import FAMILIES, VOCAB, assert_like_reference, build
 
 import moepager
 
@@ -52,3 +52,61 @@ def test_kv_cache_decode_matches_full_forward(tiny, engines, family):
         for t in range(8, 14):
             steps.append(engine.model(ids[:, t : t + 1], cache))
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_gpt_oss_clamp_is_reached_and_matches_transformers(tmp_path):
+    """GPT-OSS clamps its experts' gate (above) and up (both sides) projections at swiglu_limit. The tiny model's
+    projections stay near 1, below the real limit of 7, so the limit is lowered to where a tenth of them pass it."""
+    limit = 0.5
+    ref = build("gpt_oss", tmp_path, swiglu_limit=limit)
+    seen = []  # the projections each expert call clamps, before clamping
+    for layer in ref.model.layers:
+        experts = layer.mlp.experts
+        apply_gate = experts._apply_gate
+
+        def record(gate_up, apply_gate=apply_gate):
+            seen.append(gate_up.detach().clone())
+            return apply_gate(gate_up)
+
+        experts._apply_gate = record
+    engine = moepager.load(tmp_path)
+    assert engine.config.swiglu_limit == limit
+    assert_like_reference(engine, ref)
+    # [tokens * K, 2I], gate and up interleaved
+    gate_up = torch.cat([g.reshape(-1, g.shape[-1]) for g in seen])
+    gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    assert gate.max() > limit and up.max() > limit and up.min() < -limit
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clamped = ref(ids).logits
+        for layer in ref.model.layers:
+            layer.mlp.experts.limit = 7.0
+        unclamped = ref(ids).logits
+    assert (clamped - unclamped).abs().max() > 1e-2  # the clamp changes the output, beyond the 1e-4 tolerance
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_bias_and_norm_weight_moves_the_logits(tiny, family):
+    """Each bias, norm weight, sink and correction bias of the tiny models, put back to transformers' initial
+    value (zero, one), moves the logits past the 1e-4 tolerance: an engine that ignored it would fail the tests."""
+    import re
+
+    _, ref = tiny(family)
+    ids = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(1))
+    tensors = dict(ref.named_parameters())
+    tensors.update((n, b) for n, b in ref.named_buffers() if n.endswith("e_score_correction_bias"))
+    kinds = {}  # the name without its layer number -> the tensors of every layer
+    for name, t in tensors.items():
+        if t.dim() == 1 or name.endswith(("_bias", "sinks")):
+            kinds.setdefault(re.sub(r"\.\d+\.", ".N.", name), []).append(t)
+    assert kinds
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for kind, group in kinds.items():
+            saved = [t.clone() for t in group]
+            for t in group:
+                t.fill_(1.0 if kind.endswith("norm.weight") else 0.0)
+            moved = (ref(ids).logits - expected).abs().max().item()
+            for t, s in zip(group, saved):
+                t.copy_(s)
+            assert moved > 1e-3, kind

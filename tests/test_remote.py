@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 from serve_process import serve_process
-from tiny_models import COMMON, write_word_tokenizer
+from tiny_models import COMMON, randomize, write_word_tokenizer
 
 import moepager
 from moepager.bench.hub_server import HubServer
@@ -30,6 +30,7 @@ def model(tmp_path_factory):
     config = tf.Qwen3MoeConfig(**COMMON, num_experts=64, num_experts_per_tok=2, moe_intermediate_size=64,
                                head_dim=16, norm_topk_prob=True)  # fmt: skip
     ref = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    randomize(ref)
     out = tmp_path_factory.mktemp("hub") / "tiny-moe"
     ref.save_pretrained(out)
     write_word_tokenizer(out)

@@ -34,30 +34,45 @@ def configs():
             v_head_dim=8),
         "gpt_oss": lambda: tf.GptOssConfig(
             **COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8),
-        "phimoe": lambda: tf.PhimoeConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+        # Phi-3.5-MoE's own config has biases on q/k/v/o and the output head
+        "phimoe": lambda: tf.PhimoeConfig(
+            **COMMON, num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True),
     }  # fmt: skip
 
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe"]
 
 
-def build(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None):
-    """Write a random fp32 checkpoint of `family` to `out`; return the transformers model."""
+def build(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None, **config_fields):
+    """Write a random fp32 checkpoint of `family` to `out`; return the transformers model.
+    config_fields: values that replace the tiny config's."""
     import transformers as tf
 
     torch.manual_seed(seed)
     config = configs()[family]()
+    for key, value in config_fields.items():
+        setattr(config, key, value)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("e_score_correction_bias") or name.endswith("sinks"):
-                p.normal_(0, 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)
+    randomize(model)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return model
+
+
+def randomize(model) -> None:
+    """Every parameter random: transformers starts biases at zero and norm weights at one, where an engine that
+    ignored them would still match. Rotary frequencies (buffers) stay as computed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(0, 0.5)
+            elif p.numel() > 1 and p.min() == p.max() == 1:  # norm weights
+                p.uniform_(0.5, 1.5)
+            elif p.min() == p.max():  # biases (attention, experts, LayerNorm, the output head)
+                p.normal_(0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
 
 
 def write_word_tokenizer(out: Path) -> None:
