@@ -45,6 +45,22 @@ def test_q4_k_m_file_has_llama_cpp_types_and_sane_weights(small_shape, tmp_path)
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_routing_varies_from_token_to_token(monkeypatch, tmp_path):
+    """Centred blocks keep tokens apart through the layers, so decoding pages: each layer's routing spreads
+    over many experts (uncentred codes sent every token of a random model to the same 8)."""
+    shape = dataclasses.replace(synth_gguf.SHAPES["qwen3-30b-a3b"], layers=6, experts=32, top_k=4)
+    monkeypatch.setitem(synth_gguf.SHAPES, "routing", shape)
+    engine = moepager.load(
+        synth_gguf.synth_gguf(tmp_path / "m.gguf", "routing", "Q4_K_M", progress_bar=False)
+    )
+    picked: dict[int, set] = {}
+    for i, block in enumerate(engine.model.layers):
+        hook = lambda _, __, out, i=i: picked.setdefault(i, set()).update(out[1].flatten().tolist())
+        block.ffn.router.register_forward_hook(hook)
+    engine.generate(list(range(1000, 1008)), max_new_tokens=12, temperature=1.0, seed=0)
+    assert min(len(p) for p in picked.values()) >= 12, {i: len(p) for i, p in picked.items()}  # 3 x top-k
+
+
 def test_synth_gguf_runs_in_moepager(small_shape, tmp_path, capsys):
     path = tmp_path / "m.gguf"
     assert (

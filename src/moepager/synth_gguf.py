@@ -103,19 +103,31 @@ def _unit_std(qtype: int, rng: np.random.Generator) -> float:
 
 
 def _random_blocks(qtype: int, blocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Random codes with every block's scale set to `scale`, centred: weights average zero, as a quantizer's
+    output of zero-mean weights does. (Uncentred codes give every matrix a mean that swamps the token: a deep
+    random model's residual stream then routes every token to the same experts.)"""
     from gguf import GGML_QUANT_SIZES
     from gguf import GGMLQuantizationType as Q
 
     bb = GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, (blocks, bb), dtype=np.uint8)
-    if (
+    if qtype == Q.Q4_0:  # codes 1..15, so code - 8 is symmetric about 0
+        raw[:, 2:] = rng.integers(1, 16, (blocks, 16), dtype=np.uint8) | (
+            rng.integers(1, 16, (blocks, 16), dtype=np.uint8) << 4
+        )
+    elif (
         qtype == Q.Q8_0
-    ):  # codes are -127..127 in a quantized file: -128 would take kernels' sign tricks off-path
+    ):  # codes -127..127 as in a quantized file (-128 would also take sign tricks off-path)
         codes = raw[:, 2:]
         codes[codes == 0x80] = 0x81
+    elif qtype == Q.Q4_K:  # each sub-block's min equal to its scale, dmin = 7.5 d: w = d * sc * (q - 7.5)
+        raw[:, 4:8] = raw[:, 0:4]  # m = sc for sub-blocks 0..3, and the high bits of 4..7 alike
+        raw[:, 8:12] = (raw[:, 8:12] & 0x0F) * 0x11  # sub-blocks 4..7: the low bits of sc and of m alike
     d = np.full((blocks, 1), scale, dtype=np.float16).view(np.uint8)
     for o in _scale_fields(qtype):
         raw[:, o : o + 2] = d
+    if qtype == Q.Q4_K:
+        raw[:, 2:4] = np.full((blocks, 1), 7.5 * scale, dtype=np.float16).view(np.uint8)
     return raw
 
 
