@@ -17,3 +17,11 @@ moepager bench "$MODEL" --budgets limit --memory-cap 8GiB --peers llamacpp-norep
   "${COMMON[@]}" --name real-scale-8gib
 moepager bench "$MODEL" --budgets limit --memory-cap 4GiB --peers llamacpp-norepack,llamacpp-lazy \
   "${COMMON[@]}" --name real-scale-4gib
+# the small Qwen3-MoE shape (D=512, 8 layers, 64 experts of 320, top-4) as a 182 MiB Q4_0 file: resident, and
+# under a 400 MiB cap, where moepager runs with --memory-limit 400MiB and decides what stays resident
+SMALL="$D/qwen3-64x4.q4_0.gguf"
+[ -f "$SMALL" ] || moepager synth "$SMALL" --format gguf --shape qwen3-64x4 --quant Q4_0
+moepager bench "$SMALL" --budgets 100% --peers llamacpp,llamacpp-norepack --overhead 512MiB \
+  --rounds "${ROUNDS:-1}" --tokens 33 --prompt-tokens 16 --out "$OUT" --name small-q4_0-resident
+moepager bench "$SMALL" --budgets limit --memory-cap 400MiB --peers llamacpp-norepack,llamacpp-lazy \
+  --rounds "${ROUNDS:-1}" --tokens 33 --prompt-tokens 16 --out "$OUT" --name small-q4_0-400mib

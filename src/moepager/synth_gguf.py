@@ -47,6 +47,8 @@ class Shape:
 SHAPES = {
     "qwen3-30b-a3b": Shape("qwen3moe", 48, 2048, 32, 4, 128, 128, 8, 768, 1e6, 1e-6, True),
     "mixtral-8x7b": Shape("llama", 32, 4096, 32, 8, 128, 8, 2, 14336, 1e6, 1e-5, False),
+    # not a released model: the small Qwen3-MoE shape of the project's compute benchmarks (benchmarks/README.md)
+    "qwen3-64x4": Shape("qwen3moe", 8, 512, 16, 4, 128, 64, 4, 320, 1e6, 1e-6, True),
 }
 QUANTS = ("Q4_K_M", "Q4_0", "Q8_0")
 

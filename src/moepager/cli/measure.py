@@ -12,7 +12,9 @@ def cmd_synth(args) -> None:
         from ..synth_gguf import synth_gguf
 
         if args.shape is None:
-            raise MoepagerError("synth --format gguf needs --shape (qwen3-30b-a3b or mixtral-8x7b)")
+            raise MoepagerError(
+                "synth --format gguf needs --shape (qwen3-30b-a3b, mixtral-8x7b or qwen3-64x4)"
+            )
         print(synth_gguf(args.out, args.shape, args.quant, seed=args.seed, progress_bar=not args.quiet))
         return
     if args.shape is not None:
@@ -43,7 +45,9 @@ def add_synth_bench(sub) -> None:
         default="hf",
         help="hf: a safetensors checkpoint; gguf: a GGUF at a real model's --shape (default: hf)",
     )
-    s.add_argument("--shape", help="with --format gguf: qwen3-30b-a3b or mixtral-8x7b (default: none)")
+    s.add_argument(
+        "--shape", help="with --format gguf: qwen3-30b-a3b, mixtral-8x7b or qwen3-64x4 (default: none)"
+    )
     s.add_argument(
         "--quant", default="Q4_K_M", help="with --format gguf: Q4_K_M, Q4_0 or Q8_0 (default: Q4_K_M)"
     )

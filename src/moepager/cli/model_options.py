@@ -27,12 +27,18 @@ def check_before_load(args) -> None:
     for flag, value in (("--max-context", args.max_context), ("--prefill-chunk", args.prefill_chunk)):
         if value is not None and value < 1:
             raise MoepagerError(f"{flag} {value}: give a positive number of tokens")
+    if args.threads is not None and args.threads < 1:
+        raise MoepagerError(f"--threads {args.threads}: give a positive number of threads")
 
 
 def load_engine(args):
     from .. import load
 
     args.model = model_or_default(args.model)
+    if args.threads is not None:  # torch's count, which GGUF kernels take over (kernels/ggml.py)
+        import torch
+
+        torch.set_num_threads(args.threads)
     kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
     model, paging = open_remote(args, args.model, paging_options(args))
     return load(
@@ -96,6 +102,8 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--seed", type=int, help="seed of the sampler (default: not seeded)")
     r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--threads", type=int, help="CPU threads for the math (default: torch's, one per core); on a "
+                   "machine shared with other busy processes fewer can be faster")  # fmt: skip
     r.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     r.add_argument("--experts-dtype", choices=["bf16", "fp16", "int8", "int4"],
                    help="convert routed experts as they are read; int8/int4 are lossy (default: as stored)")  # fmt: skip

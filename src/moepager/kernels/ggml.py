@@ -47,6 +47,7 @@ _NB_OFFSET = 48
 _DATA_OFFSET = 248
 _CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of a few decode batch sizes
 _POLL = 50  # ggml's polling level between calls (llama.cpp's default): 0 sleeps at once, 100 spins longest
+SMALL_WORK = 1 << 20  # weight bytes below which a product runs on the calling thread alone
 
 
 class _InitParams(ctypes.Structure):
@@ -205,8 +206,10 @@ def _threads() -> int:
     return _cores.n
 
 
-def _graph(key: tuple, build) -> _Graph:
-    threads = _threads()
+def _graph(key: tuple, build, work_bytes: int) -> _Graph:
+    """The cached graph of `key`, run on ggml's threads, or on the calling thread alone for a product that
+    reads less than SMALL_WORK bytes of weights (waking a pool costs more than it saves there)."""
+    threads = _threads() if work_bytes >= SMALL_WORK else 1
     key = (*key, threads)
     graph = _graphs.get(key)
     if graph is None:
@@ -267,7 +270,7 @@ def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tenso
 
     key = ("id", qtype, bank.data_ptr(), bank.shape, bank.stride(0), n, k, used)
     out = torch.empty(n, k, r, dtype=torch.float32)
-    return _graph(key, build)(out, bank, x, ids32)
+    return _graph(key, build, min(n * k, s) * r * bank.shape[-1])(out, bank, x, ids32)
 
 
 def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +285,7 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (a, b), base.ggml_mul_mat(ctx, a, b)
 
     key = ("mm", qtype, w.data_ptr(), w.shape, n)
-    return _graph(key, build)(torch.empty(n, w.shape[0], dtype=torch.float32), w, x)
+    return _graph(key, build, w.numel())(torch.empty(n, w.shape[0], dtype=torch.float32), w, x)
 
 
 def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:
