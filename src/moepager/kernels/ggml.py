@@ -15,8 +15,9 @@ calls ggml_graph_compute. It does not own which slots a layer uses (the experts 
 bytes come from (the store).
 
 Threads: a thread that computes GGUF blocks gives its cores to ggml's pool, whose threads spin briefly between
-calls as llama.cpp's do, and runs torch's ops in between on itself alone (torch's OpenMP workers would
-otherwise spin on the same cores). Measured on a 4-layer Qwen3-30B-A3B-shaped Q4_K_M file, decode on 2
+calls as llama.cpp's do (or sleep, once experts are paged: see _poll), and runs torch's ops in between on
+itself alone (torch's OpenMP workers would otherwise spin on the same cores). Products of under SMALL_WORK
+bytes run on the calling thread. Measured on a 4-layer Qwen3-30B-A3B-shaped Q4_K_M file, decode on 2
 shared cores: torch 2 + ggml 2 threads 3-8 tok/s, torch 1 + ggml 1 24, torch 1 + ggml 2 spinning 40.
 
 Letters: S slots, R rows (outputs), C columns (inputs), N tokens, K matrices per token.
@@ -46,7 +47,10 @@ _MAX_THREADS = 512  # GGML_MAX_N_THREADS, the size of the thread pool's cpu mask
 _NB_OFFSET = 48
 _DATA_OFFSET = 248
 _CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of a few decode batch sizes
-_POLL = 50  # ggml's polling level between calls (llama.cpp's default): 0 sleeps at once, 100 spins longest
+# ggml's polling level between calls: 0 sleeps at once, 50 (llama.cpp's default) spins a while. Spinning wins
+# when the model is resident; a process that pages experts sleeps, so its reader threads get the cores
+# (benchmarks/real_scale.md: at a 4 GiB cap, 2 threads decoded 0.71 tok/s spinning and 1.54 sleeping)
+_poll = 50
 SMALL_WORK = 1 << 20  # weight bytes below which a product runs on the calling thread alone
 
 
@@ -123,7 +127,7 @@ class _Ggml:
         self.cpu = ctypes.CDLL(os.path.join(where, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
         _signatures(self.base, self.cpu)
         self.cpu.ggml_cpu_init()
-        self.pools: dict[int, int] = {}
+        self.pools: dict[tuple[int, int], int] = {}
         self.lock = threading.Lock()  # one graph computes at a time: graphs and pools are shared
         self._check_layout()
 
@@ -138,12 +142,12 @@ class _Ggml:
         finally:
             self.base.ggml_free(ctx)
 
-    def pool(self, threads: int) -> int:
-        if threads not in self.pools:
+    def pool(self, threads: int, poll: int) -> int:
+        if (threads, poll) not in self.pools:
             params = self.base.ggml_threadpool_params_default(threads)
-            params.poll = _POLL
-            self.pools[threads] = self.cpu.ggml_threadpool_new(ctypes.byref(params))
-        return self.pools[threads]
+            params.poll = poll
+            self.pools[threads, poll] = self.cpu.ggml_threadpool_new(ctypes.byref(params))
+        return self.pools[threads, poll]
 
 
 _lib: _Ggml | None = None
@@ -173,7 +177,7 @@ class _Graph:
         self.inputs, self.out = build(g.base, self.ctx)
         self.graph = g.base.ggml_new_graph_custom(self.ctx, 8, False)
         g.base.ggml_build_forward_expand(self.graph, self.out)
-        self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads))
+        self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
         self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
         self.plan.work_data = self.work.data_ptr()
 
@@ -206,11 +210,17 @@ def _threads() -> int:
     return _cores.n
 
 
+def sleep_between_calls() -> None:
+    """Let ggml's threads sleep between products from now on (a process that reads experts from disk)."""
+    global _poll
+    _poll = 0
+
+
 def _graph(key: tuple, build, work_bytes: int) -> _Graph:
     """The cached graph of `key`, run on ggml's threads, or on the calling thread alone for a product that
     reads less than SMALL_WORK bytes of weights (waking a pool costs more than it saves there)."""
     threads = _threads() if work_bytes >= SMALL_WORK else 1
-    key = (*key, threads)
+    key = (*key, threads, _poll)
     graph = _graphs.get(key)
     if graph is None:
         graph = _graphs[key] = _Graph(build, threads)

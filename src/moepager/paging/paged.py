@@ -208,6 +208,10 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
         b.ffn.layer: (lambda x, r=b.ffn.router: r(x)[1]) for b in model.layers if isinstance(b.ffn, MoE)
     }
     experts = PagedExperts(config, cache, routers, prefetch)
+    if cache.capacity < cache.num_keys:  # experts will be read while decoding: leave the readers the cores
+        from ..kernels import ggml
+
+        ggml.sleep_between_calls()
     for layer, e in pins:
         experts.pin(layer, e)
     if hot_set is not None:
