@@ -15,7 +15,9 @@ def commands(readme: str) -> dict[str, str]:
     for label, key in (("Run a model", "setup"), ("Run the tests", "test")):
         m = re.search(re.escape(label) + r"[^\n]*\n+```bash\n(.+?)\n```", readme, re.S)
         if m is None or "\n" in m.group(1).strip():
-            raise SystemExit(f"README.md: no one-line bash block after {label!r}: keep the set-up commands there")
+            raise SystemExit(
+                f"README.md: no one-line bash block after {label!r}: keep the set-up commands there"
+            )
         found[key] = m.group(1).strip()
     return found
 
