@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoepagerError
+from ..output_paths import check_output_file
 
 
 def model_or_default(model: str | None) -> str:
@@ -27,6 +28,11 @@ def check_before_load(args) -> None:
     for flag, value in (("--max-context", args.max_context), ("--prefill-chunk", args.prefill_chunk)):
         if value is not None and value < 1:
             raise MoepagerError(f"{flag} {value}: give a positive number of tokens")
+    # files written at the end: a folder that cannot take them is found now, not after the generation
+    for flag in ("--trace", "--save-hot-set", "--session"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None:
+            check_output_file(path, flag)
 
 
 def load_engine(args):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
+from ..output_paths import check_output_folder
 from .checkpoint import Checkpoint
 from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 from .format import (
@@ -58,6 +59,7 @@ def convert(
     experts_dtype, dense = check_experts_dtype(experts_dtype), _dense_torch_dtype(dense_dtype)
     if is_store(Path(model)):
         raise MoepagerError(f"{model} is already a moepager store; convert the original checkpoint instead")
+    check_output_folder(out, "the store folder")
     src = Checkpoint(model)
     out = Path(out).expanduser().absolute()
     _check_target(src, out, force)
