@@ -84,14 +84,10 @@ class BenchOptions:
                    command="moepager " + shlex.join(sys.argv[1:]))  # fmt: skip
 
 
-def resolve_model(model: str) -> Path:
-    if model == "default":
-        try:
-            from ..default_model import default_model_path
-        except ImportError:
-            raise MoepagerError(
-                "this moepager build has no default model; give a checkpoint folder"
-            ) from None
+def resolve_model(model: str | None) -> Path:
+    from ..default_model import default_model_path, is_default
+
+    if is_default(model):
         return Path(default_model_path())
     path = Path(model)
     if path.is_file():

@@ -41,7 +41,8 @@ def add_synth_bench(sub) -> None:
     s.set_defaults(func=cmd_synth)
 
     b = sub.add_parser("bench", help="tokens/s and memory vs expert budget, against peers and the disk limit")
-    b.add_argument("model", help="checkpoint folder or MoE .gguf file (moepager and llama.cpp run the same)")
+    b.add_argument("model", nargs="?", default="default", help="checkpoint folder or MoE .gguf file (moepager "
+                   "and llama.cpp run the same), or default: the embedded default model")  # fmt: skip
     b.add_argument("--budgets", default="10%,25%,50%,100%", help="expert memory budgets: percents or sizes")
     b.add_argument("--rounds", type=int, default=3, help="alternating rounds; median and range are reported")
     b.add_argument("--tokens", type=int, default=16, help="tokens to generate per run")

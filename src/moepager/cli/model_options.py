@@ -10,10 +10,12 @@ from ..output_paths import check_output_file
 
 
 def model_or_default(model: str | None) -> str:
-    """MODEL as given, or the embedded default: SmolLM2 carved into a MoE, built on first use."""
-    if model is not None:
+    """MODEL as given, or the embedded default (MODEL left out or "default"): SmolLM2 carved into a MoE, built
+    on first use."""
+    from ..default_model import default_model_path, is_default
+
+    if not is_default(model):
         return model
-    from ..default_model import default_model_path
 
     return str(default_model_path())
 
