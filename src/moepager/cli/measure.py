@@ -79,8 +79,10 @@ def add_synth_bench(sub) -> None:
 
 
 def cmd_replay(args) -> None:
-    from ..paging.trace import capacity_for, compare, load_trace, plot
+    from ..paging.trace import capacity_for, check_plot, compare, load_trace, plot
 
+    if args.plot:
+        check_plot(args.plot)  # before the replay: it may take minutes on a long trace
     trace = load_trace(args.trace)
     if args.top_k:
         trace = trace.top(args.top_k)
