@@ -51,7 +51,7 @@ def text_windows(tokenizer, text: str, window: int, max_tokens: int | None) -> t
 def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: int | None = None,
              progress: bool = True) -> EvalResult:  # fmt: skip
     """Perplexity of `engine` on `text`; with `reference`, the agreement of their greedy predictions."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if engine.tokenizer is None:
         raise MoepagerError(f"{engine.path} has no tokenizer.json; evaluation needs one to read text")
@@ -61,7 +61,7 @@ def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: i
             "the reference model has a different vocabulary; agreement needs the same tokenizer"
         )
     nll, count, agree = 0.0, 0, 0
-    for ids in tqdm(windows, desc="eval", unit="window", disable=not progress):
+    for ids in progress_bar(windows, desc="eval", unit="window", enabled=progress):
         logits = engine.logits(ids[None])[0, :-1]  # [T-1, V]
         targets = ids[1:]
         nll += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()

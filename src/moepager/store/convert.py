@@ -130,7 +130,7 @@ def layout_of(weights: dict[str, torch.Tensor]) -> Layout:
 
 
 def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: str | None = None):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     keys = src.expert_keys()
     layouts: dict[str, Layout] = {}
@@ -140,7 +140,7 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: s
     buf = None
     pos = unsynced = 0
     out = _ExpertsFile(path)
-    with out, tqdm(total=total, unit="B", unit_scale=True, desc="experts", disable=not progress) as bar:
+    with out, progress_bar(total=total, unit="B", unit_scale=True, desc="experts", enabled=progress) as bar:
         for layer, e in keys:
             weights, encoding = src.read_expert(layer, e), "plain"
             if experts_dtype is not None:
