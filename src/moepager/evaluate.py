@@ -7,6 +7,7 @@ Owns only the measurement: the text is tokenized with the model's tokenizer, cut
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,28 @@ def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: i
 
 def main(model: str | Path, text_file: str | Path, reference: str | Path | None = None, max_tokens: int | None = None,
          window: int = 512, device: str = "cpu") -> EvalResult:  # fmt: skip
-    from . import load
-
     path = Path(text_file)
     if not path.is_file():
         raise MoepagerError(f"no such text file: {path}")
-    engine = load(model, device=device)
-    ref = load(reference, device=device) if reference is not None else None
-    return evaluate(engine, path.read_text(errors="replace"), ref, window, max_tokens)
+    with tempfile.TemporaryDirectory() as workdir:
+        engine = _load(model, device, Path(workdir) / "model")
+        ref = _load(reference, device, Path(workdir) / "reference") if reference is not None else None
+        return evaluate(engine, path.read_text(errors="replace"), ref, window, max_tokens)
+
+
+def _load(model: str | Path, device: str, workdir: Path):
+    """The model; a dense llama GGUF (the source of moefy, e.g. the default model's) is opened as moefy reads
+    it: dequantized into a checkpoint folder in `workdir`, which lasts while it is used."""
+    from . import load
+    from .catalog import gguf_header
+    from .resolve import gguf_file
+
+    gguf = gguf_file(model)
+    if gguf is not None and gguf.is_file():
+        header = gguf_header(gguf, {"general.architecture"}, expert_count=True)
+        arch = header.get("general.architecture")
+        if arch == "llama" and not header.get("llama.expert_count"):
+            from .moefy.build import dense_folder
+
+            return load(dense_folder(gguf, workdir), device=device)
+    return load(model, device=device)
