@@ -233,6 +233,8 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
+    # before the paging budget is split: --memory-limit measures the process's RSS, which must include this
+    tokenizer = source_tokenizer(ckpt)
     if ray is not None:
         from .distributed.ray_experts import build_ray
 
@@ -257,7 +259,7 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)
     kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
-    engine = Engine(net, experts, source_tokenizer(ckpt), ckpt.path, dev, kv)
+    engine = Engine(net, experts, tokenizer, ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
     engine.source = model if hasattr(model, "expert_keys") else ckpt
     return engine
