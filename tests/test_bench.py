@@ -6,13 +6,14 @@ summary hold what the report promises, and that every engine samples (seeded) un
 """
 
 import json
+import sys
 
 import gguf
 import pytest
 from test_gguf import write_gguf
 from tiny_models import VOCAB
 
-from moepager.bench import BenchOptions, budget_bytes, main, resolve_model, write_naive_files
+from moepager.bench import BenchOptions, budget_bytes, main, resolve_model, write_naive_files, write_outputs
 from moepager.bench.limits import disk_bandwidth
 from moepager.bench.report import markdown, summarize
 from moepager.bench.worker import run as run_worker
@@ -70,6 +71,19 @@ def test_summary_limit_and_ratios():
               "options": {"rounds": 2, "prompt_tokens": 4, "tokens": 3}, "summary": s}  # fmt: skip
     table = markdown(record)
     assert "not installed" in table and "30.00x" in table
+
+
+def test_without_matplotlib_no_plot_is_claimed(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional for bench: without it the json and md are written, no png, and the log
+    names only the files that exist."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    record = {"workload": "w", "command": "c", "model": {"description": "d"}, "machine_line": "m",
+              "options": {"rounds": 1, "prompt_tokens": 4, "tokens": 3},
+              "summary": summarize([], bandwidth=[1e9])}  # fmt: skip
+    written = write_outputs(record, tmp_path / "r")
+    assert [f.name for f in written] == ["r.json", "r.md"] and not (tmp_path / "r.png").exists()
+    assert all(f.stat().st_size > 0 for f in written)
+    assert "matplotlib is not installed: no plot" in capsys.readouterr().err
 
 
 def test_budget_parsing_and_bandwidth(tmp_path):

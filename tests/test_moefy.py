@@ -200,3 +200,27 @@ def test_cli_moefy_and_eval(tiny_llama, tmp_path, capsys):
     )
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["tokens"] == 6 * 31 and record["agreement"] == 1.0 and record["perplexity"] > 1
+
+
+def test_eval_takes_a_dense_gguf_as_reference(tiny_gguf, tmp_path, capsys):
+    """The default model's source is a dense llama GGUF: eval --reference takes it as moefy does. With K = E
+    the MoE is the dense model, so every greedy prediction agrees."""
+    import json
+
+    from moepager.cli import main
+    from moepager.moefy.build import moefy
+
+    text = tmp_path / "eval.txt"
+    text.write_text("the theme then " * 40)
+    out = moefy(tiny_gguf, tmp_path / "moe", experts=4, top_k=4, shared=16, calibration_text="the then " * 200,
+                tokens=256)  # fmt: skip
+    capsys.readouterr()
+    argv = ["eval", str(out), "--text", str(text), "--reference", str(tiny_gguf), "--window", "32", "--json"]
+    assert main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["agreement"] == 1.0 and record["tokens"] > 0
+    assert (
+        main(["eval", str(tiny_gguf), "--text", str(text), "--window", "32", "--json"]) == 0
+    )  # as MODEL too
+    dense = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert dense["perplexity"] == pytest.approx(record["perplexity"], rel=1e-4)

@@ -114,7 +114,7 @@ def test_list_shows_hf_cache_and_ollama_models(store, tiny_gguf, tmp_path, monke
     add_to_hf_cache(cache, "org/dense-llama", dense)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert main(["list", "--json"]) == 0
-    found = {m["name"]: m for m in json.loads(capsys.readouterr().out)}
+    found = {m["name"]: m for m in json.loads(capsys.readouterr().out) if m["where"] != "embedded"}
     assert set(found) == {"org/tiny-moe", "tinymix:latest", "tinymix:q8", "hf.co/org/tiny-GGUF:Q8_0"}
     assert found["org/tiny-moe"]["family"] == "mixtral" and found["org/tiny-moe"]["where"] == "hf-cache"
     assert (

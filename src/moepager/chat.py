@@ -85,7 +85,8 @@ class Conversation:
 
 
 def _lines(stdin: TextIO):
-    """Each line of a piped stdin, decoded strictly: invalid UTF-8 is named, never passed on as U+FFFD."""
+    """Each line of a piped stdin, decoded strictly: a line that is not UTF-8 comes as a MoepagerError naming
+    it (never passed on as U+FFFD), and the lines after it still come."""
     source = getattr(stdin, "buffer", None)
     for n, raw in enumerate(source if source is not None else stdin, 1):
         if isinstance(raw, str):
@@ -94,10 +95,10 @@ def _lines(stdin: TextIO):
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise MoepagerError(
-                f"stdin line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start}); "
-                "convert the input to UTF-8 (e.g. iconv -t UTF-8)"
-            ) from None
+            yield MoepagerError(
+                f"stdin line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start}); skipped it "
+                "(convert the input to UTF-8, e.g. iconv -t UTF-8)"
+            )
 
 
 def _command(conv: Conversation, line: str, err: TextIO) -> bool:
@@ -137,6 +138,9 @@ def main(conv: Conversation, stdin: TextIO | None = None, stdout: TextIO | None 
             if interactive:
                 print(file=stdout)
             return
+        if isinstance(line, MoepagerError):  # one refused line of a pipe: the others are still answered
+            print(f"moepager: error: {line}", file=stderr, flush=True)
+            continue
         line = line.strip()
         if not line:
             continue

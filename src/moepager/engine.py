@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import sessions
+from . import default_model, sessions
 from .compact import swap_compact, swap_matvec
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
@@ -185,14 +185,14 @@ def resident_experts(source, device: torch.device, dtype: torch.dtype | None) ->
     return ResidentExperts(source.config, banks)
 
 
-def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
+def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
          memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
          max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
          kv_block_size: int = 256, kv_spill_dir: str | None = None, prefill_chunk: int = 512,
          ray: str | None = None, ray_actors: int | None = None, ray_placement: str | None = None,
          ray_replicate: int = 0, **runtime_options) -> Engine:  # fmt: skip
-    """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource). dtype defaults
-    to the checkpoint's own.
+    """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource); with no model
+    (or "default"), the embedded default model, built on first use. dtype defaults to the checkpoint's own.
 
     Paging (any of these turns it on; without them every expert is loaded into memory):
     expert_memory: bytes for routed experts ("512MiB", "2GB", an int) or a share of them ("25%").
@@ -216,6 +216,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
     rss_before_weights = current_rss()
     dev = parse_device(device)
+    if default_model.is_default(model):
+        model = default_model.default_model_path()
     # GGUF blocks are computed by CPU kernels; on CUDA they are dequantized to the compute dtype as read
     ckpt = model if hasattr(model, "expert_keys") else open_source(model, compact=dev.type == "cpu")
     if experts_dtype is not None:
@@ -242,6 +244,8 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
+    # before the paging budget is split: --memory-limit measures the process's RSS, which must include this
+    tokenizer = source_tokenizer(ckpt)
     if ray is not None:
         from .distributed.ray_experts import build_ray
 
@@ -266,7 +270,7 @@ def load(model: str | Path, device: str = "cpu", dtype: str | torch.dtype | None
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)
     kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
-    engine = Engine(net, experts, source_tokenizer(ckpt), ckpt.path, dev, kv)
+    engine = Engine(net, experts, tokenizer, ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
     engine.rss_before_weights = rss_before_weights
     engine.source = model if hasattr(model, "expert_keys") else ckpt

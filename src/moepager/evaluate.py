@@ -7,6 +7,7 @@ Owns only the measurement: the text is tokenized with the model's tokenizer, cut
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def text_windows(tokenizer, text: str, window: int, max_tokens: int | None) -> t
 def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: int | None = None,
              progress: bool = True) -> EvalResult:  # fmt: skip
     """Perplexity of `engine` on `text`; with `reference`, the agreement of their greedy predictions."""
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     if engine.tokenizer is None:
         raise MoepagerError(f"{engine.path} has no tokenizer.json; evaluation needs one to read text")
@@ -61,7 +62,7 @@ def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: i
             "the reference model has a different vocabulary; agreement needs the same tokenizer"
         )
     nll, count, agree = 0.0, 0, 0
-    for ids in tqdm(windows, desc="eval", unit="window", disable=not progress):
+    for ids in progress_bar(windows, desc="eval", unit="window", enabled=progress):
         logits = engine.logits(ids[None])[0, :-1]  # [T-1, V]
         targets = ids[1:]
         nll += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
@@ -73,11 +74,28 @@ def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: i
 
 def main(model: str | Path, text_file: str | Path, reference: str | Path | None = None, max_tokens: int | None = None,
          window: int = 512, device: str = "cpu") -> EvalResult:  # fmt: skip
-    from . import load
-
     path = Path(text_file)
     if not path.is_file():
         raise MoepagerError(f"no such text file: {path}")
-    engine = load(model, device=device)
-    ref = load(reference, device=device) if reference is not None else None
-    return evaluate(engine, path.read_text(errors="replace"), ref, window, max_tokens)
+    with tempfile.TemporaryDirectory() as workdir:
+        engine = _load(model, device, Path(workdir) / "model")
+        ref = _load(reference, device, Path(workdir) / "reference") if reference is not None else None
+        return evaluate(engine, path.read_text(errors="replace"), ref, window, max_tokens)
+
+
+def _load(model: str | Path, device: str, workdir: Path):
+    """The model; a dense llama GGUF (the source of moefy, e.g. the default model's) is opened as moefy reads
+    it: dequantized into a checkpoint folder in `workdir`, which lasts while it is used."""
+    from . import load
+    from .catalog import gguf_header
+    from .resolve import gguf_file
+
+    gguf = gguf_file(model)
+    if gguf is not None and gguf.is_file():
+        header = gguf_header(gguf, {"general.architecture"}, expert_count=True)
+        arch = header.get("general.architecture")
+        if arch == "llama" and not header.get("llama.expert_count"):
+            from .moefy.build import dense_folder
+
+            return load(dense_folder(gguf, workdir), device=device)
+    return load(model, device=device)

@@ -67,8 +67,8 @@ def _route_calibration(source: RemoteSource, text: str | None, tokens: int, prog
         raise MoepagerError("the calibration text is empty")
     windows = range(0, len(ids), WINDOW)
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        windows = tqdm(windows, desc="routing calibration text", unit="window", leave=False)
+        windows = progress_bar(windows, desc="routing calibration text", unit="window", leave=False)
     for start in windows:
         engine.logits(ids[start : start + WINDOW])

@@ -211,9 +211,10 @@ def synth(out: str | Path, spec: SynthSpec, size: int | None = None, max_shard: 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(spec.seed)
-    from tqdm import tqdm
+    from . import progress  # its progress_bar, not this function's flag of that name
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}", disable=not progress_bar)
+    bar = progress.progress_bar(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}",
+                                enabled=progress_bar)  # fmt: skip
     try:
         shards = _shards(tensors, dtype.itemsize, max_shard)
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

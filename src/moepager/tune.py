@@ -230,9 +230,8 @@ class ExpertTrainer:
 
 def tune(options: TuneOptions) -> dict:
     """Train, commit checkpoints as generations; return a summary (experts, losses, generations, memory)."""
-    from tqdm import tqdm
-
     from . import load
+    from .progress import progress_bar
     from .store.editable import EditableStore
     from .store.format import is_store
 
@@ -253,7 +252,7 @@ def tune(options: TuneOptions) -> dict:
     losses, generations = [], []
     try:
         with EditableStore(o.store) as st:
-            bar = tqdm(range(o.steps), desc="tune", unit="step", disable=not o.progress)
+            bar = progress_bar(range(o.steps), desc="tune", unit="step", enabled=o.progress)
             for step in bar:
                 loss = trainer.loss(windows[order[step % len(order)]][None])
                 opt.zero_grad(set_to_none=True)

@@ -83,14 +83,10 @@ class BenchOptions:
                    command="moepager " + shlex.join(sys.argv[1:]))  # fmt: skip
 
 
-def resolve_model(model: str) -> Path:
-    if model == "default":
-        try:
-            from ..default_model import default_model_path
-        except ImportError:
-            raise MoepagerError(
-                "this moepager build has no default model; give a checkpoint folder"
-            ) from None
+def resolve_model(model: str | None) -> Path:
+    from ..default_model import default_model_path, is_default
+
+    if is_default(model):
         return Path(default_model_path())
     path = Path(model)
     if path.is_file():
@@ -323,13 +319,14 @@ def main(opts: BenchOptions) -> dict:
                     skip_forever[engine] = record["runs"][-1]["message"]
         record["summary"] = report.summarize(record["runs"], record["bandwidth"],
                                              info["expert_bytes"] / max(1, info["experts"]))  # fmt: skip
-        write_outputs(record, out_dir / name)
-    _log(f"wrote {out_dir / name}.json, .md, .png")
+        written = write_outputs(record, out_dir / name)
+    _log("wrote " + ", ".join(str(f) for f in written))
     print(report.markdown(record))
     return record
 
 
-def write_outputs(record: dict, stem: Path) -> None:
+def write_outputs(record: dict, stem: Path) -> list[Path]:
+    """Write the result files; returns those written (the plot only where matplotlib is installed)."""
     out = lambda ext: stem.with_name(stem.name + ext)  # not with_suffix: a name may hold dots (x.q4_0)
     out(".json").write_text(json.dumps(record, indent=1, default=str))
     out(".md").write_text(report.markdown(record))
@@ -337,3 +334,5 @@ def write_outputs(record: dict, stem: Path) -> None:
         report.plot(record, out(".png"))
     except ImportError:
         _log("matplotlib is not installed: no plot (pip install -e '.[bench]')")
+        return [out(".json"), out(".md")]
+    return [out(".json"), out(".md"), out(".png")]

@@ -49,7 +49,11 @@ def cmd_run(args) -> None:
     from ..tokenizer import StreamingDetokenizer, check_utf8
 
     check_before_load(args)
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise MoepagerError("--prompt and --prompt-ids were both given: give one of them")
     if args.prompt is not None:
+        if not args.prompt.strip():
+            raise MoepagerError(f"--prompt {args.prompt!r} is empty: give the text to continue")
         check_utf8(args.prompt, "--prompt")
     engine = load_engine(args)
     ids = prompt_ids(engine, args)

@@ -64,7 +64,8 @@ def add_synth_bench(sub) -> None:
     s.set_defaults(func=cmd_synth)
 
     b = sub.add_parser("bench", help="tokens/s and memory vs expert budget, against peers and the disk limit")
-    b.add_argument("model", help="checkpoint folder or MoE .gguf file (moepager and llama.cpp run the same)")
+    b.add_argument("model", nargs="?", default="default", help="checkpoint folder or MoE .gguf file (moepager "
+                   "and llama.cpp run the same), or default: the embedded default model")  # fmt: skip
     b.add_argument(
         "--budgets",
         default="10%,25%,50%,100%",
@@ -107,8 +108,10 @@ def add_synth_bench(sub) -> None:
 
 
 def cmd_replay(args) -> None:
-    from ..paging.trace import capacity_for, compare, load_trace, plot
+    from ..paging.trace import capacity_for, check_plot, compare, load_trace, plot
 
+    if args.plot:
+        check_plot(args.plot)  # before the replay: it may take minutes on a long trace
     trace = load_trace(args.trace)
     if args.top_k:
         trace = trace.top(args.top_k)

@@ -6,13 +6,16 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoepagerError
+from ..output_paths import check_output_file
 
 
 def model_or_default(model: str | None) -> str:
-    """MODEL as given, or the embedded default: SmolLM2 carved into a MoE, built on first use."""
-    if model is not None:
+    """MODEL as given, or the embedded default (MODEL left out or "default"): SmolLM2 carved into a MoE, built
+    on first use."""
+    from ..default_model import default_model_path, is_default
+
+    if not is_default(model):
         return model
-    from ..default_model import default_model_path
 
     return str(default_model_path())
 
@@ -29,6 +32,11 @@ def check_before_load(args) -> None:
             raise MoepagerError(f"{flag} {value}: give a positive number of tokens")
     if args.threads is not None and args.threads < 1:
         raise MoepagerError(f"--threads {args.threads}: give a positive number of threads")
+    # files written at the end: a folder that cannot take them is found now, not after the generation
+    for flag in ("--trace", "--save-hot-set", "--session"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if path is not None:
+            check_output_file(path, flag)
 
 
 def load_engine(args):

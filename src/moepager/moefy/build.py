@@ -191,9 +191,8 @@ def fit_layer(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
 def calibrate(folder: Path, text: str, experts: int, shared: int, seed: int, tokens: int = 8192,
               seq_len: int = 256, batch: int = 8) -> Plan:  # fmt: skip
     """Run the dense model over `text` layer by layer and learn the plan."""
-    from tqdm import tqdm
-
     from .. import load
+    from ..progress import progress_bar
 
     engine = load(folder, dtype=torch.float32)
     model, cfg = engine.model, engine.config
@@ -209,7 +208,7 @@ def calibrate(folder: Path, text: str, experts: int, shared: int, seed: int, tok
         model.embed(ids[i : i + batch]) for i in range(0, len(ids), batch)
     ]  # residual stream, [b, T, D] each
     orders, routers = [], []
-    for block in tqdm(model.layers, desc="moefy: calibrating layers", unit="layer"):
+    for block in progress_bar(model.layers, desc="moefy: calibrating layers", unit="layer"):
         hs = [x + block.attn(block.attn_norm(x), rope, None, 0) for x in xs]
         fs = [block.ffn_norm(h) for h in hs]
         mlp = block.ffn
@@ -316,8 +315,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 @torch.no_grad()
 def assemble(folder: Path, plan: Plan, top_k: int, out: str | Path) -> Path:
     """Write the Qwen2-MoE checkpoint of dense `folder` cut by `plan` to `out` (temp name, then renamed)."""
-    from tqdm import tqdm
-
+    from ..progress import progress_bar
     from ..store.safetensors import read_index, read_tensor
 
     out = Path(out)
@@ -342,7 +340,7 @@ def assemble(folder: Path, plan: Plan, top_k: int, out: str | Path) -> Path:
             if not name.startswith("model.layers."):
                 writer.add(name, get(name))
         m = (dense["intermediate_size"] - s) // e
-        for i in tqdm(range(layers), desc="moefy: writing experts", unit="layer"):
+        for i in progress_bar(range(layers), desc="moefy: writing experts", unit="layer"):
             p = f"model.layers.{i}."
             for name in index:
                 if name.startswith(p) and ".mlp." not in name:

@@ -126,6 +126,12 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
     if device.type == "cuda":
         process = torch.cuda.memory_allocated(device)
     else:
+        from ..compact import MatvecLinear
+
+        if any(isinstance(m, MatvecLinear) for m in model.modules()):  # fp32: decode runs the numba matvec
+            from ..kernels.matvec import warm_up
+
+            warm_up()  # what the first decode step would add to the RSS (the kernels' runtime), counted now
         process = psutil.Process().memory_info().rss
     kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize)
     per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs

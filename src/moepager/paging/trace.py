@@ -10,6 +10,7 @@ obeys the same rules (a step's experts are held together), so it is what the bes
 from __future__ import annotations
 
 import heapq
+import importlib.util
 import json
 import math
 import random
@@ -226,6 +227,15 @@ def zipf_trace(num_layers: int = 16, num_experts: int = 64, top_k: int = 4, toke
             prev[layer] = chosen
             trace.steps.append((layer, [chosen]))
     return trace
+
+
+def check_plot(path: str | Path) -> None:
+    """What plot() needs, checked before the replay is computed: matplotlib, and a folder to write into."""
+    from ..output_paths import check_output_file
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MoepagerError(f"--plot {path}: plotting needs matplotlib: pip install 'moepager[bench]'")
+    check_output_file(path, "--plot")
 
 
 def plot(trace: Trace, path: str | Path, fractions=(0.05, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75)) -> None:

@@ -92,7 +92,7 @@ def resolve(model: str | Path) -> Path:
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
             raise MoepagerError(
                 f"{text!r} is not a folder and not in the local Hugging Face cache; "
-                f"download it first (huggingface-cli download {text}) or pass a checkpoint folder"
+                f"download it first (hf download {text}) or pass a checkpoint folder"
             ) from None
     raise MoepagerError(f"no such model folder: {path}")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
+from ..output_paths import check_output_folder
 from .checkpoint import Checkpoint
 from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 from .format import (
@@ -58,6 +59,7 @@ def convert(
     experts_dtype, dense = check_experts_dtype(experts_dtype), _dense_torch_dtype(dense_dtype)
     if is_store(Path(model)):
         raise MoepagerError(f"{model} is already a moepager store; convert the original checkpoint instead")
+    check_output_folder(out, "the store folder")
     src = Checkpoint(model)
     out = Path(out).expanduser().absolute()
     _check_target(src, out, force)
@@ -128,7 +130,7 @@ def layout_of(weights: dict[str, torch.Tensor]) -> Layout:
 
 
 def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: str | None = None):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     keys = src.expert_keys()
     layouts: dict[str, Layout] = {}
@@ -138,7 +140,7 @@ def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: s
     buf = None
     pos = unsynced = 0
     out = _ExpertsFile(path)
-    with out, tqdm(total=total, unit="B", unit_scale=True, desc="experts", disable=not progress) as bar:
+    with out, progress_bar(total=total, unit="B", unit_scale=True, desc="experts", enabled=progress) as bar:
         for layer, e in keys:
             weights, encoding = src.read_expert(layer, e), "plain"
             if experts_dtype is not None:

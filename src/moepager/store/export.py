@@ -71,7 +71,8 @@ def _expert_tensors(family: str, layer: int, experts: list[dict]) -> dict[str, t
 def export(store: str | Path, out: str | Path, force: bool = False, progress: bool = True) -> Path:
     """Write the current generation of `store` to the checkpoint folder `out`; return its path."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
+
+    from ..progress import progress_bar
 
     src = StoreSource(store)
     m, c = src.manifest, src.config
@@ -116,7 +117,7 @@ def export(store: str | Path, out: str | Path, force: bool = False, progress: bo
     tmp.mkdir(parents=True)
     try:
         weight_map, total = {}, 0
-        for i, make in enumerate(tqdm(shards, desc="export", unit="shard", disable=not progress)):
+        for i, make in enumerate(progress_bar(shards, desc="export", unit="shard", enabled=progress)):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = make()
             save_file(tensors, str(tmp / name), metadata={"format": "pt"})

@@ -380,6 +380,6 @@ def _budget(value: int | str | None, pieces: dict) -> int | None:
 def _bar(total: int, what: str, progress: bool):
     if not progress or total == 0:
         return None
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, leave=False)
+    return progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, leave=False)

@@ -55,8 +55,7 @@ def _expert_as_stored(want: dict, got: dict, encoding: str) -> dict:
 
 def verify(store: str | Path, source: str | Path | None = None, progress: bool = True) -> Report:
     """Every expert's crc32 and the dense file's; with `source`, every expert and dense tensor compared."""
-    from tqdm import tqdm
-
+    from ..progress import progress_bar
     from .checkpoint import Checkpoint
 
     st = StoreSource(store, verify_checksums=True)  # a mismatch raises; caught below, so every one is listed
@@ -83,7 +82,7 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
             elif not _same_bits(_as_stored(ref[name], dense[name].dtype), dense[name]):
                 report.problems.append(f"dense tensor {name!r} differs from the source")
             report.dense_compared += 1
-    for layer, e in tqdm(st.expert_keys(), desc="verify", unit="expert", disable=not progress):
+    for layer, e in progress_bar(st.expert_keys(), desc="verify", unit="expert", enabled=progress):
         try:
             got = st.read_expert(layer, e) if src is not None else st.read_raw(layer, e)
         except CorruptFile as err:
@@ -109,9 +108,8 @@ def verify(store: str | Path, source: str | Path | None = None, progress: bool =
 def _verify_older_generations(current: StoreSource, report: Report, progress: bool) -> None:
     """Checksums of the kept generations other than the current one: experts and dense files not already
     checked (a generation mostly shares its bytes with the one before it)."""
-    from tqdm import tqdm
-
     from ..errors import MoepagerError
+    from ..progress import progress_bar
 
     seen = {(x.file, x.offset) for x in current.manifest.experts.values()}
     dense_seen = set(current.manifest.dense_files)
@@ -132,7 +130,9 @@ def _verify_older_generations(current: StoreSource, report: Report, progress: bo
                 except CorruptFile as e:
                     report.problems.append(f"generation {h['id']}: {e}")
         keys = [k for k, x in st.manifest.experts.items() if (x.file, x.offset) not in seen]
-        for layer, e in tqdm(keys, desc=f"verify generation {h['id']}", unit="expert", disable=not progress):
+        for layer, e in progress_bar(
+            keys, desc=f"verify generation {h['id']}", unit="expert", enabled=progress
+        ):
             x = st.manifest.experts[(layer, e)]
             seen.add((x.file, x.offset))
             try:
