@@ -49,7 +49,8 @@ _DATA_OFFSET = 248
 _CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of a few decode batch sizes
 # ggml's polling level between calls: 0 sleeps at once, 50 (llama.cpp's default) spins a while. Spinning wins
 # when the model is resident; a process that pages experts sleeps, so its reader threads get the cores
-# (benchmarks/real_scale.md: at a 4 GiB cap, 2 threads decoded 0.71 tok/s spinning and 1.54 sleeping)
+# (benchmarks/real_scale.md: at a 4 GiB cap on a busy machine, 2 threads decoded 0.71 tok/s spinning and 1.54
+# sleeping; on a quiet one 3.1 and 2.9)
 _poll = 50
 SMALL_WORK = 1 << 20  # weight bytes below which a product runs on the calling thread alone
 
