@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from quality import expert_share_error, zeroed_experts
+from tiny_models import record_gpt_oss_projections
 
 import moepager
 
@@ -143,16 +144,7 @@ def test_gpt_oss_file_reaches_llama_cpps_clamp(reference):
 
     ref = tf.AutoModelForCausalLM.from_pretrained(FIXTURES / "gpt_oss", dtype=torch.float32).eval()
     assert ref.config.swiglu_limit == 7.0
-    seen = []  # each expert call's projections, before clamping
-    for layer in ref.model.layers:
-        experts = layer.mlp.experts
-        apply_gate = experts._apply_gate
-
-        def record(gate_up, apply_gate=apply_gate):
-            seen.append(gate_up.detach().clone())
-            return apply_gate(gate_up)
-
-        experts._apply_gate = record
+    seen = record_gpt_oss_projections(ref)  # each expert call's projections, before clamping
     with torch.no_grad():
         assert torch.equal(ref(IDS).logits, reference("gpt_oss")[1])
     gate_up = torch.cat(

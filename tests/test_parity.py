@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, assert_like_reference, build
+from tiny_models import FAMILIES, VOCAB, assert_like_reference, build, record_gpt_oss_projections
 
 import moepager
 
@@ -59,16 +59,7 @@ def test_gpt_oss_clamp_is_reached_and_matches_transformers(tmp_path):
     projections stay near 1, below the real limit of 7, so the limit is lowered to where a tenth of them pass it."""
     limit = 0.5
     ref = build("gpt_oss", tmp_path, swiglu_limit=limit)
-    seen = []  # the projections each expert call clamps, before clamping
-    for layer in ref.model.layers:
-        experts = layer.mlp.experts
-        apply_gate = experts._apply_gate
-
-        def record(gate_up, apply_gate=apply_gate):
-            seen.append(gate_up.detach().clone())
-            return apply_gate(gate_up)
-
-        experts._apply_gate = record
+    seen = record_gpt_oss_projections(ref)  # each expert call's projections, before clamping
     engine = moepager.load(tmp_path)
     assert engine.config.swiglu_limit == limit
     assert_like_reference(engine, ref)

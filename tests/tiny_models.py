@@ -109,3 +109,19 @@ def assert_like_reference(engine, ref, new_tokens: int = 16) -> None:
     with torch.no_grad():
         want = ref.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     assert engine.generate(prompt[0], max_new_tokens=new_tokens, stop_ids=[]) == want[0, 7:].tolist()
+
+
+def record_gpt_oss_projections(ref) -> list:
+    """Have a transformers GPT-OSS record each expert call's gate/up projections before they are clamped;
+    returns the list they are appended to ([tokens * K, 2I] each, gate and up interleaved)."""
+    seen = []
+    for layer in ref.model.layers:
+        experts = layer.mlp.experts
+        apply_gate = experts._apply_gate
+
+        def record(gate_up, apply_gate=apply_gate):
+            seen.append(gate_up.detach().clone())
+            return apply_gate(gate_up)
+
+        experts._apply_gate = record
+    return seen
