@@ -76,3 +76,20 @@ def test_bad_input():
         ggml.mul_mat(Q.Q4_0, raw[0], torch.randn(1, C + 32))
     with pytest.raises(ValueError, match="rows"):
         ggml.dequantize(Q.Q8_0, raw)  # 288-byte rows are not whole 34-byte blocks
+
+
+@pytest.mark.parametrize(
+    "types", [(Q.Q4_K, Q.Q4_K, Q.Q6_K), (Q.Q8_0, Q.Q8_0, Q.Q4_0)], ids=["Q4_K_M", "Q8_0"]
+)
+def test_swiglu_experts_is_llama_cpps_moe_graph(types):
+    """gate, up, silu(gate) * up, down in one graph: each product as mul_mat_id computes it."""
+    d, i_ff, s = 256, 512, 6
+    gate, up = (torch.from_numpy(random_blocks(t, s, i_ff, d, seed=n)) for n, t in enumerate(types[:2]))
+    down = torch.from_numpy(random_blocks(types[2], s, d, i_ff, seed=2))
+    x, ids = torch.randn(3, d), torch.tensor([[5, 0], [2, 2], [1, 4]])
+    got = ggml.swiglu_experts(types, (gate, up, down), x, ids)  # [N, K, D]
+    g, u = ggml.mul_mat_id(types[0], gate, x, ids), ggml.mul_mat_id(types[1], up, x, ids)
+    want = ggml.mul_mat_id(types[2], down, torch.nn.functional.silu(g) * u, ids)
+    close = (got - want).abs() <= 1e-5 * want.abs().max()  # silu's last ulp can move an 8-bit rounding
+    assert got.shape == (3, 2, d) and close.float().mean() > 0.99
+    assert (got - want).abs().max() < 0.02 * want.abs().max()

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kernels.banks import FloatBank, GgufBank, MatrixBank, QuantBank
+from .kernels.ggml import swiglu_experts
 from .kernels.intquant import linear, native_int4_layout, tile_rows
 from .layers import MLP
 
@@ -194,6 +195,18 @@ class ExpertBank:
             gu = gu + self.gate_up_bias[slots].to(gu.dtype)
         return gu.chunk(2, dim=-1)
 
+    def swiglu_pairs(self, x: torch.Tensor, slots: torch.Tensor, config: ModelConfig) -> torch.Tensor | None:
+        """x [N, D], slots [N, K] -> unweighted outputs [N, K, D] in one kernel call, when every matrix is GGUF
+        blocks of a plain SwiGLU without biases (llama.cpp's own MoE graph); None otherwise."""
+        m = self.matrices
+        if (config.expert_act == "gptoss" or self.gate_up is not None or self.gate_up_bias is not None
+                or self.down_bias is not None or x.dim() != 2
+                or not all(isinstance(m[p], GgufBank) for p in ("gate", "up", "down"))):  # fmt: skip
+            return None
+        types = (m["gate"].qtype, m["up"].qtype, m["down"].qtype)
+        out = swiglu_experts(types, (m["gate"].raw, m["up"].raw, m["down"].raw), x, slots)
+        return out.to(x.dtype)
+
     def expert(self, x: torch.Tensor, slot: int, config: ModelConfig) -> torch.Tensor:
         """The expert in `slot` on its tokens x [n, D] -> [n, D] (the grouped path)."""
         if self.gate_up is not None:
@@ -213,10 +226,12 @@ def gathered(
     bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, config: ModelConfig
 ):
     """Decode: every (token, expert) pair read straight from the bank, a handful of ops whatever K is."""
-    gate, up = bank.gate_and_up(x, slots)  # [N, K, I] each
-    out = bank.down.gather_mv(activation(gate, up, config), slots)  # [N, K, D]
-    if bank.down_bias is not None:
-        out = out + bank.down_bias[slots].to(out.dtype)
+    out = bank.swiglu_pairs(x, slots, config)  # [N, K, D], GGUF blocks: one call
+    if out is None:
+        gate, up = bank.gate_and_up(x, slots)  # [N, K, I] each
+        out = bank.down.gather_mv(activation(gate, up, config), slots)  # [N, K, D]
+        if bank.down_bias is not None:
+            out = out + bank.down_bias[slots].to(out.dtype)
     return torch.bmm(weights[:, None].to(out.dtype), out)[:, 0]  # sum_k weights * out: [N, D]
 
 

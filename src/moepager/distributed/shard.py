@@ -66,10 +66,12 @@ def pair_outputs(bank: ExpertBank, x: torch.Tensor, rows: torch.Tensor, slots: t
             out[a:b] = bank.expert(x[rows[a:b]], int(slots[a]), config)
         return out
     s = slots[:, None]  # [P, 1]: each pair is a token with one expert
-    gate, up = bank.gate_and_up(x[rows], s)  # [P, 1, I]
-    out = bank.down.gather_mv(activation(gate, up, config), s)  # [P, 1, D]
-    if bank.down_bias is not None:
-        out = out + bank.down_bias[s].to(out.dtype)
+    out = bank.swiglu_pairs(x[rows], s, config)  # GGUF blocks: as moe.gathered computes them
+    if out is None:
+        gate, up = bank.gate_and_up(x[rows], s)  # [P, 1, I]
+        out = bank.down.gather_mv(activation(gate, up, config), s)  # [P, 1, D]
+        if bank.down_bias is not None:
+            out = out + bank.down_bias[s].to(out.dtype)
     return out[:, 0]
 
 

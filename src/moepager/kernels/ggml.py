@@ -52,6 +52,7 @@ _CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of
 # (benchmarks/real_scale.md: at a 4 GiB cap on a busy machine, 2 threads decoded 0.71 tok/s spinning and 1.54
 # sleeping; on a quiet one 3.1 and 2.9)
 _poll = 50
+_NODES = 16  # tensors a graph's context holds (swiglu_experts: 9)
 SMALL_WORK = 1 << 20  # weight bytes below which a product runs on the calling thread alone
 
 
@@ -101,6 +102,7 @@ def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
         (base, "ggml_new_tensor_2d", _P, [_P, ctypes.c_int, _I64, _I64]),
         (base, "ggml_mul_mat", _P, [_P, _P, _P]),
         (base, "ggml_mul_mat_id", _P, [_P, _P, _P, _P]),
+        (base, "ggml_swiglu_split", _P, [_P, _P, _P]),
         (base, "ggml_new_graph_custom", _P, [_P, ctypes.c_size_t, ctypes.c_bool]),
         (base, "ggml_build_forward_expand", None, [_P, _P]),
         (base, "ggml_get_data", _P, [_P]),
@@ -173,10 +175,12 @@ class _Graph:
     def __init__(self, build, threads: int):
         g = _ggml()
         self.g, self.threads = g, threads
-        size = g.base.ggml_tensor_overhead() * 8 + g.base.ggml_graph_overhead_custom(8, False)
+        size = g.base.ggml_tensor_overhead() * _NODES + g.base.ggml_graph_overhead_custom(_NODES, False)
         self.ctx = g.base.ggml_init(_InitParams(size, None, True))
-        self.inputs, self.out = build(g.base, self.ctx)
-        self.graph = g.base.ggml_new_graph_custom(self.ctx, 8, False)
+        # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here
+        self.inputs, self.out, *scratch = build(g.base, self.ctx)
+        self.scratch = scratch[0] if scratch else []
+        self.graph = g.base.ggml_new_graph_custom(self.ctx, _NODES, False)
         g.base.ggml_build_forward_expand(self.graph, self.out)
         self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
         self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
@@ -282,6 +286,48 @@ def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tenso
     key = ("id", qtype, bank.data_ptr(), bank.shape, bank.stride(0), n, k, used)
     out = torch.empty(n, k, r, dtype=torch.float32)
     return _graph(key, build, min(n * k, s) * r * bank.shape[-1])(out, bank, x, ids32)
+
+
+def swiglu_experts(
+    types: tuple[int, int, int], banks: tuple, x: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """A SwiGLU MoE layer's routed experts in one graph, as llama.cpp's build_moe_ffn computes them: gate and
+    up banks [S, I, row bytes], down [S, D, row bytes] of `types`, x float32 [N, D], ids [N, K] ->
+    [N, K, D] = down(silu(gate x) * up x) per (token, slot) pair. One call wakes the pool once for the layer."""
+    gate, up, down = banks
+    for qtype, bank, inputs in zip(types, banks, (x, x, torch.empty(0, gate.shape[1]))):
+        _check(qtype, bank, inputs)
+    n, k = ids.shape
+    s, i_ff, d = gate.shape[0], gate.shape[1], down.shape[1]
+    x = x.detach().float().contiguous()
+    ids32 = ids.to(torch.int32).contiguous()
+    if n and (int(ids32.min()) < 0 or int(ids32.max()) >= s):
+        raise IndexError(f"swiglu_experts: a slot is outside the bank of {s}")
+
+    def build(base, ctx):
+        a_gate, a_up, a_down = (_weights(base, ctx, q, b) for q, b in zip(types, banks))
+        b = base.ggml_new_tensor_3d(ctx, F32, x.shape[1], 1, n)
+        i = base.ggml_new_tensor_2d(ctx, I32, k, n)
+        g, u = base.ggml_mul_mat_id(ctx, a_gate, b, i), base.ggml_mul_mat_id(ctx, a_up, b, i)  # [I, K, N]
+        h = base.ggml_swiglu_split(ctx, g, u)
+        scratch = [torch.empty(n, k, i_ff, dtype=torch.float32) for _ in range(3)]  # g, u, h
+        for node, buf in zip((g, u, h), scratch):
+            _set_data(node, buf.data_ptr())
+        return (b, i), base.ggml_mul_mat_id(ctx, a_down, h, i), scratch  # [D, K, N]
+
+    key = (
+        "glu",
+        types,
+        *(t.data_ptr() for t in banks),
+        gate.shape,
+        down.shape,
+        gate.stride(0),
+        down.stride(0),
+        n,
+        k,
+    )
+    work = min(n * k, s) * (gate.shape[1] * gate.shape[2] * 2 + down.shape[1] * down.shape[2])
+    return _graph(key, build, work)(torch.empty(n, k, d, dtype=torch.float32), x, ids32)
 
 
 def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
