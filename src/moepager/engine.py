@@ -6,7 +6,6 @@ experts contract. Runtime choices arrive here as arguments; the model config nev
 
 from __future__ import annotations
 
-import os
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,9 +277,7 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
 
 
 def current_rss() -> int:
-    """Resident bytes of this process now (/proc/self/statm: cheap enough to read once per generation)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
+    """Resident bytes of this process now, as paging's footprint measures them."""
+    import psutil
+
+    return psutil.Process().memory_info().rss

@@ -173,8 +173,7 @@ class _Graph:
     """One product as a ggml graph: its tensors' data pointers are patched at each call."""
 
     def __init__(self, build, threads: int):
-        g = _ggml()
-        self.g, self.threads = g, threads
+        g = self.g = _ggml()
         size = g.base.ggml_tensor_overhead() * _NODES + g.base.ggml_graph_overhead_custom(_NODES, False)
         self.ctx = g.base.ggml_init(_InitParams(size, None, True))
         # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here
@@ -187,10 +186,10 @@ class _Graph:
         self.plan.work_data = self.work.data_ptr()
 
     def __call__(self, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
-        for t, x in zip(self.inputs, inputs):
-            _set_data(t, x.data_ptr())
-        _set_data(self.out, out.data_ptr())
-        with self.g.lock:
+        with self.g.lock:  # the pointers too: another thread may run this same graph on its own tensors
+            for t, x in zip(self.inputs, inputs):
+                _set_data(t, x.data_ptr())
+            _set_data(self.out, out.data_ptr())
             status = self.g.cpu.ggml_graph_compute(self.graph, ctypes.byref(self.plan))
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
@@ -253,28 +252,35 @@ def _check_type(qtype: int) -> None:
         raise ValueError(f"GGUF quantization type {name} has no moepager kernel (supported: {names})")
 
 
-def _check(qtype: int, w: torch.Tensor, x: torch.Tensor) -> None:
+def _check(qtype: int, w: torch.Tensor, inputs: list[int]) -> None:
+    """w: uint8 rows on the CPU of `qtype`, whose width takes inputs of shape `inputs` (its last is C)."""
     _check_type(qtype)
     if w.dtype != torch.uint8 or w.device.type != "cpu" or w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
         raise ValueError(f"GGUF weights must be uint8 rows on the CPU, not {w.dtype} {list(w.shape)}")
     qk, bb = GGML_QUANT_SIZES[Q(qtype)]
-    if w.shape[-1] % bb or x.shape[-1] != w.shape[-1] // bb * qk:
-        raise ValueError(f"{Q(qtype).name} rows of {w.shape[-1]} bytes do not take inputs {list(x.shape)}")
+    if w.shape[-1] % bb or inputs[-1] != w.shape[-1] // bb * qk:
+        raise ValueError(f"{Q(qtype).name} rows of {w.shape[-1]} bytes do not take inputs {list(inputs)}")
+
+
+def _slots(ids: torch.Tensor, bank_size: int) -> torch.Tensor:
+    """ids [N, K] as ggml's int32, each checked to lie in the bank (a bad one would read outside it)."""
+    ids32 = ids.to(torch.int32).contiguous()
+    if ids32.numel() and (int(ids32.min()) < 0 or int(ids32.max()) >= bank_size):
+        raise IndexError(f"a slot is outside the bank of {bank_size}")
+    return ids32
 
 
 def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """bank uint8 [S, R, row bytes], x float32 [N, C] or [N, K, C], ids [N, K] -> float32 [N, K, R]:
     out[n, k] = bank[ids[n, k]] @ x[n] (or x[n, k]), as llama.cpp computes it."""
-    _check(qtype, bank, x)
+    _check(qtype, bank, list(x.shape))
     n, k = ids.shape
     s, r, _ = bank.shape
     x = x.detach().float().contiguous()
     used = 1 if x.dim() == 2 else k  # inputs per token: shared by its K experts, or one each
     if x.shape[:-1] not in ((n,), (n, k)):
         raise ValueError(f"inputs {list(x.shape)}: not [N, C] or [N, K, C] for ids {list(ids.shape)}")
-    ids32 = ids.to(torch.int32).contiguous()
-    if n and (int(ids32.min()) < 0 or int(ids32.max()) >= s):
-        raise IndexError(f"mul_mat_id: a slot is outside the bank of {s}")
+    ids32 = _slots(ids, s)
     c = x.shape[-1]
 
     def build(base, ctx):
@@ -295,14 +301,12 @@ def swiglu_experts(
     up banks [S, I, row bytes], down [S, D, row bytes] of `types`, x float32 [N, D], ids [N, K] ->
     [N, K, D] = down(silu(gate x) * up x) per (token, slot) pair. One call wakes the pool once for the layer."""
     gate, up, down = banks
-    for qtype, bank, inputs in zip(types, banks, (x, x, torch.empty(0, gate.shape[1]))):
+    for qtype, bank, inputs in zip(types, banks, (list(x.shape), list(x.shape), [gate.shape[1]])):
         _check(qtype, bank, inputs)
     n, k = ids.shape
     s, i_ff, d = gate.shape[0], gate.shape[1], down.shape[1]
     x = x.detach().float().contiguous()
-    ids32 = ids.to(torch.int32).contiguous()
-    if n and (int(ids32.min()) < 0 or int(ids32.max()) >= s):
-        raise IndexError(f"swiglu_experts: a slot is outside the bank of {s}")
+    ids32 = _slots(ids, s)
 
     def build(base, ctx):
         a_gate, a_up, a_down = (_weights(base, ctx, q, b) for q, b in zip(types, banks))
@@ -332,7 +336,7 @@ def swiglu_experts(
 
 def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w uint8 [R, row bytes], x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it."""
-    _check(qtype, w, x)
+    _check(qtype, w, list(x.shape))
     x = x.detach().float().contiguous()
     n, c = x.shape
 
