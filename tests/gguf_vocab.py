@@ -116,8 +116,9 @@ def smollm2_gguf() -> Path:
 def smollm2_vocab() -> dict:
     """SmolLM2's vocabulary as its GGUF holds it (llama.cpp's converter wrote it)."""
     from moepager.gguf_tokenizer import read_metadata
+    from moepager.store.gguf_source import read_header
 
-    m = read_metadata(gguf.GGUFReader(str(smollm2_gguf())))
+    m = read_metadata(read_header(smollm2_gguf())[0])
     return {"model": m["model"], "pre": m["pre"], "tokens": m["tokens"], "scores": None, "types": m["token_type"],
             "merges": m["merges"], "bos": m["bos_id"], "eos": m["eos_id"], "add_bos": m["add_bos"],
             "chat_template": m["chat_template"]}  # fmt: skip

@@ -4,16 +4,16 @@ tokenizer loading do, on a varied text set."""
 import importlib.util
 from pathlib import Path
 
-import gguf
 import pytest
 from gguf_vocab import TEXTS, smollm2_gguf, smollm2_vocab, spm_vocab, train_sentencepiece, write_vocab_gguf
 
 from moepager.errors import MoepagerError
 from moepager.gguf_tokenizer import gguf_tokenizer, read_metadata
+from moepager.store.gguf_source import read_header
 
 
 def ours(path: Path):
-    return gguf_tokenizer(read_metadata(gguf.GGUFReader(str(path))))
+    return gguf_tokenizer(read_metadata(read_header(path)[0]))
 
 
 def transformers_ids(path: Path, texts: list[str]) -> list[list[int]]:

@@ -6,6 +6,7 @@ experts contract. Runtime choices arrive here as arguments; the model config nev
 
 from __future__ import annotations
 
+import gc
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
 from .moe import ExpertBank, ResidentExperts, bank_spec
+from .process_memory import current_rss, release_freed_heap
 from .store.source import expert_formats, open_source, source_tokenizer
 from .tokenizer import Tokenizer
 
@@ -245,6 +247,8 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
     net.eval()
     # before the paging budget is split: --memory-limit measures the process's RSS, which must include this
     tokenizer = source_tokenizer(ckpt)
+    gc.collect()
+    release_freed_heap()  # the tokenizer's and the loaders' temporaries
     if ray is not None:
         from .distributed.ray_experts import build_ray
 
@@ -274,10 +278,3 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
     engine.rss_before_weights = rss_before_weights
     engine.source = model if hasattr(model, "expert_keys") else ckpt
     return engine
-
-
-def current_rss() -> int:
-    """Resident bytes of this process now, as paging's footprint measures them."""
-    import psutil
-
-    return psutil.Process().memory_info().rss

@@ -52,14 +52,10 @@ PRE_TOKENIZERS = {
 _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}  # llama.cpp looks a whole word up before merging
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
-def read_metadata(reader) -> dict:
-    """The tokenizer fields of an opened gguf.GGUFReader (None where the file has no such field)."""
-    g = lambda key, default=None: _field(reader, f"tokenizer.ggml.{key}", default)  # noqa: E731
+def read_metadata(fields: dict) -> dict:
+    """The tokenizer fields of a GGUF's metadata values (store/gguf_source.py's read_header; None where the file
+    has no such field)."""
+    g = lambda key, default=None: fields.get(f"tokenizer.ggml.{key}", default)  # noqa: E731
     model = g("model")
     return {
         "model": model,
@@ -77,7 +73,7 @@ def read_metadata(reader) -> dict:
         "add_bos": bool(g("add_bos_token", model == "llama")),
         "add_eos": bool(g("add_eos_token", False)),
         "add_space_prefix": bool(g("add_space_prefix", True)),
-        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "chat_template": fields.get("tokenizer.chat_template"),
     }
 
 

@@ -113,7 +113,7 @@ def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32",
     }
-    tok = read_metadata(reader)
+    tok = read_metadata({name: f.contents() for name, f in reader.fields.items()})
     return config, state, tok
 
 

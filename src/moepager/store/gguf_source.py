@@ -16,8 +16,11 @@ Its tokenizer is built from the file's metadata by gguf_tokenizer.py.
 
 from __future__ import annotations
 
+import gc
+import pickle
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,6 +30,7 @@ from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..gguf_tokenizer import gguf_tokenizer, read_metadata
 from ..kernels.ggml import SUPPORTED
 from ..moe import ExpertWeights
+from ..process_memory import release_freed_heap
 from ..tokenizer import Tokenizer
 from .reader import CHUNK, DirectReader, copy_piece
 
@@ -106,36 +110,58 @@ def dequantize(raw: torch.Tensor | np.ndarray, qtype, shape: tuple[int, ...]) ->
     )
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+class TensorInfo(NamedTuple):
+    """Where one tensor of a GGUF lies and what it is (gguf-py's ReaderTensor, without the reader)."""
+
+    name: str
+    shape: tuple[int, ...]  # innermost first, as GGUF lists dims
+    tensor_type: int
+    n_bytes: int
+    data_offset: int
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """Every metadata field's value and every tensor's place in a GGUF file.
+
+    gguf-py's reader parses each string of the vocabulary into numpy objects of its own (~170 MiB for a
+    49k-token vocabulary). What is kept is a small share of that; created among the parser's objects it would
+    pin their freed memory, so it is copied out through one pickle, made again after the reader is freed and
+    its memory handed back to the system."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises ValueError or struct errors on a damaged file
+        raise CorruptFile(f"{path}: not a readable GGUF file ({e})") from None
+    fields = {name: f.contents() for name, f in reader.fields.items()}
+    tensors = {t.name: TensorInfo(t.name, tuple(int(s) for s in t.shape), int(t.tensor_type), int(t.n_bytes),
+                                  int(t.data_offset)) for t in reader.tensors}  # fmt: skip
+    blob = pickle.dumps((fields, tensors), protocol=pickle.HIGHEST_PROTOCOL)
+    del reader, fields, tensors
+    gc.collect()
+    release_freed_heap()
+    return pickle.loads(blob)
 
 
 class GgufSource:
     """A MoE GGUF file. Experts are read by byte range from the file; dense tensors are read once."""
 
     def __init__(self, path: str | Path, reader: DirectReader | None = None, compact: bool = True):
-        import gguf
-
         self.path = Path(path).expanduser()
         if not self.path.is_file():
             raise MoepagerError(f"no such GGUF file: {self.path}")
-        try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # the gguf package raises ValueError or struct errors on a damaged file
-            raise CorruptFile(f"{self.path}: not a readable GGUF file ({e})") from None
-        arch = _field(self.reader, "general.architecture")
+        self.fields, self.tensors = read_header(self.path)
+        arch = self.fields.get("general.architecture")
         if arch not in ARCHITECTURES:
             raise UnsupportedArchitecture(
                 f"{self.path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}"
             )
         self.arch = arch
-        self.tensors = {t.name: t for t in self.reader.tensors}
         self.raw_config = self._hf_config()
         self.config = config_from_hf(self.raw_config)
         self.experts = self._index_experts()
         self.compact = compact
-        self.tokenizer_metadata = read_metadata(self.reader)  # the GGUFReader is not kept past here
+        self.tokenizer_metadata = read_metadata(self.fields)
         largest = max((self.expert_nbytes(*k) for k in self.experts), default=0)
         self.reader = reader or DirectReader(buffer_bytes=min(largest, CHUNK))
 
@@ -144,7 +170,7 @@ class GgufSource:
         return gguf_tokenizer(self.tokenizer_metadata)
 
     def _meta(self, key: str, default=None):
-        return _field(self.reader, f"{self.arch}.{key}", default)
+        return self.fields.get(f"{self.arch}.{key}", default)
 
     def _hf_config(self) -> dict:
         """llama.cpp's metadata as the config.json of the same model (only the fields ModelConfig reads)."""
@@ -162,7 +188,7 @@ class GgufSource:
         eps = float(
             f"{m('attention.layer_norm_rms_epsilon', 1e-5):.7g}"
         )  # stored as fp32: 1e-6 -> 9.99999997e-07
-        eos = _field(self.reader, "tokenizer.ggml.eos_token_id")
+        eos = self.fields.get("tokenizer.ggml.eos_token_id")
         d = {
             "model_type": family,
             "vocab_size": int(embd.shape[1]),
@@ -175,7 +201,7 @@ class GgufSource:
             "rms_norm_eps": eps,
             "rope_theta": float(m("rope.freq_base", 10000.0)),
             "tie_word_embeddings": "output.weight" not in self.tensors,
-            "bos_token_id": _field(self.reader, "tokenizer.ggml.bos_token_id"),
+            "bos_token_id": self.fields.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": eos,
             "num_local_experts": int(m("expert_count")),
             "num_experts": int(m("expert_count")),
@@ -322,12 +348,10 @@ class GgufSource:
 
     def _read(self, t) -> torch.Tensor:
         """A tensor's bytes, uint8 [n_bytes], read past the page cache into memory we own."""
-        view = self.reader.read(self.path, int(t.data_offset), int(t.n_bytes))
-        return (
-            torch.frombuffer(view, dtype=torch.uint8).clone()
-            if len(view)
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        out = torch.empty(int(t.n_bytes), dtype=torch.uint8)
+        for pos, view in self.reader.read_chunks(self.path, int(t.data_offset), int(t.n_bytes)):
+            copy_piece(out, pos, view)  # staged a chunk at a time: an embedding can be hundreds of MiB
+        return out
 
     def _fix(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """Undo llama.cpp's convert-time changes (rows of blocks permute like rows of floats)."""
@@ -353,6 +377,7 @@ class GgufSource:
         if "lm_head.weight" not in sd and "lm_head.weight" not in self._compact_names():
             if "embed.weight" in sd:
                 sd["lm_head.weight"] = sd["embed.weight"]
+        self.reader.release_buffer()  # expert reads, which follow, need far less staging than a whole tensor
         return sd
 
     def _kv_b(self, layer: int) -> torch.Tensor:
@@ -380,6 +405,7 @@ class GgufSource:
                 out[name] = (int(t.tensor_type), raw, (rows, cols))
         if "lm_head.weight" in self._compact_names() and "lm_head.weight" not in out:
             out["lm_head.weight"] = out["embed.weight"]
+        self.reader.release_buffer()
         return out
 
     def expert_keys(self) -> list[tuple[int, int]]:

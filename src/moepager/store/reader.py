@@ -129,6 +129,12 @@ class DirectReader:
             self._local.view = memoryview(buf)
         return self._local.view
 
+    def release_buffer(self) -> None:
+        """Drop this thread's staging buffer (after one-off reads larger than the ones that follow, so their
+        size is not held for the reader's life); views handed out keep it alive until they go."""
+        self._local.__dict__.pop("buf", None)
+        self._local.__dict__.pop("view", None)
+
     def read(self, path: str | Path, offset: int, nbytes: int) -> memoryview:
         """Bytes [offset, offset + nbytes) of a file, as a view valid until this thread's next read."""
         return self.read_ranges([(path, offset, nbytes)])[0]
