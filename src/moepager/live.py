@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 EVENT_VERSION = 1
 LIVE_HZ = 4  # events per second: enough to watch experts move, cheap next to a decode step
 WINDOW_S = 2.0  # rates (tokens/s, hit rate, MB/s) are over about this much recent time
-EVICTED_FOR_S = 2.0  # an evicted expert shows as recently evicted this long, unless it comes back
 # heat map cells, one character per expert; when several apply since the last event, the first listed wins
 STATES = {
     "m": "miss: read from disk on demand since the last event",
@@ -26,7 +25,7 @@ STATES = {
     "h": "hit: used since the last event, already resident",
     "p": "pinned: resident and never evicted",
     "r": "resident: in the cache, not used since the last event",
-    "e": "recently evicted",
+    "e": "evicted since the last event (and not back)",
     ".": "not in the cache",
 }
 MEMORY_CATEGORIES = ("runtime", "dense_weights", "kv_cache", "buffers", "expert_read_staging", "expert_cache")
@@ -40,7 +39,6 @@ class LiveFeed:
         self.cache = getattr(engine.experts, "cache", None)  # the ExpertCache when experts are paged
         self._window: deque[dict] = deque()
         self._activity: dict | None = None  # the cache's counters at the previous event
-        self._evicted_at: dict[tuple[int, int], float] = {}
         self._clients: set[asyncio.Queue] = set()
         self._ticker: asyncio.Task | None = None
         self.seq = 0
@@ -102,19 +100,16 @@ class LiveFeed:
             },
             "memory": self._memory(),
             "requests": self._requests(),
-            "heat": self._heat(now, x.get("layers") or {}),
+            "heat": self._heat(x.get("layers") or {}),
         }  # fmt: skip
 
-    def _heat(self, now: float, per_layer: dict) -> dict | None:
+    def _heat(self, per_layer: dict) -> dict | None:
         if self.cache is None:
             return None
         act, prev = self.cache.activity(), self._activity
         self._activity = act
         prev = prev or {"uses": {}, "demand_reads": {}, "prefetch_reads": {}, "evicted": {}}
         changed = lambda name: [k for k, n in act[name].items() if prev[name].get(k) != n]  # noqa: E731
-        for key in changed("evicted"):
-            self._evicted_at[key] = now
-        self._evicted_at = {k: t for k, t in self._evicted_at.items() if now - t < EVICTED_FOR_S}
         width, row_of = self.num_experts, {layer: i for i, layer in enumerate(self.layers)}
         grid = bytearray(b"." * (width * len(self.layers)))
 
@@ -123,7 +118,7 @@ class LiveFeed:
                 if layer in row_of:
                     grid[row_of[layer] * width + e] = state[0]
 
-        paint([k for k in self._evicted_at if k not in act["resident"]], b"e")
+        paint([k for k in changed("evicted") if k not in act["resident"]], b"e")
         paint(act["resident"], b"r")
         paint(act["pinned"], b"p")
         paint(changed("uses"), b"h")

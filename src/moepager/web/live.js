@@ -4,7 +4,7 @@
 
 const $ = (id) => document.getElementById(id);
 const COLORS = { m: "#e5484d", f: "#3e63dd", h: "#30a46c", p: "#8e4ec6", r: "#b4c0d3", e: "#f5a623", ".": "#f0f0f3" };
-const NAMES = { m: "miss", f: "prefetched", h: "hit", p: "pinned", r: "resident", e: "recently evicted", ".": "not cached" };
+const NAMES = { m: "miss", f: "prefetched", h: "hit", p: "pinned", r: "resident", e: "evicted", ".": "not cached" };
 const live = { last: null, paused: false, events: 0 };
 window.moepagerLive = live; // the last event, for whoever inspects the page
 
