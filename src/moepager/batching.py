@@ -47,6 +47,7 @@ class Sequence:
     produced: int = 0
     finished: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None  # when its first token was sampled (time to first token)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -64,6 +65,9 @@ class BatchStats:
     decode_s: float = 0.0
     active: int = 0
     waiting: int = 0
+    first_tokens: int = 0  # sequences that sampled their first token
+    first_token_s: float = 0.0  # their times to first token, summed (from submit)
+    last_first_token_s: float | None = None  # the latest sequence's time to first token
 
 
 class Scheduler:
@@ -72,6 +76,9 @@ class Scheduler:
     def __init__(self, engine: Engine, max_batch: int = 32):
         self.engine, self.max_batch = engine, max_batch
         self.stats = BatchStats()
+        # what a live view lists: the running batch, and the sequence being prefilled (worker-side, read only)
+        self.running: list[Sequence] = []
+        self.prefilling: Sequence | None = None
         self._inbox: queue.Queue[Sequence] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="moepager-worker", daemon=True)
@@ -86,6 +93,12 @@ class Scheduler:
     def submit(self, seq: Sequence) -> None:
         self._inbox.put(seq)
         self.stats.waiting = self._inbox.qsize()
+
+    def sequences(self) -> tuple[list[Sequence], Sequence | None, list[Sequence]]:
+        """(waiting, being prefilled, running), copied now; callable from any thread."""
+        with self._inbox.mutex:
+            waiting = list(self._inbox.queue)
+        return waiting, self.prefilling, list(self.running)
 
     # --------------------------------------------------------------------------------- worker thread
 
@@ -104,6 +117,7 @@ class Scheduler:
                     self._finish(s, ("error", f"{type(e).__name__}: {e}"))
                 active = []
             self.stats.active = len(active)
+            self.running = active
 
     def _admit(self, active: list[Sequence]) -> None:
         """Prefill waiting sequences (blocking briefly when idle) and add them to the batch."""
@@ -116,12 +130,15 @@ class Scheduler:
             if seq.cancelled:
                 self._finish(seq, ("done", "cancelled"))
                 continue
+            self.prefilling = seq
             try:
                 self._prefill(seq)
             except Exception as e:
                 log.exception("prefill failed")
                 self._finish(seq, ("error", f"{type(e).__name__}: {e}"))
                 continue
+            finally:
+                self.prefilling = None
             if not self._dropped(seq):
                 active.append(seq)
 
@@ -185,6 +202,12 @@ class Scheduler:
     def _emit(self, seq: Sequence, token: torch.Tensor) -> None:
         seq.last = token.view(1)
         seq.produced += 1
+        if seq.produced == 1:
+            seq.first_token_at = time.perf_counter()
+            ttft = seq.first_token_at - seq.submitted_at
+            self.stats.first_tokens += 1
+            self.stats.first_token_s += ttft
+            self.stats.last_first_token_s = ttft
         tid = int(token)
         seq.on_event(("token", tid))
         if tid in seq.params.stop_ids or (seq.processor is not None and seq.processor.finished):

@@ -1,5 +1,6 @@
 """OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics, and
-the routes of server_responses.py (/v1/responses) and server_messages.py (Anthropic's /v1/messages).
+the routes of server_responses.py (/v1/responses), server_messages.py (Anthropic's /v1/messages) and
+server_live.py (the page at / and its event stream /events).
 
 Owns the app (its state, errors, the body size limit), checking the fields every request shares, making a
 request's `n` choices, and /v1/completions (with echo and the prompt's logprobs). The chat path is
@@ -25,6 +26,7 @@ from .constrain import Grammars
 from .engine import Engine
 from .errors import MoepagerError
 from .generate import SamplingParams
+from .live import LiveFeed
 from .metrics import MeasureRequests, Metrics
 from .sampling import LogitsProcessor, TokenLogprob
 from .server_chat import LARGE_TEXT, chat_completion
@@ -39,6 +41,7 @@ from .server_fields import (
     parse,
 )
 from .server_generation import Generation, collect, completion_logprobs, merged, sse, usage
+from .server_live import add_live_routes
 from .server_messages import add_messages_routes
 from .server_responses import add_responses_routes
 from .tools import template_roles
@@ -277,6 +280,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_ba
 
     add_responses_routes(app, authorize)
     add_messages_routes(app, authorize)
+    add_live_routes(app, LiveFeed(engine, scheduler, model_id))
     return app
 
 
@@ -309,7 +313,10 @@ def serve(engine: Engine, model_id: str, host: str = "127.0.0.1", port: int = 80
 
     shown = f"[{host}]" if ":" in host else host
     app = create_app(
-        engine, model_id, api_key, announce=f"moepager: serving {model_id} at http://{shown}:{port}/v1"
+        engine,
+        model_id,
+        api_key,
+        announce=f"moepager: serving {model_id} at http://{shown}:{port}/v1 (live view: http://{shown}:{port}/)",
     )
     if sock is None:
         uvicorn.run(app, host=host, port=port, log_level=log_level)

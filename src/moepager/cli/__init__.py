@@ -10,7 +10,7 @@ import sys
 from ..errors import MoepagerError
 from .generation import add_chat_plan, add_run
 from .measure import add_replay_stats, add_synth_bench
-from .serving import add_list_fetch, add_serve
+from .serving import add_list_fetch, add_serve, add_top
 from .stores import add_convert_verify, add_experts, add_moefy, add_tune
 
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(sub)  # the order of `moepager --help`
     add_chat_plan(sub)
     add_serve(sub)
+    add_top(sub)
     add_list_fetch(sub)
     add_convert_verify(sub)
     add_experts(sub)

@@ -1,7 +1,11 @@
-"""`serve`, `fetch` and `list`: the HTTP server, hub models fetched ahead of time, the models found here."""
+"""`serve`, `top`, `fetch` and `list`: the HTTP server, its live panel in a terminal, hub models fetched ahead
+of time, the models found here."""
 
 from __future__ import annotations
 
+import sys
+
+from ..errors import MoepagerError
 from .model_options import add_ray, add_remote_options, model_or_default, open_remote, ray_options
 
 
@@ -55,6 +59,28 @@ def add_serve(sub) -> None:
     add_ray(s)
     add_remote_options(s)
     s.set_defaults(func=cmd_serve)
+
+
+def cmd_top(args) -> None:
+    from ..top import main as top_main
+
+    if not args.url.startswith(("http://", "https://")):
+        raise MoepagerError(
+            f"top: {args.url!r} is not an http:// URL; give the server's, e.g. http://127.0.0.1:8000"
+        )
+    if not sys.stdin.isatty() or not sys.stdout.isatty():
+        raise MoepagerError(
+            "top draws on a terminal: run it in one (stdin and stdout are not terminals here)"
+        )
+    top_main(args.url)
+
+
+def add_top(sub) -> None:
+    t = sub.add_parser(
+        "top", help="the live expert cache panel of a running `moepager serve`, in the terminal"
+    )
+    t.add_argument("url", nargs="?", default="http://127.0.0.1:8000", help="the server's URL")
+    t.set_defaults(func=cmd_top)
 
 
 def cmd_fetch(args) -> None:

@@ -254,6 +254,10 @@ class ExpertCache:
         self.queued: dict[Key, object] = {}
         self.prefetched: set[Key] = set()  # arrived by prefetch, not used since
         self.uses: dict[Key, int] = {}  # layer steps that used each expert (for hot sets)
+        # per expert, reads on demand, reads by prefetch and evictions: what a live view diffs to draw activity
+        self.demand_reads: dict[Key, int] = {}
+        self.prefetch_reads: dict[Key, int] = {}
+        self.evicted: dict[Key, int] = {}
         self.layer_stats: dict[int, CacheStats] = {}
         self.peak_resident_bytes = 0
         self.io_threads = max(1, io_threads)  # a step's misses are read in at most this many batches at once
@@ -293,6 +297,8 @@ class ExpertCache:
                 st = self._stats(key[0])
                 st.read_s += share
                 st.bytes_read += self.source.expert_nbytes(*key)
+                counts = self.prefetch_reads if prefetch else self.demand_reads
+                counts[key] = counts.get(key, 0) + 1
                 if prefetch:
                     st.prefetch_reads += 1
                     self.prefetched.add(key)
@@ -344,6 +350,7 @@ class ExpertCache:
         for _, _, evicted in got:
             if evicted is not None:
                 self._stats(evicted[0]).evictions += 1
+                self.evicted[evicted] = self.evicted.get(evicted, 0) + 1
                 if evicted in self.prefetched:
                     self.prefetched.discard(evicted)
                     self._stats(evicted[0]).prefetch_wasted += 1
@@ -579,6 +586,15 @@ class ExpertCache:
                 layers=per_layer,
             )
             return out
+
+    def activity(self) -> dict:
+        """Per expert, as copies taken under the lock: the cumulative counters (uses, demand_reads,
+        prefetch_reads, evicted: {key: n}) and the sets now (resident, pinned, prefetched and not used yet)."""
+        with self.lock:
+            return {"uses": dict(self.uses), "demand_reads": dict(self.demand_reads),
+                    "prefetch_reads": dict(self.prefetch_reads), "evicted": dict(self.evicted),
+                    "resident": set(self.res.slot), "pinned": set(self.res.pinned),
+                    "prefetched": self.prefetched | set(self.queued)}  # fmt: skip
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

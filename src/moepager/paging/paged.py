@@ -210,6 +210,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
     cache = ExpertCache(source, config, expert_memory if expert_memory is not None else (None if limit is None else "100%"),
                         device, dtype, policy, limit=limit)  # fmt: skip
     cache.footprint = footprint
+    cache.memory_limit = None if memory_limit is None else total  # the whole-process limit, as given
     routers = {
         b.ffn.layer: (lambda x, r=b.ffn.router: r(x)[1]) for b in model.layers if isinstance(b.ffn, MoE)
     }
