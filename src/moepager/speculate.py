@@ -24,6 +24,7 @@ from .errors import MoepagerError
 from .generate import SamplingParams, Timings, prefill, probabilities, sample
 from .layers import KVCache
 from .model import Transformer
+from .moe import NotResident
 
 DRAFT_KINDS = ("ngram", "self")  # or a path / name of a draft model
 NGRAM_MAX = 3  # the longest suffix prompt lookup matches (it tries shorter ones down to 1)
@@ -101,6 +102,8 @@ class SelfDrafter:
                     tokens.append(int(token))
                     if params.temperature > 0:
                         qs.append(probabilities(logits, params)[0])
+        except NotResident:  # a layer holds too few experts to route among: draft what was drafted so far
+            pass
         finally:
             cache.truncate(start)
         return Draft(tokens, torch.stack(qs) if qs else None)
