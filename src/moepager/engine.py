@@ -306,7 +306,9 @@ def _speculation(engine: Engine, speculate: str, draft_tokens: int, device: str,
     elif speculate == "self":
         drafter = SelfDrafter(engine.experts)
     else:  # a draft model: small, every expert resident
-        drafter = ModelDrafter(load(speculate, device=device, dtype=dtype), engine.config.vocab_size, speculate)
+        drafter = ModelDrafter(
+            load(speculate, device=device, dtype=dtype), engine.config.vocab_size, speculate
+        )
     experts = engine.experts
 
     def reads() -> tuple[int, int]:
