@@ -172,3 +172,36 @@ def test_sampled_tokens_follow_the_model(tiny, draft):
     # seeded runs repeat (self drafts depend on what is resident: compare engines in the same state)
     runs = [moepager.load(path, speculate=draft, draft_tokens=2, expert_memory=budget) for _ in range(2)]
     assert len({tuple(e.generate(prompt, 12, temperature=1.0, seed=3, stop_ids=[])) for e in runs}) == 1
+
+
+def test_server_scheduler_speculates_a_lone_sequence(tiny, plain):
+    import threading
+
+    from moepager.batching import Scheduler, Sequence
+    from moepager.metrics import Metrics
+    from moepager.summary import summary_line
+
+    engine = moepager.load(tiny("mixtral")[0], speculate="ngram", expert_memory="50%")
+    scheduler = Scheduler(engine)
+    scheduler.start()
+    try:
+        tokens, done = [], threading.Event()
+
+        def on_event(event):
+            if event[0] == "token":
+                tokens.append(event[1])
+            else:
+                done.set()
+
+        scheduler.submit(Sequence(_prompts(1)[0], 32, SamplingParams(), on_event))
+        assert done.wait(60)
+    finally:
+        scheduler.stop()
+    assert tokens == plain("mixtral")[0]
+    assert engine.stats()["speculation"]["rounds"] > 0
+    text = Metrics(scheduler, engine).render().decode()
+    assert (
+        "moepager_speculative_accepted_tokens_total" in text
+        and "moepager_speculative_acceptance_ratio" in text
+    )
+    assert "ngram drafts:" in summary_line(engine.stats())
