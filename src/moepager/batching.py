@@ -45,6 +45,7 @@ class Sequence:
     last: torch.Tensor | None = None  # the latest sampled token, [1]
     generator: torch.Generator | None = None
     produced: int = 0
+    history: list[int] = field(default_factory=list)  # prompt and tokens so far (drafts look them up)
     finished: bool = False
     submitted_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None  # when its first token was sampled (time to first token)
@@ -151,6 +152,7 @@ class Scheduler:
         )
         if seq.params.seed is not None:
             seq.generator = torch.Generator(device=device).manual_seed(seq.params.seed)
+        seq.history = list(seq.prompt)
         t0 = time.perf_counter()
         prompt = torch.tensor(seq.prompt, dtype=torch.long, device=device)
         whole = seq.prompt_logprobs is not None  # every position's logits, not only the last
@@ -172,6 +174,10 @@ class Scheduler:
 
     @torch.inference_mode()
     def _step(self, active: list[Sequence]) -> None:
+        speculation = getattr(self.engine, "speculation", None)
+        # drafts are verified for a sequence alone: with more, one batched step already shares the reads
+        if speculation is not None and len(active) == 1 and active[0].processor is None:
+            return self._speculative_step(active[0], speculation)
         t0 = time.perf_counter()
         tokens = torch.cat([s.last for s in active])  # [B]
         logits = self.engine.model.decode_batch(tokens, [s.cache for s in active])  # [B, V]
@@ -191,6 +197,23 @@ class Scheduler:
                 continue
             self._emit(s, token)
 
+    def _speculative_step(self, seq: Sequence, speculation) -> None:
+        """Draft, verify in one forward, and emit the 1..k+1 tokens it yields (speculate.py)."""
+        t0 = time.perf_counter()
+        room = seq.max_tokens - seq.produced
+        out = speculation.round(self.engine.model, seq.cache, seq.history, seq.params, seq.generator, room)
+        dt = time.perf_counter() - t0
+        self.stats.steps += 1
+        self.stats.step_sequences += 1
+        self.stats.decode_tokens += len(out)
+        self.stats.decode_s += dt
+        self.engine.timings.decode_tokens += len(out)
+        self.engine.timings.decode_s += dt
+        for tid in out:
+            self._emit(seq, torch.tensor([tid], device=self.engine.device))
+            if seq.finished:  # a stop id inside the drafts: the rest is dropped with the cache
+                break
+
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
         """logits [1, V] -> token [1], through the sequence's own processor when it has one."""
         if seq.processor is None:
@@ -209,6 +232,7 @@ class Scheduler:
             self.stats.first_token_s += ttft
             self.stats.last_first_token_s = ttft
         tid = int(token)
+        seq.history.append(tid)
         seq.on_event(("token", tid))
         if tid in seq.params.stop_ids or (seq.processor is not None and seq.processor.finished):
             self._finish(seq, ("done", "stop"))  # a stop id, or a grammar that is complete

@@ -63,6 +63,7 @@ class Engine:
         # once the first token was computed (kernels' libraries, thread pools and caches set up)
         self.rss_before_weights: int | None = None
         self.rss_after_first_token: int | None = None
+        self.speculation = None  # a speculate.Speculation when drafts are verified (set by load)
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
@@ -80,8 +81,15 @@ class Engine:
         if prompt.numel() == 0:
             raise MoepagerError("the prompt is empty")
         cache = cache if cache is not None else self.new_cache()
-        for tid in generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings,
-                                 self.kv.prefill_chunk):  # fmt: skip
+        if self.speculation is not None:
+            from .speculate import speculative_generate_step
+
+            steps = speculative_generate_step(self.model, prompt, max_new_tokens, params, self.speculation, cache,
+                                              self.timings, self.kv.prefill_chunk)  # fmt: skip
+        else:
+            steps = generate_step(self.model, prompt, max_new_tokens, params, cache, self.timings,
+                                  self.kv.prefill_chunk)  # fmt: skip
+        for tid in steps:
             if self.rss_after_first_token is None:
                 self.rss_after_first_token = current_rss()
             yield tid
@@ -157,6 +165,9 @@ class Engine:
             out["experts"] = self.experts.stats()
         if self.kv_stats:
             out["kv_cache"] = self.kv_stats
+        if self.speculation is not None:
+            out["speculation"] = {"draft": self.speculation.kind, "draft_tokens": self.speculation.k,
+                                  **self.speculation.stats.as_dict()}  # fmt: skip
         if self.session_reused_tokens is not None:
             out["session_reused_tokens"] = self.session_reused_tokens
         if hasattr(self.source, "tier_stats"):  # tiers below the expert cache (a remote source)
@@ -191,7 +202,8 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
          max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
          kv_block_size: int = 256, kv_spill_dir: str | None = None, prefill_chunk: int = 512,
          ray: str | None = None, ray_actors: int | None = None, ray_placement: str | None = None,
-         ray_replicate: int = 0, **runtime_options) -> Engine:  # fmt: skip
+         ray_replicate: int = 0, speculate: str | None = None, draft_tokens: int = 4,
+         **runtime_options) -> Engine:  # fmt: skip
     """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource); with no model
     (or "default"), the embedded default model, built on first use. dtype defaults to the checkpoint's own.
 
@@ -212,9 +224,15 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
     ray_actors actors (default one per node), placed round-robin or, with ray_placement=TRACE_FILE, by measured
     usage, ray_replicate hottest per layer held twice; expert_memory is then each actor's budget
     (see distributed/ray_experts.py).
+
+    speculate: "ngram" (prompt lookup), "self" (the model routed among resident experts) or a draft model
+    (same tokenizer) proposes draft_tokens tokens per step, verified in one forward; the output is unchanged
+    (see speculate.py).
     """
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
+    if speculate is not None and not (isinstance(draft_tokens, int) and draft_tokens >= 1):
+        raise MoepagerError(f"--draft-tokens {draft_tokens!r}: give a positive number of tokens")
     rss_before_weights = current_rss()
     dev = parse_device(device)
     if default_model.is_default(model):
@@ -277,4 +295,30 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
     engine.trace = recorder.trace if recorder else None
     engine.rss_before_weights = rss_before_weights
     engine.source = model if hasattr(model, "expert_keys") else ckpt
+    if speculate is not None:
+        engine.speculation = _speculation(engine, speculate, draft_tokens, device, dtype)
     return engine
+
+
+def _speculation(engine: Engine, speculate: str, draft_tokens: int, device: str, dtype):
+    from .speculate import ModelDrafter, NgramDrafter, SelfDrafter, Speculation
+
+    if not isinstance(speculate, str) or not speculate:
+        raise MoepagerError(f"--speculate {speculate!r}: give ngram, self or a draft model")
+    if speculate == "ngram":
+        drafter = NgramDrafter()
+    elif speculate == "self":
+        drafter = SelfDrafter(engine.experts)
+    else:  # a draft model: small, every expert resident
+        drafter = ModelDrafter(
+            load(speculate, device=device, dtype=dtype), engine.config.vocab_size, speculate
+        )
+    experts = engine.experts
+
+    def reads() -> tuple[int, int]:
+        if not hasattr(experts, "stats"):
+            return 0, 0
+        s = experts.stats()
+        return s.get("misses", 0) + s.get("prefetch_reads", 0), s.get("bytes_read", 0)
+
+    return Speculation(drafter, draft_tokens, reads)

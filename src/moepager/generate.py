@@ -66,10 +66,9 @@ class Timings:
         }
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]."""
-    if p.temperature <= 0:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """logits [B, V] -> the distribution `sample` draws from [B, V] (float32): temperature, then top-k, then
+    top-p. Speculative sampling compares the target's and the draft's through this same function."""
     logits = logits.float() / p.temperature  # [B, V], a copy of its own: the filters below write into it
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -79,8 +78,24 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(dim=-1) - probs >= p.top_p  # keep the smallest set reaching top_p
         logits.scatter_(-1, order, sorted_logits.masked_fill_(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]."""
+    if p.temperature <= 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(probabilities(logits, p), 1, generator=generator).squeeze(-1)
+
+
+def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, chunk: int) -> torch.Tensor:
+    """Run a prompt [T] into the cache `chunk` tokens per forward (activations bounded by the chunk, not the
+    prompt) -> the last position's logits [1, V]."""
+    if chunk < 1:
+        raise ValueError(f"prefill_chunk must be positive, got {chunk}")
+    for i in range(0, prompt.shape[0], chunk):
+        logits = model(prompt[None, i : i + chunk], cache, last_only=True)[:, -1]
+    return logits
 
 
 @torch.inference_mode()
@@ -98,16 +113,13 @@ def generate_step(
     The prompt goes through the model prefill_chunk tokens at a time, so activations stay bounded by the
     chunk, not the prompt; a given cache is continued (its positions come before the prompt).
     """
-    if prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
     cache = cache if cache is not None else KVCache(model.config.num_layers)
     timings = timings if timings is not None else Timings()
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=prompt.device).manual_seed(params.seed)
     t0 = time.perf_counter()
-    for i in range(0, prompt.shape[0], prefill_chunk):
-        logits = model(prompt[None, i : i + prefill_chunk], cache, last_only=True)[:, -1]
+    logits = prefill(model, prompt, cache, prefill_chunk)
     token = sample(logits, params, generator)
     timings.prefill_tokens += prompt.shape[0]
     timings.prefill_s += time.perf_counter() - t0

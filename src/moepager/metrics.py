@@ -34,6 +34,14 @@ _EXPERT = {
     "budget_bytes": ("budget_bytes", "gauge", "the expert cache's byte budget"),
     "total_expert_bytes": ("model_bytes", "gauge", "bytes of all routed experts of the model"),
 }  # fmt: skip
+# speculation stat -> (metric name without the moepager_speculative_ prefix, kind, help)
+_SPECULATION = {
+    "drafted": ("drafted_tokens", "counter", "drafted tokens offered to verification"),
+    "accepted": ("accepted_tokens", "counter", "drafted tokens the model accepted"),
+    "rounds": ("verify_passes", "counter", "verification forwards (each yields accepted drafts and one more token)"),
+    "acceptance_rate": ("acceptance_ratio", "gauge", "accepted / drafted tokens since start"),
+    "expert_reads_per_token": ("expert_reads_per_token", "gauge", "experts read from disk per token of speculative steps"),
+}  # fmt: skip
 
 
 class Metrics:
@@ -93,6 +101,10 @@ class _ModelCollector:
         for key, (name, kind, help) in _EXPERT.items():
             if key in experts:
                 yield family(f"expert_{name}", kind, help, experts[key])
+        speculation = stats.get("speculation") or {}
+        for key, (name, kind, help) in _SPECULATION.items():
+            if key in speculation:
+                yield family(f"speculative_{name}", kind, help, speculation[key])
 
 
 class MeasureRequests:

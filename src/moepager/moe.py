@@ -14,6 +14,7 @@ S slots of a bank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,10 @@ from .layers import MLP
 
 ExpertWeights = dict[str, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]; optional *_bias, *_scales
 DENSE_SHARE = 0.5  # K/E from which a resident layer computes every expert densely (see ResidentExperts)
+
+
+class NotResident(Exception):
+    """A draft forward (routed among resident experts only) needed an expert that is not resident."""
 
 
 class Experts(Protocol):
@@ -308,6 +313,10 @@ class ResidentExperts:
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.banks.values())
+
+    def drafting(self, model) -> contextlib.AbstractContextManager:
+        """Drafts route among resident experts (see PagedExperts.drafting): here every expert is resident."""
+        return contextlib.nullcontext()
 
 
 def _float_bank(bank: ExpertBank, dtype: torch.dtype) -> bool:

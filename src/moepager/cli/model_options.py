@@ -30,6 +30,7 @@ def check_before_load(args) -> None:
     for flag, value in (("--max-context", args.max_context), ("--prefill-chunk", args.prefill_chunk)):
         if value is not None and value < 1:
             raise MoepagerError(f"{flag} {value}: give a positive number of tokens")
+    check_speculation(args)
     if args.threads is not None and args.threads < 1:
         raise MoepagerError(f"--threads {args.threads}: give a positive number of threads")
     # files written at the end: a folder that cannot take them is found now, not after the generation
@@ -57,6 +58,7 @@ def load_engine(args):
         **paging,
         **kv,
         **ray_options(args),
+        **speculation_options(args),
     )
 
 
@@ -141,8 +143,28 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
                    "(default: all in RAM)")  # fmt: skip
     r.add_argument("--kv-spill-dir", help="folder for the KV spill file (default: the system temp folder)")
     r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    add_speculation(r)
     add_ray(r)
     add_remote_options(r)
+
+
+def add_speculation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", metavar="ngram|self|MODEL", help="draft tokens and verify them in one forward "
+                   "(the experts they need are read once); output unchanged: ngram looks the draft up in the "
+                   "text so far, self drafts with the resident experts only, MODEL is a small draft model with "
+                   "the same tokenizer (default: no drafts)")  # fmt: skip
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per step with --speculate")
+
+
+def check_speculation(args) -> None:
+    if getattr(args, "draft_tokens", 1) < 1:
+        raise MoepagerError(f"--draft-tokens {args.draft_tokens}: give a positive number of tokens")
+
+
+def speculation_options(args) -> dict:
+    if getattr(args, "speculate", None) is None:
+        return {}
+    return {"speculate": args.speculate, "draft_tokens": args.draft_tokens}
 
 
 def add_remote_options(p: argparse.ArgumentParser, flag: bool = True) -> None:

@@ -6,13 +6,23 @@ from __future__ import annotations
 import sys
 
 from ..errors import MoepagerError
-from .model_options import add_ray, add_remote_options, model_or_default, open_remote, ray_options
+from .model_options import (
+    add_ray,
+    add_remote_options,
+    add_speculation,
+    check_speculation,
+    model_or_default,
+    open_remote,
+    ray_options,
+    speculation_options,
+)
 
 
 def cmd_serve(args) -> None:
     from .. import load
     from ..server import reserve_port, serve
 
+    check_speculation(args)
     sock = reserve_port(args.host, args.port)  # a taken port fails now, not after loading the model
     model = model_or_default(args.model)
     given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
@@ -20,7 +30,8 @@ def cmd_serve(args) -> None:
              "kv_memory": args.kv_memory}  # fmt: skip
     options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
     source, options = open_remote(args, model, options)
-    engine = load(source, device=args.device, dtype=args.dtype, **options, **ray_options(args))
+    engine = load(source, device=args.device, dtype=args.dtype, **options, **ray_options(args),
+                  **speculation_options(args))  # fmt: skip
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, sock=sock)
 
@@ -56,6 +67,7 @@ def add_serve(sub) -> None:
     )
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    add_speculation(s)
     add_ray(s)
     add_remote_options(s)
     s.set_defaults(func=cmd_serve)

@@ -7,12 +7,13 @@ Owns the layer step: the layer's experts -> acquire them from the cache (in wave
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
-from ..moe import grouped, switch_glu
+from ..moe import MoE, NotResident, grouped, switch_glu
 from .cache import ExpertCache, load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
 
@@ -28,11 +29,14 @@ class PagedExperts:
         slow = getattr(cache.source, "slow_misses", False)
         guessing = prefetch and routers and (cache.capacity < cache.num_keys or slow)
         self.prefetcher = RouterPrefetcher(routers, cache) if guessing else None
+        self._draft_only: dict[int, set[int]] | None = None  # while drafting: the experts a layer may use
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> y [N, D]. One host decision per layer (which experts, which
         slots, which misses), then moe.switch_glu over the cache's bank, as resident experts compute."""
         pending = torch.unique(ids).tolist()  # experts ascending
+        if self._draft_only is not None and not self._draft_only.get(layer, set()).issuperset(pending):
+            raise NotResident(f"layer {layer}: a draft needed an expert that is not resident")
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, pending)
         y, first = None, True
@@ -53,6 +57,38 @@ class PagedExperts:
             self.cache.release_held(layer, held)
             pending = [e for e in pending if e not in held]
         return y
+
+    @contextmanager
+    def drafting(self, model):
+        """Within this block every MoE layer of `model` routes only among the experts resident now, prefetch
+        is off, and the cache's counters are left as they were: a draft forward reads nothing from disk
+        (lossy on purpose: speculate.py verifies its tokens with the full routing). A layer whose router
+        still picks an expert that is not resident raises NotResident."""
+        held: dict[int, set[int]] = {}
+        for layer, e in self.cache.resident():
+            held.setdefault(layer, set()).add(e)
+        moes = [b.ffn for b in model.layers if isinstance(b.ffn, MoE)]
+        saved = [m.router.absent for m in moes]
+        counted = ("hits", "prefetch_hits", "misses")  # what a draft's layer steps add; reads stay counted
+        with self.cache.lock:
+            uses = dict(self.cache.uses)
+            before = {n: {f: getattr(c, f) for f in counted} for n, c in self.cache.layer_stats.items()}
+        prefetcher, self.prefetcher, self._draft_only = self.prefetcher, None, held
+        try:
+            for m in moes:
+                mask = torch.ones(self.config.num_experts, dtype=torch.bool, device=m.router.weight.device)
+                mask[list(held.get(m.layer, ()))] = False
+                m.router.absent = mask if m.router.absent is None else mask | m.router.absent
+            yield
+        finally:
+            for m, absent in zip(moes, saved):
+                m.router.absent = absent
+            self.prefetcher, self._draft_only = prefetcher, None
+            with self.cache.lock:
+                self.cache.uses = uses
+                for n, c in self.cache.layer_stats.items():
+                    for f, v in before.get(n, dict.fromkeys(counted, 0)).items():
+                        setattr(c, f, v)
 
     # the residency API: engine.experts.load(layer, expert) and friends
     def load(self, layer: int, expert: int) -> None:
