@@ -25,3 +25,13 @@ moepager bench "$SMALL" --budgets 100% --peers llamacpp,llamacpp-norepack --over
   --rounds "${ROUNDS:-1}" --tokens 33 --prompt-tokens 16 --out "$OUT" --name small-q4_0-resident
 moepager bench "$SMALL" --budgets limit --memory-cap 400MiB --peers llamacpp-norepack,llamacpp-lazy \
   --rounds "${ROUNDS:-1}" --tokens 33 --prompt-tokens 16 --out "$OUT" --name small-q4_0-400mib
+# GPT_OSS=1: the same resident and 8 GiB runs at GPT-OSS-20B's shape (llama.cpp's gpt-oss, experts MXFP4, the
+# rest Q8_0: an 11.2 GB file)
+if [ "${GPT_OSS:-0}" = 1 ]; then
+  OSS="$D/gpt-oss-20b.q8_0.gguf"
+  [ -f "$OSS" ] || moepager synth "$OSS" --format gguf --shape gpt-oss-20b --quant Q8_0
+  moepager bench "$OSS" --budgets 100% --peers llamacpp,llamacpp-norepack --overhead 2GiB "${COMMON[@]}" \
+    --name real-scale-gpt-oss-resident
+  moepager bench "$OSS" --budgets limit --memory-cap 8GiB --peers llamacpp-norepack,llamacpp-lazy \
+    "${COMMON[@]}" --name real-scale-gpt-oss-8gib
+fi

