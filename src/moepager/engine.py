@@ -233,7 +233,8 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
     if speculate is not None and not (isinstance(draft_tokens, int) and draft_tokens >= 1):
         raise MoepagerError(f"--draft-tokens {draft_tokens!r}: give a positive number of tokens")
-    release_freed_heap()  # so that "before weights" and the footprint after loading are measured alike
+    gc.collect()  # "before weights" measured as the footprint after loading is: garbage freed, heap trimmed
+    release_freed_heap()
     rss_before_weights = current_rss()
     dev = parse_device(device)
     if default_model.is_default(model):
