@@ -290,10 +290,15 @@ def switch_glu(bank: ExpertBank, x, ids, slots, weights, config: ModelConfig) ->
     return grouped(bank, x, ids, slots, weights, config)
 
 
+GATHERED_TOKENS = 8  # a decode batch or a speculative verification: one gathered call beats a loop over experts
+
+
 def few_tokens(ids: torch.Tensor, config: ModelConfig) -> bool:
-    """Whether a layer's (token, expert) pairs are few enough for the gathered kernels."""
+    """Whether a layer's (token, expert) pairs are few enough for the gathered kernels. Up to GATHERED_TOKENS
+    tokens always are: the grouped pass's loop over experts (Python, an index_add per expert) cost 3.5x the
+    gathered call at 5 tokens of the default model (top-26 of 32), where every expert has several tokens."""
     n, k = ids.shape
-    return n * k <= max(2 * k, config.num_experts)
+    return n <= GATHERED_TOKENS or n * k <= max(2 * k, config.num_experts)
 
 
 class ResidentExperts:
