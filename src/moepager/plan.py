@@ -118,6 +118,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
          temperature: float = 0.0, seed: int | None = None, trace_tokens: int = 16) -> Plan:  # fmt: skip
     """prompt: token ids, or a function of the loaded engine giving them (default: DEFAULT_PROMPT)."""
     from . import load
+    from .generate import check_sampling
     from .paging.fill import RoutingSample, forecast
     from .paging.policies import make_policy
 
@@ -135,6 +136,8 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     dense = sum(storages.values())
     ids = prompt(engine) if callable(prompt) else list(prompt or DEFAULT_PROMPT)
     flag = prompt_flag or "--prompt-ids " + ",".join(map(str, ids))
+    # what run refuses, plan refuses: the prompt and the tokens must fit the context the limit plans for
+    check_sampling(max_tokens, temperature, prompt_tokens=len(ids), context=fp["context"])
 
     m = trace_start(engine, ids, min(max_tokens, trace_tokens + 1), temperature, seed, seconds)
     run_tokens = m["generated"] if m["stopped"] and (temperature <= 0 or seed is not None) else max_tokens
