@@ -104,8 +104,8 @@ def main() -> None:
               f"{med('pred_ttft'):.2f} | {med('ttft'):.2f} | {med('ttft') / med('pred_ttft'):.2f} | "
               f"{med('plan_wall_s'):.0f} / {med('run_wall_s'):.0f} |", flush=True)  # fmt: skip
         print(f"  run: {rounds[0]['run_command']}", file=sys.stderr, flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+        if a.json:  # after every limit: a long run interrupted keeps what it measured
+            Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":
