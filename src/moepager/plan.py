@@ -218,7 +218,8 @@ def format_plan(p: Plan) -> str:
     out.append(f"measured: the run's first {p.traced_tokens + 1} tokens ({how}{seed}) after a prompt of "
                f"{p.prompt_tokens} tokens, in this limit and this expert cache")  # fmt: skip
     if p.disk_bytes_measured:
-        out.append(f"  disk: {p.disk_bytes_per_s / 1e9:.2f} GB/s reading {b(p.disk_bytes_measured)} of this model's "
+        out.append(f"  disk: {p.disk_bytes_per_s / 1e9:.2f} GB/s per reading thread, reading "
+                   f"{b(p.disk_bytes_measured)} of this model's "
                    f"experts (O_DIRECT, {p.disk_seconds:.1f} s); compute waited {p.read_s_per_miss * 1e3:.1f} ms "
                    "per expert missed")  # fmt: skip
     else:
