@@ -106,3 +106,26 @@ def test_plan_time_to_first_token_is_prefill_compute_and_its_reads(tiny):
     assert "sampled at temperature 1, seed 0" in text and "time to first token:" in text
     assert "--max-tokens 12 --temperature 1 --seed 0 --prompt-ids 1,2," in text
     assert "steady state (cache warm)" in text and "over a run of 12 tokens" in text
+
+
+def test_plan_json_gives_the_run_it_predicted(tiny, capsys):
+    """`plan --json` names the exact run; that run generates the planned number of tokens in the same cache."""
+    import json
+    import shlex
+
+    import psutil
+
+    from moepager.cli import main
+
+    path = str(tiny("qwen3_moe")[0])
+    limit = str(psutil.Process().memory_info().rss + 256 * 2**20)
+    argv = ["plan", path, "--memory", limit, "--max-context", "128", "--max-tokens", "8", "--temperature", "1",
+            "--seed", "2", "--trace-tokens", "3", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["traced_tokens"] == 3 and p["run_tokens"] == 8 and p["temperature"] == 1.0 and p["seed"] == 2
+    command = shlex.split(p["run_command"])
+    assert command[:3] == ["moepager", "run", path] and "--no-prefetch" in command
+    assert main([*command[1:], "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["token_ids"]) == 8 and record["stats"]["experts"]["capacity"] == p["cache_experts"]
