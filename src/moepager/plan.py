@@ -160,7 +160,6 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     fc = forecast(sample, cache.capacity, steps, make_policy(None), seed=0)
     later = fc.misses[n:steps]
     run_decode_s = m["decode_s"] + sum(compute + x * per_miss for x in later)
-    measured_misses = m["decode_misses"] * min(n, steps) / n if n else 0
     read_bytes = cache.source.expert_nbytes(*cache.source.expert_keys()[0])
     steady_read = fc.steady_misses * per_miss
     return Plan(
@@ -176,7 +175,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
         disk_bytes_measured=m["bytes_read"], disk_seconds=m["read_s"], read_s_per_miss=per_miss,
         compute_s_per_token=compute, prefill_compute_s=m["prefill_s"] - m["prefill_wait_s"],
         prefill_read_s=m["prefill_wait_s"], prefill_misses=m["prefill_misses"], ttft_s=m["prefill_s"],
-        run_misses_per_token=(measured_misses + sum(later)) / steps if steps else 0.0,
+        run_misses_per_token=(m["decode_misses"] + sum(later)) / steps if steps else 0.0,
         run_decode_s=run_decode_s, decode_tokens_per_s=steps / run_decode_s if run_decode_s > 0 else 0.0,
         hit_rate=fc.steady_hit_rate, uniform_hit_rate=min(1.0, cache.capacity / cache.num_keys),
         misses_per_token=fc.steady_misses, read_s_per_token=steady_read,

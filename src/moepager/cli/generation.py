@@ -144,13 +144,13 @@ def add_chat_plan(sub) -> None:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens the run generates (default: run's, 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="the run's sampling temperature; the "
-                   "measured tokens are decoded at it (default: run's, 0 = greedy)")  # fmt: skip
+                   "measured tokens are decoded at it (default: run's, 0.0 = greedy)")  # fmt: skip
     p.add_argument("--seed", type=int, help="the run's sampler seed (default: not seeded)")
     p.add_argument("--trace-tokens", type=int, default=16, help="decode steps of the run generated to measure "
                    "compute, reads and routing; the rest of the run is modelled (default: 16)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--seconds", type=float, default=60.0,
-                   help="stop measuring decode steps after this long (at two steps at least; default: 60)")  # fmt: skip
+                   help="stop measuring decode steps after this long (at two steps at least; default: 60.0)")  # fmt: skip
     p.set_defaults(func=cmd_plan)
 
 
