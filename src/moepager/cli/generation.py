@@ -93,17 +93,34 @@ def cmd_chat(args) -> None:
 
 
 def cmd_plan(args) -> None:
+    import shlex
+
     from ..engine import parse_device
-    from ..plan import format_plan, plan
+    from ..generate import check_sampling
+    from ..plan import format_plan, plan, run_command
 
     parse_device(args.device)
+    check_sampling(args.max_tokens, args.temperature)
     if args.max_context is not None and args.max_context < 1:
         raise MoepagerError(f"--max-context {args.max_context}: give a positive number of tokens")
     if not args.seconds > 0:
         raise MoepagerError(f"--seconds {args.seconds}: give a positive time to measure for")
+    if args.trace_tokens < 1:
+        raise MoepagerError(f"--trace-tokens {args.trace_tokens}: give a positive number of tokens")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise MoepagerError("--prompt and --prompt-ids were both given: give one of them")
+    prompt, flag = None, None
+    if args.prompt is not None or args.prompt_ids is not None:
+        prompt = lambda engine: prompt_ids(engine, args)  # noqa: E731
+        if args.prompt is not None:
+            flag = f"--prompt {shlex.quote(args.prompt)}" + (" --raw" if args.raw else "")
+        else:
+            flag = f"--prompt-ids {args.prompt_ids}"
     model = model_or_default(args.model)
-    print(format_plan(plan(model, args.memory, args.max_context, device=args.device, dtype=args.dtype,
-                           seconds=args.seconds, model_arg=args.model)))  # fmt: skip
+    p = plan(model, args.memory, args.max_context, device=args.device, dtype=args.dtype, seconds=args.seconds,
+             model_arg=args.model, prompt=prompt, prompt_flag=flag, max_tokens=args.max_tokens,
+             temperature=args.temperature, seed=args.seed, trace_tokens=args.trace_tokens)  # fmt: skip
+    print(json.dumps({**p.as_dict(), "run_command": run_command(p)}) if args.json else format_plan(p))
 
 
 def add_chat_plan(sub) -> None:
@@ -121,9 +138,19 @@ def add_chat_plan(sub) -> None:
                    "(default: 4096, or the most that fits)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    p.add_argument(
-        "--seconds", type=float, default=1.0, help="time spent measuring the disk, and the compute"
-    )
+    p.add_argument("--prompt", help="the run's prompt text, chat template applied as run does (default: "
+                   "--prompt-ids 1..16)")  # fmt: skip
+    p.add_argument("--prompt-ids", help="the run's prompt as comma-separated token ids (default: 1..16)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template to --prompt")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens the run generates (default: run's, 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="the run's sampling temperature; the "
+                   "measured tokens are decoded at it (default: run's, 0.0 = greedy)")  # fmt: skip
+    p.add_argument("--seed", type=int, help="the run's sampler seed (default: not seeded)")
+    p.add_argument("--trace-tokens", type=int, default=16, help="decode steps of the run generated to measure "
+                   "compute, reads and routing; the rest of the run is modelled (default: 16)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--seconds", type=float, default=60.0,
+                   help="stop measuring decode steps after this long (at two steps at least; default: 60.0)")  # fmt: skip
     p.set_defaults(func=cmd_plan)
 
 

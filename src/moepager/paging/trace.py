@@ -14,7 +14,7 @@ import importlib.util
 import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,10 +105,19 @@ class TraceRecorder:
 
 def replay(requests: list[tuple[int, list[int]]], capacity: int, policy: Policy) -> float:
     """Hit rate of `policy` with `capacity` slots over layer-step requests, waves included."""
-    res = Residency(capacity, policy)
     hits = total = 0
+    for h, n in replay_steps(requests, capacity, policy):
+        hits, total = hits + h, total + n
+    return hits / total if total else 0.0
+
+
+def replay_steps(
+    requests: list[tuple[int, list[int]]], capacity: int, policy: Policy
+) -> Iterator[tuple[int, int]]:
+    """(hits, experts asked for) of each layer-step request in turn, as the live cache would count them."""
+    res = Residency(capacity, policy)
     for layer, experts in requests:
-        pending = experts
+        pending, hits, total = experts, 0, 0
         while pending:
             held = [e for e in pending if (layer, e) in res.slot]
             hits += len(held)
@@ -126,7 +135,7 @@ def replay(requests: list[tuple[int, list[int]]], capacity: int, policy: Policy)
                 res.drop((layer, e))
             total += len(held)
             pending = [e for e in pending if e not in held]
-    return hits / total if total else 0.0
+        yield hits, total
 
 
 def belady(requests: list[tuple[int, list[int]]], capacity: int) -> float:
