@@ -28,6 +28,18 @@ function el(tag, text, attrs = {}) {
 
 // ------------------------------------------------------------------------------------------- the panel
 
+// Each event changes a few numbers: nodes are made once and only their text is set, and a part is rebuilt only
+// when what it shows changed, so the browser lays the page out as little as possible (it shares the CPU
+// with the server when both run on one machine).
+const shown = {};
+
+function changed(part, value) {
+  const key = JSON.stringify(value);
+  if (shown[part] === key) return false;
+  shown[part] = key;
+  return true;
+}
+
 function tiles(ev) {
   const s = ev.speed, x = ev.experts || {};
   const rows = [
@@ -38,11 +50,17 @@ function tiles(ev) {
     ["cache", x.capacity ? `${x.capacity} / ${x.total_experts}` : "all resident"],
   ];
   const box = $("tiles");
-  box.replaceChildren(...rows.map(([name, value]) => {
-    const t = el("div", undefined, { class: "tile", "data-name": name });
-    t.append(el("b", value), el("span", name));
-    return t;
-  }));
+  if (box.children.length !== rows.length) {
+    box.replaceChildren(...rows.map(([name]) => {
+      const t = el("div", undefined, { class: "tile", "data-name": name });
+      t.append(el("b", ""), el("span", name));
+      return t;
+    }));
+  }
+  rows.forEach(([, value], i) => {
+    const b = box.children[i].firstChild;
+    if (b.textContent !== value) b.textContent = value;
+  });
 }
 
 function heat(ev) {
@@ -55,29 +73,38 @@ function heat(ev) {
   canvas.hidden = false;
   const rows = h.rows.length, cols = h.experts, label = 28;
   const cell = Math.max(3, Math.min(18, Math.floor((640 - label) / cols)));
-  canvas.width = label + cols * cell;
-  canvas.height = rows * cell;
+  // setting a canvas's size reallocates (and clears) it: only when the shape changes; then only the cells whose
+  // state changed since the last event are painted again
+  const width = label + cols * cell, height = rows * cell;
   const g = canvas.getContext("2d");
-  g.fillStyle = "#fff";
-  g.fillRect(0, 0, canvas.width, canvas.height);
+  let before = live.drawn;
+  if (canvas.width !== width || canvas.height !== height || !before || before.layers !== h.layers.join()) {
+    canvas.width = width;
+    canvas.height = height;
+    g.fillStyle = "#fff";
+    g.fillRect(0, 0, width, height);
+    before = null;
+  }
   const counts = {};
   for (let r = 0; r < rows; r++) {
-    const row = h.rows[r];
+    const row = h.rows[r], old = before ? before.rows[r] : "";
     for (let c = 0; c < cols; c++) {
       const s = row[c];
       counts[s] = (counts[s] || 0) + 1;
+      if (old[c] === s) continue;
       g.fillStyle = COLORS[s] || "#000";
       g.fillRect(label + c * cell, r * cell, cell - (cell > 4 ? 1 : 0), cell - (cell > 4 ? 1 : 0));
     }
-    if (cell >= 8 && (rows <= 32 || r % 4 === 0)) {
+    if (!before && cell >= 8 && (rows <= 32 || r % 4 === 0)) {
       g.fillStyle = "#60646c";
       g.font = `${Math.min(11, cell)}px system-ui`;
       g.fillText(String(h.layers[r]), 2, r * cell + cell - 2);
     }
   }
+  live.drawn = { rows: h.rows, layers: h.layers.join() };
   canvas.dataset.seq = ev.seq;
   canvas.dataset.counts = Object.keys(counts).sort().map((k) => `${k}:${counts[k]}`).join(" ");
-  $("heat-note").textContent = `layers ${h.layers[0]}–${h.layers[h.layers.length - 1]} (rows) × ${cols} experts (columns); each event shows what happened since the one before`;
+  if (changed("heat-note", [h.layers[0], h.layers[h.layers.length - 1], cols])) $("heat-note").textContent = `layers ${h.layers[0]}–${h.layers[h.layers.length - 1]} (rows) × ${cols} experts (columns); each event shows what happened since the one before`;
 }
 
 function legend() {
@@ -94,6 +121,7 @@ const MEMORY_COLORS = { runtime: "#8b8d98", dense_weights: "#3e63dd", kv_cache: 
 
 function memory(ev) {
   const m = ev.memory, cats = m.categories;
+  if (!changed("memory", [Object.entries(cats).map(([k, v]) => [k, bytes(v)]), bytes(m.rss_bytes), m.limit_bytes])) return;
   const total = Object.values(cats).reduce((a, b) => a + b, 0);
   const scale = Math.max(total, m.limit_bytes || 0, m.rss_bytes);
   $("memory-bar").replaceChildren(...Object.entries(cats).map(([k, v]) => {
@@ -116,6 +144,9 @@ function memory(ev) {
 
 function requests(ev) {
   const r = ev.requests;
+  // ages tick every event: shown to the tenth of a second, a row is rebuilt when its text changes
+  if (!changed("requests", [r.running, r.waiting, r.max_batch, num(r.mean_batch, 2), r.sequences.map((q) =>
+    [q.state, q.prompt_tokens, q.generated, q.max_tokens, num(q.age_s), q.time_to_first_token_s])])) return;
   $("queue").textContent = `${r.running} running, ${r.waiting} waiting (batch up to ${r.max_batch}; mean batch ${num(r.mean_batch, 2)})`;
   $("requests").tBodies[0].replaceChildren(...r.sequences.map((q) => {
     const tr = el("tr");
@@ -126,7 +157,7 @@ function requests(ev) {
 }
 
 function render(ev) {
-  $("model-name").textContent = ev.model;
+  if ($("model-name").textContent !== ev.model) $("model-name").textContent = ev.model;
   tiles(ev);
   heat(ev);
   memory(ev);
