@@ -98,6 +98,22 @@ def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, chunk: int
     return logits
 
 
+def first_token(model: Transformer, prompt: torch.Tensor, params: SamplingParams, cache: KVCache | None,
+                timings: Timings | None, prefill_chunk: int):  # fmt: skip
+    """How every decoding loop begins: (cache, timings, the seeded generator or None, the token sampled after the
+    prompt [1]), the prompt's prefill timed."""
+    cache = cache if cache is not None else KVCache(model.config.num_layers)
+    timings = timings if timings is not None else Timings()
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=prompt.device).manual_seed(params.seed)
+    t0 = time.perf_counter()
+    token = sample(prefill(model, prompt, cache, prefill_chunk), params, generator)
+    timings.prefill_tokens += prompt.shape[0]
+    timings.prefill_s += time.perf_counter() - t0
+    return cache, timings, generator, token
+
+
 @torch.inference_mode()
 def generate_step(
     model: Transformer,
@@ -113,16 +129,7 @@ def generate_step(
     The prompt goes through the model prefill_chunk tokens at a time, so activations stay bounded by the
     chunk, not the prompt; a given cache is continued (its positions come before the prompt).
     """
-    cache = cache if cache is not None else KVCache(model.config.num_layers)
-    timings = timings if timings is not None else Timings()
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=prompt.device).manual_seed(params.seed)
-    t0 = time.perf_counter()
-    logits = prefill(model, prompt, cache, prefill_chunk)
-    token = sample(logits, params, generator)
-    timings.prefill_tokens += prompt.shape[0]
-    timings.prefill_s += time.perf_counter() - t0
+    cache, timings, generator, token = first_token(model, prompt, params, cache, timings, prefill_chunk)
     for i in range(max_new_tokens):
         tid = int(token)
         yield tid

@@ -290,7 +290,9 @@ def switch_glu(bank: ExpertBank, x, ids, slots, weights, config: ModelConfig) ->
     return grouped(bank, x, ids, slots, weights, config)
 
 
-GATHERED_TOKENS = 8  # a decode batch or a speculative verification: one gathered call beats a loop over experts
+GATHERED_TOKENS = (
+    8  # a decode batch or a speculative verification: one gathered call beats a loop over experts
+)
 
 
 def few_tokens(ids: torch.Tensor, config: ModelConfig) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MoepagerError
-from .generate import SamplingParams, Timings, prefill, probabilities, sample
+from .generate import SamplingParams, Timings, first_token, prefill, probabilities, sample
 from .layers import KVCache
 from .model import Transformer
 from .moe import NotResident
@@ -234,16 +234,8 @@ def speculative_generate_step(model: Transformer, prompt: torch.Tensor, max_new_
                               timings: Timings | None = None, prefill_chunk: int = 512) -> Iterator[int]:  # fmt: skip
     """generate_step's contract with speculation: yields the same tokens greedily, and tokens distributed as
     its samples when sampling. On return the cache holds every yielded token's position but the last."""
-    cache = cache if cache is not None else KVCache(model.config.num_layers)
-    timings = timings if timings is not None else Timings()
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=prompt.device).manual_seed(params.seed)
-    t0 = time.perf_counter()
-    logits = prefill(model, prompt, cache, prefill_chunk)
-    token = int(sample(logits, params, generator))
-    timings.prefill_tokens += prompt.shape[0]
-    timings.prefill_s += time.perf_counter() - t0
+    cache, timings, generator, token = first_token(model, prompt, params, cache, timings, prefill_chunk)
+    token = int(token)
     history = prompt.tolist() + [token]
     base = cache.seq_len - prompt.shape[0]  # positions the cache held before this prompt
     produced = 1
