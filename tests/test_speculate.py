@@ -205,3 +205,16 @@ def test_server_scheduler_speculates_a_lone_sequence(tiny, plain):
         and "moepager_speculative_acceptance_ratio" in text
     )
     assert "ngram drafts:" in summary_line(engine.stats())
+
+
+@pytest.mark.parametrize("draft", ["ngram", "self"])
+def test_gguf_blocks_greedy_identical(draft):
+    """A GGUF computed from its blocks (compact embedding and matrices: no float weights to take a device
+    from), paged: drafts change nothing."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "gguf" / "qwen3_moe.q4_0.gguf"
+    plain = moepager.load(path)
+    spec = moepager.load(path, expert_memory="50%", speculate=draft, draft_tokens=3)
+    for prompt in _prompts(2):
+        assert spec.generate(prompt, 24, stop_ids=[]) == plain.generate(prompt, 24, stop_ids=[])

@@ -92,7 +92,7 @@ class SelfDrafter:
         self.experts = experts
 
     def draft(self, model, cache, history: list[int], k: int, params, generator) -> Draft:
-        start, token = cache.seq_len, torch.tensor([[history[-1]]], device=model.embed.weight.device)
+        start, token = cache.seq_len, torch.tensor([[history[-1]]], device=model.norm.weight.device)
         tokens, qs = [], []
         try:
             with self.experts.drafting(model):
@@ -136,7 +136,7 @@ class ModelDrafter:
             token = sample(logits, params, generator)
             tokens.append(int(token))
             if params.temperature > 0:
-                qs.append(probabilities(logits, params)[0].to(model.embed.weight.device))
+                qs.append(probabilities(logits, params)[0].to(model.norm.weight.device))
             if i < k - 1:
                 logits = net(token.view(1, 1), self.cache, last_only=True)[:, -1]
                 self.ids.append(tokens[-1])
@@ -152,7 +152,7 @@ def verify(model: Transformer, cache: KVCache, last: int, draft: Draft, params: 
     """One forward over [last, d1..dn] -> (the tokens to emit: accepted drafts + the model's own next token,
     how many drafts were accepted). The cache keeps the positions of last and the accepted drafts only."""
     start, n = cache.seq_len, len(draft.tokens)
-    ids = torch.tensor([[last, *draft.tokens]], device=model.embed.weight.device)  # [1, n+1]
+    ids = torch.tensor([[last, *draft.tokens]], device=model.norm.weight.device)  # [1, n+1]
     logits = model(ids, cache)[0]  # [n+1, V]
     if params.temperature <= 0:
         target = logits.argmax(dim=-1).tolist()
