@@ -20,6 +20,7 @@ import torch
 
 from ..config import ModelConfig
 from ..moe import ExpertBank, activation, bank_spec
+from ..process_memory import current_rss
 from ..store.source import expert_formats, open_source
 
 Key = tuple[int, int]  # (layer, expert)
@@ -163,10 +164,8 @@ class ExpertShard:
         return out
 
     def stats(self) -> dict:
-        import psutil
-
         out = {**self.ready(), "calls": self.calls, "compute_s": self.compute_s, "expert_bytes": self.nbytes(),
-               "rss_bytes": psutil.Process().memory_info().rss}  # fmt: skip
+               "rss_bytes": current_rss()}  # fmt: skip
         if self.cache is not None:
             out["cache"] = self.cache.stats()
         return out

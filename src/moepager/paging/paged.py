@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..moe import MoE, NotResident, grouped, switch_glu
+from ..process_memory import current_rss
 from .cache import ExpertCache, load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
 
@@ -157,8 +158,6 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
     """What the process needs besides the expert cache, measured after the dense weights are loaded:
     the runtime and dense weights (RSS, or allocated GPU memory for CUDA), the KV cache at max_context
     (buffers grow by doubling, so up to twice that), and working buffers."""
-    import psutil
-
     if device.type == "cuda":
         process = torch.cuda.memory_allocated(device)
     else:
@@ -168,7 +167,7 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
             from ..kernels.matvec import warm_up
 
             warm_up()  # what the first decode step would add to the RSS (the kernels' runtime), counted now
-        process = psutil.Process().memory_info().rss
+        process = current_rss()
     kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize)
     per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs
     kv = kv_per_token * max_context
