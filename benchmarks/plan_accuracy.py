@@ -17,34 +17,14 @@ import argparse
 import json
 import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from moepager.bench.isolate import MemoryCgroup, cgroup_unavailable_reason, drop_page_cache
+from moepager.bench.isolate import cgroup_unavailable_reason, run_command_json
 from moepager.paging.cache import parse_bytes
 
 REAL_SCALE = "/work/benchdata/qwen3-30b-a3b.q4_k_m.gguf"
 PROMPT = "Tell me about the history of Paris."
-
-
-def _moepager(args: list[str], cap: int | None, files: list[Path]) -> tuple[dict, float]:
-    """Run `moepager ARGS` (which prints one JSON object) in a fresh process, under the cap when given."""
-    drop_page_cache(files)
-    group = MemoryCgroup(f"moepager-plan-accuracy-{time.monotonic_ns()}", cap) if cap else None
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "moepager", *args], capture_output=True, text=True,
-                              preexec_fn=group.add_self if group else None)  # fmt: skip  # noqa: PLW1509
-    finally:
-        if group:
-            group.close()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"moepager {shlex.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("{"))
-    return json.loads(line), wall
 
 
 def one_round(model: list[str], limit: str, a, seed: int, files: list[Path]) -> dict:
@@ -52,9 +32,9 @@ def one_round(model: list[str], limit: str, a, seed: int, files: list[Path]) -> 
     plan_args = ["plan", *model, "--memory", limit, "--max-context", str(a.max_context), "--max-tokens",
                  str(a.tokens), "--temperature", str(a.temperature), "--seed", str(seed), "--prompt", a.prompt,
                  "--trace-tokens", str(a.trace_tokens), "--json"]  # fmt: skip
-    p, plan_wall = _moepager(plan_args, cap, files)
+    p, plan_wall = run_command_json(plan_args, cap, files)
     run_args = [*shlex.split(p["run_command"])[1:], "--json"]
-    r, run_wall = _moepager(run_args, cap, files)
+    r, run_wall = run_command_json(run_args, cap, files)
     s = r["stats"]
     return {
         "plan": p, "plan_wall_s": plan_wall, "run_wall_s": run_wall, "run_command": p["run_command"],

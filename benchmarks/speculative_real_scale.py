@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from moepager.bench.isolate import MemoryCgroup, cgroup_unavailable_reason, drop_page_cache
+from moepager.bench.isolate import cgroup_unavailable_reason, run_command_json
 from moepager.paging.cache import parse_bytes
 
 MODEL = "/work/benchdata/qwen3-30b-a3b.q4_k_m.gguf"
@@ -26,18 +22,7 @@ PROMPT = "Tell me about the history of Paris."
 
 def run(args: list[str], cap: int, model: Path) -> dict:
     """`moepager run ARGS --json` in a fresh, capped process; its stats."""
-    drop_page_cache([model])
-    group = MemoryCgroup(f"moepager-speculative-{time.monotonic_ns()}", cap)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "moepager", "run", *args, "--json"], capture_output=True,
-                              text=True, preexec_fn=group.add_self)  # fmt: skip  # noqa: PLW1509
-    finally:
-        group.close()
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"moepager run {shlex.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}"
-        )
-    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{")))["stats"]
+    return run_command_json(["run", *args, "--json"], cap, [model])[0]["stats"]
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,24 @@ class MemoryCgroup:
                 return
             except OSError:
                 time.sleep(0.1)
+
+
+def run_command_json(args: list[str], cap_bytes: int | None, files: list[Path]) -> tuple[dict, float]:
+    """`moepager ARGS` (a command that prints one JSON object) in a fresh process, the page cache of `files`
+    dropped first, in a memory cgroup capped at cap_bytes when given: (that object, wall seconds)."""
+    drop_page_cache(files)
+    group = MemoryCgroup(f"moepager-command-{time.monotonic_ns()}", cap_bytes) if cap_bytes else None
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moepager", *args], capture_output=True, text=True,
+                              preexec_fn=group.add_self if group else None)  # fmt: skip  # noqa: PLW1509
+    finally:
+        if group:
+            group.close()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"moepager {shlex.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("{"))), wall
 
 
 def run_isolated(spec: dict, cap_bytes: int | None, use_cgroup: bool, files: list[Path], work: Path,
