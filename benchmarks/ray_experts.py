@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import moepager
-from moepager.paging.cache import format_bytes
+from moepager.system.sizes import format_bytes
 
 
 def counters(engine) -> dict:

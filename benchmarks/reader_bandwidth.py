@@ -1,4 +1,4 @@
-"""Throughput of moepager's range reader (store/reader.py) against plain buffered reads.
+"""Throughput of moepager's range reader (system/direct_reader.py) against plain buffered reads.
 
 Reads a whole ~1 GiB file in shuffled requests of each size with 1/2/4 threads, the page cache dropped
 before every run, and prints GB/s and CPU seconds per GB for:
@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from moepager.store.reader import DirectReader, aligned_buffer
+from moepager.system.direct_reader import DirectReader, aligned_buffer
 
 MiB = 1 << 20
 

@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from moepager.bench.isolate import cgroup_unavailable_reason, run_command_json
-from moepager.paging.cache import parse_bytes
+from moepager.system.sizes import parse_bytes
 
 MODEL = "/work/benchdata/qwen3-30b-a3b.q4_k_m.gguf"
 PROMPT = "Tell me about the history of Paris."

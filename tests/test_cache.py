@@ -9,8 +9,9 @@ import torch
 
 from moepager.config import ModelConfig
 from moepager.errors import MoepagerError
-from moepager.paging.cache import ExpertCache, parse_bytes
+from moepager.paging.cache import ExpertCache
 from moepager.paging.prefetch import WINDOW, RouterPrefetcher
+from moepager.system.sizes import parse_bytes
 
 LAYERS, EXPERTS, K, D, I = 2, 8, 2, 4, 3
 

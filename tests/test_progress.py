@@ -4,7 +4,7 @@ import io
 import sys
 
 from moepager.cli import main
-from moepager.progress import progress_bar
+from moepager.system.progress import progress_bar
 
 
 class _Terminal(io.StringIO):

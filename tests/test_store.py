@@ -18,10 +18,10 @@ from moepager.store import convert as convert_mod
 from moepager.store.checkpoint import Checkpoint
 from moepager.store.convert import convert
 from moepager.store.format import DENSE_FILE, EXPERTS_FILE, MANIFEST, read_manifest
-from moepager.store.reader import ALIGN, DirectReader
 from moepager.store.source import open_source
 from moepager.store.store_source import StoreSource
 from moepager.store.verify import verify
+from moepager.system.direct_reader import ALIGN, DirectReader
 
 PARITY_FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 

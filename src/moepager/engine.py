@@ -21,8 +21,8 @@ from .kvcache import BlockKVCache, KVOptions
 from .layers import KVCache
 from .model import Transformer
 from .moe import ExpertBank, ResidentExperts, bank_spec
-from .process_memory import current_rss, release_freed_heap
 from .store.source import expert_formats, open_source, source_tokenizer
+from .system.process_memory import current_rss, release_freed_heap
 from .tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -178,7 +178,7 @@ class Engine:
 def _kv_bytes(kv_memory: int | str | None) -> int | None:
     if kv_memory is None or isinstance(kv_memory, int):
         return kv_memory
-    from .synth import parse_size
+    from .system.sizes import parse_size
 
     return parse_size(kv_memory)
 

@@ -52,7 +52,7 @@ def text_windows(tokenizer, text: str, window: int, max_tokens: int | None) -> t
 def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: int | None = None,
              progress: bool = True) -> EvalResult:  # fmt: skip
     """Perplexity of `engine` on `text`; with `reference`, the agreement of their greedy predictions."""
-    from .progress import progress_bar
+    from .system.progress import progress_bar
 
     if engine.tokenizer is None:
         raise MoepagerError(f"{engine.path} has no tokenizer.json; evaluation needs one to read text")

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from .errors import MoepagerError
-from .paging.cache import format_bytes
 from .store.remote import RemoteSource
+from .system.sizes import format_bytes
 
 WINDOW = 64  # calibration tokens per forward pass
 
@@ -67,7 +67,7 @@ def _route_calibration(source: RemoteSource, text: str | None, tokens: int, prog
         raise MoepagerError("the calibration text is empty")
     windows = range(0, len(ids), WINDOW)
     if progress:
-        from .progress import progress_bar
+        from .system.progress import progress_bar
 
         windows = progress_bar(windows, desc="routing calibration text", unit="window", leave=False)
     for start in windows:

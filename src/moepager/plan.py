@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .paging.cache import format_bytes, parse_bytes
+from .system.sizes import format_bytes, parse_bytes
 
 DEFAULT_PROMPT = list(range(1, 17))  # when no prompt is given: 16 token ids
 

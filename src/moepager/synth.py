@@ -45,22 +45,6 @@ class SynthSpec:
     router_std: float = 0.5  # larger, so routing spreads over experts like a trained router's
 
 
-def parse_size(text: str) -> int:
-    """'8GiB', '512MiB', '2GB', '1000' -> bytes."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}  # fmt: skip
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1
-    if unit not in units or value < 0:
-        raise MoepagerError(f"size {text!r} is not understood; write e.g. 8GiB, 512MiB or 2GB")
-    return int(value * units[unit])
-
-
 def _dtype(spec: SynthSpec) -> torch.dtype:
     if spec.dtype not in _DTYPE_NAMES:
         raise MoepagerError(f"--dtype {spec.dtype!r} is not supported; use bfloat16, float16 or float32")
@@ -211,7 +195,7 @@ def synth(out: str | Path, spec: SynthSpec, size: int | None = None, max_shard: 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(spec.seed)
-    from . import progress  # its progress_bar, not this function's flag of that name
+    from .system import progress  # its progress_bar, not this function's flag of that name
 
     bar = progress.progress_bar(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}",
                                 enabled=progress_bar)  # fmt: skip

@@ -231,9 +231,9 @@ class ExpertTrainer:
 def tune(options: TuneOptions) -> dict:
     """Train, commit checkpoints as generations; return a summary (experts, losses, generations, memory)."""
     from . import load
-    from .progress import progress_bar
     from .store.editable import EditableStore
     from .store.format import is_store
+    from .system.progress import progress_bar
 
     o = options
     if not is_store(Path(o.store)):
@@ -279,7 +279,7 @@ def tune(options: TuneOptions) -> dict:
 
 def summary(r: dict, store: str | Path) -> str:
     """tune()'s result as two lines: what was trained and how the loss moved, then memory."""
-    from .paging.cache import format_bytes
+    from .system.sizes import format_bytes
 
     losses, c = r["losses"], r["cache"]
     first, last = (sum(losses[i : i + 10]) / len(losses[i : i + 10]) for i in (0, max(0, len(losses) - 10)))

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from ..synth import parse_size
+from ..system.sizes import parse_size
 from . import report
 from .isolate import cgroup_unavailable_reason, drop_page_cache, run_isolated
 from .limits import disk_bandwidth, machine

@@ -19,7 +19,8 @@ def cmd_synth(args) -> None:
         return
     if args.shape is not None:
         raise MoepagerError("--shape is for --format gguf; a checkpoint folder takes --family and sizes")
-    from ..synth import SynthSpec, parse_size, synth
+    from ..synth import SynthSpec, synth
+    from ..system.sizes import parse_size
 
     spec = SynthSpec(family=args.family, hidden=args.hidden, intermediate=args.intermediate, experts=args.experts,
                      top_k=args.top_k, layers=args.layers or 0, dtype=args.dtype, seed=args.seed)  # fmt: skip

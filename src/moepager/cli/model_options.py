@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import MoepagerError
-from ..output_paths import check_output_file
+from ..system.output_paths import check_output_file
 
 
 def model_or_default(model: str | None) -> str:

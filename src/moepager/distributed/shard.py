@@ -20,8 +20,8 @@ import torch
 
 from ..config import ModelConfig
 from ..moe import ExpertBank, activation, bank_spec
-from ..process_memory import current_rss
 from ..store.source import expert_formats, open_source
+from ..system.process_memory import current_rss
 
 Key = tuple[int, int]  # (layer, expert)
 Wire = tuple[str, np.ndarray]  # a tensor as it travels: dtype name and a numpy array of its bytes

@@ -192,7 +192,7 @@ def calibrate(folder: Path, text: str, experts: int, shared: int, seed: int, tok
               seq_len: int = 256, batch: int = 8) -> Plan:  # fmt: skip
     """Run the dense model over `text` layer by layer and learn the plan."""
     from .. import load
-    from ..progress import progress_bar
+    from ..system.progress import progress_bar
 
     engine = load(folder, dtype=torch.float32)
     model, cfg = engine.model, engine.config
@@ -315,8 +315,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 @torch.no_grad()
 def assemble(folder: Path, plan: Plan, top_k: int, out: str | Path) -> Path:
     """Write the Qwen2-MoE checkpoint of dense `folder` cut by `plan` to `out` (temp name, then renamed)."""
-    from ..progress import progress_bar
-    from ..store.safetensors import read_index, read_tensor
+    from ..system.progress import progress_bar
+    from ..system.safetensors import read_index, read_tensor
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

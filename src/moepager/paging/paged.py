@@ -14,7 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..moe import MoE, NotResident, grouped, switch_glu
-from ..process_memory import current_rss
+from ..system.process_memory import current_rss
 from .cache import ExpertCache, load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
 
@@ -184,7 +184,7 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
     Not given: DEFAULT_CONTEXT, or the largest multiple of 256 tokens that fits, with a note saying so.
     """
     from ..errors import MoepagerError
-    from .cache import format_bytes
+    from ..system.sizes import format_bytes
 
     wanted = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
     footprint = dense_footprint(model, config, device, wanted)
@@ -230,7 +230,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
     import warnings
 
     from ..moe import MoE
-    from .cache import parse_bytes
+    from ..system.sizes import parse_bytes
 
     config = model.config
     limit, footprint = None, None
@@ -263,7 +263,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
 
 def render_stats(stats: dict) -> str:
     """The expert cache part of `engine.stats()` (or of a `moepager run --json` record) as a table."""
-    from .cache import format_bytes
+    from ..system.sizes import format_bytes
 
     x = stats["experts"]
     cols = ["hits", "prefetch_hits", "misses", "hit_rate", "evictions", "bytes_read", "read_s", "wait_s",

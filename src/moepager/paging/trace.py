@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import MoepagerError
-from .cache import Residency, parse_bytes
+from ..system.sizes import parse_bytes
+from .cache import Residency
 from .policies import POLICIES, Policy
 
 TRACE_FORMAT = "moepager-trace"
@@ -240,7 +241,7 @@ def zipf_trace(num_layers: int = 16, num_experts: int = 64, top_k: int = 4, toke
 
 def check_plot(path: str | Path) -> None:
     """What plot() needs, checked before the replay is computed: matplotlib, and a folder to write into."""
-    from ..output_paths import check_output_file
+    from ..system.output_paths import check_output_file
 
     if importlib.util.find_spec("matplotlib") is None:
         raise MoepagerError(f"--plot {path}: plotting needs matplotlib: pip install 'moepager[bench]'")

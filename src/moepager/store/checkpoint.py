@@ -18,8 +18,16 @@ import torch
 from ..config import ModelConfig, config_from_hf
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
-from .reader import CHUNK, DirectReader, Scratch, bounded_groups, copy_piece, flat_bytes, takes_bytes
-from .safetensors import TensorInfo, read_index, read_tensor
+from ..system.direct_reader import (
+    CHUNK,
+    DirectReader,
+    Scratch,
+    bounded_groups,
+    copy_piece,
+    flat_bytes,
+    takes_bytes,
+)
+from ..system.safetensors import TensorInfo, read_index, read_tensor
 
 # hub name (regex, anchored) -> moepager name. Layer index is group 1 where present.
 _L = r"model\.layers\.(\d+)\."

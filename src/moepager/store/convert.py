@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from ..output_paths import check_output_folder
+from ..system.direct_reader import align_up, aligned_buffer
+from ..system.durable import fsync_dir
+from ..system.output_paths import check_output_folder
+from ..system.safetensors import DTYPES as ST_DTYPES
+from ..system.safetensors import read_tensor
 from .checkpoint import Checkpoint
 from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 from .format import (
@@ -33,9 +37,6 @@ from .format import (
     is_store,
     write_manifest,
 )  # fmt: skip
-from .reader import align_up, aligned_buffer
-from .safetensors import DTYPES as ST_DTYPES
-from .safetensors import read_tensor
 
 CANONICAL = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")  # order of tensors inside an expert
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".index.json")
@@ -130,7 +131,7 @@ def layout_of(weights: dict[str, torch.Tensor]) -> Layout:
 
 
 def _write_experts(src: Checkpoint, path: Path, progress: bool, experts_dtype: str | None = None):
-    from ..progress import progress_bar
+    from ..system.progress import progress_bar
 
     keys = src.expert_keys()
     layouts: dict[str, Layout] = {}
@@ -264,14 +265,6 @@ def _flush_and_evict(f) -> None:
     f.flush()
     os.fdatasync(f.fileno())
     os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -30,7 +30,11 @@ import torch
 
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
-from .convert import _ExpertsFile, fsync_dir, layout_of
+from ..system.direct_reader import align_up, aligned_buffer
+from ..system.durable import fsync_dir
+from ..system.safetensors import DTYPES as ST_DTYPES
+from ..system.safetensors import read_header, read_tensor
+from .convert import _ExpertsFile, layout_of
 from .encoding import convert_expert, expert_from_tensors, expert_tensors
 from .format import (
     EDITED_VERSION,
@@ -43,9 +47,6 @@ from .format import (
     read_manifest,
     write_manifest,
 )  # fmt: skip
-from .reader import align_up, aligned_buffer
-from .safetensors import DTYPES as ST_DTYPES
-from .safetensors import read_header, read_tensor
 from .store_source import StoreSource
 
 LOCK = ".moepager-lock"
@@ -533,7 +534,7 @@ def _dead_experts(dropped: list, kept: list) -> list[tuple[str, int, int]]:
 def _punch_experts(folder: Path, ranges: list[tuple[str, int, int]]) -> int:
     """Free the disk blocks of dead experts in files kept generations still read (the file keeps its size and
     the range reads as zeros) -> bytes freed. After the commit point: a crash here only leaves bytes unfreed."""
-    from .local_tier import punch_hole
+    from ..system.durable import punch_hole
 
     freed = 0
     for name, offset, nbytes in ranges:

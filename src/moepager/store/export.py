@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from .convert import fsync_dir
+from ..system.durable import fsync_dir
 from .editable import COUNT_KEYS
 from .store_source import StoreSource
 
@@ -72,7 +72,7 @@ def export(store: str | Path, out: str | Path, force: bool = False, progress: bo
     """Write the current generation of `store` to the checkpoint folder `out`; return its path."""
     from safetensors.torch import save_file
 
-    from ..progress import progress_bar
+    from ..system.progress import progress_bar
 
     src = StoreSource(store)
     m, c = src.manifest, src.config

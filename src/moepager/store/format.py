@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFile, MoepagerError
-from .reader import ALIGN
+from ..system.direct_reader import ALIGN
 
 MAGIC = "moepager-store"
 FORMAT_VERSION = 2  # the newest this moepager reads; convert writes 1, an edit 2

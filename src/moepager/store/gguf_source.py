@@ -30,9 +30,9 @@ from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..gguf_tokenizer import gguf_tokenizer, read_metadata
 from ..kernels.ggml import SUPPORTED
 from ..moe import ExpertWeights
-from ..process_memory import release_freed_heap
+from ..system.direct_reader import CHUNK, DirectReader, copy_piece
+from ..system.process_memory import release_freed_heap
 from ..tokenizer import Tokenizer
-from .reader import CHUNK, DirectReader, copy_piece
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
 LAYER_NAMES = {

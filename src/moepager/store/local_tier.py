@@ -17,8 +17,6 @@ It does not fetch (remote.py does) and does not decode experts (Checkpoint does)
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import fcntl
 import os
 import threading
@@ -28,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptFile, MoepagerError
-from .convert import fsync_dir
+from ..system.durable import punch_hole, write_atomic
 
 STATE_DIR = ".moepager"
 JOURNAL = "journal"
@@ -236,38 +234,12 @@ class LocalMirror:
 
 def crc_of(path: Path, pieces: list[Piece]) -> int:
     """crc32 of the pieces' bytes read back from a mirror folder, in order."""
-    from .safetensors import read_bytes
+    from ..system.safetensors import read_bytes
 
     crc = 0
     for p in pieces:
         crc = zlib.crc32(read_bytes(path / p.file, p.offset, p.nbytes), crc)
     return crc
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 1, 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def punch_hole(fd: int, offset: int, nbytes: int) -> bool:
-    """Free a byte range of a file (it reads as zeros after) -> whether it was freed. Filesystems without
-    holes keep the bytes: the journal has already forgotten them, so this only costs disk there."""
-    if nbytes and _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE, offset, nbytes) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise OSError(err, os.strerror(err))
-        return False
-    return True
 
 
 def _lock_exclusively(path: Path):

@@ -29,11 +29,11 @@ import torch
 
 from ..errors import MoepagerError
 from ..moe import ExpertWeights
+from ..system.direct_reader import DirectReader
+from ..system.durable import fsync_dir, write_atomic
 from .checkpoint import Checkpoint
-from .convert import fsync_dir
 from .hub_ranges import HubRanges
-from .local_tier import JOURNAL, MAGIC, STATE_DIR, LocalMirror, Piece, crc_of, write_atomic
-from .reader import DirectReader
+from .local_tier import JOURNAL, MAGIC, STATE_DIR, LocalMirror, Piece, crc_of
 
 # config and tokenizer files, fetched whole
 SIDE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -371,7 +371,7 @@ class RemoteSource:
 def _budget(value: int | str | None, pieces: dict) -> int | None:
     if value is None:
         return None
-    from ..paging.cache import parse_bytes
+    from ..system.sizes import parse_bytes
 
     total = sum(p.nbytes for ps in pieces.values() for p in ps)
     return parse_bytes(value, total, what="disk_budget")
@@ -380,6 +380,6 @@ def _budget(value: int | str | None, pieces: dict) -> int | None:
 def _bar(total: int, what: str, progress: bool):
     if not progress or total == 0:
         return None
-    from ..progress import progress_bar
+    from ..system.progress import progress_bar
 
     return progress_bar(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=what, leave=False)

@@ -17,9 +17,7 @@ import torch
 from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError
 from ..moe import ExpertWeights
-from .encoding import expert_from_tensors
-from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
-from .reader import (
+from ..system.direct_reader import (
     CHUNK,
     DirectReader,
     Scratch,
@@ -29,7 +27,9 @@ from .reader import (
     flat_bytes,
     takes_bytes,
 )
-from .safetensors import read_bytes, read_header, read_tensor
+from ..system.safetensors import read_bytes, read_header, read_tensor
+from .encoding import expert_from_tensors
+from .format import DENSE_FILE, EXPERTS_FILE, RECONVERT, check_files, read_manifest
 
 # encodings whose stored tensors are the in-memory ones (encoding.expert_from_tensors leaves them as they
 # are): their bytes can go straight into a cache's slots

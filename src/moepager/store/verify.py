@@ -55,7 +55,7 @@ def _expert_as_stored(want: dict, got: dict, encoding: str) -> dict:
 
 def verify(store: str | Path, source: str | Path | None = None, progress: bool = True) -> Report:
     """Every expert's crc32 and the dense file's; with `source`, every expert and dense tensor compared."""
-    from ..progress import progress_bar
+    from ..system.progress import progress_bar
     from .checkpoint import Checkpoint
 
     st = StoreSource(store, verify_checksums=True)  # a mismatch raises; caught below, so every one is listed
@@ -109,7 +109,7 @@ def _verify_older_generations(current: StoreSource, report: Report, progress: bo
     """Checksums of the kept generations other than the current one: experts and dense files not already
     checked (a generation mostly shares its bytes with the one before it)."""
     from ..errors import MoepagerError
-    from ..progress import progress_bar
+    from ..system.progress import progress_bar
 
     seen = {(x.file, x.offset) for x in current.manifest.experts.values()}
     dense_seen = set(current.manifest.dense_files)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> None:
