@@ -67,7 +67,7 @@ def emulate_llama_numerics(floats, compact, monkeypatch) -> None:
     """Make `floats` (an engine over a GGUF's dequantized weights) round activations as `compact` (the same
     file computed on its blocks) must: before each matrix that `compact` keeps as blocks, by that matrix's
     type. The float path stays the reference's own (F.linear over float weights); only its inputs change."""
-    from moepager.compact import BlockLinear
+    from moepager.model.compact import BlockLinear
 
     for name, module in compact.model.named_modules():
         if isinstance(module, BlockLinear):

@@ -10,7 +10,7 @@ import torch
 from tiny_models import build
 
 from moepager.errors import CorruptFile
-from moepager.moe import bank_spec
+from moepager.model.moe import bank_spec
 from moepager.paging.cache import ExpertCache
 from moepager.store.checkpoint import Checkpoint
 from moepager.store.convert import convert

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moepager.config import ModelConfig
 from moepager.errors import MoepagerError
+from moepager.model.config import ModelConfig
 from moepager.paging.cache import ExpertCache
 from moepager.paging.prefetch import WINDOW, RouterPrefetcher
 from moepager.system.sizes import parse_bytes

@@ -4,9 +4,9 @@ per-expert reference computes, and paging maps experts to slots without changing
 import pytest
 import torch
 
-from moepager.config import ModelConfig
 from moepager.kernels.intquant import native_int4_layout, tile_rows
-from moepager.moe import bank_spec, dense, expert_forward, gathered, grouped
+from moepager.model.config import ModelConfig
+from moepager.model.moe import bank_spec, dense, expert_forward, gathered, grouped
 from moepager.store.encoding import convert_expert
 
 D, I, E, K = 64, 32, 8, 3  # noqa: E741 (the legend letters)

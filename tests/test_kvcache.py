@@ -8,8 +8,8 @@ import torch
 from tiny_models import VOCAB
 
 import moepager
-from moepager.kvcache import BlockKVCache
-from moepager.layers import KVCache
+from moepager.model.kvcache import BlockKVCache
+from moepager.model.layers import KVCache
 
 BLOCK = 16
 SPILLING = ["mixtral", "gpt_oss", "deepseek_v3", "qwen3_moe"]  # GQA, sliding window 8 + sinks, MLA, head norm

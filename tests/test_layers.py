@@ -10,8 +10,8 @@ import transformers as tf
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from moepager.config import config_from_hf
-from moepager.layers import RotaryEmbedding, apply_rope, attend, attention_mask
+from moepager.model.config import config_from_hf
+from moepager.model.layers import RotaryEmbedding, apply_rope, attend, attention_mask
 
 
 def _rotary(hf_config) -> RotaryEmbedding:

@@ -41,7 +41,7 @@ def test_greedy_generation_matches_transformers(tiny, engines, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_kv_cache_decode_matches_full_forward(tiny, engines, family):
-    from moepager.layers import KVCache
+    from moepager.model.layers import KVCache
 
     engine, _ = _engine(tiny, engines, family)
     ids = torch.randint(0, VOCAB, (2, 14), generator=torch.Generator().manual_seed(3))

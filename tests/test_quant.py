@@ -8,7 +8,6 @@ from quality import LIMITS, check_lossy, zeroed_experts
 from tiny_models import FAMILIES, VOCAB
 
 import moepager
-from moepager.config import ModelConfig
 from moepager.kernels.intquant import (
     _KERNEL_LAYOUTS,
     cpu_int4_layout,
@@ -17,7 +16,8 @@ from moepager.kernels.intquant import (
     quantize,
     unpack_int4,
 )
-from moepager.moe import expert_forward
+from moepager.model.config import ModelConfig
+from moepager.model.moe import expert_forward
 from moepager.store.encoding import QuantizingSource, convert_expert, expert_from_tensors, expert_tensors
 from moepager.store.source import open_source
 

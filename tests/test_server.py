@@ -22,7 +22,7 @@ import moepager
 from moepager.batching import Scheduler, Sequence
 from moepager.cli import main as cli_main
 from moepager.generate import SamplingParams
-from moepager.layers import KVCache
+from moepager.model.layers import KVCache
 from moepager.server import create_app
 
 KEY = "test-key"

@@ -12,7 +12,7 @@ from tiny_models import VOCAB
 import moepager
 from moepager.cli import main
 from moepager.errors import CorruptFile
-from moepager.layers import KVCache
+from moepager.model.layers import KVCache
 from moepager.sessions import StaleSession
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .engine import Engine
 from .generate import SamplingParams, sample
-from .layers import KVCache
+from .model.layers import KVCache
 from .sampling import LogitsProcessor, prompt_logprobs
 
 log = logging.getLogger("moepager.server")

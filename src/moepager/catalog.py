@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import ollama
-from .config import FAMILIES, config_from_hf
 from .errors import MoepagerError
+from .model.config import FAMILIES, config_from_hf
 
 
 @dataclass

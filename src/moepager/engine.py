@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from . import default_model, sessions
-from .compact import swap_compact, swap_matvec
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
-from .kvcache import BlockKVCache, KVOptions
-from .layers import KVCache
-from .model import Transformer
-from .moe import ExpertBank, ResidentExperts, bank_spec
+from .model.compact import swap_compact, swap_matvec
+from .model.decoder import Transformer
+from .model.kvcache import BlockKVCache, KVOptions
+from .model.layers import KVCache
+from .model.moe import ExpertBank, ResidentExperts, bank_spec
 from .store.source import expert_formats, open_source, source_tokenizer
 from .system.process_memory import current_rss, release_freed_heap
 from .tokenizer import Tokenizer

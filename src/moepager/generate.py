@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MoepagerError
-from .layers import KVCache
-from .model import Transformer
+from .model.decoder import Transformer
+from .model.layers import KVCache
 
 
 @dataclass

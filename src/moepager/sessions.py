@@ -1,6 +1,6 @@
 """Session files: a conversation's KV cache and token ids on disk, so it can resume after a restart.
 
-Owns the file format and the model identity that guards it. Does not own the cache (kvcache.py, layers.py)
+Owns the file format and the model identity that guards it. Does not own the cache (model/kvcache.py, model/layers.py)
 or deciding which prefix to reuse (engine.py).
 
 Layout (little-endian):
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .errors import CorruptFile, MoepagerError
-from .kvcache import BlockKVCache
-from .layers import KVCache
+from .model.kvcache import BlockKVCache
+from .model.layers import KVCache
 
 MAGIC = b"MOEPSESS"
 END = b"MOEPEND\0"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MoepagerError
-from .moe import expert_forward, group_by_expert, route
+from .model.moe import expert_forward, group_by_expert, route
 
 Key = tuple[int, int]
 

@@ -166,7 +166,7 @@ class NaiveExperts:
     def __call__(self, layer, x, ids, weights):
         import torch
 
-        from moepager.moe import expert_forward, group_by_expert
+        from moepager.model.moe import expert_forward, group_by_expert
 
         def get(e: int):
             path = self.folder / f"{layer}_{e}.pt"
@@ -189,7 +189,7 @@ class NaiveExperts:
 def run_naive(spec: dict) -> dict:
     torch = _torch(spec)
     from moepager.generate import generate_step
-    from moepager.model import Transformer
+    from moepager.model.decoder import Transformer
     from moepager.store.source import open_source
 
     ckpt = open_source(spec["model"])

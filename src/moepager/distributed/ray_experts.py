@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
 from ..errors import MoepagerError
-from ..moe import few_tokens, group_by_expert
+from ..model.config import ModelConfig
+from ..model.moe import few_tokens, group_by_expert
 from .placement import Plan, place, shards, usage_from_trace
 from .shard import ExpertShard, from_wire, to_wire
 

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from ..config import ModelConfig
-from ..moe import ExpertBank, activation, bank_spec
+from ..model.config import ModelConfig
+from ..model.moe import ExpertBank, activation, bank_spec
 from ..store.source import expert_formats, open_source
 from ..system.process_memory import current_rss
 

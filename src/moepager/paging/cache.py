@@ -4,7 +4,7 @@ Owns the budget (parsing, the minimum working set), the slots (allocated once, r
 expert sits in which slot (Residency), what may not be evicted (experts in use by the current layer, experts
 being read, pins), the reads themselves (demand reads and background prefetch reads), and the stats.
 Which expert to evict is the policy's choice (policies.py). What to prefetch is prefetch.py's; how experts
-are computed is moe.py's.
+are computed is model/moe.py's.
 
 Reads go in batches: a layer step claims all its slots at once (one pass of the policy), then hands its
 misses to the source in at most io_threads batches of neighbouring experts (ModelSource.read_experts, which
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
 from ..errors import MoepagerError
-from ..moe import ExpertBank, ExpertWeights, bank_spec
+from ..model.config import ModelConfig
+from ..model.moe import ExpertBank, ExpertWeights, bank_spec
 from ..store.source import expert_formats
 from ..system.sizes import format_bytes, parse_bytes
 from .policies import Policy, make_policy, victims_by_loop

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
-from ..moe import MoE, NotResident, grouped, switch_glu
+from ..model.config import ModelConfig
+from ..model.moe import MoE, NotResident, grouped, switch_glu
 from ..system.process_memory import current_rss
 from .cache import ExpertCache, load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
@@ -161,7 +161,7 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
     if device.type == "cuda":
         process = torch.cuda.memory_allocated(device)
     else:
-        from ..compact import MatvecLinear
+        from ..model.compact import MatvecLinear
 
         if any(isinstance(m, MatvecLinear) for m in model.modules()):  # fp32: decode runs the numba matvec
             from ..kernels.matvec import warm_up
@@ -213,7 +213,7 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
 
 def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> int:
     """Bytes of the smallest expert cache: one token's experts of one layer (top_k slots)."""
-    from ..moe import bank_spec
+    from ..model.moe import bank_spec
     from ..store.source import expert_formats
 
     keys = source.expert_keys()
@@ -229,7 +229,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts)."""
     import warnings
 
-    from ..moe import MoE
+    from ..model.moe import MoE
     from ..system.sizes import parse_bytes
 
     config = model.config

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ModelConfig
 from ..errors import MoepagerError
+from ..model.config import ModelConfig
 from ..system.sizes import parse_bytes
 from .cache import Residency
 from .policies import POLICIES, Policy

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, config_from_hf
 from ..errors import MoepagerError
-from ..moe import ExpertWeights
+from ..model.config import ModelConfig, config_from_hf
+from ..model.moe import ExpertWeights
 from ..system.direct_reader import (
     CHUNK,
     DirectReader,

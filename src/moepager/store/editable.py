@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from ..moe import ExpertWeights
+from ..model.moe import ExpertWeights
 from ..system.direct_reader import align_up, aligned_buffer
 from ..system.durable import fsync_dir
 from ..system.safetensors import DTYPES as ST_DTYPES

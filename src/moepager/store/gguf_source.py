@@ -25,11 +25,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..gguf_tokenizer import gguf_tokenizer, read_metadata
 from ..kernels.ggml import SUPPORTED
-from ..moe import ExpertWeights
+from ..model.config import config_from_hf
+from ..model.moe import ExpertWeights
 from ..system.direct_reader import CHUNK, DirectReader, copy_piece
 from ..system.process_memory import release_freed_heap
 from ..tokenizer import Tokenizer

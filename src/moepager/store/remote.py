@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from ..moe import ExpertWeights
+from ..model.moe import ExpertWeights
 from ..system.direct_reader import DirectReader
 from ..system.durable import fsync_dir, write_atomic
 from .checkpoint import Checkpoint

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import torch
 
-from ..config import ModelConfig
-from ..moe import ExpertWeights
+from ..model.config import ModelConfig
+from ..model.moe import ExpertWeights
 from ..tokenizer import Tokenizer
 
 

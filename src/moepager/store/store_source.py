@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import config_from_hf
 from ..errors import CorruptFile, MoepagerError
-from ..moe import ExpertWeights
+from ..model.config import config_from_hf
+from ..model.moe import ExpertWeights
 from ..system.direct_reader import (
     CHUNK,
     DirectReader,

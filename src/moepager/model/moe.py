@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.banks import FloatBank, GgufBank, MatrixBank, QuantBank
+from ..kernels.ggml import swiglu_experts
+from ..kernels.intquant import linear, native_int4_layout, tile_rows
 from .config import ModelConfig
-from .kernels.banks import FloatBank, GgufBank, MatrixBank, QuantBank
-from .kernels.ggml import swiglu_experts
-from .kernels.intquant import linear, native_int4_layout, tile_rows
 from .layers import MLP
 
 ExpertWeights = dict[str, torch.Tensor]  # gate [I, D], up [I, D], down [D, I]; optional *_bias, *_scales

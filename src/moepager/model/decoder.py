@@ -1,7 +1,7 @@
 """One decoder for every supported family. Family differences are ModelConfig fields, not code paths.
 
 The model holds the resident weights (embeddings, attention, norms, routers, shared experts, dense MLPs).
-Routed experts are reached only through the Experts contract (moe.py); this module never imports the
+Routed experts are reached only through the Experts contract (model/moe.py); this module never imports the
 store, the cache or the prefetcher.
 """
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import ggml, matvec
+from ..kernels import ggml, matvec
 
 
 class BlockLinear(nn.Module):
