@@ -135,9 +135,9 @@ def outlines_run(tok_json: str, eos: int, schema: str, ids: list[int]):
 
 
 def moepager_run(tok_json: str, eos: int, schema: str, ids: list[int]):
-    """What the server pays per token: moepager.constrain (llguidance) computing the mask and applying it to
+    """What the server pays per token: moepager.generation.constrain (llguidance) computing the mask and applying it to
     a [1, V] logits row, then advancing."""
-    from moepager.constrain import Grammars, json_schema_grammar
+    from moepager.generation.constrain import Grammars, json_schema_grammar
 
     t0 = time.perf_counter()
     grammars = Grammars(tok_json, 49152, [eos])
@@ -159,7 +159,7 @@ def moepager_run(tok_json: str, eos: int, schema: str, ids: list[int]):
 
 
 RUNNERS = {"llguidance": llguidance_run, "xgrammar": xgrammar_run, "outlines-core": outlines_run,
-           "moepager.constrain (llguidance, mask applied)": moepager_run}  # fmt: skip
+           "moepager.generation.constrain (llguidance, mask applied)": moepager_run}  # fmt: skip
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ paged at 25%, after 32 decoded tokens), and that times LIVE_HZ as a share of one
 import time
 
 import moepager
-from moepager.batching import Scheduler
+from moepager.generation.batching import Scheduler
 from moepager.live import LIVE_HZ, LiveFeed
 
 engine = moepager.load(expert_memory="25%")

@@ -115,7 +115,7 @@ def smollm2_gguf() -> Path:
 
 def smollm2_vocab() -> dict:
     """SmolLM2's vocabulary as its GGUF holds it (llama.cpp's converter wrote it)."""
-    from moepager.gguf_tokenizer import read_metadata
+    from moepager.generation.gguf_tokenizer import read_metadata
     from moepager.store.gguf_source import read_header
 
     m = read_metadata(read_header(smollm2_gguf())[0])

@@ -19,8 +19,8 @@ from test_server_fields import QWEN_LIKE, WEATHER, _check_calls, streamed_calls,
 from tiny_models import configs
 
 import moepager
-from moepager.tokenizer import Tokenizer
-from moepager.tools import generic_messages, template_roles
+from moepager.generation.tokenizer import Tokenizer
+from moepager.generation.tools import generic_messages, template_roles
 
 CITY = {
     "type": "function",
@@ -345,8 +345,8 @@ def test_a_reply_read_in_pieces_gives_the_calls_of_the_whole():
     """The streaming reader: any cut of a reply into pieces gives the same calls as the whole reply."""
     import random
 
-    from moepager.tool_stream import ToolCallStream
-    from moepager.tools import GENERIC, HERMES, MISTRAL
+    from moepager.generation.tool_stream import ToolCallStream
+    from moepager.generation.tools import GENERIC, HERMES, MISTRAL
 
     hermes = ('<tool_call>\n{ "name" : "f", "arguments": {"a": "x}\\"]", "b": [1, {"c": null}]} }\n</tool_call>\n'
               '<tool_call>\n{"arguments": {}, "name": "g"}\n</tool_call>')  # fmt: skip

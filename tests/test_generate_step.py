@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from moepager.generate import SamplingParams, sample
+from moepager.generation.generate import SamplingParams, sample
 
 
 def _reference(logits, p: SamplingParams, generator) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 from gguf_vocab import TEXTS, smollm2_gguf, smollm2_vocab, spm_vocab, train_sentencepiece, write_vocab_gguf
 
 from moepager.errors import MoepagerError
-from moepager.gguf_tokenizer import gguf_tokenizer, read_metadata
+from moepager.generation.gguf_tokenizer import gguf_tokenizer, read_metadata
 from moepager.store.gguf_source import read_header
 
 

@@ -12,9 +12,9 @@ import torch
 from tiny_models import VOCAB
 
 import moepager
-from moepager.batching import Scheduler, Sequence
 from moepager.errors import MoepagerError
-from moepager.generate import SamplingParams
+from moepager.generation.batching import Scheduler, Sequence
+from moepager.generation.generate import SamplingParams
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a cluster and its actor processes take seconds to start

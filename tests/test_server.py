@@ -19,9 +19,9 @@ from serve_process import serve_process
 from tiny_models import FAMILIES, VOCAB, copy_with_tokenizer
 
 import moepager
-from moepager.batching import Scheduler, Sequence
 from moepager.cli import main as cli_main
-from moepager.generate import SamplingParams
+from moepager.generation.batching import Scheduler, Sequence
+from moepager.generation.generate import SamplingParams
 from moepager.model.layers import KVCache
 from moepager.server import create_app
 

@@ -421,7 +421,7 @@ QWEN_LIKE = (
 def test_template_with_tools_renders_as_transformers(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from moepager.tokenizer import Tokenizer
+    from moepager.generation.tokenizer import Tokenizer
 
     write_char_tokenizer(tmp_path, QWEN_LIKE)
     tool = {"type": "function", "function": {"name": "f", "description": "a < b & 'c'", "parameters": PERSON}}
@@ -575,9 +575,9 @@ def test_mistral_tool_calls_after_a_special_token(tmp_path):
     """Mistral's format: the special [TOOL_CALLS] token (named in the grammar by id), then a JSON list."""
     from tokenizers import AddedToken, Tokenizer
 
-    from moepager.constrain import Grammars, lark_grammar
-    from moepager.tool_stream import ToolCallStream
-    from moepager.tools import MISTRAL, tool_grammar
+    from moepager.generation.constrain import Grammars, lark_grammar
+    from moepager.generation.tool_stream import ToolCallStream
+    from moepager.generation.tools import MISTRAL, tool_grammar
 
     write_char_tokenizer(tmp_path, "[TOOL_CALLS]")
     tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))

@@ -12,8 +12,8 @@ from tiny_models import VOCAB
 import moepager
 from moepager.cli import main
 from moepager.errors import CorruptFile
+from moepager.generation.sessions import StaleSession
 from moepager.model.layers import KVCache
-from moepager.sessions import StaleSession
 
 
 def _prompt(n: int, seed: int) -> list[int]:

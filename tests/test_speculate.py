@@ -9,8 +9,8 @@ import torch
 from tiny_models import VOCAB
 
 import moepager
-from moepager.generate import SamplingParams
-from moepager.speculate import Draft, _rejection
+from moepager.generation.generate import SamplingParams
+from moepager.generation.speculate import Draft, _rejection
 
 FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]  # GQA, head norm + dense layer, MLA, windows
 SETUPS = {
@@ -149,7 +149,7 @@ def test_sampled_tokens_follow_the_model(tiny, draft):
     base = [9, 40, 77, 3, 12]
     said = reference.generate(base, 12, stop_ids=[])
     prompt = base + said + base + said[:2]  # a repeat, so prompt lookup drafts tokens the model may pick
-    from moepager.generate import probabilities
+    from moepager.generation.generate import probabilities
 
     def dist(prefix):
         return probabilities(reference.logits(prompt + prefix)[0, -1:], params)[0]
@@ -177,7 +177,7 @@ def test_sampled_tokens_follow_the_model(tiny, draft):
 def test_server_scheduler_speculates_a_lone_sequence(tiny, plain):
     import threading
 
-    from moepager.batching import Scheduler, Sequence
+    from moepager.generation.batching import Scheduler, Sequence
     from moepager.metrics import Metrics
     from moepager.summary import summary_line
 

@@ -8,7 +8,7 @@ import pytest
 from tiny_models import write_word_tokenizer
 
 from moepager.default_model import cache_dir
-from moepager.tokenizer import StreamingDetokenizer, Tokenizer
+from moepager.generation.tokenizer import StreamingDetokenizer, Tokenizer
 
 
 def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:

@@ -14,9 +14,9 @@ import sys
 from typing import TextIO
 
 from .errors import MoepagerError
-from .generate import check_sampling
+from .generation.generate import check_sampling
+from .generation.tokenizer import StreamingDetokenizer, check_utf8
 from .summary import DecodeReads, summary_line
-from .tokenizer import StreamingDetokenizer, check_utf8
 
 COMMANDS = "/reset starts over, /stats shows speed and cache use so far, /exit leaves (or Ctrl-D)"
 

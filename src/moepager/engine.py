@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import default_model, sessions
+from . import default_model
 from .errors import MoepagerError
-from .generate import SamplingParams, Timings, generate_step
+from .generation import sessions
+from .generation.generate import SamplingParams, Timings, generate_step
+from .generation.tokenizer import Tokenizer
 from .model.compact import swap_compact, swap_matvec
 from .model.decoder import Transformer
 from .model.kvcache import BlockKVCache, KVOptions
@@ -23,7 +25,6 @@ from .model.layers import KVCache
 from .model.moe import ExpertBank, ResidentExperts, bank_spec
 from .store.source import expert_formats, open_source, source_tokenizer
 from .system.process_memory import current_rss, release_freed_heap
-from .tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -82,7 +83,7 @@ class Engine:
             raise MoepagerError("the prompt is empty")
         cache = cache if cache is not None else self.new_cache()
         if self.speculation is not None:
-            from .speculate import speculative_generate_step
+            from .generation.speculate import speculative_generate_step
 
             steps = speculative_generate_step(self.model, prompt, max_new_tokens, params, self.speculation, cache,
                                               self.timings, self.kv.prefill_chunk)  # fmt: skip
@@ -227,7 +228,7 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
 
     speculate: "ngram" (prompt lookup), "self" (the model routed among resident experts) or a draft model
     (same tokenizer) proposes draft_tokens tokens per step, verified in one forward; the output is unchanged
-    (see speculate.py).
+    (see generation/speculate.py).
     """
     if runtime_options:
         raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
@@ -303,7 +304,7 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
 
 
 def _speculation(engine: Engine, speculate: str, draft_tokens: int, device: str, dtype):
-    from .speculate import ModelDrafter, NgramDrafter, SelfDrafter, Speculation
+    from .generation.speculate import ModelDrafter, NgramDrafter, SelfDrafter, Speculation
 
     if not isinstance(speculate, str) or not speculate:
         raise MoepagerError(f"--speculate {speculate!r}: give ngram, self or a draft model")

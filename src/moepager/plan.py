@@ -122,7 +122,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
          temperature: float = 0.0, seed: int | None = None, trace_tokens: int = 16) -> Plan:  # fmt: skip
     """prompt: token ids, or a function of the loaded engine giving them (default: DEFAULT_PROMPT)."""
     from . import load
-    from .generate import check_sampling
+    from .generation.generate import check_sampling
     from .paging.fill import RoutingSample, forecast
     from .paging.policies import make_policy
 

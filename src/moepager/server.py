@@ -5,8 +5,8 @@ server_live.py (the page at / and its event stream /events).
 Owns the app (its state, errors, the body size limit), checking the fields every request shares, making a
 request's `n` choices, and /v1/completions (with echo and the prompt's logprobs). The chat path is
 server_chat.py's, text, logprobs and events from tokens server_generation.py's, request fields
-server_fields.py's, tool formats tools.py's, metrics metrics.py's. Handlers only enqueue Sequences
-and await their events; the one worker thread in batching.py owns the model.
+server_fields.py's, tool formats generation/tools.py's, metrics metrics.py's. Handlers only enqueue Sequences
+and await their events; the one worker thread in generation/batching.py owns the model.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .batching import Scheduler
-from .constrain import Grammars
 from .engine import Engine
 from .errors import MoepagerError
-from .generate import SamplingParams
+from .generation.batching import Scheduler
+from .generation.constrain import Grammars
+from .generation.generate import SamplingParams
+from .generation.sampling import LogitsProcessor, TokenLogprob
+from .generation.tools import template_roles
 from .live import LiveFeed
 from .metrics import MeasureRequests, Metrics
-from .sampling import LogitsProcessor, TokenLogprob
 from .server_chat import LARGE_TEXT, chat_completion
 from .server_fields import (
     MESSAGES_PATH,
@@ -44,7 +45,6 @@ from .server_generation import Generation, collect, completion_logprobs, merged,
 from .server_live import add_live_routes
 from .server_messages import add_messages_routes
 from .server_responses import add_responses_routes
-from .tools import template_roles
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
 

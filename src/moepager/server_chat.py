@@ -1,8 +1,8 @@
 """The chat path that /v1/chat/completions, /v1/responses and /v1/messages share: messages -> prompt -> replies.
 
 Owns turning a ChatBody into its prompt (the chat template, with tools in the template's own format or, for a
-template that has none, the generic one of tools.py), starting its choices' Generations, and reading each
-choice while it is generated as a text answer or tool calls (tool_stream.py). Also owns the shapes of
+template that has none, the generic one of generation/tools.py), starting its choices' Generations, and reading each
+choice while it is generated as a text answer or tool calls (generation/tool_stream.py). Also owns the shapes of
 /v1/chat/completions. The Responses and Messages APIs translate their requests into a ChatBody and shape the
 same replies their own way.
 """
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from .sampling import TokenLogprob
+from .generation.sampling import TokenLogprob
+from .generation.tool_stream import Delta, PartialCall, ToolCallStream
+from .generation.tools import generic_messages, template_messages, tool_format
 from .server_fields import APIError, ChatBody, chat_grammar, content_text
 from .server_generation import Generation, chat_logprobs, merged, sse, usage
-from .tool_stream import Delta, PartialCall, ToolCallStream
-from .tools import generic_messages, template_messages, tool_format
 
 LARGE_TEXT = 16 * 1024  # characters of prompt above which tokenizing runs off the event loop
 

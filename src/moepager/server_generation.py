@@ -1,6 +1,6 @@
 """One choice of a request as text: its Sequence's tokens detokenized, cut at stop strings, counted.
 
-Owns turning a submitted Sequence's events (batching.py) into text deltas with the logprobs of their tokens,
+Owns turning a submitted Sequence's events (generation/batching.py) into text deltas with the logprobs of their tokens,
 stop strings (held back until they cannot match), usage counts and the finish reason, and merging several
 choices' deltas; tokens and logprobs as text in OpenAI's shapes, and OpenAI's server-sent events. The
 other API shapes are the server modules'.
@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from .batching import Sequence
-from .generate import SamplingParams
-from .sampling import LogitsProcessor, TokenLogprob
+from .generation.batching import Sequence
+from .generation.generate import SamplingParams
+from .generation.sampling import LogitsProcessor, TokenLogprob
+from .generation.tokenizer import StreamingDetokenizer
 from .server_fields import APIError
-from .tokenizer import StreamingDetokenizer
 
 
 class Generation:

@@ -145,8 +145,8 @@ PROMPT_TEXT = (
 def make_prompt(path: Path | None, vocab_size: int, n: int, seed: int = 0) -> tuple[list[int], str]:
     """`n` ids of real English text through the tokenizer of `path` (real routing): a folder's tokenizer.json
     or a GGUF's own vocabulary; else seeded random ids."""
+    from ..generation.tokenizer import Tokenizer
     from ..store.source import open_source, source_tokenizer
-    from ..tokenizer import Tokenizer
 
     tok = None
     if path is not None:

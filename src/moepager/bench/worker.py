@@ -94,7 +94,7 @@ def _generate(step_first, step_next, spec: dict, clock: Clock) -> list[int]:
 
 def _sampling(spec: dict):
     """moepager's SamplingParams for this run (no stop ids: every run generates all its tokens)."""
-    from moepager.generate import SamplingParams
+    from moepager.generation.generate import SamplingParams
 
     return SamplingParams(temperature=spec.get("temperature", 0.0), seed=spec.get("seed", 0), stop_ids=[])
 
@@ -112,7 +112,7 @@ def _logits_sampler(spec: dict):
     """logits [V] -> a token id: softmax(logits / T) and torch.multinomial with one seeded generator."""
     import torch
 
-    from moepager.generate import sample
+    from moepager.generation.generate import sample
 
     params = _sampling(spec)
     generator = torch.Generator().manual_seed(params.seed)
@@ -188,7 +188,7 @@ class NaiveExperts:
 
 def run_naive(spec: dict) -> dict:
     torch = _torch(spec)
-    from moepager.generate import generate_step
+    from moepager.generation.generate import generate_step
     from moepager.model.decoder import Transformer
     from moepager.store.source import open_source
 

@@ -44,9 +44,9 @@ def prompt_ids(engine, args) -> list[int]:
 
 
 def cmd_run(args) -> None:
-    from ..generate import check_sampling
+    from ..generation.generate import check_sampling
+    from ..generation.tokenizer import StreamingDetokenizer, check_utf8
     from ..summary import DecodeReads, summary_line
-    from ..tokenizer import StreamingDetokenizer, check_utf8
 
     check_before_load(args)
     if args.prompt is not None and args.prompt_ids is not None:
@@ -96,7 +96,7 @@ def cmd_plan(args) -> None:
     import shlex
 
     from ..engine import parse_device
-    from ..generate import check_sampling
+    from ..generation.generate import check_sampling
     from ..plan import format_plan, plan, run_command
 
     parse_device(args.device)

@@ -23,7 +23,7 @@ def model_or_default(model: str | None) -> str:
 def check_before_load(args) -> None:
     """Refuse what can be refused before the model is loaded: nothing is loaded or written for bad input."""
     from ..engine import parse_device
-    from ..generate import check_sampling
+    from ..generation.generate import check_sampling
 
     parse_device(args.device)
     check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k)

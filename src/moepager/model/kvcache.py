@@ -3,7 +3,7 @@
 Owns the block storage, the spill file (O_DIRECT, 4096-aligned, or buffered + posix_fadvise DONTNEED where
 the filesystem refuses O_DIRECT), reading spilled blocks back one block ahead of use in a thread, and
 blockwise attention with an online softmax, so the full K/V never need to be in RAM at once.
-Does not own the session file format (sessions.py) or when attention runs (model/layers.py calls `attend`).
+Does not own the session file format (generation/sessions.py) or when attention runs (model/layers.py calls `attend`).
 
 Letters: B batch, H query heads, Hk kv heads, R = H/Hk, T new tokens, P positions per block, Dk/Dv head dims.
 """

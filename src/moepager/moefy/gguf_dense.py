@@ -1,7 +1,7 @@
 """A dense llama-architecture GGUF file -> a standard Hugging Face llama checkpoint folder.
 
 Owns: reading the GGUF metadata and tensors (dequantized to fp32 with gguf.quants), undoing llama.cpp's
-q/k row permutation, and writing tokenizer.json / tokenizer_config.json (built by gguf_tokenizer.py).
+q/k row permutation, and writing tokenizer.json / tokenizer_config.json (built by generation/gguf_tokenizer.py).
 Does not own the MoE GGUF source of the engine (store/gguf*.py); this is only the input side of moefy.
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..errors import MoepagerError
-from ..gguf_tokenizer import build as build_tokenizer
-from ..gguf_tokenizer import read_metadata, tokenizer_config
+from ..generation.gguf_tokenizer import build as build_tokenizer
+from ..generation.gguf_tokenizer import read_metadata, tokenizer_config
 
 # GGUF tensor name -> Hugging Face llama name; {} is the layer index
 _NAMES = {

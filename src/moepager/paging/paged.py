@@ -63,7 +63,7 @@ class PagedExperts:
     def drafting(self, model):
         """Within this block every MoE layer of `model` routes only among the experts resident now, prefetch
         is off, and the cache's counters are left as they were: a draft forward reads nothing from disk
-        (lossy on purpose: speculate.py verifies its tokens with the full routing). A layer whose router
+        (lossy on purpose: generation/speculate.py verifies its tokens with the full routing). A layer whose router
         still picks an expert that is not resident raises NotResident."""
         held: dict[int, set[int]] = {}
         for layer, e in self.cache.resident():

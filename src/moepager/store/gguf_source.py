@@ -11,7 +11,7 @@ quantized types) stay as their blocks, uint8 [rows, row bytes]: experts (`expert
 how, per layer: a Q4_K_M file mixes types across layers) and the dense matrices of attention, shared
 experts, embeddings and output (`compact_dense`). Other types, and everything when compact=False, are
 dequantized exactly as gguf.quants does (F32/F16/BF16 keep their dtype).
-Its tokenizer is built from the file's metadata by gguf_tokenizer.py.
+Its tokenizer is built from the file's metadata by generation/gguf_tokenizer.py.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
-from ..gguf_tokenizer import gguf_tokenizer, read_metadata
+from ..generation.gguf_tokenizer import gguf_tokenizer, read_metadata
+from ..generation.tokenizer import Tokenizer
 from ..kernels.ggml import SUPPORTED
 from ..model.config import config_from_hf
 from ..model.moe import ExpertWeights
 from ..system.direct_reader import CHUNK, DirectReader, copy_piece
 from ..system.process_memory import release_freed_heap
-from ..tokenizer import Tokenizer
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
 LAYER_NAMES = {

@@ -12,9 +12,9 @@ from typing import Protocol
 
 import torch
 
+from ..generation.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from ..model.moe import ExpertWeights
-from ..tokenizer import Tokenizer
 
 
 class ModelSource(Protocol):

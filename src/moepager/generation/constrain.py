@@ -3,7 +3,7 @@
 Owns building llguidance's view of a tokenizer (once per tokenizer: ~0.2 s on a 49k vocabulary), compiling
 request grammars, and one sequence's matcher: the allowed-token mask before sampling and advancing by the
 sampled token. llguidance was picked by measurement (benchmarks/constrained_decoding.md). Does not own
-which grammar a request needs (server_fields.py, tools.py) nor when masks are applied (sampling.py).
+which grammar a request needs (server_fields.py, generation/tools.py) nor when masks are applied (generation/sampling.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import torch
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 # at most 20 whitespace characters between JSON tokens: enough for the indented JSON models are trained on
 # (a model forced to write compact JSON drifts into nonsense), bounded so that no model can pad forever

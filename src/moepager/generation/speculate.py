@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
+from ..model.decoder import Transformer
+from ..model.layers import KVCache
+from ..model.moe import NotResident
 from .generate import SamplingParams, Timings, first_token, prefill, probabilities, sample
-from .model.decoder import Transformer
-from .model.layers import KVCache
-from .model.moe import NotResident
 
 DRAFT_KINDS = ("ngram", "self")  # or a path / name of a draft model
 NGRAM_MAX = 3  # the longest suffix prompt lookup matches (it tries shorter ones down to 1)

@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 
 class Tokenizer:
@@ -29,7 +29,7 @@ class Tokenizer:
     @classmethod
     def from_parts(cls, tok, bos_token: str | None, eos_token: str | None, chat_template: str | None,
                    eos_ids: list[int]) -> Tokenizer:  # fmt: skip
-        """A tokenizer built in memory (gguf_tokenizer.py: from a GGUF's metadata) rather than read from files."""
+        """A tokenizer built in memory (generation/gguf_tokenizer.py: from a GGUF's metadata) rather than read from files."""
         self = cls.__new__(cls)
         self.tok, self.bos_token, self.eos_token = tok, bos_token, eos_token
         self.chat_template, self.eos_ids = chat_template, eos_ids

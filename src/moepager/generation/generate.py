@@ -1,6 +1,6 @@
 """Token generation as layered generators: prefill, one decode step, and generate_step yielding token ids.
 
-Knows nothing of text: tokenization and streaming text live in tokenizer.py, HTTP above that.
+Knows nothing of text: tokenization and streaming text live in generation/tokenizer.py, HTTP above that.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import MoepagerError
-from .model.decoder import Transformer
-from .model.layers import KVCache
+from ..errors import MoepagerError
+from ..model.decoder import Transformer
+from ..model.layers import KVCache
 
 
 @dataclass

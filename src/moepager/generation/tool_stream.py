@@ -1,8 +1,8 @@
 """Tool calls read from a reply while it is generated: text, or calls whose name and arguments come in pieces.
 
-Owns the incremental reading of a reply in a ToolFormat (tools.py): whether it is a text answer or calls,
+Owns the incremental reading of a reply in a ToolFormat (generation/tools.py): whether it is a text answer or calls,
 each call's name as soon as it is complete and its arguments' JSON text as it grows, and what a reply cut
-short still holds. The grammar (tools.py) guarantees the shape; this only follows it, one character at a
+short still holds. The grammar (generation/tools.py) guarantees the shape; this only follows it, one character at a
 time, so a streamed reply and a whole one give the same calls. OpenAI's shapes are the server's.
 """
 

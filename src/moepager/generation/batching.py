@@ -14,13 +14,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .engine import Engine
+from ..model.layers import KVCache
 from .generate import SamplingParams, sample
-from .model.layers import KVCache
 from .sampling import LogitsProcessor, prompt_logprobs
+
+if TYPE_CHECKING:  # a type only: generation sits below the engine that builds it
+    from ..engine import Engine
 
 log = logging.getLogger("moepager.server")
 
@@ -198,7 +201,7 @@ class Scheduler:
             self._emit(s, token)
 
     def _speculative_step(self, seq: Sequence, speculation) -> None:
-        """Draft, verify in one forward, and emit the 1..k+1 tokens it yields (speculate.py)."""
+        """Draft, verify in one forward, and emit the 1..k+1 tokens it yields (generation/speculate.py)."""
         t0 = time.perf_counter()
         room = seq.max_tokens - seq.produced
         out = speculation.round(self.engine.model, seq.cache, seq.history, seq.params, seq.generator, room)

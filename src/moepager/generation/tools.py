@@ -2,7 +2,7 @@
 
 Owns recognising a template's tool-call format, the Lark grammar (llguidance) for "auto", "required" and a
 named function, and turning OpenAI tool messages into what chat templates expect (reading calls back from the
-generated text is tool_stream.py's). A template without a tool-call format gets the generic one (as llama.cpp
+generated text is generation/tool_stream.py's). A template without a tool-call format gets the generic one (as llama.cpp
 does): the tools and how to call them are written into the system prompt, earlier calls and tool results
 into the messages' text, and the grammar holds the reply to a call or a text answer.
 """

@@ -8,12 +8,12 @@ splits text as llama.cpp does for that vocabulary:
   spaces as "▁" with one prefixed to each run of text (also after a special token, as llama.cpp does).
 Control and unknown tokens are special (matched whole, skipped when decoding); user-defined ones are
 matched whole.
-Rendering the chat template and detokenizing stay in tokenizer.py.
+Rendering the chat template and detokenizing stay in generation/tokenizer.py.
 """
 
 from __future__ import annotations
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 from .tokenizer import Tokenizer
 
 CONTROL, USER_DEFINED, UNKNOWN = 3, 4, 2  # tokenizer.ggml.token_type values

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CorruptFile, MoepagerError
-from .model.kvcache import BlockKVCache
-from .model.layers import KVCache
+from ..errors import CorruptFile, MoepagerError
+from ..model.kvcache import BlockKVCache
+from ..model.layers import KVCache
 
 MAGIC = b"MOEPSESS"
 END = b"MOEPEND\0"
