@@ -26,9 +26,9 @@ moepager bench "$D/qwen3-128x8.q4_0.gguf" --tokenizer "$D/qwen3-128x8" --budgets
 moepager bench "$D/qwen3-64x4" --gguf "$D/qwen3-64x4.f32.gguf" --budgets 25%,5% "${COMMON[@]}" \
   --overhead 512MiB --name qwen3-64x4-f32-tight
 # the default model (32 experts of 24 neurons, top-26): every expert resident, and a quarter paged
-moepager bench "$(python -c 'from moepager.default_model import default_model_path as p; print(p())')" \
+moepager bench "$(python -c 'from moepager.moefy.default_model import default_model_path as p; print(p())')" \
   --budgets 25% --rounds 2 --tokens 17 --prompt-tokens 32 --peers none --overhead 768MiB --out "$OUT" \
   --name default-smollm2-moe-compute
 # torch ops per decoded token, every expert resident (TorchFunctionMode)
-python benchmarks/count_ops.py "$(python -c 'from moepager.default_model import default_model_path as p; print(p())')" \
+python benchmarks/count_ops.py "$(python -c 'from moepager.moefy.default_model import default_model_path as p; print(p())')" \
   "$D/mixtral-small" "$D/qwen3-64x4" --tokens 16 | tee "$OUT/ops_after.txt"

@@ -170,7 +170,7 @@ def main() -> None:
     if args.tokenizer:
         path = Path(args.tokenizer)
     else:
-        from moepager.default_model import default_model_path
+        from moepager.moefy.default_model import default_model_path
 
         path = default_model_path() / "tokenizer.json"
     from tokenizers import Tokenizer

@@ -9,7 +9,7 @@ For each experts dtype a store is written with `moepager convert --experts-dtype
   greedy next token equals the unquantized model's (moepager.evaluate).
 
 Usage: python benchmarks/quantization.py [--model PATH] [--out benchmarks/quantization.md]
-(default model: moepager.default_model.default_model_path()).
+(default model: moepager.moefy.default_model.default_model_path()).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import moepager
 from moepager.evaluate import evaluate
 from moepager.store.convert import convert
-from moepager.store.source import open_source
+from moepager.store.open_model import open_source
 
 DTYPES = [None, "bf16", "int8", "int4"]  # None: the checkpoint's own experts, the reference
 
@@ -199,7 +199,7 @@ def main() -> None:
     if args.model:
         model = Path(args.model)
     else:
-        from moepager.default_model import default_model_path
+        from moepager.moefy.default_model import default_model_path
 
         model = default_model_path()
     text_file = Path(args.text) if args.text else Path(moepager.__file__).parent / "data" / "eval_gpl3.txt"

@@ -29,7 +29,7 @@ def child(mode: str, store: str, prompt_tokens: int, tokens: int) -> None:
     import torch
 
     import moepager
-    from moepager.store.remote import RemoteSource
+    from moepager.sources.hub import RemoteSource
 
     t0 = time.perf_counter()
     if mode == "full":

@@ -9,7 +9,7 @@ mkdir -p "$W"
 LIB=$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
 cat "$LIB/argparse.py" "$LIB/shutil.py" "$LIB/tarfile.py" > "$W/train.txt"  # the tuning domain: Python code
 cp "$LIB/inspect.py" "$W/heldout.txt"                                      # held out, same domain
-MODEL=$(python -c "from moepager.default_model import default_model_path; print(default_model_path())")
+MODEL=$(python -c "from moepager.moefy.default_model import default_model_path; print(default_model_path())")
 rm -rf "$W/store"
 moepager convert "$MODEL" "$W/store" --quiet
 EVAL=src/moepager/data/eval_gpl3.txt

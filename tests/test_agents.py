@@ -134,7 +134,7 @@ def test_tools_on_a_native_format(native, stream):
 
 def test_generic_format_renders_calls_and_results():
     """A template that knows no tools still shows them: the tools' prompt, an earlier call, its result."""
-    from moepager.default_model import default_model_path
+    from moepager.moefy.default_model import default_model_path
 
     tok = Tokenizer(default_model_path())
     messages = [

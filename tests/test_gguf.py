@@ -11,9 +11,9 @@ from tiny_models import VOCAB, randomize
 
 import moepager
 from moepager.kernels import ggml
-from moepager.store.checkpoint import Checkpoint
-from moepager.store.gguf_source import EXPERT_BIASES, EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
-from moepager.store.source import open_source
+from moepager.sources.checkpoint import Checkpoint
+from moepager.sources.gguf import EXPERT_BIASES, EXPERT_PARTS, GLOBAL_NAMES, LAYER_NAMES, GgufSource
+from moepager.store.open_model import open_source
 
 Q = gguf.GGMLQuantizationType
 ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",

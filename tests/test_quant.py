@@ -19,7 +19,7 @@ from moepager.kernels.intquant import (
 from moepager.model.config import ModelConfig
 from moepager.model.moe import expert_forward
 from moepager.store.encoding import QuantizingSource, convert_expert, expert_from_tensors, expert_tensors
-from moepager.store.source import open_source
+from moepager.store.open_model import open_source
 
 
 def _randn(*shape, seed=0):

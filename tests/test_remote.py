@@ -13,9 +13,9 @@ import moepager
 from moepager.bench.hub_server import HubServer
 from moepager.cli import main
 from moepager.errors import MoepagerError
-from moepager.store.checkpoint import Checkpoint
-from moepager.store.local_tier import JOURNAL, STATE_DIR
-from moepager.store.remote import RemoteSource
+from moepager.sources.checkpoint import Checkpoint
+from moepager.sources.hub import RemoteSource
+from moepager.sources.local_tier import JOURNAL, STATE_DIR
 
 REPO = "org/tiny-moe"
 PROMPT = ["--prompt-ids", "1,2,3", "--max-tokens", "5", "--json"]

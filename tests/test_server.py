@@ -451,7 +451,7 @@ def test_serve_command(model_dir):
 
 def test_serve_without_model_uses_the_default(monkeypatch, tiny):
     """No MODEL: the embedded default model is loaded and served under the id "default"."""
-    import moepager.default_model as default_model
+    import moepager.moefy.default_model as default_model
     import moepager.server as server
 
     path, _ = tiny("mixtral")

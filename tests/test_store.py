@@ -14,12 +14,12 @@ from tiny_models import assert_like_reference
 import moepager
 from moepager.cli import main
 from moepager.errors import CorruptFile
+from moepager.sources.checkpoint import Checkpoint
 from moepager.store import convert as convert_mod
-from moepager.store.checkpoint import Checkpoint
 from moepager.store.convert import convert
 from moepager.store.format import DENSE_FILE, EXPERTS_FILE, MANIFEST, read_manifest
-from moepager.store.source import open_source
-from moepager.store.store_source import StoreSource
+from moepager.store.open_model import open_source
+from moepager.store.reading import StoreSource
 from moepager.store.verify import verify
 from moepager.system.direct_reader import ALIGN, DirectReader
 

@@ -15,8 +15,8 @@ import torch
 import moepager
 from moepager import synth_gguf
 from moepager.cli import main
-from moepager.default_model import source_gguf
 from moepager.kernels import ggml
+from moepager.moefy.default_model import source_gguf
 from moepager.store import gguf_source
 
 Q = gguf.GGMLQuantizationType

@@ -7,8 +7,8 @@ import json
 import pytest
 from tiny_models import write_word_tokenizer
 
-from moepager.default_model import cache_dir
 from moepager.generation.tokenizer import StreamingDetokenizer, Tokenizer
+from moepager.moefy.default_model import cache_dir
 
 
 def _stream(tok: Tokenizer, ids: list[int]) -> list[str]:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from . import default_model
 from .errors import MoepagerError
 from .generation import sessions
 from .generation.generate import SamplingParams, Timings, generate_step
@@ -23,7 +22,9 @@ from .model.decoder import Transformer
 from .model.kvcache import BlockKVCache, KVOptions
 from .model.layers import KVCache
 from .model.moe import ExpertBank, ResidentExperts, bank_spec
-from .store.source import expert_formats, open_source, source_tokenizer
+from .moefy import default_model
+from .sources.contract import expert_formats, source_tokenizer
+from .store.open_model import open_source
 from .system.process_memory import current_rss, release_freed_heap
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -87,8 +87,8 @@ def _load(model: str | Path, device: str, workdir: Path):
     """The model; a dense llama GGUF (the source of moefy, e.g. the default model's) is opened as moefy reads
     it: dequantized into a checkpoint folder in `workdir`, which lasts while it is used."""
     from . import load
-    from .catalog import gguf_header
-    from .resolve import gguf_file
+    from .sources.catalog import gguf_header
+    from .sources.resolve import gguf_file
 
     gguf = gguf_file(model)
     if gguf is not None and gguf.is_file():

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import MoepagerError
-from .store.remote import RemoteSource
+from .sources.hub import RemoteSource
 from .system.sizes import format_bytes
 
 WINDOW = 64  # calibration tokens per forward pass

@@ -128,7 +128,7 @@ def synth_gguf(
     import gguf
     from tqdm import tqdm
 
-    from .default_model import source_gguf
+    from .moefy.default_model import source_gguf
 
     if shape_name not in SHAPES:
         raise MoepagerError(f"--shape {shape_name!r} is not known; use one of {', '.join(SHAPES)}")

@@ -84,7 +84,7 @@ class BenchOptions:
 
 
 def resolve_model(model: str | None) -> Path:
-    from ..default_model import default_model_path, is_default
+    from ..moefy.default_model import default_model_path, is_default
 
     if is_default(model):
         return Path(default_model_path())
@@ -107,7 +107,7 @@ def describe_model(path: Path) -> dict:
     if is_gguf(path):
         import gguf
 
-        from ..store.gguf_source import GgufSource
+        from ..sources.gguf import GgufSource
 
         src = GgufSource(path)
         keys = src.expert_keys()
@@ -118,7 +118,7 @@ def describe_model(path: Path) -> dict:
         )
         kind, c, files = f"GGUF, experts {'/'.join(types)}", src.config, [path]
     else:
-        from ..store.checkpoint import Checkpoint
+        from ..sources.checkpoint import Checkpoint
 
         ckpt = Checkpoint(path)
         keys = ckpt.expert_keys()
@@ -146,7 +146,8 @@ def make_prompt(path: Path | None, vocab_size: int, n: int, seed: int = 0) -> tu
     """`n` ids of real English text through the tokenizer of `path` (real routing): a folder's tokenizer.json
     or a GGUF's own vocabulary; else seeded random ids."""
     from ..generation.tokenizer import Tokenizer
-    from ..store.source import open_source, source_tokenizer
+    from ..sources.contract import source_tokenizer
+    from ..store.open_model import open_source
 
     tok = None
     if path is not None:
@@ -184,7 +185,7 @@ def budget_bytes(budget: str, expert_bytes: int) -> int:
 
 def write_naive_files(model: Path, folder: Path, dtype: str | None) -> Path:
     """One torch.save file per (layer, expert), written once: what the naive peer loads per token."""
-    from ..store.checkpoint import Checkpoint
+    from ..sources.checkpoint import Checkpoint
 
     marker = folder / "complete.json"
     if marker.exists() and json.loads(marker.read_text()).get("model") == str(model.resolve()):

@@ -190,7 +190,7 @@ def run_naive(spec: dict) -> dict:
     torch = _torch(spec)
     from moepager.generation.generate import generate_step
     from moepager.model.decoder import Transformer
-    from moepager.store.source import open_source
+    from moepager.store.open_model import open_source
 
     ckpt = open_source(spec["model"])
     state = ckpt.dense_state_dict()

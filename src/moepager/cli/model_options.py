@@ -12,7 +12,7 @@ from ..system.output_paths import check_output_file
 def model_or_default(model: str | None) -> str:
     """MODEL as given, or the embedded default (MODEL left out or "default"): SmolLM2 carved into a MoE, built
     on first use."""
-    from ..default_model import default_model_path, is_default
+    from ..moefy.default_model import default_model_path, is_default
 
     if not is_default(model):
         return model
@@ -184,7 +184,7 @@ def open_remote(args, model, paging: dict) -> tuple:
     """With --remote: the RemoteSource to load instead of MODEL, and paging on (experts fetched as used)."""
     if not getattr(args, "remote", False):
         return model, paging
-    from ..store.remote import RemoteSource
+    from ..sources.hub import RemoteSource
 
     source = RemoteSource(model, args.local_store, args.revision, args.disk_budget)
     if not any(paging.get(k) for k in ("expert_memory", "memory_limit", "pins", "hot_set")):

@@ -126,6 +126,7 @@ def add_list_fetch(sub) -> None:
 
 
 def cmd_list(args) -> None:
-    from ..catalog import main as list_main
+    from ..moefy.default_model import listing
+    from ..sources.catalog import main as list_main
 
-    list_main(args.json)
+    list_main(args.json, embedded=listing())

@@ -20,7 +20,8 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.moe import ExpertBank, activation, bank_spec
-from ..store.source import expert_formats, open_source
+from ..sources.contract import expert_formats
+from ..store.open_model import open_source
 from ..system.process_memory import current_rss
 
 Key = tuple[int, int]  # (layer, expert)

@@ -53,7 +53,7 @@ _IGNORE_MERGES = {"llama3", "llama-v3", "llama-bpe"}  # llama.cpp looks a whole 
 
 
 def read_metadata(fields: dict) -> dict:
-    """The tokenizer fields of a GGUF's metadata values (store/gguf_source.py's read_header; None where the file
+    """The tokenizer fields of a GGUF's metadata values (sources/gguf.py's read_header; None where the file
     has no such field)."""
     g = lambda key, default=None: fields.get(f"tokenizer.ggml.{key}", default)  # noqa: E731
     model = g("model")

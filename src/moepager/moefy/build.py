@@ -96,7 +96,7 @@ def dense_folder(dense: str | Path, workdir: Path) -> Path:
         from .gguf_dense import convert_gguf
 
         return convert_gguf(path, workdir / "dense")
-    from ..store.checkpoint import read_config, resolve
+    from ..sources.checkpoint import read_config, resolve
 
     folder = resolve(path)
     config, _ = read_config(folder)

@@ -32,7 +32,7 @@ import torch
 from ..errors import MoepagerError
 from ..model.config import ModelConfig
 from ..model.moe import ExpertBank, ExpertWeights, bank_spec
-from ..store.source import expert_formats
+from ..sources.contract import expert_formats
 from ..system.sizes import format_bytes, parse_bytes
 from .policies import Policy, make_policy, victims_by_loop
 

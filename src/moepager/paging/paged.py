@@ -214,7 +214,7 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
 def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> int:
     """Bytes of the smallest expert cache: one token's experts of one layer (top_k slots)."""
     from ..model.moe import bank_spec
-    from ..store.source import expert_formats
+    from ..sources.contract import expert_formats
 
     keys = source.expert_keys()
     if not keys:

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
+from ..sources.checkpoint import Checkpoint
 from ..system.direct_reader import align_up, aligned_buffer
 from ..system.durable import fsync_dir
 from ..system.output_paths import check_output_folder
 from ..system.safetensors import DTYPES as ST_DTYPES
 from ..system.safetensors import read_tensor
-from .checkpoint import Checkpoint
 from .encoding import SCALES, check_experts_dtype, convert_expert, expert_tensors
 from .format import (
     DENSE_FILE,

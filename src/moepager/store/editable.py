@@ -47,7 +47,7 @@ from .format import (
     read_manifest,
     write_manifest,
 )  # fmt: skip
-from .store_source import StoreSource
+from .reading import StoreSource
 
 LOCK = ".moepager-lock"
 COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json names of E

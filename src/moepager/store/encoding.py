@@ -15,7 +15,7 @@ import torch
 from ..errors import MoepagerError
 from ..kernels.ggml import dequantize
 from ..kernels.intquant import native_int4_layout, pack_int4, quantize, unpack_int4
-from .source import expert_formats
+from ..sources.contract import expert_formats
 
 EXPERT_DTYPES = ("bf16", "fp16", "int8", "int4")  # names accepted by --experts-dtype
 FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # plain casts; int8/int4 are codes + scales

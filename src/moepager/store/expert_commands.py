@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import MoepagerError
 from .editable import EditableStore, read_router
-from .store_source import StoreSource
+from .reading import StoreSource
 
 ROUTER_KEYS = {"router": "weight", "router_bias": "bias", "correction_bias": "e_score_correction_bias"}
 

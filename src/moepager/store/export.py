@@ -20,7 +20,7 @@ import torch
 from ..errors import MoepagerError
 from ..system.durable import fsync_dir
 from .editable import COUNT_KEYS
-from .store_source import StoreSource
+from .reading import StoreSource
 
 # moepager dense name (regex) -> hub name; {router} and {shared} depend on the family
 _BACK = [

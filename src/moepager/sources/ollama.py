@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 MODEL_LAYER = "application/vnd.ollama.image.model"
 REGISTRY, NAMESPACE, TAG = "registry.ollama.ai", "library", "latest"

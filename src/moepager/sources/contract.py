@@ -70,28 +70,3 @@ def source_tokenizer(source) -> Tokenizer | None:
     if hasattr(inner, "tokenizer"):
         return inner.tokenizer()
     return Tokenizer.from_folder(source.path)
-
-
-def open_source(model: str | Path, **options) -> ModelSource:
-    """A GGUF file (or ollama model name: resolve.py), a store written by `moepager convert` when the folder
-    holds its manifest, else a safetensors checkpoint.
-
-    options go to the source's constructor (e.g. reader=DirectReader(...); verify_checksums for a store);
-    compact=False has a GGUF's block-quantized matrices dequantized as they are read.
-    """
-    from ..resolve import gguf_file
-    from .checkpoint import Checkpoint, resolve
-    from .format import is_store
-    from .store_source import StoreSource
-
-    compact = options.pop("compact", True)
-    gguf = gguf_file(model)  # a llama.cpp file: a path to one, or a model pulled by ollama
-    if gguf is not None:
-        from .gguf_source import GgufSource
-
-        return GgufSource(gguf, compact=compact)
-    path = resolve(model)
-    if is_store(path):
-        return StoreSource(path, **options)
-    options.pop("verify_checksums", None)  # a checkpoint has no checksums
-    return Checkpoint(path, **options)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import MoepagerError
 from . import ollama
-from .errors import MoepagerError
 
 GGUF_MAGIC = b"GGUF"
 

