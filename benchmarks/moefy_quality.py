@@ -17,8 +17,8 @@ from pathlib import Path
 
 def main() -> None:
     import moepager
+    from moepager.bench.evaluate import evaluate
     from moepager.data import EVAL_TEXT
-    from moepager.evaluate import evaluate
     from moepager.moefy.default_model import default_model_path, source_gguf
     from moepager.moefy.gguf_dense import convert_gguf
 

@@ -6,7 +6,7 @@ For each experts dtype a store is written with `moepager convert --experts-dtype
   the bf16 experts' bytes, default 25%), and how many experts that budget holds;
 - decode tokens/s with every expert resident (no paging), the compute cost alone;
 - perplexity on a text (the evaluation text of the default model) and the share of positions where the
-  greedy next token equals the unquantized model's (moepager.evaluate).
+  greedy next token equals the unquantized model's (moepager.bench.evaluate).
 
 Usage: python benchmarks/quantization.py [--model PATH] [--out benchmarks/quantization.md]
 (default model: moepager.moefy.default_model.default_model_path()).
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import moepager
-from moepager.evaluate import evaluate
+from moepager.bench.evaluate import evaluate
 from moepager.store.convert import convert
 from moepager.store.open_model import open_source
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import moepager
-from moepager.summary import DecodeReads
+from moepager.runtime.summary import DecodeReads
 
 TEXT = Path(__file__).resolve().parents[1] / "src" / "moepager" / "data" / "eval_gpl3.txt"
 

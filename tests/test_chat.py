@@ -12,9 +12,9 @@ import pytest
 from tiny_models import copy_with_tokenizer
 
 import moepager
-from moepager.chat import Conversation
-from moepager.chat import main as chat_main
 from moepager.cli import main
+from moepager.cli.chat import Conversation
+from moepager.cli.chat import main as chat_main
 
 # word tokens w1..w3 mark the turns, so the tiny word-level tokenizer encodes the whole conversation
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}w1 {% else %}w2 {% endif %}{{ m['content'] }} "

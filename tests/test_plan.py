@@ -10,7 +10,7 @@ import moepager
 from moepager.cli import main
 from moepager.errors import MoepagerError
 from moepager.paging.paged import BUFFERS_FIXED, fit_context
-from moepager.plan import plan
+from moepager.runtime.plan import plan
 
 
 def _rss() -> int:

@@ -8,7 +8,7 @@ import pytest
 import moepager
 from moepager.paging.fill import RoutingSample, expected_distinct, fit_alpha, forecast
 from moepager.paging.policies import make_policy
-from moepager.plan import DEFAULT_PROMPT, format_plan, plan, trace_start
+from moepager.runtime.plan import DEFAULT_PROMPT, format_plan, plan, trace_start
 
 
 def _steps(prompt_tokens: int, decode_tokens: int, layers=(0, 1), experts=16, k=4, seed=0, used=None):

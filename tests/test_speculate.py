@@ -179,7 +179,7 @@ def test_server_scheduler_speculates_a_lone_sequence(tiny, plain):
 
     from moepager.generation.batching import Scheduler, Sequence
     from moepager.metrics import Metrics
-    from moepager.summary import summary_line
+    from moepager.runtime.summary import summary_line
 
     engine = moepager.load(tiny("mixtral")[0], speculate="ngram", expert_memory="50%")
     scheduler = Scheduler(engine)

@@ -10,7 +10,7 @@ import moepager
 import moepager.store
 from moepager.cli import main
 from moepager.store.convert import convert
-from moepager.tune import ExpertTrainer
+from moepager.training.tune import ExpertTrainer
 
 
 def _hf_grads(ref, ids, layer_prefix_experts, chosen, inter):

@@ -133,7 +133,7 @@ class LiveFeed:
 
     def _memory(self) -> dict:
         """Bytes per category of `moepager plan`, measured now; `buffers` is what the RSS holds beyond the rest."""
-        from .engine import current_rss
+        from .runtime.engine import current_rss
 
         rss, cache, experts = current_rss(), self.cache, self.engine.experts
         _, prefilling, running = self.scheduler.sequences()

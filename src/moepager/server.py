@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .engine import Engine
 from .errors import MoepagerError
 from .generation.batching import Scheduler
 from .generation.constrain import Grammars
@@ -30,6 +29,7 @@ from .generation.sampling import LogitsProcessor, TokenLogprob
 from .generation.tools import template_roles
 from .live import LiveFeed
 from .metrics import MeasureRequests, Metrics
+from .runtime.engine import Engine
 from .server_chat import LARGE_TEXT, chat_completion
 from .server_fields import (
     MESSAGES_PATH,

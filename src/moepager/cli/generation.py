@@ -46,7 +46,7 @@ def prompt_ids(engine, args) -> list[int]:
 def cmd_run(args) -> None:
     from ..generation.generate import check_sampling
     from ..generation.tokenizer import StreamingDetokenizer, check_utf8
-    from ..summary import DecodeReads, summary_line
+    from ..runtime.summary import DecodeReads, summary_line
 
     check_before_load(args)
     if args.prompt is not None and args.prompt_ids is not None:
@@ -80,8 +80,8 @@ def cmd_run(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    from ..chat import Conversation
-    from ..chat import main as chat_main
+    from .chat import Conversation
+    from .chat import main as chat_main
 
     check_before_load(args)
     engine = load_engine(args)
@@ -95,9 +95,9 @@ def cmd_chat(args) -> None:
 def cmd_plan(args) -> None:
     import shlex
 
-    from ..engine import parse_device
     from ..generation.generate import check_sampling
-    from ..plan import format_plan, plan, run_command
+    from ..runtime.engine import parse_device
+    from ..runtime.plan import format_plan, plan, run_command
 
     parse_device(args.device)
     check_sampling(args.max_tokens, args.temperature)

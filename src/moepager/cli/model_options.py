@@ -22,8 +22,8 @@ def model_or_default(model: str | None) -> str:
 
 def check_before_load(args) -> None:
     """Refuse what can be refused before the model is loaded: nothing is loaded or written for bad input."""
-    from ..engine import parse_device
     from ..generation.generate import check_sampling
+    from ..runtime.engine import parse_device
 
     parse_device(args.device)
     check_sampling(args.max_tokens, args.temperature, args.top_p, args.top_k)
@@ -48,18 +48,20 @@ def load_engine(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    kv = {"kv_memory": args.kv_memory, "prefill_chunk": args.prefill_chunk, "kv_spill_dir": args.kv_spill_dir}
-    model, paging = open_remote(args, args.model, paging_options(args))
-    return load(
-        model,
-        device=args.device,
-        dtype=args.dtype,
-        experts_dtype=args.experts_dtype,
-        **paging,
-        **kv,
-        **ray_options(args),
-        **speculation_options(args),
-    )
+    return load(*engine_options(args, args.model))
+
+
+def engine_options(args, model) -> tuple:
+    """(what to load, EngineOptions) from a command's flags: the one place the command line builds the engine's
+    options (run, chat, serve). MODEL becomes a RemoteSource with --remote; flags a command lacks, or leaves
+    unset, keep the engine's defaults."""
+    from ..runtime.options import EngineOptions
+
+    flat = {"device": args.device, "dtype": args.dtype, "experts_dtype": getattr(args, "experts_dtype", None),
+            **paging_options(args), "kv_memory": args.kv_memory, "prefill_chunk": getattr(args, "prefill_chunk", None),
+            "kv_spill_dir": getattr(args, "kv_spill_dir", None), **ray_options(args), **speculation_options(args)}  # fmt: skip
+    source, flat = open_remote(args, model, flat)
+    return source, EngineOptions.of(**{k: v for k, v in flat.items() if v is not None})
 
 
 def generation_context(engine, args) -> int:
@@ -86,10 +88,11 @@ def parse_pins(text: str | None) -> list[tuple[int, int]]:
 
 
 def paging_options(args) -> dict:
-    """moepager.load's paging options from `run`'s flags."""
+    """The engine's paging options from a command's flags (flat names: runtime/options.py)."""
     return {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
-            "prefetch": not args.no_prefetch, "pins": parse_pins(args.pin), "hot_set": args.hot_set,
-            "record_trace": args.trace is not None, "max_context": args.max_context}  # fmt: skip
+            "prefetch": not args.no_prefetch, "pins": parse_pins(getattr(args, "pin", None)),
+            "hot_set": getattr(args, "hot_set", None), "record_trace": getattr(args, "trace", None) is not None,
+            "max_context": args.max_context}  # fmt: skip
 
 
 def save_paging_outputs(engine, args) -> None:

@@ -11,10 +11,8 @@ from .model_options import (
     add_remote_options,
     add_speculation,
     check_speculation,
+    engine_options,
     model_or_default,
-    open_remote,
-    ray_options,
-    speculation_options,
 )
 
 
@@ -24,14 +22,7 @@ def cmd_serve(args) -> None:
 
     check_speculation(args)
     sock = reserve_port(args.host, args.port)  # a taken port fails now, not after loading the model
-    model = model_or_default(args.model)
-    given = {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
-             "max_context": args.max_context, "prefetch": False if args.no_prefetch else None,
-             "kv_memory": args.kv_memory}  # fmt: skip
-    options = {k: v for k, v in given.items() if v is not None}  # load's own defaults for the rest
-    source, options = open_remote(args, model, options)
-    engine = load(source, device=args.device, dtype=args.dtype, **options, **ray_options(args),
-                  **speculation_options(args))  # fmt: skip
+    engine = load(*engine_options(args, model_or_default(args.model)))
     name = args.model_name or (str(args.model) if args.model else "default")
     serve(engine, name, host=args.host, port=args.port, api_key=args.api_key, sock=sock)
 
@@ -96,7 +87,7 @@ def add_top(sub) -> None:
 
 
 def cmd_fetch(args) -> None:
-    from ..fetch import fetch
+    from .fetch import fetch
 
     print(fetch(args.model, args.experts, args.local_store, args.revision, args.disk_budget, args.hot_set,
                 args.text, args.tokens, args.verify, progress=not args.quiet))  # fmt: skip

@@ -89,7 +89,7 @@ def cmd_tune(args) -> None:
     from pathlib import Path
 
     from ..store.format import is_store
-    from ..tune import TuneOptions, summary, tune
+    from ..training.tune import TuneOptions, summary, tune
 
     model = model_or_default(args.model)
     store = model
@@ -154,7 +154,7 @@ def cmd_moefy(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from ..evaluate import main as eval_main
+    from ..bench.evaluate import main as eval_main
 
     args.model = model_or_default(args.model)
     r = eval_main(args.model, args.text, args.reference, args.max_tokens, args.window, args.device)

@@ -23,7 +23,7 @@ from .generate import SamplingParams, sample
 from .sampling import LogitsProcessor, prompt_logprobs
 
 if TYPE_CHECKING:  # a type only: generation sits below the engine that builds it
-    from ..engine import Engine
+    from ..runtime.engine import Engine
 
 log = logging.getLogger("moepager.server")
 

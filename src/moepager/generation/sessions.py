@@ -1,7 +1,7 @@
 """Session files: a conversation's KV cache and token ids on disk, so it can resume after a restart.
 
 Owns the file format and the model identity that guards it. Does not own the cache (model/kvcache.py, model/layers.py)
-or deciding which prefix to reuse (engine.py).
+or deciding which prefix to reuse (runtime/engine.py).
 
 Layout (little-endian):
     magic b"MOEPSESS" | format_version u32 | header_len u32 | header (JSON, utf-8)

@@ -191,7 +191,7 @@ def fit_layer(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch
 def calibrate(folder: Path, text: str, experts: int, shared: int, seed: int, tokens: int = 8192,
               seq_len: int = 256, batch: int = 8) -> Plan:  # fmt: skip
     """Run the dense model over `text` layer by layer and learn the plan."""
-    from .. import load
+    from ..runtime.engine import load
     from ..system.progress import progress_bar
 
     engine = load(folder, dtype=torch.float32)

@@ -7,7 +7,7 @@ experts at the rate the trace found them, and popular ones stay popular. `alpha`
 so that the trace's picks show as many distinct experts per layer as the urn would on average. The traced
 tokens are replayed as they were; the rest of the run is drawn from the urns (seeded). Replaying it all through
 the cache's policy (trace.replay_steps: the live cache's own bookkeeping) gives the misses of every token, from
-a cold cache to the warm steady state. It knows nothing of time or of the model: plan.py prices the misses.
+a cold cache to the warm steady state. It knows nothing of time or of the model: runtime/plan.py prices the misses.
 """
 
 from __future__ import annotations

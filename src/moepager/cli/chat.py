@@ -13,10 +13,10 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .errors import MoepagerError
-from .generation.generate import check_sampling
-from .generation.tokenizer import StreamingDetokenizer, check_utf8
-from .summary import DecodeReads, summary_line
+from ..errors import MoepagerError
+from ..generation.generate import check_sampling
+from ..generation.tokenizer import StreamingDetokenizer, check_utf8
+from ..runtime.summary import DecodeReads, summary_line
 
 COMMANDS = "/reset starts over, /stats shows speed and cache use so far, /exit leaves (or Ctrl-D)"
 

@@ -1,7 +1,8 @@
-"""The Python API: `moepager.load(model, device=..., **runtime_options)` -> Engine.
+"""`load(model, options)` -> Engine: a model loaded with its experts, ready to generate.
 
 Builds the decoder on the meta device, loads the resident weights, and plugs in an implementation of the
-experts contract. Runtime choices arrive here as arguments; the model config never carries them.
+experts contract (resident, paged or on Ray actors). Runtime choices arrive as one EngineOptions
+(runtime/options.py); the model config never carries them.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoepagerError
-from .generation import sessions
-from .generation.generate import SamplingParams, Timings, generate_step
-from .generation.tokenizer import Tokenizer
-from .model.compact import swap_compact, swap_matvec
-from .model.decoder import Transformer
-from .model.kvcache import BlockKVCache, KVOptions
-from .model.layers import KVCache
-from .model.moe import ExpertBank, ResidentExperts, bank_spec
-from .moefy import default_model
-from .sources.contract import expert_formats, source_tokenizer
-from .store.open_model import open_source
-from .system.process_memory import current_rss, release_freed_heap
+from ..errors import MoepagerError
+from ..generation import sessions
+from ..generation.generate import SamplingParams, Timings, generate_step
+from ..generation.tokenizer import Tokenizer
+from ..model.compact import swap_compact, swap_matvec
+from ..model.decoder import Transformer
+from ..model.kvcache import BlockKVCache, KVOptions
+from ..model.layers import KVCache
+from ..model.moe import ExpertBank, ResidentExperts, bank_spec
+from ..sources.contract import expert_formats, source_tokenizer
+from ..store.open_model import open_source
+from ..system.process_memory import current_rss, release_freed_heap
+from .options import EngineOptions
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
@@ -84,7 +85,7 @@ class Engine:
             raise MoepagerError("the prompt is empty")
         cache = cache if cache is not None else self.new_cache()
         if self.speculation is not None:
-            from .generation.speculate import speculative_generate_step
+            from ..generation.speculate import speculative_generate_step
 
             steps = speculative_generate_step(self.model, prompt, max_new_tokens, params, self.speculation, cache,
                                               self.timings, self.kv.prefill_chunk)  # fmt: skip
@@ -180,7 +181,7 @@ class Engine:
 def _kv_bytes(kv_memory: int | str | None) -> int | None:
     if kv_memory is None or isinstance(kv_memory, int):
         return kv_memory
-    from .system.sizes import parse_size
+    from ..system.sizes import parse_size
 
     return parse_size(kv_memory)
 
@@ -199,52 +200,26 @@ def resident_experts(source, device: torch.device, dtype: torch.dtype | None) ->
     return ResidentExperts(source.config, banks)
 
 
-def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torch.dtype | None = None, expert_memory=None,
-         memory_limit=None, policy=None, prefetch: bool = True, pins=(), hot_set=None, record_trace: bool = False,
-         max_context: int | None = None, experts_dtype: str | None = None, kv_memory: int | str | None = None,
-         kv_block_size: int = 256, kv_spill_dir: str | None = None, prefill_chunk: int = 512,
-         ray: str | None = None, ray_actors: int | None = None, ray_placement: str | None = None,
-         ray_replicate: int = 0, speculate: str | None = None, draft_tokens: int = 4,
-         **runtime_options) -> Engine:  # fmt: skip
-    """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource); with no model
-    (or "default"), the embedded default model, built on first use. dtype defaults to the checkpoint's own.
-
-    Paging (any of these turns it on; without them every expert is loaded into memory):
-    expert_memory: bytes for routed experts ("512MiB", "2GB", an int) or a share of them ("25%").
-    memory_limit: a whole-process budget ("700MiB"); the experts get what the dense part leaves.
-    policy: eviction policy name (lru, lfu, nextuse) or object. prefetch: guess the next layer's experts.
-    pins: (layer, expert) pairs never evicted; hot_set: a file of them. max_context: the KV size memory_limit
-    plans for (default 4096). record_trace: keep each step's routing in engine.trace (see trace.py).
-
-    KV cache: kv_memory ("64MiB", an int) keeps at most that much of it in RAM, in blocks of kv_block_size
-    positions, spilling older blocks to a file in kv_spill_dir; prefill_chunk bounds the prompt tokens per pass.
-
-    experts_dtype: "bf16", "fp16", "int8" or "int4" converts routed experts as they are read (lossy: measure it
-    with `moepager eval`); None keeps the source's own experts.
-
-    ray: a Ray cluster address ("auto", "127.0.0.1:6379", "local"): the routed experts are spread over
-    ray_actors actors (default one per node), placed round-robin or, with ray_placement=TRACE_FILE, by measured
-    usage, ray_replicate hottest per layer held twice; expert_memory is then each actor's budget
-    (see distributed/ray_experts.py).
-
-    speculate: "ngram" (prompt lookup), "self" (the model routed among resident experts) or a draft model
-    (same tokenizer) proposes draft_tokens tokens per step, verified in one forward; the output is unchanged
-    (see generation/speculate.py).
+def load(model, options: EngineOptions | None = None, **flat) -> Engine:
+    """Load a checkpoint folder, store, GGUF file or cached hub id (or an opened ModelSource) with `options`
+    (runtime/options.py: device, dtype, paging, KV cache, quantized experts, Ray, speculation), or the same
+    options by their flat names: load(model, expert_memory="25%", kv_memory="64MiB"). dtype defaults to the
+    checkpoint's own; without paging options every expert is loaded into memory. The embedded default model is
+    resolved above this, by moepager.load and the command line.
     """
-    if runtime_options:
-        raise TypeError(f"unknown runtime options: {', '.join(sorted(runtime_options))}")
-    if speculate is not None and not (isinstance(draft_tokens, int) and draft_tokens >= 1):
-        raise MoepagerError(f"--draft-tokens {draft_tokens!r}: give a positive number of tokens")
+    o = EngineOptions.of(options, **flat)
+    paging, dist, spec = o.paging, o.distributed, o.speculation
+    experts_dtype, device, dtype = o.quant.experts_dtype, o.device, o.dtype
+    if spec.speculate is not None and not (isinstance(spec.draft_tokens, int) and spec.draft_tokens >= 1):
+        raise MoepagerError(f"--draft-tokens {spec.draft_tokens!r}: give a positive number of tokens")
     gc.collect()  # "before weights" measured as the footprint after loading is: garbage freed, heap trimmed
     release_freed_heap()
     rss_before_weights = current_rss()
     dev = parse_device(device)
-    if default_model.is_default(model):
-        model = default_model.default_model_path()
     # GGUF blocks are computed by CPU kernels; on CUDA they are dequantized to the compute dtype as read
     ckpt = model if hasattr(model, "expert_keys") else open_source(model, compact=dev.type == "cpu")
     if experts_dtype is not None:
-        from .store.encoding import QuantizingSource
+        from ..store.encoding import QuantizingSource
 
         ckpt = QuantizingSource(ckpt, experts_dtype)
     if isinstance(dtype, str):
@@ -271,41 +246,41 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
     tokenizer = source_tokenizer(ckpt)
     gc.collect()
     release_freed_heap()  # the tokenizer's and the loaders' temporaries
-    if ray is not None:
-        from .distributed.ray_experts import build_ray
+    if dist.ray is not None:
+        from ..distributed.ray_experts import build_ray
 
-        if memory_limit is not None or pins or hot_set is not None:
+        if paging.memory_limit is not None or paging.pins or paging.hot_set is not None:
             raise MoepagerError("with ray, give each actor's expert budget as expert_memory (memory_limit, "
                                 "pins and hot sets apply to one process)")  # fmt: skip
-        experts = build_ray(ckpt, ray, ray_actors, ray_placement, ray_replicate, expert_memory,
-                            None if experts_dtype else dtype, experts_dtype, policy)  # fmt: skip
-    elif expert_memory is not None or memory_limit is not None or pins or hot_set is not None:
-        from .paging.paged import build_paged
+        experts = build_ray(ckpt, dist.ray, dist.ray_actors, dist.ray_placement, dist.ray_replicate,
+                            paging.expert_memory, None if experts_dtype else dtype, experts_dtype, paging.policy)  # fmt: skip
+    elif paging.enabled:
+        from ..paging.paged import build_paged
 
         expert_dtype = None if experts_dtype else dtype  # converted experts are kept as converted, as below
-        experts = build_paged(net, ckpt, dev, expert_dtype, expert_memory, memory_limit, policy, prefetch, pins,
-                              hot_set, max_context)  # fmt: skip
+        experts = build_paged(net, ckpt, dev, expert_dtype, paging.expert_memory, paging.memory_limit, paging.policy,
+                              paging.prefetch, list(paging.pins), paging.hot_set, paging.max_context)  # fmt: skip
     else:
         # experts_dtype, when given, is kept
         experts = resident_experts(ckpt, dev, None if experts_dtype else dtype)
     recorder = None
-    if record_trace:
-        from .paging.trace import TraceRecorder
+    if paging.record_trace:
+        from ..paging.trace import TraceRecorder
 
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)
-    kv = KVOptions(_kv_bytes(kv_memory), kv_block_size, kv_spill_dir, prefill_chunk)
+    kv = KVOptions(_kv_bytes(o.kv.kv_memory), o.kv.kv_block_size, o.kv.kv_spill_dir, o.kv.prefill_chunk)
     engine = Engine(net, experts, tokenizer, ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
     engine.rss_before_weights = rss_before_weights
     engine.source = model if hasattr(model, "expert_keys") else ckpt
-    if speculate is not None:
-        engine.speculation = _speculation(engine, speculate, draft_tokens, device, dtype)
+    if spec.speculate is not None:
+        engine.speculation = _speculation(engine, spec.speculate, spec.draft_tokens, device, dtype)
     return engine
 
 
 def _speculation(engine: Engine, speculate: str, draft_tokens: int, device: str, dtype):
-    from .generation.speculate import ModelDrafter, NgramDrafter, SelfDrafter, Speculation
+    from ..generation.speculate import ModelDrafter, NgramDrafter, SelfDrafter, Speculation
 
     if not isinstance(speculate, str) or not speculate:
         raise MoepagerError(f"--speculate {speculate!r}: give ngram, self or a draft model")
@@ -315,7 +290,7 @@ def _speculation(engine: Engine, speculate: str, draft_tokens: int, device: str,
         drafter = SelfDrafter(engine.experts)
     else:  # a draft model: small, every expert resident
         drafter = ModelDrafter(
-            load(speculate, device=device, dtype=dtype), engine.config.vocab_size, speculate
+            load(speculate, EngineOptions(device=device, dtype=dtype)), engine.config.vocab_size, speculate
         )
     experts = engine.experts
 

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .system.sizes import format_bytes, parse_bytes
+from ..system.sizes import format_bytes, parse_bytes
 
 DEFAULT_PROMPT = list(range(1, 17))  # when no prompt is given: 16 token ids
 
@@ -121,10 +121,10 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
          prompt: list[int] | Callable | None = None, prompt_flag: str | None = None, max_tokens: int = 64,
          temperature: float = 0.0, seed: int | None = None, trace_tokens: int = 16) -> Plan:  # fmt: skip
     """prompt: token ids, or a function of the loaded engine giving them (default: DEFAULT_PROMPT)."""
-    from . import load
-    from .generation.generate import check_sampling
-    from .paging.fill import RoutingSample, forecast
-    from .paging.policies import make_policy
+    from ..generation.generate import check_sampling
+    from ..paging.fill import RoutingSample, forecast
+    from ..paging.policies import make_policy
+    from .engine import load
 
     limit = parse_bytes(memory, what="--memory")
     with warnings.catch_warnings(record=True) as caught:

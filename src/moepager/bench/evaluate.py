@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 
 @dataclass
@@ -52,7 +52,7 @@ def text_windows(tokenizer, text: str, window: int, max_tokens: int | None) -> t
 def evaluate(engine, text: str, reference=None, window: int = 512, max_tokens: int | None = None,
              progress: bool = True) -> EvalResult:  # fmt: skip
     """Perplexity of `engine` on `text`; with `reference`, the agreement of their greedy predictions."""
-    from .system.progress import progress_bar
+    from ..system.progress import progress_bar
 
     if engine.tokenizer is None:
         raise MoepagerError(f"{engine.path} has no tokenizer.json; evaluation needs one to read text")
@@ -86,16 +86,16 @@ def main(model: str | Path, text_file: str | Path, reference: str | Path | None 
 def _load(model: str | Path, device: str, workdir: Path):
     """The model; a dense llama GGUF (the source of moefy, e.g. the default model's) is opened as moefy reads
     it: dequantized into a checkpoint folder in `workdir`, which lasts while it is used."""
-    from . import load
-    from .sources.catalog import gguf_header
-    from .sources.resolve import gguf_file
+    from .. import load
+    from ..sources.catalog import gguf_header
+    from ..sources.resolve import gguf_file
 
     gguf = gguf_file(model)
     if gguf is not None and gguf.is_file():
         header = gguf_header(gguf, {"general.architecture"}, expert_count=True)
         arch = header.get("general.architecture")
         if arch == "llama" and not header.get("llama.expert_count"):
-            from .moefy.build import dense_folder
+            from ..moefy.build import dense_folder
 
             return load(dense_folder(gguf, workdir), device=device)
     return load(model, device=device)

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MoepagerError
-from .model.moe import expert_forward, group_by_expert, route
+from ..errors import MoepagerError
+from ..model.moe import expert_forward, group_by_expert, route
 
 Key = tuple[int, int]
 
@@ -230,10 +230,10 @@ class ExpertTrainer:
 
 def tune(options: TuneOptions) -> dict:
     """Train, commit checkpoints as generations; return a summary (experts, losses, generations, memory)."""
-    from . import load
-    from .store.editable import EditableStore
-    from .store.format import is_store
-    from .system.progress import progress_bar
+    from ..runtime.engine import load
+    from ..store.editable import EditableStore
+    from ..store.format import is_store
+    from ..system.progress import progress_bar
 
     o = options
     if not is_store(Path(o.store)):
@@ -279,7 +279,7 @@ def tune(options: TuneOptions) -> dict:
 
 def summary(r: dict, store: str | Path) -> str:
     """tune()'s result as two lines: what was trained and how the loss moved, then memory."""
-    from .system.sizes import format_bytes
+    from ..system.sizes import format_bytes
 
     losses, c = r["losses"], r["cache"]
     first, last = (sum(losses[i : i + 10]) / len(losses[i : i + 10]) for i in (0, max(0, len(losses) - 10)))

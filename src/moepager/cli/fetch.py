@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import MoepagerError
-from .sources.hub import RemoteSource
-from .system.sizes import format_bytes
+from ..errors import MoepagerError
+from ..sources.hub import RemoteSource
+from ..system.sizes import format_bytes
 
 WINDOW = 64  # calibration tokens per forward pass
 
@@ -28,7 +28,7 @@ def fetch(model: str, experts: str = "all", root: str | Path | None = None, revi
     if experts == "all":
         source.fetch(source.expert_keys(), progress)
     elif hot_set is not None:
-        from .paging.cache import load_hot_set
+        from ..paging.cache import load_hot_set
 
         source.fetch(sorted(load_hot_set(hot_set, source.config)), progress)
     else:
@@ -48,7 +48,7 @@ def fetch(model: str, experts: str = "all", root: str | Path | None = None, revi
 
 
 def _route_calibration(source: RemoteSource, text: str | None, tokens: int, progress: bool) -> None:
-    from . import load
+    from .. import load
 
     engine = load(source, expert_memory="100%", prefetch=False)
     if engine.tokenizer is None:
@@ -67,7 +67,7 @@ def _route_calibration(source: RemoteSource, text: str | None, tokens: int, prog
         raise MoepagerError("the calibration text is empty")
     windows = range(0, len(ids), WINDOW)
     if progress:
-        from .system.progress import progress_bar
+        from ..system.progress import progress_bar
 
         windows = progress_bar(windows, desc="routing calibration text", unit="window", leave=False)
     for start in windows:

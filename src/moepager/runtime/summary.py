@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .system.sizes import format_bytes
+from ..system.sizes import format_bytes
 
 
 class DecodeReads:
