@@ -8,7 +8,7 @@ import time
 
 import moepager
 from moepager.generation.batching import Scheduler
-from moepager.live import LIVE_HZ, LiveFeed
+from moepager.serving.live import LIVE_HZ, LiveFeed
 
 engine = moepager.load(expert_memory="25%")
 engine.generate([1, 2, 3, 4], max_new_tokens=32, temperature=1.0, seed=0)

@@ -23,7 +23,7 @@ from live_view import CHROMIUM, CHROMIUM_ARGS, start_server  # noqa: E402
 def top_svg(event: dict, url: str, path: Path) -> None:
     from rich.console import Console
 
-    from moepager.top import View, render
+    from moepager.serving.top import View, render
 
     width, height = 110, 46
     console = Console(

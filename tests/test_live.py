@@ -23,8 +23,8 @@ from serve_process import serve_process
 from tiny_models import build, copy_with_tokenizer
 
 import moepager
-from moepager.live import EVENT_VERSION, LIVE_HZ, MEMORY_CATEGORIES, STATES
-from moepager.server import create_app
+from moepager.serving.live import EVENT_VERSION, LIVE_HZ, MEMORY_CATEGORIES, STATES
+from moepager.serving.server import create_app
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}{% if add_generation_prompt %}w3{% endif %}"

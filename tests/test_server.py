@@ -23,7 +23,7 @@ from moepager.cli import main as cli_main
 from moepager.generation.batching import Scheduler, Sequence
 from moepager.generation.generate import SamplingParams
 from moepager.model.layers import KVCache
-from moepager.server import create_app
+from moepager.serving.server import create_app
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -452,7 +452,7 @@ def test_serve_command(model_dir):
 def test_serve_without_model_uses_the_default(monkeypatch, tiny):
     """No MODEL: the embedded default model is loaded and served under the id "default"."""
     import moepager.moefy.default_model as default_model
-    import moepager.server as server
+    import moepager.serving.server as server
 
     path, _ = tiny("mixtral")
     served = {}

@@ -22,7 +22,7 @@ from tiny_models import configs
 
 import moepager
 from moepager.cli import main as cli_main
-from moepager.server import create_app
+from moepager.serving.server import create_app
 
 MODEL = "chars"
 TEMPLATE = (

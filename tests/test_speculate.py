@@ -178,8 +178,8 @@ def test_server_scheduler_speculates_a_lone_sequence(tiny, plain):
     import threading
 
     from moepager.generation.batching import Scheduler, Sequence
-    from moepager.metrics import Metrics
     from moepager.runtime.summary import summary_line
+    from moepager.serving.metrics import Metrics
 
     engine = moepager.load(tiny("mixtral")[0], speculate="ngram", expert_memory="50%")
     scheduler = Scheduler(engine)

@@ -18,7 +18,7 @@ from .model_options import (
 
 def cmd_serve(args) -> None:
     from .. import load
-    from ..server import reserve_port, serve
+    from ..serving.server import reserve_port, serve
 
     check_speculation(args)
     sock = reserve_port(args.host, args.port)  # a taken port fails now, not after loading the model
@@ -65,7 +65,7 @@ def add_serve(sub) -> None:
 
 
 def cmd_top(args) -> None:
-    from ..top import main as top_main
+    from ..serving.top import main as top_main
 
     if not args.url.startswith(("http://", "https://")):
         raise MoepagerError(

@@ -25,7 +25,7 @@ from .sampling import LogitsProcessor, prompt_logprobs
 if TYPE_CHECKING:  # a type only: generation sits below the engine that builds it
     from ..runtime.engine import Engine
 
-log = logging.getLogger("moepager.server")
+log = logging.getLogger("moepager.serving.server")
 
 # Events a sequence receives: ("token", id), ("done", "stop" | "length" | "cancelled"), ("error", message),
 # and first, when asked for, ("prompt_logprobs", [TokenLogprob per prompt token after the first]).

@@ -3,7 +3,7 @@
 Owns building llguidance's view of a tokenizer (once per tokenizer: ~0.2 s on a 49k vocabulary), compiling
 request grammars, and one sequence's matcher: the allowed-token mask before sampling and advancing by the
 sampled token. llguidance was picked by measurement (benchmarks/constrained_decoding.md). Does not own
-which grammar a request needs (server_fields.py, generation/tools.py) nor when masks are applied (generation/sampling.py).
+which grammar a request needs (serving/fields.py, generation/tools.py) nor when masks are applied (generation/sampling.py).
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from sse_starlette import EventSourceResponse
 
-from .generation.batching import Sequence
-from .generation.generate import SamplingParams
-from .generation.sampling import LogitsProcessor, TokenLogprob
-from .generation.tokenizer import StreamingDetokenizer
-from .server_fields import APIError
+from ..generation.batching import Sequence
+from ..generation.generate import SamplingParams
+from ..generation.sampling import LogitsProcessor, TokenLogprob
+from ..generation.tokenizer import StreamingDetokenizer
+from .fields import APIError
 
 
 class Generation:

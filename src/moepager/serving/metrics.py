@@ -13,8 +13,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .generation.batching import Scheduler
-from .runtime.engine import Engine
+from ..generation.batching import Scheduler
+from ..runtime.engine import Engine
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
 _PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics"}

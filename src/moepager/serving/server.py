@@ -1,11 +1,11 @@
 """OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics, and
-the routes of server_responses.py (/v1/responses), server_messages.py (Anthropic's /v1/messages) and
-server_live.py (the page at / and its event stream /events).
+the routes of serving/responses.py (/v1/responses), serving/messages.py (Anthropic's /v1/messages) and
+serving/live_routes.py (the page at / and its event stream /events).
 
 Owns the app (its state, errors, the body size limit), checking the fields every request shares, making a
 request's `n` choices, and /v1/completions (with echo and the prompt's logprobs). The chat path is
-server_chat.py's, text, logprobs and events from tokens server_generation.py's, request fields
-server_fields.py's, tool formats generation/tools.py's, metrics metrics.py's. Handlers only enqueue Sequences
+serving/chat.py's, text, logprobs and events from tokens serving/choices.py's, request fields
+serving/fields.py's, tool formats generation/tools.py's, metrics serving/metrics.py's. Handlers only enqueue Sequences
 and await their events; the one worker thread in generation/batching.py owns the model.
 """
 
@@ -21,17 +21,16 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from .errors import MoepagerError
-from .generation.batching import Scheduler
-from .generation.constrain import Grammars
-from .generation.generate import SamplingParams
-from .generation.sampling import LogitsProcessor, TokenLogprob
-from .generation.tools import template_roles
-from .live import LiveFeed
-from .metrics import MeasureRequests, Metrics
-from .runtime.engine import Engine
-from .server_chat import LARGE_TEXT, chat_completion
-from .server_fields import (
+from ..errors import MoepagerError
+from ..generation.batching import Scheduler
+from ..generation.constrain import Grammars
+from ..generation.generate import SamplingParams
+from ..generation.sampling import LogitsProcessor, TokenLogprob
+from ..generation.tools import template_roles
+from ..runtime.engine import Engine
+from .chat import LARGE_TEXT, chat_completion
+from .choices import Generation, collect, completion_logprobs, merged, sse, usage
+from .fields import (
     MESSAGES_PATH,
     APIError,
     ChatBody,
@@ -41,10 +40,11 @@ from .server_fields import (
     adjustments,
     parse,
 )
-from .server_generation import Generation, collect, completion_logprobs, merged, sse, usage
-from .server_live import add_live_routes
-from .server_messages import add_messages_routes
-from .server_responses import add_responses_routes
+from .live import LiveFeed
+from .live_routes import add_live_routes
+from .messages import add_messages_routes
+from .metrics import MeasureRequests, Metrics
+from .responses import add_responses_routes
 
 MAX_BODY_BYTES = 2 * 2**20  # larger request bodies get a 413 before they are read into memory
 

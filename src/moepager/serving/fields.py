@@ -3,7 +3,7 @@
 Owns the request body limit (413), parsing a body (off the event loop when it is large), the rule that a
 field this server does not honour is a 400 naming it (never silently ignored), turning sampling fields into
 Adjustments and `response_format` / `tools` / `tool_choice` into the grammar the output must follow.
-Response shapes and generation are server.py's; tool formats are generation/tools.py's.
+Response shapes and generation are serving/server.py's; tool formats are generation/tools.py's.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .generation.constrain import json_schema_grammar, lark_grammar
-from .generation.sampling import Adjustments
-from .generation.tools import ToolFormat, chat_tool_format, tool_grammar
+from ..generation.constrain import json_schema_grammar, lark_grammar
+from ..generation.sampling import Adjustments
+from ..generation.tools import ToolFormat, chat_tool_format, tool_grammar
 
 # Fields that change nothing about the output and are accepted as sent (OpenAI bookkeeping and hints).
 HARMLESS = {

@@ -5,7 +5,7 @@ rates computed over a sliding window of the engine's own counters, the expert he
 layer was resident, hit, missed, prefetched, pinned or recently evicted since the last event), the memory
 breakdown in the categories `moepager plan` uses, and the broadcast: one snapshot per tick, whatever the
 number of clients, and none while no client listens. Does not own the counters themselves (the scheduler's
-BatchStats, engine.stats(), ExpertCache.activity()), the page (web/) or the terminal drawing (top.py).
+BatchStats, engine.stats(), ExpertCache.activity()), the page (web/) or the terminal drawing (serving/top.py).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class LiveFeed:
 
     def _memory(self) -> dict:
         """Bytes per category of `moepager plan`, measured now; `buffers` is what the RSS holds beyond the rest."""
-        from .runtime.engine import current_rss
+        from ..runtime.engine import current_rss
 
         rss, cache, experts = current_rss(), self.cache, self.engine.experts
         _, prefilling, running = self.scheduler.sequences()

@@ -1,8 +1,8 @@
 """The live view's routes: the page at `/` (a chat playground and the expert cache panel), its assets, and
-`GET /events`, the server-sent event stream of live.py's snapshots (docs/live.md).
+`GET /events`, the server-sent event stream of serving/live.py's snapshots (docs/live.md).
 
 Owns serving the packaged assets (moepager/web: plain HTML, JS and CSS, nothing loaded from the network) and
-the event stream's HTTP side. The events themselves are live.py's. Like /metrics, /events and the page are
+the event stream's HTTP side. The events themselves are serving/live.py's. Like /metrics, /events and the page are
 open without the API key (they carry counters, no text); the page's chat sends the key the user types.
 """
 
@@ -15,8 +15,8 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 
+from .fields import APIError
 from .live import LiveFeed
-from .server_fields import APIError
 
 _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
           ".css": "text/css; charset=utf-8"}  # fmt: skip
@@ -24,7 +24,7 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 
 def _assets() -> dict[str, bytes]:
     """Every file of the packaged page, by name, read once."""
-    folder = resources.files("moepager.web")
+    folder = resources.files("moepager.serving.web")
     return {f.name: f.read_bytes() for f in folder.iterdir() if any(f.name.endswith(x) for x in _TYPES)}
 
 

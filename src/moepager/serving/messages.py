@@ -1,4 +1,4 @@
-"""Anthropic's Messages API (POST /v1/messages), translated to the chat path of server_chat.py.
+"""Anthropic's Messages API (POST /v1/messages), translated to the chat path of serving/chat.py.
 
 Owns the Messages request (system, messages of text, tool_use and tool_result blocks, tools, tool_choice,
 stop_sequences), its translation into a ChatBody (whose checks then apply, with errors naming the Messages
@@ -15,8 +15,8 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from .server_chat import Reply, start_chat
-from .server_fields import MESSAGES_PATH, APIError, ChatBody, parse, validated
+from .chat import Reply, start_chat
+from .fields import MESSAGES_PATH, APIError, ChatBody, parse, validated
 
 _HARMLESS = {"metadata", "service_tier", "container", "context_management"}
 _NEUTRAL = {"thinking": ({"type": "disabled"},), "mcp_servers": ([],)}

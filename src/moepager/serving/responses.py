@@ -1,4 +1,4 @@
-"""OpenAI's Responses API (POST /v1/responses), translated to the chat path of server_chat.py.
+"""OpenAI's Responses API (POST /v1/responses), translated to the chat path of serving/chat.py.
 
 Owns the Responses request (input as text or items: messages, function_call and function_call_output;
 instructions, function tools, tool_choice, text.format), its translation into a ChatBody (whose checks then
@@ -17,8 +17,8 @@ from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from .server_chat import Reply, start_chat, tool_calls_json
-from .server_fields import HARMLESS, APIError, ChatBody, parse, validated
+from .chat import Reply, start_chat, tool_calls_json
+from .fields import HARMLESS, APIError, ChatBody, parse, validated
 
 # earlier conversations kept for previous_response_id, oldest dropped first past either bound
 KEPT_RESPONSES, KEPT_CHARS = 256, 64 * 2**20

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from .generation.sampling import TokenLogprob
-from .generation.tool_stream import Delta, PartialCall, ToolCallStream
-from .generation.tools import generic_messages, template_messages, tool_format
-from .server_fields import APIError, ChatBody, chat_grammar, content_text
-from .server_generation import Generation, chat_logprobs, merged, sse, usage
+from ..generation.sampling import TokenLogprob
+from ..generation.tool_stream import Delta, PartialCall, ToolCallStream
+from ..generation.tools import generic_messages, template_messages, tool_format
+from .choices import Generation, chat_logprobs, merged, sse, usage
+from .fields import APIError, ChatBody, chat_grammar, content_text
 
 LARGE_TEXT = 16 * 1024  # characters of prompt above which tokenizing runs off the event loop
 

@@ -1,2 +1,0 @@
-"""The live view's page, served by server_live.py: index.html, live.js and live.css, plain and self-contained
-(no library, nothing fetched from the network), shipped as package data."""
