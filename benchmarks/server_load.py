@@ -26,7 +26,7 @@ from pathlib import Path
 
 def build_model(out: Path) -> Path:
     """A synthetic Mixtral: hidden 256, 8 experts of 1024 (top-2), 4 layers, fp32 (~100 MB of experts)."""
-    from moepager.synth import SynthSpec, synth
+    from moepager.synth.checkpoint import SynthSpec, synth
 
     spec = SynthSpec(family="mixtral", hidden=256, intermediate=1024, experts=8, top_k=2, layers=4, heads=4,
                      kv_heads=2, head_dim=64, vocab=4096, dtype="float32", seed=0)  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 import moepager
 from moepager.cli import main
 from moepager.errors import MoepagerError
-from moepager.synth import SynthSpec, plan, synth
+from moepager.synth.checkpoint import SynthSpec, plan, synth
 from moepager.system.sizes import parse_size
 
 SMALL = dict(hidden=64, intermediate=96, experts=4, top_k=2, heads=4, kv_heads=2, head_dim=16, vocab=256)

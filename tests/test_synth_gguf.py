@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import moepager
-from moepager import synth_gguf
 from moepager.cli import main
 from moepager.kernels import ggml
 from moepager.moefy.default_model import source_gguf
 from moepager.store import gguf_source
+from moepager.synth import gguf as synth_gguf
 
 Q = gguf.GGMLQuantizationType
 try:

@@ -9,7 +9,7 @@ from ..errors import MoepagerError
 
 def cmd_synth(args) -> None:
     if args.format == "gguf":
-        from ..synth_gguf import synth_gguf
+        from ..synth.gguf import synth_gguf
 
         if args.shape is None:
             raise MoepagerError(
@@ -19,7 +19,7 @@ def cmd_synth(args) -> None:
         return
     if args.shape is not None:
         raise MoepagerError("--shape is for --format gguf; a checkpoint folder takes --family and sizes")
-    from ..synth import SynthSpec, synth
+    from ..synth.checkpoint import SynthSpec, synth
     from ..system.sizes import parse_size
 
     spec = SynthSpec(family=args.family, hidden=args.hidden, intermediate=args.intermediate, experts=args.experts,

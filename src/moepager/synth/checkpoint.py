@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoepagerError
+from ..errors import MoepagerError
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -195,7 +195,7 @@ def synth(out: str | Path, spec: SynthSpec, size: int | None = None, max_shard: 
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True)
     gen = torch.Generator().manual_seed(spec.seed)
-    from .system import progress  # its progress_bar, not this function's flag of that name
+    from ..system import progress  # its progress_bar, not this function's flag of that name
 
     bar = progress.progress_bar(total=total, unit="B", unit_scale=True, desc=f"synth {out.name}",
                                 enabled=progress_bar)  # fmt: skip

@@ -3,7 +3,7 @@ name, shape and ggml type.
 
 Owns the facts of each real model (from its config.json, as llama.cpp's converter writes them) and the choice of
 type per tensor that llama.cpp's quantizer (src/llama-quant.cpp) makes for Q4_K_M, Q4_0 and Q8_0, including
-its fallback for rows that are not a whole number of 256-wide blocks. It does not write bytes (synth_gguf.py).
+its fallback for rows that are not a whole number of 256-wide blocks. It does not write bytes (synth/gguf.py).
 """
 
 from __future__ import annotations

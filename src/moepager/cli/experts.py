@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MoepagerError
-from .editable import EditableStore, read_router
-from .reading import StoreSource
+from ..store.editable import EditableStore, read_router
+from ..store.reading import StoreSource
 
 ROUTER_KEYS = {"router": "weight", "router_bias": "bias", "correction_bias": "e_score_correction_bias"}
 
@@ -167,7 +167,7 @@ def edit_expert(path: str | Path, action: str, layer: int, expert: int, message:
 
 def list_generations(path: str | Path) -> str:
     """One line per kept generation, oldest first, starting with the id rollback takes; * marks the current."""
-    from .format import read_manifest
+    from ..store.format import read_manifest
 
     manifest = read_manifest(Path(path))
     history = manifest.history or [
