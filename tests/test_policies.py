@@ -5,8 +5,8 @@ import random
 import pytest
 
 from moepager.errors import MoepagerError
-from moepager.paging.cache import Residency
 from moepager.paging.policies import LFU, LRU, NextUse, make_policy
+from moepager.paging.residency import Residency
 from moepager.paging.trace import belady, replay
 
 ALL = [LRU, LFU, NextUse]

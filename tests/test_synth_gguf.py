@@ -16,7 +16,7 @@ import moepager
 from moepager.cli import main
 from moepager.kernels import ggml
 from moepager.moefy.default_model import source_gguf
-from moepager.store import gguf_source
+from moepager.sources import gguf as gguf_source
 from moepager.synth import gguf as synth_gguf
 
 Q = gguf.GGMLQuantizationType

@@ -39,9 +39,9 @@ def skew(trace) -> list[dict]:
 
 def main() -> None:
     import moepager
+    from moepager.bench.evaluate import evaluate
     from moepager.data import EVAL_TEXT
-    from moepager.default_model import default_model_path
-    from moepager.evaluate import evaluate
+    from moepager.moefy.default_model import default_model_path
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-tokens", type=int, default=2048)

@@ -28,7 +28,7 @@ def fetch(model: str, experts: str = "all", root: str | Path | None = None, revi
     if experts == "all":
         source.fetch(source.expert_keys(), progress)
     elif hot_set is not None:
-        from ..paging.cache import load_hot_set
+        from ..paging.hot_set import load_hot_set
 
         source.fetch(sorted(load_hot_set(hot_set, source.config)), progress)
     else:

@@ -17,15 +17,12 @@ buffers; RAM for the CPU); below them is the source on disk.
 
 from __future__ import annotations
 
-import itertools
-import json
 import threading
 import time
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 
@@ -34,7 +31,8 @@ from ..model.config import ModelConfig
 from ..model.moe import ExpertBank, ExpertWeights, bank_spec
 from ..sources.contract import expert_formats
 from ..system.sizes import format_bytes, parse_bytes
-from .policies import Policy, make_policy, victims_by_loop
+from .policies import Policy, make_policy
+from .residency import Residency
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -62,92 +60,6 @@ class CacheStats:
         # a prefetch hit still cost a disk read (ahead of time): only true hits count toward the hit rate
         d["hit_rate"] = self.hits / used if used else 0.0
         return d
-
-
-class Residency:
-    """Which key holds which slot, and what may be evicted. Pure bookkeeping: no tensors, no I/O, no lock
-    (the caller holds one). The offline replay runs policies through this same class."""
-
-    def __init__(self, capacity: int, policy: Policy):
-        self.capacity, self.policy = capacity, policy
-        self.slot: dict[Key, int] = {}  # resident or arriving key -> slot index
-        self.free = list(range(capacity - 1, -1, -1))
-        self.in_use: dict[Key, int] = {}  # key -> holders (the current layer step, a read in flight)
-        self.pinned: set[Key] = set()
-        self.unranked: dict[Key, None] = {}  # loaded by a guess, never used yet: the policy has not seen them
-
-    def evictable(self, key: Key) -> bool:
-        return key not in self.in_use and key not in self.pinned
-
-    def hold(self, key: Key) -> None:
-        self.in_use[key] = self.in_use.get(key, 0) + 1
-
-    def drop(self, key: Key) -> None:
-        n = self.in_use[key] - 1
-        if n:
-            self.in_use[key] = n
-        else:
-            del self.in_use[key]
-
-    def _may_evict(self, may_evict=None):
-        return self.evictable if may_evict is None else (lambda k: self.evictable(k) and may_evict(k))
-
-    def victim(self, may_evict=None, incoming: Key | None = None) -> Key | None:
-        ok = self._may_evict(may_evict)
-        # a guess that was never used goes first: nothing says it will be
-        stale = next((k for k in self.unranked if ok(k)), None)
-        return stale if stale is not None else self.policy.victim(ok, incoming)
-
-    def victims(self, n: int, may_evict=None, incoming: Key | None = None) -> list[Key]:
-        """Up to n victims chosen in one pass, as n calls of victim (each evicting its choice) would give."""
-        ok = self._may_evict(may_evict)
-        stale = list(itertools.islice((k for k in self.unranked if ok(k)), n))
-        if len(stale) == n:
-            return stale
-        # unranked keys are unknown to the policy (it never saw them used), so it cannot pick them again
-        if hasattr(self.policy, "victims"):
-            return stale + self.policy.victims(n - len(stale), ok, incoming)
-        # a policy object that does not subclass Policy
-        return stale + victims_by_loop(self.policy, n - len(stale), ok, incoming)
-
-    def claim(self, key: Key, may_evict=None) -> tuple[int, Key | None] | None:
-        """A slot for key: a free one, or one taken from a victim. (slot, evicted key) or None if all busy."""
-        if self.free:
-            slot, evicted = self.free.pop(), None
-        else:
-            evicted = self.victim(may_evict, key)
-            if evicted is None:
-                return None
-            slot = self.evict(evicted)
-        self.slot[key] = slot
-        return slot, evicted
-
-    def claim_many(self, keys: list[Key], may_evict=None) -> list[tuple[Key, int, Key | None]]:
-        """Slots for the keys of one layer step, in order, as long as slots can be had: free ones first, then
-        victims chosen together. [(key, slot, evicted key or None)]; the same as claim called per key."""
-        n_free = min(len(self.free), len(keys))
-        victims = self.victims(len(keys) - n_free, may_evict, keys[n_free]) if len(keys) > n_free else []
-        out = []
-        for i, key in enumerate(keys[: n_free + len(victims)]):
-            evicted = None if i < n_free else victims[i - n_free]
-            slot = self.free.pop() if evicted is None else self.evict(evicted)
-            self.slot[key] = slot
-            out.append((key, slot, evicted))
-        return out
-
-    def evict(self, key: Key) -> int:
-        slot = self.slot.pop(key)
-        self.policy.remove(key)
-        self.unranked.pop(key, None)
-        return slot
-
-    def release(self, key: Key) -> None:
-        """Take key out of the cache now, its slot back to the free list."""
-        self.free.append(self.evict(key))
-
-    def used(self, key: Key) -> None:
-        self.unranked.pop(key, None)
-        self.policy.access(key)
 
 
 class ExpertCache:
@@ -591,34 +503,3 @@ def _split(items: list, n: int) -> list[list]:
         out.append(items[start:end])
         start = end
     return out
-
-
-HOT_SET_FORMAT = "moepager-hot-set"
-
-
-def save_hot_set(path: str | Path, experts: Iterable[Key], config: ModelConfig) -> None:
-    record = {"format": HOT_SET_FORMAT, "version": 1, "family": config.family, "num_layers": config.num_layers,
-              "num_experts": config.num_experts, "experts": [list(k) for k in experts]}  # fmt: skip
-    Path(path).write_text(json.dumps(record) + "\n")
-
-
-def load_hot_set(path: str | Path, config: ModelConfig) -> list[Key]:
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoepagerError(f"hot set file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise MoepagerError(f"{path}: not a hot set file (invalid JSON: {e})") from None
-    if not isinstance(record, dict) or record.get("format") != HOT_SET_FORMAT:
-        raise MoepagerError(f'{path}: not a hot set file (no "format": "{HOT_SET_FORMAT}")')
-    if record.get("version") != 1:
-        raise MoepagerError(
-            f"{path}: hot set version {record.get('version')!r} is not supported (expected 1)"
-        )
-    if (record.get("num_layers"), record.get("num_experts")) != (config.num_layers, config.num_experts):
-        raise MoepagerError(
-            f"{path}: hot set is for a model with {record.get('num_layers')} layers and {record.get('num_experts')} "
-            f"experts, this one has {config.num_layers} and {config.num_experts}"
-        )
-    return [(int(k[0]), int(k[1])) for k in record["experts"]]

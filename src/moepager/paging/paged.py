@@ -15,7 +15,8 @@ import torch
 from ..model.config import ModelConfig
 from ..model.moe import MoE, NotResident, grouped, switch_glu
 from ..system.process_memory import current_rss
-from .cache import ExpertCache, load_hot_set, save_hot_set
+from .cache import ExpertCache
+from .hot_set import load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
 
 

@@ -1,6 +1,6 @@
 """Eviction policies for the expert cache: small swappable objects that choose which resident expert leaves.
 
-A policy only ranks keys. The cache (cache.Residency) owns what is resident, what is in use and what is
+A policy only ranks keys. The cache (residency.py, Residency) owns what is resident, what is in use and what is
 pinned, and asks the policy for victims among the keys it may evict. A new policy is one class with
 `access`, `remove` and `victim`; register it in POLICIES to make it reachable by name. Subclassing Policy adds
 `victims` (several at once) as a loop over `victim`; a policy that can rank in one pass overrides it.

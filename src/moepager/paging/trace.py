@@ -21,8 +21,8 @@ from pathlib import Path
 from ..errors import MoepagerError
 from ..model.config import ModelConfig
 from ..system.sizes import parse_bytes
-from .cache import Residency
 from .policies import POLICIES, Policy
+from .residency import Residency
 
 TRACE_FORMAT = "moepager-trace"
 

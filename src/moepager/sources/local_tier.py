@@ -12,7 +12,7 @@ first, then punches the expert's bytes out of the file (fallocate PUNCH_HOLE), s
 One process owns a mirror at a time (an exclusive lock), since an eviction must not pull bytes from under
 another process's read.
 
-It does not fetch (remote.py does) and does not decode experts (Checkpoint does).
+It does not fetch (hub.py does) and does not decode experts (Checkpoint does).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns writing a store: experts streamed one at a time (memory stays at one expert plus one dense tensor),
 the dense safetensors file written tensor by tensor, tokenizer files copied, and the manifest. Everything is
 written into a hidden folder next to OUT, fsynced, then renamed: a conversion that dies midway leaves nothing
-under OUT. Reading a store is store_source.py's job.
+under OUT. Reading a store is reading.py's job.
 """
 
 from __future__ import annotations

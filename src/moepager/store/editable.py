@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import json
 import os
 import re
-import struct
-import time
 import zlib
 from pathlib import Path
 
@@ -30,11 +27,19 @@ import torch
 
 from ..errors import MoepagerError
 from ..model.moe import ExpertWeights
-from ..system.direct_reader import align_up, aligned_buffer
 from ..system.durable import fsync_dir
 from ..system.safetensors import DTYPES as ST_DTYPES
 from ..system.safetensors import read_header, read_tensor
-from .convert import _ExpertsFile, layout_of
+from .commit_files import (
+    dead_experts,
+    history_record,
+    layout_like,
+    pack_expert,
+    punch_experts,
+    write_dense,
+    write_manifest_atomically,
+)
+from .convert import _ExpertsFile
 from .encoding import convert_expert, expert_from_tensors, expert_tensors
 from .format import (
     EDITED_VERSION,
@@ -45,7 +50,6 @@ from .format import (
     Manifest,
     generation_path,
     read_manifest,
-    write_manifest,
 )  # fmt: skip
 from .reading import StoreSource
 
@@ -307,7 +311,7 @@ class EditableStore:
         if not self.dirty:
             raise MoepagerError(f"{self.path}: nothing to commit")
         old = self.manifest
-        history = old.history or [_record(old.generation, None, "as converted", stamp=False)]
+        history = old.history or [history_record(old.generation, None, "as converted", stamp=False)]
         gid = max(h["id"] for h in history) + 1
         experts, layouts = dict(old.experts), dict(old.layouts)
         new_files: dict[str, dict] = {}
@@ -317,7 +321,7 @@ class EditableStore:
         dense_files = old.dense_files
         if self._edited_routers:
             name = f"dense.{gid}.safetensors"
-            new_files[name] = _write_dense(self.path / name, self._router_tensors())
+            new_files[name] = write_dense(self.path / name, self._router_tensors())
             dense_files = (*dense_files, name)
         referenced = {x.file for x in experts.values()} | set(dense_files)
         data = {x.file for x in old.experts.values()} | set(old.dense_files)
@@ -334,10 +338,10 @@ class EditableStore:
         if not old.history:  # a converted store: its manifest is kept as generation 0
             first = copy.copy(old)
             first.format_version, first.history = EDITED_VERSION, []
-            _atomic_manifest(self.path, first, generation_path(self.path, old.generation))
-        _atomic_manifest(self.path, new, generation_path(self.path, gid))
-        new.history = [*history, _record(gid, old.generation, message or "; ".join(self.changes))]
-        _atomic_manifest(self.path, new, self.path / MANIFEST)  # the commit point
+            write_manifest_atomically(self.path, first, generation_path(self.path, old.generation))
+        write_manifest_atomically(self.path, new, generation_path(self.path, gid))
+        new.history = [*history, history_record(gid, old.generation, message or "; ".join(self.changes))]
+        write_manifest_atomically(self.path, new, self.path / MANIFEST)  # the commit point
         self._load()
         return gid
 
@@ -352,7 +356,7 @@ class EditableStore:
         pos = 0
         with _ExpertsFile(self.path / name) as out:
             for (layer, e), stored in sorted(self._staged.items()):
-                layout = self._layout(layer) if stored == ZERO else _layout_of(stored, self._layout(layer))
+                layout = self._layout(layer) if stored == ZERO else layout_like(stored, self._layout(layer))
                 if layout not in keys_of:
                     keys_of[layout] = str(len(layouts))
                     layouts[keys_of[layout]] = layout
@@ -360,7 +364,7 @@ class EditableStore:
                 if stored == ZERO and key in zeros:
                     experts[(layer, e)] = zeros[key]
                     continue
-                view, nbytes = _pack(layout, stored if stored != ZERO else None)
+                view, nbytes = pack_expert(layout, stored if stored != ZERO else None)
                 experts[(layer, e)] = ExpertEntry(pos, nbytes, key, zlib.crc32(view[:nbytes]), name)
                 if stored == ZERO:
                     zeros[key] = experts[(layer, e)]
@@ -373,7 +377,9 @@ class EditableStore:
 
     def generations(self) -> list[dict]:
         """{id, parent, time, message, current} of every kept generation, oldest first."""
-        history = self.manifest.history or [_record(self.generation, None, "as converted", stamp=False)]
+        history = self.manifest.history or [
+            history_record(self.generation, None, "as converted", stamp=False)
+        ]
         return [{**h, "current": h["id"] == self.generation} for h in history]
 
     def rollback(self, generation: int) -> None:
@@ -386,7 +392,7 @@ class EditableStore:
             return
         target = read_manifest(self.path, generation)
         target.history = self.manifest.history
-        _atomic_manifest(self.path, target, self.path / MANIFEST)
+        write_manifest_atomically(self.path, target, self.path / MANIFEST)
         self._load()
 
     def gc(self, keep: list[int] = ()) -> tuple[list[int], int]:
@@ -402,7 +408,7 @@ class EditableStore:
         if not dropped or not self.manifest.history:
             return [], 0
         try:  # read before the dropped ones go: their experts' bytes are freed where no kept one uses them
-            dead = _dead_experts(
+            dead = dead_experts(
                 [read_manifest(self.path, g) for g in dropped],
                 [read_manifest(self.path, g) for g in keep_ids],
             )
@@ -412,9 +418,9 @@ class EditableStore:
         current.history = [
             {k: v for k, v in h.items() if k != "current"} for h in history if h["id"] in keep_ids
         ]
-        _atomic_manifest(self.path, current, self.path / MANIFEST)
+        write_manifest_atomically(self.path, current, self.path / MANIFEST)
         self._load()
-        return dropped, self._remove_unreferenced() + _punch_experts(self.path, dead)
+        return dropped, self._remove_unreferenced() + punch_experts(self.path, dead)
 
     def _check_clean(self, what: str) -> None:
         if self.dirty:
@@ -462,57 +468,6 @@ def read_router(source: StoreSource, layer: int) -> dict[str, torch.Tensor]:
     return found
 
 
-def _record(gid: int, parent: int | None, message: str, stamp: bool = True) -> dict:
-    """A generation's line in the history (a converted store's generation 0 has no commit time)."""
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if stamp else ""
-    return {"id": gid, "parent": parent, "time": when, "message": message}
-
-
-def _layout_of(stored: dict[str, torch.Tensor], like: Layout) -> Layout:
-    layout = layout_of(stored)
-    return Layout(like.encoding, layout.tensors)
-
-
-def _pack(layout: Layout, stored: dict[str, torch.Tensor] | None) -> tuple[memoryview, int]:
-    """The expert's bytes (zeros when `stored` is None) padded to ALIGN, in an aligned buffer -> (view, size)."""
-    nbytes = max(t.offset + t.nbytes for t in layout.tensors)
-    buf = aligned_buffer(align_up(nbytes))
-    flat = torch.frombuffer(buf, dtype=torch.uint8)
-    flat.zero_()
-    if stored is not None:
-        for t in layout.tensors:
-            flat[t.offset : t.offset + t.nbytes].copy_(stored[t.name].contiguous().view(-1).view(torch.uint8))
-    return memoryview(buf), nbytes
-
-
-def _write_dense(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """A small safetensors file of the changed dense tensors, fsynced -> its files entry (size, crc32)."""
-    names = sorted(tensors)
-    header, pos = {"__metadata__": {"format": "pt"}}, 0
-    for name in names:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + n]}
-        pos += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    data = struct.pack("<Q", len(blob)) + blob
-    data += b"".join(tensors[n].contiguous().view(-1).view(torch.uint8).numpy().tobytes() for n in names)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": len(data), "crc32": zlib.crc32(data)}
-
-
-def _atomic_manifest(folder: Path, manifest: Manifest, path: Path) -> None:
-    """Write to a temporary name beside `path`, fsync, rename, fsync the folder: all or nothing."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    write_manifest(folder, manifest, tmp)
-    os.rename(tmp, path)
-    fsync_dir(path.parent)
-
-
 def open_store(path: str | Path, writable: bool = False, **options) -> EditableStore | StoreSource:
     """A store for reading (StoreSource; options: generation, verify_checksums, reader) or, with writable,
     for editing (EditableStore)."""
@@ -521,31 +476,3 @@ def open_store(path: str | Path, writable: bool = False, **options) -> EditableS
             raise TypeError(f"options for a writable store: none, got {', '.join(options)}")
         return EditableStore(path)
     return StoreSource(path, **options)
-
-
-def _dead_experts(dropped: list, kept: list) -> list[tuple[str, int, int]]:
-    """(file, offset, bytes) of the experts only dropped generations use: replaced or removed since. Each
-    starts at an ALIGN boundary and the next expert no earlier than its aligned end, so that range is its own."""
-    live = {(x.file, x.offset) for m in kept for x in m.experts.values()}
-    dead = {(x.file, x.offset, align_up(x.nbytes)) for m in dropped for x in m.experts.values()}
-    return sorted(d for d in dead if d[:2] not in live)
-
-
-def _punch_experts(folder: Path, ranges: list[tuple[str, int, int]]) -> int:
-    """Free the disk blocks of dead experts in files kept generations still read (the file keeps its size and
-    the range reads as zeros) -> bytes freed. After the commit point: a crash here only leaves bytes unfreed."""
-    from ..system.durable import punch_hole
-
-    freed = 0
-    for name, offset, nbytes in ranges:
-        path = folder / name
-        if not path.is_file():  # the whole file went with its generations
-            continue
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            if punch_hole(fd, offset, nbytes):
-                freed += nbytes
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return freed

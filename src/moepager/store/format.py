@@ -19,7 +19,7 @@ atomic rename. Version 2 adds per expert the file it lies in, the dense files in
 replace an earlier one's), and absent experts (removed, disabled or padding: never routed). A converted store
 stays version 1, read as its generation 0.
 
-This module reads and checks manifests; it does not read tensor bytes (store_source.py does).
+This module reads and checks manifests; it does not read tensor bytes (reading.py does).
 """
 
 from __future__ import annotations
