@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -18,35 +19,20 @@ import torch
 from ..errors import MoepagerError
 from ..generation.gguf_tokenizer import build as build_tokenizer
 from ..generation.gguf_tokenizer import read_metadata, tokenizer_config
+from ..sources.checkpoint import hub_name
+from ..sources.gguf import moepager_name, unpermute_rope
 
-# GGUF tensor name -> Hugging Face llama name; {} is the layer index
-_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-}
+# the tensors of a dense llama, by moepager's names (others, such as a router, are refused)
+_DENSE_LLAMA = re.compile(
+    r"(embed|norm|lm_head)\.weight|layers\.\d+\.(attn_norm|ffn_norm|attn\.[qkvo]_proj|ffn\.(gate|up|down)_proj)\.weight"
+)
 
 
 def _hf_name(name: str) -> str | None:
-    parts = name.split(".")
-    if parts[0] == "blk":
-        return _NAMES.get(".".join(["blk", "{}", *parts[2:]]), "").format(parts[1]) or None
-    return _NAMES.get(name)
-
-
-def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's convert-time permutation of q/k rows (interleaved pairs -> rotate-half order)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """A dense llama GGUF's tensor name -> its Hugging Face name, through moepager's (sources/gguf.py's table,
+    then sources/checkpoint.py's read backwards): one name table per format."""
+    ours = moepager_name(name)
+    return hub_name(ours, "llama") if ours and _DENSE_LLAMA.fullmatch(ours) else None
 
 
 def _field(reader, key: str, default=None):
@@ -83,11 +69,12 @@ def read_gguf_llama(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], di
             raise MoepagerError(f"{path}: unknown tensor {t.name!r} for a llama model")
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        w = torch.from_numpy(np.ascontiguousarray(w))
         if ".attn_q." in t.name:
-            w = unpermute_rope(w, heads)
+            w = unpermute_rope(w, heads).contiguous()
         elif ".attn_k." in t.name:
-            w = unpermute_rope(w, kv_heads)
-        state[name] = torch.from_numpy(np.ascontiguousarray(w))
+            w = unpermute_rope(w, kv_heads).contiguous()
+        state[name] = w
     tied = "lm_head.weight" not in state
     eps = float(f"{a('attention.layer_norm_rms_epsilon', 1e-5):.7g}")  # stored as fp32: 1e-5 -> 9.9999997e-06
     config = {

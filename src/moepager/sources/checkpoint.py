@@ -46,6 +46,31 @@ NAME_RULES: list[tuple[str, str]] = [
 ]  # fmt: skip
 _RULES = [(re.compile(p + "$"), r) for p, r in NAME_RULES]
 
+# the same table read backwards: moepager dense name (regex) -> hub name; {router}, {shared} depend on the family
+_BACK = [
+    (r"embed\.weight", r"model.embed_tokens.weight"),
+    (r"norm\.(weight|bias)", r"model.norm.\1"),
+    (r"lm_head\.(weight|bias)", r"lm_head.\1"),
+    (r"layers\.(\d+)\.attn_norm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
+    (r"layers\.(\d+)\.ffn_norm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
+    (r"layers\.(\d+)\.attn\.(.+)", r"model.layers.\1.self_attn.\2"),
+    (r"layers\.(\d+)\.ffn\.router\.(.+)", r"model.layers.\1.{router}.\2"),
+    (r"layers\.(\d+)\.ffn\.shared\.(.+)", r"model.layers.\1.mlp.{shared}.\2"),
+    (r"layers\.(\d+)\.ffn\.shared_gate\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight"),
+    (r"layers\.(\d+)\.ffn\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
+]  # fmt: skip
+_BACK_RULES = [(re.compile(p + "$"), r) for p, r in _BACK]
+
+
+def hub_name(name: str, family: str) -> str:
+    router = {"mixtral": "block_sparse_moe.gate", "phimoe": "block_sparse_moe.gate", "gpt_oss": "mlp.router"}
+    shared = "shared_experts" if family == "deepseek_v3" else "shared_expert"
+    for pattern, repl in _BACK_RULES:
+        if m := pattern.match(name):
+            return m.expand(repl.format(router=router.get(family, "mlp.gate"), shared=shared))
+    raise MoepagerError(f"dense tensor {name!r} has no Hugging Face name for a {family} model")
+
+
 # routed experts: one tensor per expert and matrix, or all experts of a layer stacked (GPT-OSS)
 _EXPERT = re.compile(
     _L + r"(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$"

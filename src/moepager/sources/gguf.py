@@ -89,6 +89,16 @@ ARCHITECTURES = {
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
+def moepager_name(gguf_name: str) -> str | None:
+    """llama.cpp's name of a tensor -> moepager's (None for tensors moepager does not read by name)."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    m = _BLOCK.match(gguf_name)
+    if m and m[2] in LAYER_NAMES:
+        return f"layers.{m[1]}.{LAYER_NAMES[m[2]]}"
+    return None
+
+
 def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's convert-time q/k row permutation (its interleaved pairs -> Hugging Face's halves)."""
     dim = w.shape[0] // n_head // 2
@@ -311,12 +321,7 @@ class GgufSource:
         return out
 
     def _name(self, gguf_name: str) -> str | None:
-        if gguf_name in GLOBAL_NAMES:
-            return GLOBAL_NAMES[gguf_name]
-        m = _BLOCK.match(gguf_name)
-        if m and m[2] in LAYER_NAMES:
-            return f"layers.{m[1]}.{LAYER_NAMES[m[2]]}"
-        return None
+        return moepager_name(gguf_name)
 
     def _dense_tensors(self):
         """(moepager name, GGUF tensor) of every resident tensor."""

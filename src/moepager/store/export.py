@@ -1,7 +1,7 @@
 """`moepager export STORE OUT`: a store's current generation as a standard Hugging Face checkpoint.
 
-Owns the way back from moepager's tensor names to the hub's (checkpoint.NAME_RULES read backwards, with each
-family's expert layout). Absent experts (removed, disabled, padding) are left out and the rest renumbered,
+Owns writing a store back under the hub's names (sources/checkpoint.py `hub_name`), with each family's
+expert layout. Absent experts (removed, disabled, padding) are left out and the rest renumbered,
 which transformers can load when every MoE layer keeps the same number of experts. Quantized stores are
 refused: their float weights are gone. Sharded: the dense tensors, then one file per MoE layer's experts (so
 memory holds one layer of experts at a time). Written into a hidden folder beside OUT, fsynced, then renamed.
@@ -11,42 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import MoepagerError
+from ..sources.checkpoint import hub_name
 from ..system.durable import fsync_dir
 from .editable import COUNT_KEYS
 from .reading import StoreSource
 
-# moepager dense name (regex) -> hub name; {router} and {shared} depend on the family
-_BACK = [
-    (r"embed\.weight", r"model.embed_tokens.weight"),
-    (r"norm\.(weight|bias)", r"model.norm.\1"),
-    (r"lm_head\.(weight|bias)", r"lm_head.\1"),
-    (r"layers\.(\d+)\.attn_norm\.(weight|bias)", r"model.layers.\1.input_layernorm.\2"),
-    (r"layers\.(\d+)\.ffn_norm\.(weight|bias)", r"model.layers.\1.post_attention_layernorm.\2"),
-    (r"layers\.(\d+)\.attn\.(.+)", r"model.layers.\1.self_attn.\2"),
-    (r"layers\.(\d+)\.ffn\.router\.(.+)", r"model.layers.\1.{router}.\2"),
-    (r"layers\.(\d+)\.ffn\.shared\.(.+)", r"model.layers.\1.mlp.{shared}.\2"),
-    (r"layers\.(\d+)\.ffn\.shared_gate\.weight", r"model.layers.\1.mlp.shared_expert_gate.weight"),
-    (r"layers\.(\d+)\.ffn\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
-]  # fmt: skip
-_BACK_RULES = [(re.compile(p + "$"), r) for p, r in _BACK]
 _MIXTRAL_STYLE = {"gate": "w1", "up": "w3", "down": "w2"}  # block_sparse_moe.experts.N.w1|w2|w3
 _QWEN_STYLE = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}  # mlp.experts.N.*_proj
-
-
-def hub_name(name: str, family: str) -> str:
-    router = {"mixtral": "block_sparse_moe.gate", "phimoe": "block_sparse_moe.gate", "gpt_oss": "mlp.router"}
-    shared = "shared_experts" if family == "deepseek_v3" else "shared_expert"
-    for pattern, repl in _BACK_RULES:
-        if m := pattern.match(name):
-            return m.expand(repl.format(router=router.get(family, "mlp.gate"), shared=shared))
-    raise MoepagerError(f"dense tensor {name!r} has no Hugging Face name for a {family} model")
 
 
 def _expert_tensors(family: str, layer: int, experts: list[dict]) -> dict[str, torch.Tensor]:
