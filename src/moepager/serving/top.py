@@ -24,6 +24,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from ..system.sizes import format_bytes
+
 STYLES = {
     "m": "red1",
     "f": "blue1",
@@ -96,13 +98,7 @@ def _fmt(v, digits: int = 1, suffix: str = "") -> str:
 
 
 def _bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return "-" if n is None else format_bytes(n)
 
 
 def heat_rows(height: int) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import MoepagerError
 from ..model.config import FAMILIES, config_from_hf
+from ..system.sizes import format_bytes
 from . import ollama
 
 
@@ -129,14 +130,6 @@ def ollama_models() -> list[Runnable]:
     return found
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
-
-
 def main(as_json: bool = False, embedded: list[Runnable] = ()) -> None:
     """Print what runs here: `embedded` first (the default model: moefy/default_model.py lists it), then the
     Hugging Face cache and ollama's store."""
@@ -151,5 +144,5 @@ def main(as_json: bool = False, embedded: list[Runnable] = ()) -> None:
     width = max(len(m.name) for m in models)
     print(f"{'MODEL':<{width}}  {'FROM':<8}  {'FAMILY':<11}  {'SIZE':>9}  RUN WITH")
     for m in models:
-        size = _size(m.size) if m.size else "unbuilt"  # the default model is assembled on first use
+        size = format_bytes(m.size) if m.size else "unbuilt"  # the default model is assembled on first use
         print(f"{m.name:<{width}}  {m.where:<8}  {m.family:<11}  {size:>9}  moepager run {m.name}")
