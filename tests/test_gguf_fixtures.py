@@ -20,7 +20,8 @@ import moepager
 FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 PROVENANCE = json.loads((FIXTURES / "PROVENANCE.json").read_text())
 IDS = torch.tensor([PROVENANCE["logits_ids"]])  # [1, T]: the tokens llama.cpp's stored logits are for
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+# "moefy": moefy's own Qwen2-MoE output (its shared-expert gate once made llama.cpp's logits NaN)
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "moefy"]
 TYPES = ["f32", "q8_0", "q4_0"]
 # moepager computes a q8_0 or q4_0 file with llama.cpp's own kernels (activations rounded to 8 bits, integer dot
 # products), so most files give llama.cpp's logits bit for bit (measured 0 for Mixtral, Qwen3-MoE and OLMoE, f32
@@ -128,7 +129,12 @@ def test_stored_logits_are_what_llama_cpp_computes(tmp_path):
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed: the files are checked against the llama.cpp logits stored "
                     "beside them (written by make_gguf_fixtures.py --llama-python)")  # fmt: skip
-    for family, kind in [("qwen3_moe", "f32"), ("gpt_oss", "q8_0"), ("deepseek_v3", "q4_0")]:
+    for family, kind in [
+        ("qwen3_moe", "f32"),
+        ("gpt_oss", "q8_0"),
+        ("deepseek_v3", "q4_0"),
+        ("moefy", "q8_0"),
+    ]:
         out = tmp_path / f"{family}.{kind}.npy"
         ids = ",".join(map(str, IDS[0].tolist()))
         subprocess.run([sys.executable, "-c", LLAMA_CPP, str(gguf(family, kind)), str(out), ids], check=True,

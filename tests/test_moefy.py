@@ -154,6 +154,29 @@ def test_moefy_output_loads_in_transformers(tiny_llama, tmp_path):
     assert not torch.allclose(got, full, atol=1e-3)  # top-2 of 4 is a real approximation
 
 
+def test_shared_gate_halves_exactly_without_a_zero_logit():
+    """The shared expert's gate must give sigmoid = 0.5 for every token (the dense sum), through a logit that is
+    never 0: llama.cpp computes that sigmoid as silu(z) / z, NaN at z = 0 (tests/test_gguf_fixtures.py runs
+    moefy's output in llama.cpp)."""
+    import torch.nn.functional as F
+
+    from moepager.moefy.build import shared_gate
+
+    g = torch.Generator().manual_seed(0)
+    norm = torch.randn(64, generator=g) * 3  # an FFN norm's weights, of either sign
+    gate = shared_gate(norm)
+    assert gate.shape == (1, 64) and int((gate != 0).sum()) == 1
+    scale = torch.logspace(-4, 4, 4096)[:, None]
+    spikes = (
+        torch.eye(64) * 1e3 + torch.randn(64, 64, generator=g) * 1e-3
+    )  # each coordinate at its largest |x_j|
+    h = torch.cat([torch.randn(4096, 64, generator=g) * scale, spikes])
+    x = F.rms_norm(h, (64,), norm, eps=1e-5)  # the FFN input, [N, D]
+    z = x @ gate.T
+    assert (z != 0).all() and torch.equal(torch.sigmoid(z), torch.full_like(z, 0.5))
+    assert torch.equal(F.silu(z) / z, torch.full_like(z, 0.5))
+
+
 def test_moefy_is_deterministic_given_seed(tiny_llama, tmp_path):
     from moepager.moefy.build import PLAN_FILE, Plan
 

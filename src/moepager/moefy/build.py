@@ -6,11 +6,15 @@ expert, the natural home for the FFN neurons that fire on most tokens.
 Per layer the I SwiGLU neurons are permuted (`order`) and cut into one shared expert of S neurons followed by
 E routed experts of m = (I - S) / E neurons each. Because a SwiGLU FFN is a sum over its neurons, the dense
 FFN equals shared + sum of all experts, each unweighted. The checkpoint keeps that equality exact:
-  - shared expert: shared_expert_gate.weight = 0, so sigmoid(0) = 0.5 exactly; its down_proj is stored x2;
+  - shared expert: the gate's logit is kept below 2^-30 (SHARED_GATE_LOGIT), so sigmoid(logit) = 0.5 exactly in
+    fp32; its down_proj is stored x2. The logit is tiny, not zero: llama.cpp computes this sigmoid as
+    silu(z) / z, which is 0 / 0 = NaN at z = 0 (see shared_gate);
   - routed experts: each down_proj is stored xE; the router's logits are scaled down so that, for every
     token, they differ by at most 2^-16 (ROUTER_SPREAD). Softmax probabilities are then 1/E within a relative
     2^-16 (exactly 1/E for equal logits, E a power of two) yet still rank the experts, so top-K selects the
-    K experts the router predicts matter, each weighted ~1, as in the dense sum (norm_topk_prob=false).
+    K experts the router predicts matter, each weighted ~1, as in the dense sum (norm_topk_prob=false). An fp32
+    softmax near 1/E resolves logit gaps of ~2^-23 only, so experts nearer than that rank by rounding, which
+    two engines may do apart (benchmarks/quant_kernels.md, agreement on the default model).
 So the K=E checkpoint reproduces the dense FFN up to that 2^-16 relative weight deviation (logits within
 1e-4), and K<E drops the experts the router ranks lowest: the routing weights carry no learned scale.
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +47,7 @@ import torch.nn.functional as F
 from ..errors import MoepagerError
 
 ROUTER_SPREAD = 2.0**-16  # max - min of a token's router logits on calibration text
+SHARED_GATE_LOGIT = 2.0**-30  # bound on |shared gate logit|: sigmoid rounds to 0.5 in fp32 below ~2^-25
 FAMILIES = ("llama", "mistral")
 SHARD_BYTES = 2 << 30
 PLAN_FILE = "moefy/plan.safetensors"  # in a subfolder, so checkpoint readers never take it for weights
@@ -273,6 +279,23 @@ def moe_config(dense: dict, plan: Plan, top_k: int) -> dict:
     }
 
 
+def shared_gate(ffn_norm: torch.Tensor) -> torch.Tensor:
+    """The shared expert's gate weight [1, D] for a layer whose FFN input is RMSNorm(h) * ffn_norm [D].
+
+    sigmoid(gate . x) must be 0.5 for every token, as for a zero gate, but the logit must not be 0: llama.cpp's
+    qwen2moe graph computes the sigmoid as silu(z) / z, NaN at z = 0 (a zero gate gave NaN logits on every
+    token). One coordinate j (the largest |ffn_norm|, so never a zero weight) times a power of two c: the logit
+    c * x_j is exact, bounded by c * |ffn_norm_j| * sqrt(D) (an RMS-normed vector has norm sqrt(D)) <=
+    SHARED_GATE_LOGIT, and 0 only when h_j is exactly 0."""
+    j = int(ffn_norm.abs().argmax())
+    bound = ffn_norm[j].abs().item() * ffn_norm.numel() ** 0.5
+    if bound == 0:
+        raise MoepagerError("moefy: a layer's post-attention norm weights are all zero")
+    gate = torch.zeros(1, ffn_norm.numel())
+    gate[0, j] = 2.0 ** math.floor(math.log2(SHARED_GATE_LOGIT / bound))
+    return gate
+
+
 class _ShardWriter:
     """Accumulate tensors and write safetensors shards of at most SHARD_BYTES, plus an index when sharded."""
 
@@ -350,8 +373,10 @@ def assemble(folder: Path, plan: Plan, top_k: int, out: str | Path) -> Path:
             down = get(p + "mlp.down_proj.weight")[:, order]  # [D, I]
             writer.add(p + "mlp.shared_expert.gate_proj.weight", gate[:s])
             writer.add(p + "mlp.shared_expert.up_proj.weight", up[:s])
-            writer.add(p + "mlp.shared_expert.down_proj.weight", down[:, :s] * 2)  # sigmoid(0) = 0.5
-            writer.add(p + "mlp.shared_expert_gate.weight", torch.zeros(1, dense["hidden_size"]))
+            writer.add(p + "mlp.shared_expert.down_proj.weight", down[:, :s] * 2)  # the gate is 0.5
+            writer.add(
+                p + "mlp.shared_expert_gate.weight", shared_gate(get(p + "post_attention_layernorm.weight"))
+            )
             writer.add(p + "mlp.gate.weight", plan.router[i].float())
             for j in range(e):
                 cols = slice(s + j * m, s + (j + 1) * m)

