@@ -54,7 +54,7 @@ def untied_copy(model: Path, to: Path, router_scale: float) -> Path:
 
 
 def main() -> None:
-    from moepager.default_model import default_model_path
+    from moepager.moefy.default_model import default_model_path
 
     p = argparse.ArgumentParser()
     p.add_argument(
