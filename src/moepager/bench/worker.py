@@ -137,7 +137,11 @@ def run_moepager(spec: dict, resident: bool) -> dict:
     try:
         engine = moepager.load(spec["model"], dtype=spec.get("dtype"), **options)
     except TypeError as e:
-        if "unknown runtime options" in str(e) or "unknown engine options" in str(e) or "unexpected keyword" in str(e):
+        if (
+            "unknown runtime options" in str(e)
+            or "unknown engine options" in str(e)
+            or "unexpected keyword" in str(e)
+        ):
             raise Unavailable(f"this moepager build has no expert paging ({e})") from None
         raise
     load_s = time.perf_counter() - spec["_t_start"]
