@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import default_model, sessions
-from .compact import swap_compact, swap_matvec
+from .compact import huge_page_weights, swap_compact, swap_matvec
 from .errors import MoepagerError
 from .generate import SamplingParams, Timings, generate_step
 from .kvcache import BlockKVCache, KVOptions
@@ -261,7 +261,9 @@ def load(model: str | Path | None = None, device: str = "cpu", dtype: str | torc
             f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}"
         )
     net.load_state_dict(state, strict=True, assign=True)
+    del state, compact  # the model holds the weights: each is freed as soon as it is moved below
     net.to(device=dev, dtype=dtype)
+    huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
