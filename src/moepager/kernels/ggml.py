@@ -26,6 +26,7 @@ Letters: S slots, R rows (outputs), C columns (inputs), N tokens, K matrices per
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from collections import OrderedDict
@@ -185,12 +186,15 @@ class _Graph:
         self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
         self.plan.work_data = self.work.data_ptr()
 
+        # the data pointer fields patched per call (inputs, then the output), and the call's fixed arguments
+        self.fields = [ctypes.c_void_p.from_address(t + _DATA_OFFSET) for t in (*self.inputs, self.out)]
+        self.compute = functools.partial(g.cpu.ggml_graph_compute, self.graph, ctypes.byref(self.plan))
+
     def __call__(self, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         with self.g.lock:  # the pointers too: another thread may run this same graph on its own tensors
-            for t, x in zip(self.inputs, inputs):
-                _set_data(t, x.data_ptr())
-            _set_data(self.out, out.data_ptr())
-            status = self.g.cpu.ggml_graph_compute(self.graph, ctypes.byref(self.plan))
+            for field, x in zip(self.fields, (*inputs, out)):
+                field.value = x.data_ptr()
+            status = self.compute()
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
         return out
@@ -211,7 +215,35 @@ def _threads() -> int:
         _cores.n = torch.get_num_threads()
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
+        _release_openmp_workers()
     return _cores.n
+
+
+def _release_openmp_workers() -> None:
+    """End the OpenMP worker threads this thread's earlier torch ops started. Idle, they wait for the next
+    parallel region, spinning under OMP_WAIT_POLICY=ACTIVE, on the very cores ggml's pool computes on: a
+    resident Q4_0 decode on 2 cores ran three busy threads, the OpenMP one doing nothing, at 26-29 ms a token
+    where it runs 11-12 without it (benchmarks/README.md section 4). omp_pause_resource_all (OpenMP 5) ends
+    them; torch starts new ones if this thread gives it more threads again."""
+    pause = _openmp_pause()
+    if pause is not None:
+        pause(1)  # omp_pause_soft
+
+
+@functools.cache
+def _openmp_pause():
+    """omp_pause_resource_all of the OpenMP runtime torch runs on (GNU libgomp in its CPU wheels), if any."""
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    with open("/proc/self/maps") as maps:  # torch's own copy: other wheels bring theirs (e.g. sentencepiece)
+        paths = sorted(
+            {p for p in (line.split()[-1] for line in maps) if p.startswith(torch_lib) and "omp" in p}
+        )
+    for path in paths:
+        pause = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
+        if pause is not None:
+            pause.restype, pause.argtypes = ctypes.c_int, [ctypes.c_int]
+            return pause
+    return None
 
 
 def sleep_between_calls() -> None:
@@ -220,13 +252,16 @@ def sleep_between_calls() -> None:
     _poll = 0
 
 
-def _graph(key: tuple, build, work_bytes: int) -> _Graph:
+def _graph(key: tuple, build, work_bytes: int, check) -> _Graph:
     """The cached graph of `key`, run on ggml's threads, or on the calling thread alone for a product that
-    reads less than SMALL_WORK bytes of weights (waking a pool costs more than it saves there)."""
+    reads less than SMALL_WORK bytes of weights (waking a pool costs more than it saves there). `check()`
+    validates the arguments when the graph is built: a key holds every pointer, shape and stride it checked,
+    so a cached graph's arguments passed it already (a decode step pays no checks)."""
     threads = _threads() if work_bytes >= SMALL_WORK else 1
     key = (*key, threads, _poll)
     graph = _graphs.get(key)
     if graph is None:
+        check()
         graph = _graphs[key] = _Graph(build, threads)
         if len(_graphs) > _CACHED_GRAPHS:
             _graphs.popitem(last=False)
@@ -265,33 +300,42 @@ def _check(qtype: int, w: torch.Tensor, inputs: list[int]) -> None:
 def _slots(ids: torch.Tensor, bank_size: int) -> torch.Tensor:
     """ids [N, K] as ggml's int32, each checked to lie in the bank (a bad one would read outside it)."""
     ids32 = ids.to(torch.int32).contiguous()
-    if ids32.numel() and (int(ids32.min()) < 0 or int(ids32.max()) >= bank_size):
+    flat = ids32.view(-1).tolist()  # one host read: cheaper here than two reductions and their syncs
+    if flat and (min(flat) < 0 or max(flat) >= bank_size):
         raise IndexError(f"a slot is outside the bank of {bank_size}")
     return ids32
+
+
+def _activations(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 rows, contiguous (a no-op for the float32 activations of a decode step)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    return x.detach()
 
 
 def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """bank uint8 [S, R, row bytes], x float32 [N, C] or [N, K, C], ids [N, K] -> float32 [N, K, R]:
     out[n, k] = bank[ids[n, k]] @ x[n] (or x[n, k]), as llama.cpp computes it."""
-    _check(qtype, bank, list(x.shape))
     n, k = ids.shape
     s, r, _ = bank.shape
-    x = x.detach().float().contiguous()
+    x = _activations(x)
     used = 1 if x.dim() == 2 else k  # inputs per token: shared by its K experts, or one each
-    if x.shape[:-1] not in ((n,), (n, k)):
-        raise ValueError(f"inputs {list(x.shape)}: not [N, C] or [N, K, C] for ids {list(ids.shape)}")
-    ids32 = _slots(ids, s)
     c = x.shape[-1]
+
+    def check():
+        _check(qtype, bank, list(x.shape))
+        if x.shape[:-1] not in ((n,), (n, k)):
+            raise ValueError(f"inputs {list(x.shape)}: not [N, C] or [N, K, C] for ids {list(ids.shape)}")
 
     def build(base, ctx):
         a = _weights(base, ctx, qtype, bank)
         b = base.ggml_new_tensor_3d(ctx, F32, c, used, n)
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
-        return (a, b, i), base.ggml_mul_mat_id(ctx, a, b, i)
+        return (b, i), base.ggml_mul_mat_id(ctx, a, b, i)
 
-    key = ("id", qtype, bank.data_ptr(), bank.shape, bank.stride(0), n, k, used)
-    out = torch.empty(n, k, r, dtype=torch.float32)
-    return _graph(key, build, min(n * k, s) * r * bank.shape[-1])(out, bank, x, ids32)
+    key = ("id", qtype, bank.data_ptr(), bank.dtype, bank.shape, bank.stride(), x.shape, k)
+    graph = _graph(key, build, min(n * k, s) * r * bank.shape[-1], check)
+    return graph(torch.empty(n, k, r, dtype=torch.float32), x, _slots(ids, s))
 
 
 def swiglu_experts(
@@ -301,12 +345,16 @@ def swiglu_experts(
     up banks [S, I, row bytes], down [S, D, row bytes] of `types`, x float32 [N, D], ids [N, K] ->
     [N, K, D] = down(silu(gate x) * up x) per (token, slot) pair. One call wakes the pool once for the layer."""
     gate, up, down = banks
-    for qtype, bank, inputs in zip(types, banks, (list(x.shape), list(x.shape), [gate.shape[1]])):
-        _check(qtype, bank, inputs)
     n, k = ids.shape
     s, i_ff, d = gate.shape[0], gate.shape[1], down.shape[1]
-    x = x.detach().float().contiguous()
-    ids32 = _slots(ids, s)
+    x = _activations(x)
+
+    def check():
+        for qtype, bank, inputs in zip(types, banks, (list(x.shape), list(x.shape), [i_ff])):
+            _check(qtype, bank, inputs)
+        if up.shape[:2] != gate.shape[:2] or down.shape[0] != s or x.shape[0] != n:
+            raise ValueError(f"gate {list(gate.shape)}, up {list(up.shape)}, down {list(down.shape)} and inputs "
+                             f"{list(x.shape)} are not one SwiGLU bank for ids {list(ids.shape)}")  # fmt: skip
 
     def build(base, ctx):
         a_gate, a_up, a_down = (_weights(base, ctx, q, b) for q, b in zip(types, banks))
@@ -319,34 +367,29 @@ def swiglu_experts(
             _set_data(node, buf.data_ptr())
         return (b, i), base.ggml_mul_mat_id(ctx, a_down, h, i), scratch  # [D, K, N]
 
-    key = (
-        "glu",
-        types,
-        *(t.data_ptr() for t in banks),
-        gate.shape,
-        down.shape,
-        gate.stride(0),
-        down.stride(0),
-        n,
-        k,
-    )
+    key = ("glu", types, *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in banks), x.shape, k)
     work = min(n * k, s) * (gate.shape[1] * gate.shape[2] * 2 + down.shape[1] * down.shape[2])
-    return _graph(key, build, work)(torch.empty(n, k, d, dtype=torch.float32), x, ids32)
+    graph = _graph(key, build, work, check)
+    return graph(torch.empty(n, k, d, dtype=torch.float32), x, _slots(ids, s))
 
 
 def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """w uint8 [R, row bytes], x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it."""
-    _check(qtype, w, list(x.shape))
-    x = x.detach().float().contiguous()
-    n, c = x.shape
+    x = _activations(x)
+
+    def check():
+        _check(qtype, w, list(x.shape))
+        if x.dim() != 2:
+            raise ValueError(f"inputs {list(x.shape)}: not [N, C]")
 
     def build(base, ctx):
         a = _weights(base, ctx, qtype, w[None])
-        b = base.ggml_new_tensor_2d(ctx, F32, c, n)
-        return (a, b), base.ggml_mul_mat(ctx, a, b)
+        b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
+        return (b,), base.ggml_mul_mat(ctx, a, b)
 
-    key = ("mm", qtype, w.data_ptr(), w.shape, n)
-    return _graph(key, build, w.numel())(torch.empty(n, w.shape[0], dtype=torch.float32), w, x)
+    key = ("mm", qtype, w.data_ptr(), w.dtype, w.shape, w.stride(), x.shape)
+    graph = _graph(key, build, w.numel() * w.element_size(), check)
+    return graph(torch.empty(x.shape[0], w.shape[0], dtype=torch.float32), x)
 
 
 def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@
   llama.cpp's own kernels (kernels/ggml.py), as llama.cpp computes them.
   `swap_compact(model, {weight name: (qtype, blocks, (rows, cols))})` replaces each named module's weight by
   its blocks, a buffer `blocks` that load_state_dict then assigns like any tensor.
+- `huge_page_weights(model)`: every large CPU weight moved into 2 MiB pages (kernels/hugepages.py), which
+  the kernels stream through faster than through 4 KiB pages.
 - fp32 on the CPU: `swap_matvec(model)` has every linear layer compute a single token (decode) with the
   numba matvec kernel, which read a 100 MiB output head at ~30 GB/s here where torch's sgemv read ~11.
 """
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ggml, matvec
+from ..kernels import ggml, hugepages, matvec
 
 
 class BlockLinear(nn.Module):
@@ -80,7 +82,10 @@ _ONE = torch.zeros(1, 1, dtype=torch.long)  # token 0 uses matrix 0
 
 def swap_matvec(model: nn.Module) -> None:
     """Every plain nn.Linear of an fp32 CPU model becomes a MatvecLinear: the same module and parameters,
-    only forward changes (MatvecLinear adds no state)."""
+    only forward changes (MatvecLinear adds no state). The kernel is loaded now, with the model, not by the
+    first prompt: loading numba and the compiled kernel from its cache takes ~0.5 s, which was most of a short
+    prompt's time to first token."""
+    swapped = False
     for module in model.modules():
         if (
             type(module) is nn.Linear
@@ -88,3 +93,28 @@ def swap_matvec(model: nn.Module) -> None:
             and module.weight.device.type == "cpu"
         ):
             module.__class__ = MatvecLinear
+            swapped = True
+    if swapped:
+        matvec.warm_up()
+
+
+def huge_page_weights(model: nn.Module) -> None:
+    """Move every CPU parameter and buffer of at least one huge page into huge-page memory, in place (a
+    Parameter keeps its identity; tensors that were one, tied weights, stay one). The caller drops its own
+    references to the old tensors first, so that each one is freed as soon as it is copied."""
+    moved: dict[tuple, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+                if key not in moved:
+                    moved[key] = hugepages.moved(t.detach())
+                new = moved[key]
+                if new.data_ptr() == t.data_ptr():
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = new
+                else:
+                    table[name] = new

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import hugepages
 from ..kernels.banks import FloatBank, GgufBank, MatrixBank, QuantBank
 from ..kernels.ggml import swiglu_experts
 from ..kernels.intquant import linear, native_int4_layout, tile_rows
@@ -83,9 +84,8 @@ class BankSpec:
         return {name: self.parts[part][1] for name, (part, _) in self.views.items()}
 
     def storage(self, slots: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-        return {
-            p: torch.empty((slots, *shape), dtype=dt, device=device) for p, (shape, dt) in self.parts.items()
-        }
+        """One tensor [slots, ...] per part, in huge pages on the CPU (the kernels stream through them)."""
+        return {p: hugepages.empty((slots, *shape), dt, device) for p, (shape, dt) in self.parts.items()}
 
     def allocate(self, slots: int, device: torch.device | str, layer: int | None = None) -> ExpertBank:
         return ExpertBank(self, self.storage(slots, device), layer)

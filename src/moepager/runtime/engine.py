@@ -18,7 +18,7 @@ from ..errors import MoepagerError
 from ..generation import sessions
 from ..generation.generate import SamplingParams, Timings, generate_step
 from ..generation.tokenizer import Tokenizer
-from ..model.compact import swap_compact, swap_matvec
+from ..model.compact import huge_page_weights, swap_compact, swap_matvec
 from ..model.decoder import Transformer
 from ..model.kvcache import BlockKVCache, KVOptions
 from ..model.layers import KVCache
@@ -238,7 +238,9 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
             f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}"
         )
     net.load_state_dict(state, strict=True, assign=True)
+    del state, compact  # the model holds the weights: each is freed as soon as it is moved below
     net.to(device=dev, dtype=dtype)
+    huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
