@@ -33,13 +33,13 @@ def empty(shape, dtype: torch.dtype, device: torch.device | str = "cpu") -> torc
     pages = -(-nbytes // HUGE_PAGE)
     # one huge page more than needed, so an aligned start fits; the slack around it is never touched
     region = mmap.mmap(-1, (pages + 1) * HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping alive
-    skip = -raw.data_ptr() % HUGE_PAGE
+    skip = -torch.frombuffer(region, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
     try:
         region.madvise(_ADVICE, skip, pages * HUGE_PAGE)
     except OSError:  # a kernel without THP: the memory is still good, in small pages
         pass
-    return raw[skip : skip + nbytes].view(dtype).view(shape)
+    # a storage of exactly the tensor's bytes (what memory accounting reads), holding the mapping alive
+    return torch.frombuffer(region, dtype=dtype, offset=skip, count=nbytes // dtype.itemsize).view(shape)
 
 
 def moved(t: torch.Tensor) -> torch.Tensor:

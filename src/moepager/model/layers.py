@@ -169,19 +169,25 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k [B, Hk, T, Dk], v [B, Hk, T, Dv]; return every cached position [B, Hk, S, D]."""
         n, t = self.length[layer], k.shape[2]
-        buf_k = self.k[layer]
-        if buf_k is None or n + t > buf_k.shape[2]:
-            capacity = max(2 * (n + t), 64)
-            new_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-            new_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
-            if n:
-                new_k[:, :, :n] = buf_k[:, :, :n]
-                new_v[:, :, :n] = self.v[layer][:, :, :n]
-            self.k[layer], self.v[layer] = new_k, new_v
+        self.reserve(layer, n + t, k, v)
         self.k[layer][:, :, n : n + t] = k
         self.v[layer][:, :, n : n + t] = v
         self.length[layer] = n + t
         return self.k[layer][:, :, : n + t], self.v[layer][:, :, : n + t]
+
+    def reserve(self, layer: int, size: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Make room for `size` positions in `layer`, keeping what it holds; k, v: tensors shaped like what
+        will be stored ([B, Hk, any, Dk] and [B, Hk, any, Dv])."""
+        n, buf_k = self.length[layer], self.k[layer]
+        if buf_k is not None and size <= buf_k.shape[2]:
+            return
+        capacity = max(2 * size, 64)
+        new_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+        new_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        if n:
+            new_k[:, :, :n] = buf_k[:, :, :n]
+            new_v[:, :, :n] = self.v[layer][:, :, :n]
+        self.k[layer], self.v[layer] = new_k, new_v
 
     def truncate(self, n: int) -> None:
         """Keep only the first n positions (a conversation reusing the prefix it shares with the cache)."""

@@ -20,6 +20,7 @@ from ..generation.generate import SamplingParams, Timings, generate_step
 from ..generation.tokenizer import Tokenizer
 from ..model.compact import huge_page_weights, swap_compact, swap_matvec
 from ..model.decoder import Transformer
+from ..model.fused_decode import swap_fused_decode
 from ..model.kvcache import BlockKVCache, KVOptions
 from ..model.layers import KVCache
 from ..model.moe import ExpertBank, ResidentExperts, bank_spec
@@ -242,6 +243,7 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
     net.to(device=dev, dtype=dtype)
     huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
+    swap_fused_decode(net)  # fp32 CPU decode of the plain families: one compiled call per layer
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
     # before the paging budget is split: --memory-limit measures the process's RSS, which must include this
