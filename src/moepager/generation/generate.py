@@ -85,7 +85,20 @@ def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """logits [B, V] -> token ids [B]."""
     if p.temperature <= 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(probabilities(logits, p), 1, generator=generator).squeeze(-1)
+    return draw(probabilities(logits, p), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of probs [B, V] (or [V]), drawn with probability proportional to its weight: the
+    first index whose float64 running sum passes one uniform draw times the total (inverse transform sampling).
+    torch.multinomial spent ~1 ms on a 49152-token vocabulary (a tenth of a decoded token of a small model),
+    this ~0.05 ms. A weight of 0 is never drawn: its running sum equals the one before it, and the draw stays
+    strictly below the total."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[..., -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=probs.device)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 
 def prefill(model: Transformer, prompt: torch.Tensor, cache: KVCache, chunk: int) -> torch.Tensor:

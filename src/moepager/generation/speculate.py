@@ -24,7 +24,7 @@ from ..errors import MoepagerError
 from ..model.decoder import Transformer
 from ..model.layers import KVCache
 from ..model.moe import NotResident
-from .generate import SamplingParams, Timings, first_token, prefill, probabilities, sample
+from .generate import SamplingParams, Timings, draw, first_token, prefill, probabilities, sample
 
 DRAFT_KINDS = ("ngram", "self")  # or a path / name of a draft model
 NGRAM_MAX = 3  # the longest suffix prompt lookup matches (it tries shorter ones down to 1)
@@ -186,9 +186,9 @@ def _rejection(p: torch.Tensor, draft: Draft, generator: torch.Generator | None)
             residual = (p[i] - q).clamp_(min=0.0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: the residual is undefined, p is its limit
             residual = p[i]
-        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        out.append(int(draw(residual, generator)))
         return out
-    out.append(int(torch.multinomial(p[len(draft.tokens)], 1, generator=generator)))
+    out.append(int(draw(p[len(draft.tokens)], generator)))
     return out
 
 
