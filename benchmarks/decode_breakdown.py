@@ -60,7 +60,7 @@ def instrument(spent: dict) -> None:
     def timed_sample(*args, **kwargs):
         t = time.perf_counter()
         y = sample(*args, **kwargs)
-        spent["sampler (softmax, multinomial)"] += time.perf_counter() - t
+        spent["sampler (softmax, draw)"] += time.perf_counter() - t
         return y
 
     generate.sample = timed_sample
