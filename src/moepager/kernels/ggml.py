@@ -29,10 +29,13 @@ import ctypes
 import functools
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from .thread_choice import ThreadChoice
 
 Q = GGMLQuantizationType
 F32, I32 = 0, 26  # ggml_type values of the activations and the ids
@@ -173,8 +176,10 @@ def _set_data(tensor: int, ptr: int) -> None:
 class _Graph:
     """One product as a ggml graph: its tensors' data pointers are patched at each call."""
 
-    def __init__(self, build, threads: int):
+    def __init__(self, build, threads: int, measured: int):
         g = self.g = _ggml()
+        # weight bytes a call counts toward choosing the thread count (0: not measured)
+        self.threads, self.measured = threads, measured
         size = g.base.ggml_tensor_overhead() * _NODES + g.base.ggml_graph_overhead_custom(_NODES, False)
         self.ctx = g.base.ggml_init(_InitParams(size, None, True))
         # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here
@@ -194,9 +199,13 @@ class _Graph:
         with self.g.lock:  # the pointers too: another thread may run this same graph on its own tensors
             for field, x in zip(self.fields, (*inputs, out)):
                 field.value = x.data_ptr()
+            start = time.perf_counter()
             status = self.compute()
+            seconds = time.perf_counter() - start
         if status != 0:
             raise RuntimeError(f"ggml_graph_compute failed with status {status}")
+        if self.measured:
+            _choice().record(self.threads, self.measured, seconds)
         return out
 
     def __del__(self):
@@ -208,15 +217,21 @@ _graphs: OrderedDict[tuple, _Graph] = OrderedDict()
 _cores = threading.local()  # per calling thread (torch's thread count is per thread): ggml's share
 
 
+def _choice() -> ThreadChoice:
+    """The calling thread's choice between the cores torch had when it first computed a block product
+    (torch.set_num_threads before that sets them) and one thread, by measured speed (kernels/thread_choice.py)."""
+    if getattr(_cores, "choice", None) is None:
+        _cores.choice = ThreadChoice(torch.get_num_threads())
+    return _cores.choice
+
+
 def _threads() -> int:
-    """ggml's thread count for the calling thread: the cores torch had when this thread first computed a block
-    product (torch.set_num_threads before that chooses it), after which torch's own ops here run on one."""
-    if getattr(_cores, "n", None) is None:
-        _cores.n = torch.get_num_threads()
+    """ggml's thread count for the calling thread's next large product; torch's own ops here run on one."""
+    choice = _choice()
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
         _release_openmp_workers()
-    return _cores.n
+    return choice.current
 
 
 def _release_openmp_workers() -> None:
@@ -252,17 +267,19 @@ def sleep_between_calls() -> None:
     _poll = 0
 
 
-def _graph(key: tuple, build, work_bytes: int, check) -> _Graph:
+def _graph(key: tuple, build, work_bytes: int, tokens: int, check) -> _Graph:
     """The cached graph of `key`, run on ggml's threads, or on the calling thread alone for a product that
     reads less than SMALL_WORK bytes of weights (waking a pool costs more than it saves there). `check()`
     validates the arguments when the graph is built: a key holds every pointer, shape and stride it checked,
-    so a cached graph's arguments passed it already (a decode step pays no checks)."""
+    so a cached graph's arguments passed it already (a decode step pays no checks). The thread count is
+    chosen by the speed of one-token products (a sequence's decode step: like for like from window to window)."""
     threads = _threads() if work_bytes >= SMALL_WORK else 1
     key = (*key, threads, _poll)
     graph = _graphs.get(key)
     if graph is None:
         check()
-        graph = _graphs[key] = _Graph(build, threads)
+        measured = work_bytes if work_bytes >= SMALL_WORK and tokens == 1 else 0
+        graph = _graphs[key] = _Graph(build, threads, measured)
         if len(_graphs) > _CACHED_GRAPHS:
             _graphs.popitem(last=False)
     else:
@@ -334,7 +351,7 @@ def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tenso
         return (b, i), base.ggml_mul_mat_id(ctx, a, b, i)
 
     key = ("id", qtype, bank.data_ptr(), bank.dtype, bank.shape, bank.stride(), x.shape, k)
-    graph = _graph(key, build, min(n * k, s) * r * bank.shape[-1], check)
+    graph = _graph(key, build, min(n * k, s) * r * bank.shape[-1], n, check)
     return graph(torch.empty(n, k, r, dtype=torch.float32), x, _slots(ids, s))
 
 
@@ -369,7 +386,7 @@ def swiglu_experts(
 
     key = ("glu", types, *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in banks), x.shape, k)
     work = min(n * k, s) * (gate.shape[1] * gate.shape[2] * 2 + down.shape[1] * down.shape[2])
-    graph = _graph(key, build, work, check)
+    graph = _graph(key, build, work, n, check)
     return graph(torch.empty(n, k, d, dtype=torch.float32), x, _slots(ids, s))
 
 
@@ -388,7 +405,7 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (b,), base.ggml_mul_mat(ctx, a, b)
 
     key = ("mm", qtype, w.data_ptr(), w.dtype, w.shape, w.stride(), x.shape)
-    graph = _graph(key, build, w.numel() * w.element_size(), check)
+    graph = _graph(key, build, w.numel() * w.element_size(), x.shape[0], check)
     return graph(torch.empty(x.shape[0], w.shape[0], dtype=torch.float32), x)
 
 
