@@ -17,19 +17,22 @@ WINDOW_S = 0.05  # product seconds per measurement: a few tokens of a small mode
 # windows between two probes of the other count: rarely one thread where all cores are faster (a window in 40
 # at half speed), more often all cores where one thread is faster (the machine may have quietened)
 PROBE_ONE, PROBE_ALL = 40, 8
+# how much faster one thread must measure to be chosen over all cores: a window of a shared VM's noise must not
+# flip it (beside busy processes one thread measures 3-6x faster)
+MARGIN = 1.25
 
 
 class ThreadChoice:
-    """The thread count for one calling thread's large products: `cores` or 1, whichever moved more weight
-    bytes per second in its latest window. Probes the other count for one window now and then (and first of
-    all, to know it)."""
+    """The thread count for one calling thread's large products: `cores` or 1, whichever moves more weight
+    bytes per second (each count's speed averaged over its latest windows; one thread only by a MARGIN).
+    Probes the other count for one window now and then (and first of all, to know it)."""
 
     def __init__(
         self, cores: int, window_s: float = WINDOW_S, probes: tuple[int, int] = (PROBE_ONE, PROBE_ALL)
     ):
         self.cores, self.window_s, self.probes = cores, window_s, probes
         self.current = cores
-        self.rate: dict[int, float] = {}  # count -> bytes per second in its latest window
+        self.rate: dict[int, float] = {}  # count -> bytes per second, its latest windows averaged
         self.windows = 0
         self._bytes = self._seconds = 0.0
 
@@ -41,11 +44,13 @@ class ThreadChoice:
         self._seconds += seconds
         if self._seconds < self.window_s:
             return
-        self.rate[self.current] = self._bytes / self._seconds
+        rate = self._bytes / self._seconds
+        old = self.rate.get(self.current)
+        self.rate[self.current] = rate if old is None else (old + rate) / 2
         self._bytes = self._seconds = 0.0
         self.windows += 1
         other = 1 if self.current == self.cores else self.cores
         if other not in self.rate or self.windows % self.probes[other == self.cores] == 0:
             self.current = other
         else:
-            self.current = max(self.rate, key=self.rate.get)
+            self.current = 1 if self.rate[1] > MARGIN * self.rate[self.cores] else self.cores
