@@ -54,6 +54,9 @@ class ModelConfig:
     top_k: int = 0  # K
     moe_intermediate_size: int = 0  # I of one routed expert
     routing: str = "softmax_topk"  # see moe.route
+    # whose float order decides near-tied softmax routing: "torch" (transformers, a checkpoint's reference) or
+    # "llama.cpp" (ggml's softmax and std::sort, a GGUF file's reference; kernels/ggml_routing.py)
+    routing_order: str = "torch"
     norm_topk_prob: bool = False
     router_bias: bool = False
     n_group: int = 1

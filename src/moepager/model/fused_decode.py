@@ -36,7 +36,7 @@ def _plain(model: Transformer) -> bool:
         c.attention == "gqa" and c.norm == "rms" and not (c.qkv_bias or c.o_bias or c.attention_sinks)
         and c.qk_norm in ("none", "head") and c.clip_qkv is None and not any(c.sliding_windows)
         and not c.rope_interleave and c.rope_dim in (0, c.head_dim) and c.head_dim % 2 == 0
-        and c.routing == "softmax_topk" and not c.router_bias
+        and c.routing == "softmax_topk" and c.routing_order == "torch" and not c.router_bias
         and c.expert_act == "swiglu" and not c.shared_expert_size and not c.lm_head_bias and not c.absent_experts
     )  # fmt: skip
     if not config_ok or type(model.norm) is not RMSNorm or type(model.lm_head) not in _LINEARS:

@@ -352,6 +352,11 @@ def route(
     k = config.top_k
     if absent is not None and config.routing != "sigmoid_group":
         logits = logits.masked_fill(absent, float("-inf"))
+    if config.routing == "softmax_topk" and config.routing_order == "llama.cpp":
+        from ..kernels import ggml_routing  # numba, loaded only for GGUF files
+
+        w, ids = ggml_routing.softmax_topk(logits, k, config.norm_topk_prob)
+        return w.to(logits.dtype), ids
     if config.routing == "softmax_topk":  # Mixtral, Qwen-MoE, OLMoE
         probs = torch.softmax(logits.float(), dim=-1)
         w, ids = torch.topk(probs, k, dim=-1)

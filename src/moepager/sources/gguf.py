@@ -169,6 +169,7 @@ class GgufSource:
         self.arch = arch
         self.raw_config = self._hf_config()
         self.config = config_from_hf(self.raw_config)
+        self.config.routing_order = "llama.cpp"  # near-tied routing picks as the file's reference does
         self.experts = self._index_experts()
         self.compact = compact
         self.tokenizer_metadata = read_metadata(self.fields)

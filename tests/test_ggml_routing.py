@@ -1,0 +1,89 @@
+"""Routing in llama.cpp's float order (kernels/ggml_routing.py) against ggml itself: the libggml wheel's own
+ggml_soft_max and ggml_argsort (std::sort) on the same rows, then a GGUF model routing through it."""
+
+import ctypes
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moepager.kernels import ggml, ggml_routing
+
+F32, I32 = 0, 26  # ggml_type
+DESC = 1  # GGML_SORT_ORDER_DESC
+FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+
+
+def ggml_op(op: str, rows: np.ndarray) -> np.ndarray:
+    """rows float32 [N, E] through one ggml op of the wheel: soft_max -> float32, argsort (descending) -> int32."""
+    g = ggml._ggml()
+    fn = getattr(g.base, f"ggml_{op}")
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + ([ctypes.c_int] if op == "argsort" else [])
+    n, e = rows.shape
+
+    def build(base, ctx):
+        x = base.ggml_new_tensor_2d(ctx, F32, e, n)
+        return (x,), fn(ctx, x, DESC) if op == "argsort" else fn(ctx, x)
+
+    out = torch.empty(n, e, dtype=torch.int32 if op == "argsort" else torch.float32)
+    ggml._Graph(build, 1, 0)(out, torch.from_numpy(np.ascontiguousarray(rows)))
+    return out.numpy()
+
+
+def rows_with_ties(seed: int) -> np.ndarray:
+    """Router-like rows: near-tied logits (the default model's spread), exact ties, wide ones; E of 8 to 128."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for e in (8, 16, 32, 60, 64, 128):
+        for scale in (2.0**-16, 1.0, 40.0):
+            x = (rng.standard_normal((4, e)) * scale).astype(np.float32)
+            x[1, ::3] = x[1, 0]  # exact ties
+            x[2, : e // 2] = x[2, e // 2 :]  # every value twice
+            out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_std_sort_orders_ties_as_ggml_argsort(seed):
+    for x in rows_with_ties(seed):
+        probs = x.round(1)  # many equal values, the case where std::sort's own order shows
+        want = ggml_op("argsort", probs)
+        for row in range(x.shape[0]):
+            idx = np.arange(x.shape[1], dtype=np.int32)
+            ggml_routing.std_sort_desc(probs[row], idx)
+            assert np.array_equal(idx, want[row]), (probs[row], idx, want[row])
+
+
+def test_softmax_is_ggml_soft_max_bit_for_bit():
+    """The wheel's libggml-cpu is built for AVX2, so its softmax checks the AVX2 form; the AVX-512 form (what a
+    llama.cpp built on an AVX-512 machine computes) is checked against llama.cpp itself by
+    benchmarks/gguf_agreement.py: the default model's f32 file agrees at every position."""
+    for x in rows_with_ties(2):
+        want = ggml_op("soft_max", x)
+        got = np.empty_like(x)
+        for row in range(x.shape[0]):
+            ggml_routing._soft_max(x[row], False, got[row])
+        assert np.array_equal(got, want), np.abs(got - want).max()
+
+
+def test_gguf_sources_route_in_llama_cpps_order():
+    from moepager.model.moe import route
+    from moepager.sources.gguf import GgufSource
+
+    config = GgufSource(str(FIXTURES / "qwen3_moe.q4_0.gguf")).config
+    assert config.routing_order == "llama.cpp" and config.routing == "softmax_topk"
+    config = dataclasses.replace(config, num_experts=32, top_k=4)  # the fixture's 4 experts tie too few
+    logits = torch.zeros(3, config.num_experts)  # every expert tied but one
+    logits[:, 5] = 1.0
+    w, ids = route(logits, config)
+    assert (ids[:, 0] == 5).all()
+    probs = ggml_op("argsort", logits.softmax(-1).numpy())  # ties: the order of the real std::sort
+    assert np.array_equal(ids.numpy(), probs[:, : config.top_k]), (ids, probs[:, : config.top_k])
+    assert not np.array_equal(
+        ids.numpy()[0, 1:], np.arange(config.top_k - 1)
+    )  # not the index order torch keeps
+    if config.norm_topk_prob:
+        assert torch.allclose(w.sum(-1), torch.ones(3))
