@@ -52,9 +52,8 @@ def test_std_sort_orders_ties_as_ggml_argsort(seed):
         probs = x.round(1)  # many equal values, the case where std::sort's own order shows
         want = ggml_op("argsort", probs)
         for row in range(x.shape[0]):
-            idx = np.arange(x.shape[1], dtype=np.int32)
-            ggml_routing.std_sort_desc(probs[row], idx)
-            assert np.array_equal(idx, want[row]), (probs[row], idx, want[row])
+            got = ggml_routing.std_sort_desc(probs[row])
+            assert np.array_equal(got, want[row]), (probs[row], got, want[row])
 
 
 def test_softmax_is_ggml_soft_max_bit_for_bit():
@@ -62,11 +61,8 @@ def test_softmax_is_ggml_soft_max_bit_for_bit():
     llama.cpp built on an AVX-512 machine computes) is checked against llama.cpp itself by
     benchmarks/gguf_agreement.py: the default model's f32 file agrees at every position."""
     for x in rows_with_ties(2):
-        want = ggml_op("soft_max", x)
-        got = np.empty_like(x)
-        for row in range(x.shape[0]):
-            ggml_routing._soft_max(x[row], False, got[row])
-        assert np.array_equal(got, want), np.abs(got - want).max()
+        got = ggml_routing.soft_max(x, avx512=False)
+        assert np.array_equal(got, ggml_op("soft_max", x)), np.abs(got - ggml_op("soft_max", x)).max()
 
 
 def test_gguf_sources_route_in_llama_cpps_order():

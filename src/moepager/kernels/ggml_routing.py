@@ -11,7 +11,8 @@ file agrees at every position (benchmarks/quant_kernels.md).
 
 Written from ggml-cpu's vec.h (ggml_v_expf, ggml_vec_soft_max_f32), ops.cpp (soft_max, argsort) and
 libstdc++'s introsort. Each fused multiply-add is a float64 product and sum rounded once to float32 (exact
-but for double rounding, one case in ~2^29).
+but for double rounding, one case in ~2^29). numpy, not numba: a GGUF run loads no JIT (the runtime floor).
+Only rows where the two orders could differ are computed this way (softmax_topk).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import functools
 
 import numpy as np
 import torch
-from numba import njit
 
 _F = np.float32
 _L2E, _ROUND = _F(float.fromhex("0x1.715476p+0")), _F(float.fromhex("0x1.8p23"))
@@ -30,183 +30,123 @@ _C3, _C4, _C5 = _F(float.fromhex("0x1.555e66p-3")), _F(float.fromhex("0x1.573e2e
 _SORT_THRESHOLD = 16  # libstdc++'s _S_threshold
 
 
-@njit(cache=True)
-def _fma(a, b, c):  # pragma: no cover - compiled
-    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+def _fma(a, b, c) -> np.ndarray:
+    return (np.float64(a) * np.float64(b) + np.float64(c)).astype(_F)
 
 
-@njit(cache=True)
-def _expf(x, avx512):  # pragma: no cover - compiled
-    """ggml_v_expf of one lane, in its AVX-512 or AVX2 form."""
-    z = _fma(x, _L2E, _ROUND)
-    n = np.float32(z - _ROUND)
-    b = _fma(-n, _LN2_LO, _fma(-n, _LN2_HI, x))
-    u = np.float32(b * b)
-    inner = _fma(_fma(_C5, b, _C4), u, _fma(_C3, b, _C2))
-    if avx512:
-        if abs(n) > 192:
-            return np.float32(0.0) if n <= 0 else np.float32(np.inf)
-        j = _fma(inner, u, _fma(_C1, b, np.float32(1.0)))
-        return np.float32(np.float64(j) * 2.0 ** np.float64(n))  # _mm512_scalef_ps
-    j = _fma(inner, u, np.float32(_C1 * b))
-    if abs(n) <= 126:
-        k = np.float32(2.0 ** np.float64(n))
-        return _fma(j, k, k)
-    if abs(n) > 192:
-        return np.float32(0.0) if n <= 0 else np.float32(np.inf)
-    # past the float exponent's range 2^n is split in two factors, 2^n = s2 * s1, as the AVX2 form does
-    shift = -125.0 if n <= 0 else 127.0
-    s1, s2 = np.float32(2.0**shift), np.float32(2.0 ** (np.float64(n) - shift))
-    return np.float32(np.float64(_fma(s2, j, s2)) * np.float64(s1))
+def expf(x: np.ndarray, avx512: bool) -> np.ndarray:
+    """ggml_v_expf of float32 x, in its AVX-512 or AVX2 form."""
+    with np.errstate(
+        invalid="ignore", over="ignore", under="ignore"
+    ):  # -inf and huge inputs take the far paths
+        z = _fma(x, _L2E, _ROUND)
+        n = (z - _ROUND).astype(_F)
+        b = _fma(-n, _LN2_LO, _fma(-n, _LN2_HI, x))
+        u = (b * b).astype(_F)
+        inner = _fma(_fma(_C5, b, _C4), u, _fma(_C3, b, _C2))
+        far = np.where(n <= 0, _F(0.0), _F(np.inf))  # |n| > 192: underflow or overflow
+        if avx512:
+            j = _fma(inner, u, _fma(_C1, b, _F(1.0)))
+            near = np.ldexp(np.float64(j), np.clip(n, -300, 300).astype(np.int64)).astype(
+                _F
+            )  # _mm512_scalef_ps
+            return np.where(np.abs(n) > 192, far, near)
+        j = _fma(inner, u, (_C1 * b).astype(_F))
+        k = np.ldexp(1.0, np.clip(n, -126, 126).astype(np.int64)).astype(_F)  # 2^n built in the exponent bits
+        # past the exponent's range 2^n is split in two factors, 2^n = s2 * s1, as the AVX2 form does
+        shift = np.where(n <= 0, -125.0, 127.0)
+        s1, s2 = np.exp2(shift).astype(_F), np.exp2(np.float64(n) - shift).astype(_F)
+        wide = (np.float64(_fma(s2, j, s2)) * np.float64(s1)).astype(_F)
+        return np.where(np.abs(n) > 192, far, np.where(np.abs(n) > 126, wide, _fma(j, k, k)))
 
 
-@njit(cache=True)
-def _soft_max(x, avx512, out):  # pragma: no cover - compiled
-    """ggml_soft_max of one row x [E] (no mask, scale 1) into out [E]."""
-    peak = x[0]
-    for v in x:
-        peak = max(peak, v)
+def soft_max(x: np.ndarray, avx512: bool) -> np.ndarray:
+    """ggml_soft_max of float32 rows x [N, E] (no mask, scale 1)."""
+    x = x.astype(_F)
+    shifted = (x - x.max(axis=-1, keepdims=True)).astype(_F)
     width = 16 if avx512 else 8
-    total = 0.0  # float64, as ggml_float
-    i = 0
-    while i + width - 1 < x.shape[0]:
-        lane = np.empty(width, np.float32)
-        for j in range(width):
-            lane[j] = _expf(np.float32(x[i + j] - peak), avx512)
-            out[i + j] = lane[j]
-        # the vector's horizontal sum, in the order of _mm512_reduce_add_ps / ggml's AVX2 reduction
-        while lane.shape[0] > 4:
-            half = lane.shape[0] // 2
-            lane = (lane[half:] + lane[:half]).astype(np.float32)
-        total += np.float64(np.float32(np.float32(lane[0] + lane[2]) + np.float32(lane[1] + lane[3])))
-        i += width
-    for j in range(i, x.shape[0]):  # the tail: libm's expf
-        v = np.float32(np.exp(np.float64(np.float32(x[j] - peak))))
-        out[j] = v
-        total += np.float64(v)
-    scale = np.float32(1.0 / total)
-    for j in range(x.shape[0]):
-        out[j] = np.float32(out[j] * scale)
+    body = x.shape[-1] // width * width
+    e = np.empty_like(x)
+    e[:, :body] = expf(shifted[:, :body], avx512)
+    e[:, body:] = np.exp(np.float64(shifted[:, body:])).astype(_F)  # the tail: libm's expf
+    # each vector's horizontal sum in the order of _mm512_reduce_add_ps / ggml's AVX2 reduction, then float64
+    lanes = e[:, :body].reshape(x.shape[0], -1, width)
+    while lanes.shape[-1] > 4:
+        half = lanes.shape[-1] // 2
+        lanes = (lanes[..., half:] + lanes[..., :half]).astype(_F)
+    vectors = (
+        (lanes[..., 0] + lanes[..., 2]).astype(_F) + (lanes[..., 1] + lanes[..., 3]).astype(_F)
+    ).astype(_F)
+    total = np.zeros(x.shape[0])
+    for v in range(vectors.shape[1]):  # ggml adds the vectors one after another, in float64
+        total += np.float64(vectors[:, v])
+    for t in range(body, x.shape[-1]):
+        total += np.float64(e[:, t])
+    scale = (1.0 / total).astype(_F)[:, None]
+    return (e * scale).astype(_F)
 
 
-@njit(cache=True)
-def _before(p, a, b):  # pragma: no cover - compiled
-    return p[a] > p[b]  # descending, as ggml_argsort's GGML_SORT_ORDER_DESC comparator
+def std_sort_desc(p: np.ndarray) -> list[int]:
+    """The indices of p [E] in the order libstdc++'s std::sort leaves them with ggml_argsort's descending
+    comparator: introsort (median-of-three pivot, depth limit 2 log2 E), then insertion sort."""
+    p = p.tolist()
+    a = list(range(len(p)))
 
+    def before(i, j):
+        return p[i] > p[j]
 
-@njit(cache=True)
-def _median_to_first(p, idx, result, a, b, c):  # pragma: no cover - compiled
-    if _before(p, idx[a], idx[b]):
-        if _before(p, idx[b], idx[c]):
-            pick = b
-        elif _before(p, idx[a], idx[c]):
-            pick = c
+    def median_to_first(result, x, y, z):
+        if before(a[x], a[y]):
+            pick = y if before(a[y], a[z]) else z if before(a[x], a[z]) else x
         else:
-            pick = a
-    elif _before(p, idx[a], idx[c]):
-        pick = a
-    elif _before(p, idx[b], idx[c]):
-        pick = c
-    else:
-        pick = b
-    idx[result], idx[pick] = idx[pick], idx[result]
+            pick = x if before(a[x], a[z]) else z if before(a[y], a[z]) else y
+        a[result], a[pick] = a[pick], a[result]
 
-
-@njit(cache=True)
-def _partition(p, idx, first, last, pivot):  # pragma: no cover - compiled
-    while True:
-        while _before(p, idx[first], idx[pivot]):
-            first += 1
-        last -= 1
-        while _before(p, idx[pivot], idx[last]):
+    def partition(first, last, pivot):
+        while True:
+            while before(a[first], a[pivot]):
+                first += 1
             last -= 1
-        if not first < last:
-            return first
-        idx[first], idx[last] = idx[last], idx[first]
-        first += 1
+            while before(a[pivot], a[last]):
+                last -= 1
+            if not first < last:
+                return first
+            a[first], a[last] = a[last], a[first]
+            first += 1
 
-
-@njit(cache=True)
-def _insertion_sort(p, idx, first, last, guarded):  # pragma: no cover - compiled
-    start = first + 1 if guarded else first
-    for i in range(start, last):
-        val = idx[i]
-        if guarded and _before(p, val, idx[first]):
-            for j in range(i, first, -1):
-                idx[j] = idx[j - 1]
-            idx[first] = val
-            continue
-        j = i
-        while _before(p, val, idx[j - 1]):
-            idx[j] = idx[j - 1]
-            j -= 1
-        idx[j] = val
-
-
-@njit(cache=True)
-def _heap_sort(p, idx, first, last):  # pragma: no cover - compiled
-    """libstdc++'s fallback past the depth limit (never reached by router rows of up to a few hundred)."""
-    seg = idx[first:last].copy()
-    keys = np.empty(seg.shape[0], np.float32)
-    for i in range(seg.shape[0]):
-        keys[i] = -p[seg[i]]
-    order = np.argsort(keys, kind="mergesort")
-    for i in range(seg.shape[0]):
-        idx[first + i] = seg[order[i]]
-
-
-@njit(cache=True)
-def std_sort_desc(p, idx):  # pragma: no cover - compiled
-    """idx (int32 [E]) sorted so that p[idx] descends, by libstdc++'s std::sort: introsort with a
-    median-of-three pivot, then insertion sort; equal values land where that algorithm puts them."""
-    n = idx.shape[0]
-    if n <= 1:
-        return
-    depth = 2 * (np.int64(np.log2(n)))
-    stack_first = np.empty(64, np.int64)
-    stack_last = np.empty(64, np.int64)
-    stack_depth = np.empty(64, np.int64)
-    top = 0
-    stack_first[0], stack_last[0], stack_depth[0] = 0, n, depth
-    top = 1
-    while top:
-        top -= 1
-        first, last, depth = stack_first[top], stack_last[top], stack_depth[top]
+    def introsort(first, last, depth):
         while last - first > _SORT_THRESHOLD:
-            if depth == 0:
-                _heap_sort(p, idx, first, last)
-                break
+            if depth == 0:  # libstdc++'s heap sort fallback; router rows of a few hundred never get here
+                a[first:last] = sorted(a[first:last], key=lambda i: -p[i])
+                return
             depth -= 1
-            mid = first + (last - first) // 2
-            _median_to_first(p, idx, first, first + 1, mid, last - 1)
-            cut = _partition(p, idx, first + 1, last, first)
-            stack_first[top], stack_last[top], stack_depth[top] = cut, last, depth  # the right part, later
-            top += 1
+            median_to_first(first, first + 1, first + (last - first) // 2, last - 1)
+            cut = partition(first + 1, last, first)
+            introsort(cut, last, depth)
             last = cut
-    if n > _SORT_THRESHOLD:
-        _insertion_sort(p, idx, 0, _SORT_THRESHOLD, True)
-        _insertion_sort(p, idx, _SORT_THRESHOLD, n, False)
-    else:
-        _insertion_sort(p, idx, 0, n, True)
 
+    def insertion_sort(first, last, guarded):
+        for i in range(first + (1 if guarded else 0), last):
+            val = a[i]
+            if guarded and before(val, a[first]):
+                a[first + 1 : i + 1] = a[first:i]
+                a[first] = val
+                continue
+            j = i
+            while before(val, a[j - 1]):
+                a[j] = a[j - 1]
+                j -= 1
+            a[j] = val
 
-@njit(cache=True)
-def _route(logits, k, normalize, avx512, weights, ids):  # pragma: no cover - compiled
-    probs = np.empty(logits.shape[1], np.float32)
-    idx = np.empty(logits.shape[1], np.int32)
-    for row in range(logits.shape[0]):
-        _soft_max(logits[row], avx512, probs)
-        for j in range(idx.shape[0]):
-            idx[j] = j
-        std_sort_desc(probs, idx)
-        total = 0.0
-        for j in range(k):
-            ids[row, j] = idx[j]
-            weights[row, j] = probs[idx[j]]
-            total += np.float64(probs[idx[j]])  # ggml_sum_rows: a float64 sum
-        if normalize:
-            for j in range(k):
-                weights[row, j] = np.float32(weights[row, j] / np.float32(total))
+    n = len(a)
+    if n > 1:
+        introsort(0, n, 2 * (n.bit_length() - 1))
+        if n > _SORT_THRESHOLD:
+            insertion_sort(0, _SORT_THRESHOLD, True)
+            insertion_sort(_SORT_THRESHOLD, n, False)
+        else:
+            insertion_sort(0, n, True)
+    return a
 
 
 @functools.cache
@@ -220,10 +160,32 @@ def avx512() -> bool:
     return "avx512f" in flags and "avx512dq" in flags
 
 
+# Two probabilities closer than this (relative) may order differently in torch's softmax and ggml's (each is
+# within a few float32 ulps, 2^-24 each, of the exact value): only rows with such a pair in their first K+1 are
+# recomputed in ggml's order
+CLOSE = 1e-6
+
+
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [N, E] -> (weights [N, K] float32, ids [N, K] int64) as llama.cpp computes them: softmax,
-    the first K of a descending std::sort, and (normalize) the K weights divided by their sum."""
-    x = logits.detach().float().contiguous().cpu().numpy()
-    weights, ids = np.empty((x.shape[0], k), np.float32), np.empty((x.shape[0], k), np.int64)
-    _route(x, k, normalize, avx512(), weights, ids)
-    return torch.from_numpy(weights).to(logits.device), torch.from_numpy(ids).to(logits.device)
+    """Router logits [N, E] -> (weights [N, K] float32, ids [N, K] int64) as llama.cpp picks them: softmax,
+    the first K of a descending std::sort, and (normalize) the K weights divided by their sum.
+
+    torch's softmax and topk give the same experts wherever the first K+1 probabilities are not close, which
+    on a trained router is nearly every row; the others (the default model's: ~20% of rows) are computed as
+    ggml computes them. Emulating every row cost a third of a small Q4_0 model's decode speed."""
+    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+    top, ids = torch.topk(probs, min(k + 1, probs.shape[-1]), dim=-1)  # descending
+    close = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1)
+    weights, ids = top[:, :k], ids[:, :k]
+    if close.any():
+        weights, ids = weights.clone(), ids.clone()
+        rows = close.nonzero().flatten()
+        exact = torch.from_numpy(soft_max(logits.detach().float().cpu()[rows].numpy(), avx512()))
+        top, picked = torch.topk(exact, min(k + 1, exact.shape[-1]), dim=-1)
+        tied = (top[:, 1:] == top[:, :-1]).any(dim=-1)  # equal values: where std::sort's own order shows
+        for i, row in enumerate(rows.tolist()):
+            ids[row] = torch.tensor(std_sort_desc(exact[i].numpy())[:k]) if tied[i] else picked[i, :k]
+            weights[row] = exact[i, ids[row]]
+    if normalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights.to(logits.device), ids.to(logits.device)
