@@ -3,11 +3,11 @@ instead of ~50 torch ops and kernel calls per layer, swapped in after the model 
 
 `swap_fused_decode(model)` turns the model into a FusedDecodeTransformer when every layer is of the plain kind
 the compiled step computes (float32 on the CPU: RMSNorm, grouped-query attention with full rotary halves and
-optional per-head qk-norm, no biases, clipping, sinks or windows; softmax top-k routing to SwiGLU experts
-without a shared expert, or a dense SwiGLU MLP); otherwise the model is left as it is. Transformer.forward stays the definition: a call that is
-not one token of one sequence in a plain KVCache, or whose experts are not every expert resident as float32
-banks (paging, a trace recorder, quantized experts), or while any module carries a hook or a router masks
-experts (drafting), goes through it unchanged.
+optional per-head qk-norm, no biases, clipping, sinks or windows; softmax top-k routing in torch's order to
+SwiGLU experts without a shared expert, or a dense SwiGLU MLP); otherwise the model is left as it is.
+Transformer.forward stays the definition: a call that is not one token of one sequence in a plain KVCache, or
+whose experts are not every expert resident as float32 banks (paging, a trace recorder, quantized experts), or
+while any module carries a hook or a router masks experts (drafting), goes through it unchanged.
 """
 
 from __future__ import annotations

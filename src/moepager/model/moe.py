@@ -353,7 +353,7 @@ def route(
     if absent is not None and config.routing != "sigmoid_group":
         logits = logits.masked_fill(absent, float("-inf"))
     if config.routing == "softmax_topk" and config.routing_order == "llama.cpp":
-        from ..kernels import ggml_routing  # numba, loaded only for GGUF files
+        from ..kernels import ggml_routing  # imported only where a GGUF file is run
 
         w, ids = ggml_routing.softmax_topk(logits, k, config.norm_topk_prob)
         return w.to(logits.dtype), ids
