@@ -30,8 +30,12 @@ _C3, _C4, _C5 = _F(float.fromhex("0x1.555e66p-3")), _F(float.fromhex("0x1.573e2e
 _SORT_THRESHOLD = 16  # libstdc++'s _S_threshold
 
 
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
 def _fma(a, b, c) -> np.ndarray:
-    return (np.float64(a) * np.float64(b) + np.float64(c)).astype(_F)
+    return (_f64(a) * _f64(b) + _f64(c)).astype(_F)
 
 
 def expf(x: np.ndarray, avx512: bool) -> np.ndarray:
@@ -47,16 +51,14 @@ def expf(x: np.ndarray, avx512: bool) -> np.ndarray:
         far = np.where(n <= 0, _F(0.0), _F(np.inf))  # |n| > 192: underflow or overflow
         if avx512:
             j = _fma(inner, u, _fma(_C1, b, _F(1.0)))
-            near = np.ldexp(np.float64(j), np.clip(n, -300, 300).astype(np.int64)).astype(
-                _F
-            )  # _mm512_scalef_ps
+            near = np.ldexp(_f64(j), np.clip(n, -300, 300).astype(np.int64)).astype(_F)  # _mm512_scalef_ps
             return np.where(np.abs(n) > 192, far, near)
         j = _fma(inner, u, (_C1 * b).astype(_F))
         k = np.ldexp(1.0, np.clip(n, -126, 126).astype(np.int64)).astype(_F)  # 2^n built in the exponent bits
         # past the exponent's range 2^n is split in two factors, 2^n = s2 * s1, as the AVX2 form does
         shift = np.where(n <= 0, -125.0, 127.0)
-        s1, s2 = np.exp2(shift).astype(_F), np.exp2(np.float64(n) - shift).astype(_F)
-        wide = (np.float64(_fma(s2, j, s2)) * np.float64(s1)).astype(_F)
+        s1, s2 = np.exp2(shift).astype(_F), np.exp2(_f64(n) - shift).astype(_F)
+        wide = (_f64(_fma(s2, j, s2)) * _f64(s1)).astype(_F)
         return np.where(np.abs(n) > 192, far, np.where(np.abs(n) > 126, wide, _fma(j, k, k)))
 
 
@@ -68,7 +70,7 @@ def soft_max(x: np.ndarray, avx512: bool) -> np.ndarray:
     body = x.shape[-1] // width * width
     e = np.empty_like(x)
     e[:, :body] = expf(shifted[:, :body], avx512)
-    e[:, body:] = np.exp(np.float64(shifted[:, body:])).astype(_F)  # the tail: libm's expf
+    e[:, body:] = np.exp(_f64(shifted[:, body:])).astype(_F)  # the tail: libm's expf
     # each vector's horizontal sum in the order of _mm512_reduce_add_ps / ggml's AVX2 reduction, then float64
     lanes = e[:, :body].reshape(x.shape[0], -1, width)
     while lanes.shape[-1] > 4:
@@ -79,9 +81,9 @@ def soft_max(x: np.ndarray, avx512: bool) -> np.ndarray:
     ).astype(_F)
     total = np.zeros(x.shape[0])
     for v in range(vectors.shape[1]):  # ggml adds the vectors one after another, in float64
-        total += np.float64(vectors[:, v])
+        total += _f64(vectors[:, v])
     for t in range(body, x.shape[-1]):
-        total += np.float64(e[:, t])
+        total += _f64(e[:, t])
     scale = (1.0 / total).astype(_F)[:, None]
     return (e * scale).astype(_F)
 
