@@ -1,5 +1,5 @@
 """Where a decoded token's time goes: kernel calls by matrix shape (eager path) or the compiled decode step's
-two calls (fused_decode.py), the sampler, and the host time between them (Python, torch's small ops, kernel
+two calls (model/fused_decode.py), the sampler, and the host time between them (Python, torch's small ops, kernel
 wrappers), sampled decoding (seeded), every expert resident. Timers sit around each kernel call and the
 sampler only, so what they add is a few perf_counter calls per kernel.
 

@@ -1,4 +1,4 @@
-"""The compiled decode step (fused_decode.py, kernels/decode_step.py) against transformers, and the cases that
+"""The compiled decode step (model/fused_decode.py, kernels/decode_step.py) against transformers, and the cases that
 must take the eager path instead."""
 
 import pytest

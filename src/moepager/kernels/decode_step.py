@@ -3,12 +3,12 @@ case: `attention_step` (RMSNorm, grouped-query attention over the KV cache), the
 top-k routing to SwiGLU experts of a resident float32 bank) or `mlp_step` (a dense SwiGLU layer); and
 `head_step` (the final norm and the output head).
 
-Why: on a 2-core machine a decoded token of the Qwen3-MoE small shape spent 9.5 ms in kernels and 6.8 ms in
-the ~400 torch ops and ~50 kernel calls around them (benchmarks/README.md section 4); llama.cpp's whole
-evaluation took 11. Here the parallel loops stream the same weights as the gathered kernel (matvec.py), and
+Why: on a 2-core machine a decoded token of the Qwen3-MoE small shape spent 8.8 ms in kernels and 5.3 ms in
+the ~1,500 torch calls around its ~50 kernel calls (benchmarks/README.md section 4); llama.cpp's whole
+evaluation took 10-11. Here the parallel loops stream the same weights as the gathered kernel (matvec.py), and
 the host work between products is gone. What it computes is the model's own math, step by step in float32,
 on the model's own tensors; the parity tests hold it to transformers' logits like the eager path. It does not
-decide when it may run (fused_decode.py does) and owns no weights.
+decide when it may run (model/fused_decode.py does) and owns no weights.
 
 Letters: D hidden, H heads, Hk kv heads, Dh head dim, S cached positions, E experts, K active, I expert
 intermediate, R rows, V vocabulary.

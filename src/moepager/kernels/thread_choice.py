@@ -2,8 +2,8 @@
 
 ggml's threads meet at a spinning barrier inside every product. On a machine whose cores are shared with other
 busy processes, a barrier waits for whichever of its threads the scheduler took away, a whole time slice, and a
-decoded token is ~50 products: the resident Q4_0 qwen3-64x4 file decoded at 175 tok/s on 2 quiet cores and 8-11
-tok/s beside two busy processes, where one thread kept 80 (benchmarks/README.md section 4). No count is right
+decoded token is ~50 products: the resident Q4_0 qwen3-64x4 file decoded at 151 tok/s on 2 quiet cores and 28
+beside two busy processes, where the measured choice kept 63 (benchmarks/README.md section 4). No count is right
 on both machines, and a machine changes while a server runs, so the count is measured: weight bytes per second
 of product time over short windows at the current count, with a window at the other count now and then.
 
