@@ -175,14 +175,15 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
     torch's softmax and topk give the same experts wherever the first K+1 probabilities are not close, which
     on a trained router is nearly every row; the others (the default model's: ~20% of rows) are computed as
     ggml computes them. Emulating every row cost a third of a small Q4_0 model's decode speed."""
-    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+    x = logits.detach().float().cpu()
+    probs = torch.softmax(x, dim=-1)
     top, ids = torch.topk(probs, min(k + 1, probs.shape[-1]), dim=-1)  # descending
     close = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1)
     weights, ids = top[:, :k], ids[:, :k]
     if close.any():
         weights, ids = weights.clone(), ids.clone()
         rows = close.nonzero().flatten()
-        exact = torch.from_numpy(soft_max(logits.detach().float().cpu()[rows].numpy(), avx512()))
+        exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512()))
         top, picked = torch.topk(exact, min(k + 1, exact.shape[-1]), dim=-1)
         tied = (top[:, 1:] == top[:, :-1]).any(dim=-1)  # equal values: where std::sort's own order shows
         for i, row in enumerate(rows.tolist()):
