@@ -32,6 +32,12 @@ def configs():
             num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=2, topk_group=1,
             first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8),
+        # DeepSeek-V2-Lite's attention (no q_lora_rank: one q_proj), full V2's group_limited_greedy routing
+        "deepseek_v2": lambda: tf.DeepseekV2Config(
+            **{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, n_routed_experts=8,
+            num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1, n_group=4, topk_group=2,
+            topk_method="group_limited_greedy", routed_scaling_factor=1.5, first_k_dense_replace=1,
+            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
         "gpt_oss": lambda: tf.GptOssConfig(
             **COMMON, num_local_experts=4, num_experts_per_tok=2, head_dim=8, sliding_window=8),
         # Phi-3.5-MoE's own config has biases on q/k/v/o and the output head
@@ -40,7 +46,7 @@ def configs():
     }  # fmt: skip
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe"]
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "phimoe"]
 
 
 def build(family: str, out: Path, seed: int = 0, max_shard_size: str | None = None, **config_fields):

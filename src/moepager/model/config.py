@@ -61,6 +61,9 @@ class ModelConfig:
     router_bias: bool = False
     n_group: int = 1
     topk_group: int = 1
+    # how a group of experts is scored when routing picks groups first: "top2_sum" (DeepSeek-V3, and llama.cpp
+    # for every deepseek2 file) or "max" (DeepSeek-V2's group_limited_greedy)
+    group_score: str = "top2_sum"
     routed_scaling_factor: float = 1.0
     router_jitter_eps: float = 0.0  # sparsemixer's threshold (PhiMoE)
     expert_act: str = "swiglu"  # "swiglu" or "gptoss" (clamped SwiGLU with biases)
@@ -219,6 +222,24 @@ def _deepseek_v3(d: dict) -> ModelConfig:
     return c
 
 
+def _deepseek_v2(d: dict) -> ModelConfig:
+    """DeepSeek-V2 (and -Lite): V3's attention and layers, routed by a softmax; greedy top-k, or top-k within
+    the best groups by their largest score (group_limited_greedy)."""
+    c = _deepseek_v3(d)
+    c.routing = "softmax_group"
+    c.norm_topk_prob = False  # the reference (transformers' DeepseekV2TopkRouter) never renormalizes
+    c.group_score = "max"
+    method = d.get("topk_method") or "greedy"
+    if method not in ("greedy", "group_limited_greedy"):
+        raise UnsupportedArchitecture(
+            f"config.json of a deepseek_v2 model: topk_method {method!r} is not DeepSeek-V2's; "
+            "expected greedy or group_limited_greedy"
+        )
+    if method == "greedy":
+        c.n_group = c.topk_group = 1
+    return c
+
+
 def _gpt_oss(d: dict) -> ModelConfig:
     c = ModelConfig(**_base(d))
     c.qkv_bias = c.o_bias = d.get("attention_bias", True)
@@ -259,6 +280,7 @@ FAMILIES = {
     "qwen2_moe": _qwen2_moe,
     "qwen3_moe": _qwen3_moe,
     "olmoe": _olmoe,
+    "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     "gpt_oss": _gpt_oss,
     "phimoe": _phimoe,

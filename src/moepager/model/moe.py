@@ -366,17 +366,30 @@ def route(
     if config.routing == "topk_softmax":  # GPT-OSS
         top, ids = torch.topk(logits, k, dim=-1)
         return torch.softmax(top, dim=-1), ids
-    if config.routing == "sigmoid_group":  # DeepSeek-V3: pick groups, then experts; weigh by raw scores
-        scores = logits.float().sigmoid()
+    if config.routing == "softmax_group" and config.routing_order == "llama.cpp" and config.n_group == 1:
+        from ..kernels import ggml_routing  # a DeepSeek-V2 GGUF without groups: softmax_topk, then the scale
+
+        w, ids = ggml_routing.softmax_topk(logits, k, config.norm_topk_prob)
+        return w.to(logits.dtype) * config.routed_scaling_factor, ids
+    if config.routing in ("sigmoid_group", "softmax_group"):  # DeepSeek-V3, -V2: pick groups, then experts
+        if config.routing == "sigmoid_group":
+            scores = logits.float().sigmoid()
+        else:
+            scores = torch.softmax(logits.float(), dim=-1)
         choice = scores + correction_bias if correction_bias is not None else scores
         if absent is not None:  # the weights come from the scores of picked experts only
             choice = choice.masked_fill(absent, float("-inf"))
         n, e, g = scores.shape[0], config.num_experts, config.n_group
-        group_scores = choice.view(n, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
-        group_idx = torch.topk(group_scores, config.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(n, g, e // g).reshape(n, e)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        if g > 1:
+            grouped = choice.view(n, g, e // g)
+            if config.group_score == "max":
+                group_scores = grouped.max(dim=-1).values  # [N, G]
+            else:
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, config.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(n, g, e // g).reshape(n, e)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
         ids = torch.topk(choice, k, dim=-1, sorted=False)[1]
         w = scores.gather(1, ids)
         if config.norm_topk_prob:
@@ -411,7 +424,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K], ids [N, K])."""
-        if self.config.routing == "sigmoid_group":  # the reference routes DeepSeek in fp32
+        if self.config.routing in ("sigmoid_group", "softmax_group"):  # the reference routes DeepSeek in fp32
             logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight, self.bias)

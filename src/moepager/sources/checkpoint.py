@@ -64,7 +64,7 @@ _BACK_RULES = [(re.compile(p + "$"), r) for p, r in _BACK]
 
 def hub_name(name: str, family: str) -> str:
     router = {"mixtral": "block_sparse_moe.gate", "phimoe": "block_sparse_moe.gate", "gpt_oss": "mlp.router"}
-    shared = "shared_experts" if family == "deepseek_v3" else "shared_expert"
+    shared = "shared_experts" if family in ("deepseek_v2", "deepseek_v3") else "shared_expert"
     for pattern, repl in _BACK_RULES:
         if m := pattern.match(name):
             return m.expand(repl.format(router=router.get(family, "mlp.gate"), shared=shared))

@@ -83,7 +83,8 @@ ARCHITECTURES = {
     "qwen2moe": ("qwen2_moe", False),
     "qwen3moe": ("qwen3_moe", False),
     "olmoe": ("olmoe", False),
-    "deepseek2": ("deepseek_v3", False),  # rope pairs interleaved in both: rows as in the checkpoint
+    # rope pairs interleaved in both: rows as in the checkpoint; softmax-routed files are DeepSeek-V2's
+    "deepseek2": ("deepseek_v3", False),
     "gpt-oss": ("gpt_oss", False),
 }
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -170,6 +171,9 @@ class GgufSource:
         self.raw_config = self._hf_config()
         self.config = config_from_hf(self.raw_config)
         self.config.routing_order = "llama.cpp"  # near-tied routing picks as the file's reference does
+        if self.config.family == "deepseek_v2":  # llama.cpp's deepseek2 graph, not transformers' DeepSeek-V2:
+            self.config.group_score = "top2_sum"  # groups scored as V3's
+            self.config.norm_topk_prob = bool(self._meta("expert_weights_norm", False))
         self.experts = self._index_experts()
         self.compact = compact
         self.tokenizer_metadata = read_metadata(self.fields)
@@ -187,6 +191,8 @@ class GgufSource:
         """llama.cpp's metadata as the config.json of the same model (only the fields ModelConfig reads)."""
         family, _ = ARCHITECTURES[self.arch]
         m = self._meta
+        if family == "deepseek_v3" and self._softmax_routed():
+            family = "deepseek_v2"
         if not m("expert_count"):
             raise UnsupportedArchitecture(f"{self.path}: {self.arch}.expert_count is missing: not a MoE GGUF")
         embd = self.tensors.get("token_embd.weight")
@@ -233,7 +239,7 @@ class GgufSource:
         elif family == "qwen3_moe":
             d["norm_topk_prob"] = True  # llama.cpp's qwen3moe always renormalizes
         d.update(self._rope_scaling(family))
-        if family == "deepseek_v3":
+        if family in ("deepseek_v2", "deepseek_v3"):
             d.update(self._mla_config())
         if family == "gpt_oss":
             d["sliding_window"] = int(m("attention.sliding_window"))
@@ -258,22 +264,28 @@ class GgufSource:
                 "beta_slow": float(m("rope.scaling.yarn_beta_slow", 1.0))}  # fmt: skip
         if family == "gpt_oss":
             rope["truncate"] = False  # GPT-OSS's YaRN keeps the correction range unrounded
-        if family == "deepseek_v3" and m("rope.scaling.yarn_log_multiplier"):
+        if family in ("deepseek_v2", "deepseek_v3") and m("rope.scaling.yarn_log_multiplier"):
             # the converter writes 0.1 * mscale_all_dim; DeepSeek's checkpoints set mscale equal to it
             rope["mscale_all_dim"] = rope["mscale"] = float(
                 f"{m('rope.scaling.yarn_log_multiplier') / 0.1:.6g}"
             )
         return {"rope_parameters": rope}
 
-    def _mla_config(self) -> dict:
-        """DeepSeek-V3's attention and routing fields from llama.cpp's deepseek2 metadata."""
-        m = self._meta
-        gating = m("expert_gating_func")  # 1 softmax, 2 sigmoid; files converted from V3 may state none
-        biased = any(name.endswith("exp_probs_b.bias") for name in self.tensors)
-        if gating not in (None, 2) or (gating is None and not biased):
+    def _softmax_routed(self) -> bool:
+        """Whether a deepseek2 file routes by a softmax (DeepSeek-V2) rather than V3's sigmoid. llama.cpp's rule:
+        the stated gating function (1 softmax, 2 sigmoid), else softmax; V3 files that state none carry V3's
+        score correction bias."""
+        gating = self._meta("expert_gating_func")
+        if gating not in (None, 1, 2):
             raise UnsupportedArchitecture(
-                f"{self.path}: a softmax-routed deepseek2 file (DeepSeek-V2); only DeepSeek-V3's sigmoid routing runs"
+                f"{self.path}: deepseek2.expert_gating_func is {gating}; moepager runs 1 (softmax) and 2 (sigmoid)"
             )
+        biased = any(name.endswith("exp_probs_b.bias") for name in self.tensors)
+        return gating == 1 or (gating is None and not biased)
+
+    def _mla_config(self) -> dict:
+        """DeepSeek-V2/V3's attention and routing fields from llama.cpp's deepseek2 metadata."""
+        m = self._meta
         rope = int(m("rope.dimension_count"))
         if m("attention.key_length_mla") is not None:  # files with the split kv_b state the per-head sizes so
             nope, dv = int(m("attention.key_length_mla")) - rope, int(m("attention.value_length_mla"))
@@ -294,6 +306,8 @@ class GgufSource:
             "norm_topk_prob": bool(m("expert_weights_norm", False)),  # written only when true
             "first_k_dense_replace": int(m("leading_dense_block_count", 0)),
             "rope_interleave": True,
+            # llama.cpp picks experts greedily within the best groups whenever it has groups
+            "topk_method": "group_limited_greedy" if int(m("expert_group_count", 1)) > 1 else "greedy",
         }
 
     def _index_experts(self) -> dict[tuple[int, int], dict[str, tuple]]:
