@@ -13,7 +13,7 @@ def cmd_synth(args) -> None:
 
         if args.shape is None:
             raise MoepagerError(
-                "synth --format gguf needs --shape (qwen3-30b-a3b, mixtral-8x7b, gpt-oss-20b or qwen3-64x4)"
+                "synth --format gguf needs --shape (qwen3-30b-a3b, mixtral-8x7b, gpt-oss-20b, deepseek-v2-lite or qwen3-64x4)"
             )
         print(synth_gguf(args.out, args.shape, args.quant, seed=args.seed, progress_bar=not args.quiet))
         return
@@ -48,7 +48,7 @@ def add_synth_bench(sub) -> None:
     )
     s.add_argument(
         "--shape",
-        help="with --format gguf: qwen3-30b-a3b, mixtral-8x7b, gpt-oss-20b or qwen3-64x4 (default: none)",
+        help="with --format gguf: qwen3-30b-a3b, mixtral-8x7b, gpt-oss-20b, deepseek-v2-lite or qwen3-64x4 (default: none)",
     )
     s.add_argument(
         "--quant", default="Q4_K_M", help="with --format gguf: Q4_K_M, Q4_0 or Q8_0 (default: Q4_K_M)"

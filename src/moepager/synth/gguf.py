@@ -27,7 +27,7 @@ WEIGHT_STD = 0.02
 # the projections that write into the residual stream, as GPT-2 initializes them: WEIGHT_STD / sqrt(2 layers).
 # At full scale 48 layers of random updates drown the token, and the last layers route every token alike
 # (13 of 128 experts over 23 steps); scaled, the stream keeps each token's identity as a trained model's does
-RESIDUAL_WRITERS = ("attn_output.weight", "ffn_down_exps.weight")
+RESIDUAL_WRITERS = ("attn_output.weight", "ffn_down_exps.weight", "ffn_down_shexp.weight", "ffn_down.weight")
 
 
 def _unit_std(qtype: int, rng: np.random.Generator) -> float:
@@ -191,9 +191,12 @@ def _metadata(w, shape: Shape, shape_name: str, quant: str) -> None:
     w.add_embedding_length(shape.hidden)
     w.add_feed_forward_length(shape.feed_forward)
     w.add_head_count(shape.heads)
-    w.add_head_count_kv(shape.kv_heads)
-    w.add_key_length(shape.head_dim)
-    w.add_value_length(shape.head_dim)
+    if shape.kv_lora_rank:
+        _latent_metadata(w, shape)
+    else:
+        w.add_head_count_kv(shape.kv_heads)
+        w.add_key_length(shape.head_dim)
+        w.add_value_length(shape.head_dim)
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(shape.norm_eps)
     w.add_expert_count(shape.experts)
@@ -211,3 +214,27 @@ def _metadata(w, shape: Shape, shape_name: str, quant: str) -> None:
         w.add_rope_scaling_yarn_beta_fast(32.0)  # the checkpoints' beta_fast and beta_slow
         w.add_rope_scaling_yarn_beta_slow(1.0)
     w.add_file_type(FILE_TYPES[quant])
+
+
+def _latent_metadata(w, shape: Shape) -> None:
+    """What llama.cpp's converter writes for DeepSeek-V2 (DeepseekV2Model.set_gguf_parameters): MLA as MQA over
+    the latent, the per-head sizes apart, and the softmax routing's fields."""
+    import gguf
+
+    w.add_head_count_kv(1)
+    w.add_key_length(shape.kv_lora_rank + shape.rope_dim)
+    w.add_value_length(shape.kv_lora_rank)
+    w.add_key_length_mla(shape.head_dim)
+    w.add_value_length_mla(shape.v_head_dim)
+    if shape.q_lora_rank:
+        w.add_q_lora_rank(shape.q_lora_rank)
+    w.add_kv_lora_rank(shape.kv_lora_rank)
+    w.add_rope_dimension_count(shape.rope_dim)
+    w.add_leading_dense_block_count(shape.dense_layers)
+    w.add_expert_shared_count(shape.shared_experts)
+    w.add_expert_weights_scale(1.0)
+    w.add_expert_group_count(1)
+    w.add_expert_group_used_count(1)
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    if shape.yarn_mscale:
+        w.add_rope_scaling_yarn_log_mul(0.1 * shape.yarn_mscale)  # as the converter writes mscale_all_dim

@@ -34,7 +34,16 @@ class Shape:
     sinks: bool = False  # a learned per-head logit in the attention softmax (attn_sinks)
     sliding_window: int = 0  # tokens seen by the even layers' attention; 0: every layer sees everything
     yarn: tuple[float, int] | None = None  # YaRN rope scaling: (factor, original context length)
+    yarn_mscale: float = 0.0  # DeepSeek's mscale_all_dim (0: none)
     expert_type: str | None = None  # the experts' ggml type whatever --quant (GPT-OSS ships them in MXFP4)
+    # DeepSeek (deepseek2): multi-head latent attention, whose head_dim is qk_nope + rope_dim; leading dense layers
+    # (feed_forward wide) and always-on shared experts beside the routed ones
+    kv_lora_rank: int = 0  # 0: plain attention
+    q_lora_rank: int = 0  # 0: one attn_q projection (DeepSeek-V2-Lite)
+    rope_dim: int = 0
+    v_head_dim: int = 0
+    dense_layers: int = 0
+    shared_experts: int = 0
 
 
 SHAPES = {
@@ -43,6 +52,11 @@ SHAPES = {
     # openai/gpt-oss-20b's config.json: alternate layers slide over 128 tokens; experts stay MXFP4 in every GGUF
     "gpt-oss-20b": Shape("gpt-oss", 24, 2880, 64, 8, 64, 32, 4, 2880, 2880, 150000.0, 1e-5, 131072,
                          biases=True, sinks=True, sliding_window=128, yarn=(32.0, 4096), expert_type="MXFP4"),
+    # deepseek-ai/DeepSeek-V2-Lite's config.json: MLA without a q latent, layer 0 dense, 2 shared experts,
+    # softmax routing (greedy top-6), YaRN x40 over 4096 positions (mscale_all_dim 0.707)
+    "deepseek-v2-lite": Shape("deepseek2", 27, 2048, 16, 16, 192, 64, 6, 1408, 10944, 10000.0, 1e-6, 163840,
+                              yarn=(40.0, 4096), yarn_mscale=0.707, kv_lora_rank=512, rope_dim=64, v_head_dim=128, dense_layers=1,
+                              shared_experts=2),
     # not a released model: the small Qwen3-MoE shape of the project's compute benchmarks (benchmarks/README.md)
     "qwen3-64x4": Shape("qwen3moe", 8, 512, 16, 4, 128, 64, 4, 320, 2560, 1e6, 1e-6, 40960, qk_norm=True),
 }  # fmt: skip
@@ -104,11 +118,18 @@ def tensors(shape: Shape, quant: str, vocab: int) -> list[tuple[str, tuple[int, 
     for i in range(shape.layers):
         b = f"blk.{i}."
         vector(b + "attn_norm.weight", (d,))
-        for part, rows, role in (("attn_q", q, "other"), ("attn_k", kv, "attn_k"), ("attn_v", kv, "attn_v")):
-            matrix(b + part + ".weight", (rows, d), role, i)
-            if shape.biases:
-                vector(b + part + ".bias", (rows,))
-        matrix(b + "attn_output.weight", (d, q), "attn_output", i)
+        if shape.kv_lora_rank:
+            _latent_attention(shape, b, i, matrix, vector)
+        else:
+            for part, rows, role in (
+                ("attn_q", q, "other"),
+                ("attn_k", kv, "attn_k"),
+                ("attn_v", kv, "attn_v"),
+            ):
+                matrix(b + part + ".weight", (rows, d), role, i)
+                if shape.biases:
+                    vector(b + part + ".bias", (rows,))
+            matrix(b + "attn_output.weight", (d, q), "attn_output", i)
         if shape.biases:
             vector(b + "attn_output.bias", (d,))
         if shape.qk_norm:
@@ -118,6 +139,11 @@ def tensors(shape: Shape, quant: str, vocab: int) -> list[tuple[str, tuple[int, 
             vector(b + "attn_sinks.weight", (shape.heads,))
         # GPT-OSS's converter names the pre-FFN norm after the checkpoint's post_attention_layernorm
         vector(b + ("post_attention_norm.weight" if shape.arch == "gpt-oss" else "ffn_norm.weight"), (d,))
+        if i < shape.dense_layers:
+            f = shape.feed_forward
+            for part, dims in (("ffn_gate", (f, d)), ("ffn_up", (f, d)), ("ffn_down", (d, f))):
+                matrix(b + part + ".weight", dims, "ffn_down" if part == "ffn_down" else "other", i)
+            continue
         vector(b + "ffn_gate_inp.weight", (e, d))
         if shape.biases:
             vector(b + "ffn_gate_inp.bias", (e,))
@@ -129,6 +155,32 @@ def tensors(shape: Shape, quant: str, vocab: int) -> list[tuple[str, tuple[int, 
             matrix(b + part + ".weight", dims, "ffn_down" if part == "ffn_down_exps" else "other", i)
             if shape.biases:
                 vector(b + part + ".bias", dims[:2])
+        if shape.shared_experts:
+            f = shape.shared_experts * i_ff
+            for part, dims in (
+                ("ffn_gate_shexp", (f, d)),
+                ("ffn_up_shexp", (f, d)),
+                ("ffn_down_shexp", (d, f)),
+            ):
+                matrix(b + part + ".weight", dims, "ffn_down" if part == "ffn_down_shexp" else "other", i)
     vector("output_norm.weight", (d,))
     matrix("output.weight", (vocab, d), "output")
     return out
+
+
+def _latent_attention(shape: Shape, b: str, i: int, matrix, vector) -> None:
+    """DeepSeek's MLA as llama.cpp's converter writes it: kv_b_proj split into k_b [H, kv_rank, nope] and
+    v_b [H, dv, kv_rank]; llama.cpp's quantizer treats every part as a plain matrix ("other")."""
+    d, h, rank, rope = shape.hidden, shape.heads, shape.kv_lora_rank, shape.rope_dim
+    nope = shape.head_dim - rope
+    if shape.q_lora_rank:
+        matrix(b + "attn_q_a.weight", (shape.q_lora_rank, d), "other", i)
+        vector(b + "attn_q_a_norm.weight", (shape.q_lora_rank,))
+        matrix(b + "attn_q_b.weight", (h * shape.head_dim, shape.q_lora_rank), "other", i)
+    else:
+        matrix(b + "attn_q.weight", (h * shape.head_dim, d), "other", i)
+    matrix(b + "attn_kv_a_mqa.weight", (rank + rope, d), "other", i)
+    vector(b + "attn_kv_a_norm.weight", (rank,))
+    matrix(b + "attn_k_b.weight", (h, rank, nope), "other", i)
+    matrix(b + "attn_v_b.weight", (h, shape.v_head_dim, rank), "other", i)
+    matrix(b + "attn_output.weight", (d, h * shape.v_head_dim), "attn_output", i)
