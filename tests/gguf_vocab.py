@@ -116,7 +116,7 @@ def smollm2_gguf() -> Path:
 def smollm2_vocab() -> dict:
     """SmolLM2's vocabulary as its GGUF holds it (llama.cpp's converter wrote it)."""
     from moepager.generation.gguf_tokenizer import read_metadata
-    from moepager.sources.gguf import read_header
+    from moepager.sources.gguf_file import read_header
 
     m = read_metadata(read_header(smollm2_gguf())[0])
     return {"model": m["model"], "pre": m["pre"], "tokens": m["tokens"], "scores": None, "types": m["token_type"],

@@ -9,7 +9,7 @@ from gguf_vocab import TEXTS, smollm2_gguf, smollm2_vocab, spm_vocab, train_sent
 
 from moepager.errors import MoepagerError
 from moepager.generation.gguf_tokenizer import gguf_tokenizer, read_metadata
-from moepager.sources.gguf import read_header
+from moepager.sources.gguf_file import read_header
 
 
 def ours(path: Path):

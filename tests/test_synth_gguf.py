@@ -273,9 +273,8 @@ def test_deepseek_v2_lite_file_runs_in_moepager_and_llama_cpp(lite, tmp_path):
     ours = engine.logits([ids])[0]  # [T, V]
     assert engine.stats()["experts"]["misses"] > 0
     theirs = llama_cpp_logits(path, ids, tmp_path)
-    # llama.cpp runs MLA over the latent, k_b and v_b as block products of 8-bit activations; moepager puts
-    # kv_b back together in floats (test_gguf_fixtures.py: 1.8e-2 on the tiny file): measured median 2.3e-2,
-    # at most 4.4e-2, every argmax equal
+    # at this width llama.cpp's AVX-512 build and the libggml-python wheel's AVX2 one sum in other orders (the
+    # tiny fixtures agree bit for bit): measured median 1.4e-2, at most 1.9e-2, every argmax equal
     rel = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
-    assert rel.median().item() < 0.03 and rel.max().item() < 0.06, rel
+    assert rel.median().item() < 0.025 and rel.max().item() < 0.04, rel
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9

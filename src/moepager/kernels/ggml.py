@@ -43,6 +43,7 @@ F32, I32 = 0, 26  # ggml_type values of the activations and the ids
 SUPPORTED: frozenset[int] = frozenset(
     {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4}
 )
+MUL_MAT_TYPES: frozenset[int] = SUPPORTED | {Q.F16}  # dense products also take fp16 rows
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _MAX_THREADS = 512  # GGML_MAX_N_THREADS, the size of the thread pool's cpu mask
@@ -297,16 +298,16 @@ def _weights(base, ctx, qtype: int, w: torch.Tensor) -> int:
     return t
 
 
-def _check_type(qtype: int) -> None:
-    if qtype not in SUPPORTED:
+def _check_type(qtype: int, allowed: frozenset[int] = SUPPORTED) -> None:
+    if qtype not in allowed:
         name = Q(qtype).name if qtype in Q._value2member_map_ else qtype
-        names = ", ".join(Q(t).name for t in sorted(SUPPORTED))
+        names = ", ".join(Q(t).name for t in sorted(allowed))
         raise ValueError(f"GGUF quantization type {name} has no moepager kernel (supported: {names})")
 
 
-def _check(qtype: int, w: torch.Tensor, inputs: list[int]) -> None:
+def _check(qtype: int, w: torch.Tensor, inputs: list[int], allowed: frozenset[int] = SUPPORTED) -> None:
     """w: uint8 rows on the CPU of `qtype`, whose width takes inputs of shape `inputs` (its last is C)."""
-    _check_type(qtype)
+    _check_type(qtype, allowed)
     if w.dtype != torch.uint8 or w.device.type != "cpu" or w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
         raise ValueError(f"GGUF weights must be uint8 rows on the CPU, not {w.dtype} {list(w.shape)}")
     qk, bb = GGML_QUANT_SIZES[Q(qtype)]
@@ -391,22 +392,29 @@ def swiglu_experts(
 
 
 def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w uint8 [R, row bytes], x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it."""
+    """w uint8 [R, row bytes], x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it. Batched:
+    w [H, R, row bytes] and x [H, N, C] -> [H, N, R], matrix h on inputs h (MLA's per-head k_b and v_b).
+    Besides the block types, w may be F16 (rows llama.cpp's quantizer could not cut into blocks), whose
+    products round x to fp16 as ggml's do."""
     x = _activations(x)
+    batched = w.dim() == 3
 
     def check():
-        _check(qtype, w, list(x.shape))
-        if x.dim() != 2:
-            raise ValueError(f"inputs {list(x.shape)}: not [N, C]")
+        _check(qtype, w, list(x.shape), allowed=MUL_MAT_TYPES)
+        if x.dim() != w.dim() or (batched and x.shape[0] != w.shape[0]):
+            raise ValueError(f"inputs {list(x.shape)} for weights {list(w.shape)}: not [N, C] or [H, N, C]")
 
     def build(base, ctx):
-        a = _weights(base, ctx, qtype, w[None])
-        b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
+        a = _weights(base, ctx, qtype, w if batched else w[None])
+        if batched:
+            b = base.ggml_new_tensor_3d(ctx, F32, x.shape[2], x.shape[1], x.shape[0])
+        else:
+            b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
         return (b,), base.ggml_mul_mat(ctx, a, b)
 
     key = ("mm", qtype, w.data_ptr(), w.dtype, w.shape, w.stride(), x.shape)
-    graph = _graph(key, build, w.numel() * w.element_size(), x.shape[0], check)
-    return graph(torch.empty(x.shape[0], w.shape[0], dtype=torch.float32), x)
+    graph = _graph(key, build, w.numel() * w.element_size(), x.shape[-2], check)
+    return graph(torch.empty(*x.shape[:-1], w.shape[-2], dtype=torch.float32), x)
 
 
 def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:

@@ -49,10 +49,50 @@ class BlockEmbedding(nn.Module):
         return rows.to(device=ids.device, dtype=self.dtype).view(*ids.shape, self.dim)
 
 
+class BlockLatentKV(nn.Module):
+    """MLA's kv_b_proj as llama.cpp's converter splits it and llama.cpp computes it (LatentKV's absorb and
+    expand): k_b [H, kv_rank, row bytes] over nope inputs, v_b [H, Dv, row bytes] over kv_rank inputs, each a
+    per-head product of 8-bit (or, for fp16 rows, fp16) activations."""
+
+    def __init__(self, heads: int, k_b: tuple, v_b: tuple):
+        super().__init__()
+        self.heads = heads
+        (self.k_type, k_rows, k_row_bytes), (self.v_type, v_rows, v_row_bytes) = k_b, v_b
+        self.register_buffer("k_b", torch.empty(heads, k_rows // heads, k_row_bytes, dtype=torch.uint8))
+        self.register_buffer("v_b", torch.empty(heads, v_rows // heads, v_row_bytes, dtype=torch.uint8))
+
+    def _per_head(self, qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x [H, B, T, C] -> [H, B, T, R]"""
+        h, b, t, c = x.shape
+        return ggml.mul_mat(qtype, w, x.reshape(h, b * t, c)).view(h, b, t, -1).to(x.dtype)
+
+    def absorb(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, nope] -> [B, H, T, kv_rank]"""
+        return self._per_head(self.k_type, self.k_b, q.transpose(0, 1)).transpose(0, 1)
+
+    def expand(self, o: torch.Tensor) -> torch.Tensor:
+        """o [B, T, H, kv_rank] -> [B, T, H, Dv]"""
+        return self._per_head(self.v_type, self.v_b, o.permute(2, 0, 1, 3)).permute(1, 2, 0, 3)
+
+
+LATENT_PARTS = (".k_b", ".v_b")  # compact names of a kv_b_proj kept as llama.cpp's split (BlockLatentKV)
+
+
 def swap_compact(model: nn.Module, compact: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Replace the modules whose weights are given as blocks; returns their state ({name}.blocks -> bytes)
-    for load_state_dict. dtype: what the embedding hands the model."""
-    state = {}
+    for load_state_dict. dtype: what the embedding hands the model. An MLA kv_b_proj comes as its two parts,
+    {module}.k_b and {module}.v_b."""
+    state, compact = {}, dict(compact)
+    for name in [n for n in compact if n.endswith(LATENT_PARTS[0])]:
+        module_name = name.removesuffix(LATENT_PARTS[0])
+        (k_type, k_b, k_shape), (v_type, v_b, v_shape) = (compact.pop(module_name + p) for p in LATENT_PARTS)
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        heads = getattr(parent, attr).heads
+        new = BlockLatentKV(heads, (k_type, k_shape[0], k_b.shape[1]), (v_type, v_shape[0], v_b.shape[1]))
+        setattr(parent, attr, new)
+        state[module_name + ".k_b"] = k_b.view(heads, -1, k_b.shape[1])
+        state[module_name + ".v_b"] = v_b.view(heads, -1, v_b.shape[1])
     for weight_name, (qtype, blocks, (rows, cols)) in compact.items():
         module_name = weight_name.removesuffix(".weight")
         parent_name, _, attr = module_name.rpartition(".")

@@ -305,8 +305,34 @@ class Attention(_Attention):
         return self.o_proj(self.attend(q, k, v, cache, start, masks, self.sinks))
 
 
+class LatentKV(nn.Linear):
+    """MLA's kv_b_proj [H * (nope + Dv), kv_rank], used the way llama.cpp runs MLA (and DeepSeek's papers
+    describe its decoding): never expanded per position, but absorbed into the query and the output. Its k
+    rows take each head's query into the latent's space (absorb), its v rows take each head's attention
+    output, a mix of latents, to the head's values (expand). The same products as expanding K and V, in
+    another order; the cache holds one latent per position instead of H keys and values."""
+
+    def __init__(self, kv_rank: int, heads: int, nope: int, dv: int):
+        super().__init__(kv_rank, heads * (nope + dv), bias=False)
+        self.heads, self.nope, self.dv = heads, nope, dv
+
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight.view(self.heads, self.nope + self.dv, self.in_features)
+        return w[:, : self.nope], w[:, self.nope :]  # [H, nope, kv_rank], [H, Dv, kv_rank]
+
+    def absorb(self, q: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, nope] -> [B, H, T, kv_rank]"""
+        return torch.matmul(q, self._split()[0])
+
+    def expand(self, o: torch.Tensor) -> torch.Tensor:
+        """o [B, T, H, kv_rank] -> [B, T, H, Dv]"""
+        return torch.einsum("bthr,hdr->bthd", o, self._split()[1])
+
+
 class MLAttention(_Attention):
-    """DeepSeek's multi-head latent attention: K and V come from a low-rank latent shared by all heads."""
+    """DeepSeek's multi-head latent attention: K and V come from a low-rank latent shared by all heads. Run
+    as multi-query attention over the latent (LatentKV): one cached key of kv_rank + rope dims per position
+    (the latent and the rotated part), whose first kv_rank dims are also its value."""
 
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -324,7 +350,7 @@ class MLAttention(_Attention):
             self.q_b_proj = nn.Linear(config.q_lora_rank, h * dq, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_rank + self.rope_dim, bias=config.qkv_bias)
         self.kv_a_layernorm = RMSNorm(self.kv_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_rank, h * (self.nope + self.dv), bias=False)
+        self.kv_b_proj = LatentKV(self.kv_rank, h, self.nope, self.dv)
         self.o_proj = nn.Linear(h * self.dv, d, bias=config.o_bias)
         self.interleave = config.rope_interleave
         self.scale = dq**-0.5
@@ -343,14 +369,14 @@ class MLAttention(_Attention):
         q = q.view(b, t, self.h, -1).transpose(1, 2)  # [B, H, T, nope+rope]
         q_pass, q_rot = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, self.h, -1).transpose(1, 2)
-        k_pass, v = kv.split([self.nope, self.dv], dim=-1)  # [B, H, T, nope], [B, H, T, Dv]
+        latent = self.kv_a_layernorm(latent).view(b, 1, t, self.kv_rank)
         cos, sin = rope
         q_rot = apply_rope(q_rot, cos, sin, self.interleave)
         k_rot = apply_rope(k_rot.view(b, 1, t, self.rope_dim), cos, sin, self.interleave)
-        q = torch.cat((q_pass, q_rot), dim=-1)
-        k = torch.cat((k_pass, k_rot.expand(b, self.h, t, self.rope_dim)), dim=-1)
-        return self.o_proj(self.attend(q, k, v, cache, start, masks))
+        q = torch.cat((self.kv_b_proj.absorb(q_pass), q_rot), dim=-1)  # [B, H, T, kv_rank + rope]
+        k = torch.cat((latent, k_rot), dim=-1)  # [B, 1, T, kv_rank + rope]
+        o = self.attend(q, k, latent, cache, start, masks).view(b, t, self.h, self.kv_rank)
+        return self.o_proj(self.kv_b_proj.expand(o).flatten(2))
 
 
 class MLP(nn.Module):

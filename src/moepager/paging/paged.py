@@ -143,8 +143,8 @@ DEFAULT_CONTEXT = 4096
 
 def _kv_bytes_per_token(c: ModelConfig, itemsize: int) -> int:
     """K/V of one position in every layer, twice over: the buffers grow by doubling."""
-    if c.attention == "mla":
-        per_token = c.num_heads * (c.qk_nope_head_dim + c.rope_dim + c.v_head_dim)
+    if c.attention == "mla":  # one latent and its rotated key, the latent again as the value (LatentKV)
+        per_token = 2 * c.kv_lora_rank + c.rope_dim
     else:
         per_token = 2 * c.num_kv_heads * c.head_dim
     return 2 * per_token * itemsize * c.num_layers

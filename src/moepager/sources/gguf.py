@@ -16,23 +16,20 @@ Its tokenizer is built from the file's metadata by generation/gguf_tokenizer.py.
 
 from __future__ import annotations
 
-import gc
-import pickle
 import re
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..generation.gguf_tokenizer import gguf_tokenizer, read_metadata
 from ..generation.tokenizer import Tokenizer
-from ..kernels.ggml import SUPPORTED
+from ..kernels.ggml import MUL_MAT_TYPES, SUPPORTED
+from ..model.compact import LATENT_PARTS
 from ..model.config import config_from_hf
 from ..model.moe import ExpertWeights
 from ..system.direct_reader import CHUNK, DirectReader, copy_piece
-from ..system.process_memory import release_freed_heap
+from .gguf_file import dequantize, read_header
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
 LAYER_NAMES = {
@@ -67,7 +64,10 @@ GLOBAL_NAMES = {
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
 }
-COMPACT_SUFFIXES = ("_proj.weight",)  # moepager names of linear layers whose GGUF blocks stay compact
+COMPACT_SUFFIXES = (
+    "_proj.weight",
+    "_proj_with_mqa.weight",
+)  # moepager names of linear layers whose GGUF blocks stay compact
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
 EXPERT_BIASES = {
     "ffn_gate_exps.bias": "gate_bias",
@@ -87,7 +87,6 @@ ARCHITECTURES = {
     "deepseek2": ("deepseek_v3", False),
     "gpt-oss": ("gpt_oss", False),
 }
-_PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def moepager_name(gguf_name: str) -> str | None:
@@ -104,54 +103,6 @@ def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's convert-time q/k row permutation (its interleaved pairs -> Hugging Face's halves)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def dequantize(raw: torch.Tensor | np.ndarray, qtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bytes of a GGUF tensor (or whole rows of one) -> a new tensor of `shape` (numpy order, outer first)."""
-    import gguf
-
-    data = raw.numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw).reshape(-1).view(np.uint8)
-    name = gguf.GGMLQuantizationType(qtype).name
-    if name in _PLAIN:  # stored as is: keep the dtype
-        return torch.from_numpy(data.copy()).view(_PLAIN[name]).reshape(shape)
-    block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-    rows = data.reshape(-1, shape[-1] // block * block_bytes)
-    return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(rows, qtype), np.float32)).reshape(
-        shape
-    )
-
-
-class TensorInfo(NamedTuple):
-    """Where one tensor of a GGUF lies and what it is (gguf-py's ReaderTensor, without the reader)."""
-
-    name: str
-    shape: tuple[int, ...]  # innermost first, as GGUF lists dims
-    tensor_type: int
-    n_bytes: int
-    data_offset: int
-
-
-def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
-    """Every metadata field's value and every tensor's place in a GGUF file.
-
-    gguf-py's reader parses each string of the vocabulary into numpy objects of its own (~170 MiB for a
-    49k-token vocabulary). What is kept is a small share of that; created among the parser's objects it would
-    pin their freed memory, so it is copied out through one pickle, made again after the reader is freed and
-    its memory handed back to the system."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError or struct errors on a damaged file
-        raise CorruptFile(f"{path}: not a readable GGUF file ({e})") from None
-    fields = {name: f.contents() for name, f in reader.fields.items()}
-    tensors = {t.name: TensorInfo(t.name, tuple(int(s) for s in t.shape), int(t.tensor_type), int(t.n_bytes),
-                                  int(t.data_offset)) for t in reader.tensors}  # fmt: skip
-    blob = pickle.dumps((fields, tensors), protocol=pickle.HIGHEST_PROTOCOL)
-    del reader, fields, tensors
-    gc.collect()
-    release_freed_heap()
-    return pickle.loads(blob)
 
 
 class GgufSource:
@@ -362,9 +313,26 @@ class GgufSource:
             yield name, t
 
     def _keeps_blocks(self, name: str, qtype) -> bool:
-        """Matrices of linear layers (and the embedding) in a format the kernels compute from."""
-        matrix = name.endswith(COMPACT_SUFFIXES) or name in ("embed.weight", "lm_head.weight")
-        return matrix and self._blocks(qtype)
+        """Matrices of linear layers (and the embedding) in a format the kernels compute from. An older file's
+        whole MLA kv_b is not: its rows run over the latent, and MLA is computed with k_b over the heads' dims."""
+        if name == "embed.weight":  # rows looked up by ggml's to_float, a block type's
+            return self._blocks(qtype)
+        matrix = name.endswith(COMPACT_SUFFIXES) or name == "lm_head.weight"
+        return matrix and self._products(qtype) and not name.endswith("kv_b_proj.weight")
+
+    def _products(self, qtype) -> bool:
+        """A dense matrix computed by ggml's products as llama.cpp computes it: the block types, and fp16 rows,
+        whose products round the activations to fp16 (llama.cpp's quantizer leaves fp16 the matrices whose
+        rows are no whole number of blocks)."""
+        return self.compact and qtype in MUL_MAT_TYPES
+
+    def _latent_split(self, layer: int) -> list | None:
+        """A layer's MLA k_b and v_b tensors when both stay compact (LatentKV's products run on them as
+        llama.cpp runs its own: fp16 parts too, which its quantizer leaves where rows are no whole block)."""
+        parts = [self.tensors.get(f"blk.{layer}.{n}") for n in MLA_SPLIT]
+        if all(t is not None and self._products(t.tensor_type) for t in parts):
+            return parts
+        return None
 
     def _read(self, t) -> torch.Tensor:
         """A tensor's bytes, uint8 [n_bytes], read past the page cache into memory we own."""
@@ -392,7 +360,7 @@ class GgufSource:
                 shape = tuple(int(s) for s in reversed(t.shape))
                 sd[name] = self._fix(name, dequantize(self._read(t), t.tensor_type, shape))
         for layer in range(self.config.num_layers):
-            if f"blk.{layer}.{MLA_SPLIT[0]}" in self.tensors:
+            if f"blk.{layer}.{MLA_SPLIT[0]}" in self.tensors and self._latent_split(layer) is None:
                 sd[f"layers.{layer}.attn.kv_b_proj.weight"] = self._kv_b(layer)
         if "lm_head.weight" not in sd and "lm_head.weight" not in self._compact_names():
             if "embed.weight" in sd:
@@ -423,6 +391,11 @@ class GgufSource:
                 rows, cols = (int(s) for s in reversed(t.shape))
                 raw = self._fix(name, self._read(t).view(rows, -1))
                 out[name] = (int(t.tensor_type), raw, (rows, cols))
+        for layer in range(self.config.num_layers):
+            for t, part in zip(self._latent_split(layer) or (), LATENT_PARTS):
+                heads, rows, cols = (int(s) for s in reversed(t.shape))
+                raw = self._read(t).view(heads * rows, -1)
+                out[f"layers.{layer}.attn.kv_b_proj{part}"] = (int(t.tensor_type), raw, (heads * rows, cols))
         if "lm_head.weight" in self._compact_names() and "lm_head.weight" not in out:
             out["lm_head.weight"] = out["embed.weight"]
         self.reader.release_buffer()
