@@ -9,7 +9,7 @@ import pytest
 import moepager
 from moepager.cli import main
 from moepager.errors import MoepagerError
-from moepager.paging.paged import BUFFERS_FIXED, fit_context
+from moepager.paging.paged import fit_context, fixed_buffers
 from moepager.runtime.plan import plan
 
 
@@ -96,7 +96,7 @@ def test_memory_limit_fits_the_context_when_none_was_asked_for(tiny):
         2 * 2 * config.num_kv_heads * config.head_dim * 4 * config.num_layers + 16 * config.hidden_size * 4
     )
     limit = (
-        _rss() + BUFFERS_FIXED + 1100 * per_token + 2**20
+        _rss() + fixed_buffers(config) + 1100 * per_token + 2**20
     )  # about 1100 tokens of context and 1 MiB of experts
     footprint, note = fit_context(limit, engine.model, config, engine.device, None, 2**20)
     assert footprint["context"] in (768, 1024) and "leaves room for a context of" in note

@@ -137,6 +137,10 @@ class PagedExperts:
 
 
 BUFFERS_FIXED = 32 * 2**20  # allocator slack and small working tensors, whatever the context
+# what the first forward adds per layer beyond the RSS measured after loading (ggml's graphs and their work
+# buffers, code its first products map): a 27-layer DeepSeek-V2-Lite file grew 68-73 MiB past a plan without
+# it, over an 8 GiB limit, and thrashed under a cgroup cap of that size
+FIRST_FORWARD_PER_LAYER = 4 * 2**20
 MIN_FITTED_CONTEXT = 256  # below this a fitted context is no use: the limit is refused instead
 DEFAULT_CONTEXT = 4096
 
@@ -148,6 +152,11 @@ def _kv_bytes_per_token(c: ModelConfig, itemsize: int) -> int:
     else:
         per_token = 2 * c.num_kv_heads * c.head_dim
     return 2 * per_token * itemsize * c.num_layers
+
+
+def fixed_buffers(c: ModelConfig) -> int:
+    """Working memory a model needs whatever its context."""
+    return BUFFERS_FIXED + FIRST_FORWARD_PER_LAYER * c.num_layers
 
 
 def _activation_bytes_per_token(c: ModelConfig) -> int:
@@ -172,7 +181,7 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
     kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize)
     per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs
     kv = kv_per_token * max_context
-    buffers = BUFFERS_FIXED + _activation_bytes_per_token(config) * max_context
+    buffers = fixed_buffers(config) + _activation_bytes_per_token(config) * max_context
     return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers,
             "context": max_context, "context_bytes_per_token": per_token}  # fmt: skip
 
@@ -191,7 +200,7 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
     footprint = dense_footprint(model, config, device, wanted)
     if limit >= footprint["total"] + min_experts:
         return footprint, None
-    room = limit - footprint["process"] - BUFFERS_FIXED - min_experts
+    room = limit - footprint["process"] - fixed_buffers(config) - min_experts
     fits = max(0, room // footprint["context_bytes_per_token"]) // 256 * 256
     if max_context is None and fits >= MIN_FITTED_CONTEXT:
         note = (f"memory_limit {format_bytes(limit)} leaves room for a context of {fits} tokens, not {wanted}: "
