@@ -35,8 +35,8 @@ if [ "${GPT_OSS:-0}" = 1 ]; then
   moepager bench "$OSS" --budgets limit --memory-cap 8GiB --peers llamacpp-norepack,llamacpp-lazy \
     "${COMMON[@]}" --name real-scale-gpt-oss-8gib
 fi
-# DEEPSEEK=1: the same resident and 8 GiB runs at DeepSeek-V2-Lite's shape (llama.cpp's deepseek2: MLA, layer 0
-# dense, 64 experts of 1408 + 2 shared, softmax top-6)
+# DEEPSEEK=1: the same resident, 8 GiB and 4 GiB runs at DeepSeek-V2-Lite's shape (llama.cpp's deepseek2: MLA,
+# layer 0 dense, 64 experts of 1408 + 2 shared, softmax top-6; a 10.2 GB file)
 if [ "${DEEPSEEK:-0}" = 1 ]; then
   LITE="$D/deepseek-v2-lite.q4_k_m.gguf"
   [ -f "$LITE" ] || moepager synth "$LITE" --format gguf --shape deepseek-v2-lite --quant Q4_K_M
@@ -44,4 +44,6 @@ if [ "${DEEPSEEK:-0}" = 1 ]; then
     --name real-scale-deepseek-v2-lite-resident
   moepager bench "$LITE" --budgets limit --memory-cap 8GiB --peers llamacpp-norepack,llamacpp-lazy \
     "${COMMON[@]}" --name real-scale-deepseek-v2-lite-8gib
+  moepager bench "$LITE" --budgets limit --memory-cap 4GiB --peers llamacpp-norepack,llamacpp-lazy \
+    "${COMMON[@]}" --name real-scale-deepseek-v2-lite-4gib
 fi
