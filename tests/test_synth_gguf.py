@@ -170,6 +170,17 @@ def llama_cpp_logits(path: Path, ids: list[int], tmp_path: Path) -> torch.Tensor
     return torch.from_numpy(np.load(out))
 
 
+def paged_and_llama_cpp(path: Path, tmp_path: Path):
+    """The file paged at half its experts and llama.cpp, on TEXT's first 24 tokens -> (engine, ids, moepager's
+    logits [T, V], llama.cpp's, their relative difference per position)."""
+    engine = moepager.load(path, expert_memory="50%")
+    ids = engine.tokenizer.encode(TEXT)[:24]
+    ours = engine.logits([ids])[0]
+    assert engine.stats()["experts"]["misses"] > 0
+    theirs = llama_cpp_logits(path, ids, tmp_path)
+    return engine, ids, ours, theirs, (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
+
+
 @pytest.fixture
 def gpt_oss(monkeypatch):
     """GPT-OSS-20B's layer at 2 layers and 6 experts, its window cut to 8 tokens so a short text passes it."""
@@ -193,18 +204,13 @@ def test_gpt_oss_file_runs_in_moepager_and_llama_cpp(gpt_oss, tmp_path):
         w = ggml.dequantize(t.tensor_type, torch.from_numpy(t.data[0].copy()))
         assert t.tensor_type == Q.MXFP4 and 0.7 * std < w.std().item() < 1.4 * std, name
         assert abs(w.mean().item()) < 0.1 * std, name
-    engine = moepager.load(path, expert_memory="50%")
+    engine, ids, ours, theirs, rel = paged_and_llama_cpp(path, tmp_path)
     c = engine.config
     assert c.family == "gpt_oss" and c.attention_sinks and c.expert_bias and c.sliding_windows == [8, None]
     assert c.rope["rope_type"] == "yarn" and c.rope["factor"] == 32.0
-    ids = engine.tokenizer.encode(TEXT)[:24]
-    ours = engine.logits([ids])[0]  # [T, V]
-    assert engine.stats()["experts"]["misses"] > 0
-    theirs = llama_cpp_logits(path, ids, tmp_path)
     # llama.cpp rounds YaRN's correction range to whole dims (ggml_rope_yarn_corr_dims); GPT-OSS's reference
     # (truncate: false), and moepager with it, does not: measured 1.5-2.5e-2 apart relative to the logits, and
     # at this size that moves a near-tied routing choice now and then (one token 0.11 apart, its argmax changed)
-    rel = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
     assert rel.median().item() < 0.03, rel
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.85
     del engine
@@ -264,17 +270,12 @@ def lite(monkeypatch):
 @pytest.mark.slow
 def test_deepseek_v2_lite_file_runs_in_moepager_and_llama_cpp(lite, tmp_path):
     path = synth_gguf.synth_gguf(tmp_path / "lite.gguf", "lite", "Q4_K_M", progress_bar=False)
-    engine = moepager.load(path, expert_memory="50%")
+    engine, _, ours, theirs, rel = paged_and_llama_cpp(path, tmp_path)
     c = engine.config
     assert (c.family, c.routing, c.attention, c.q_lora_rank) == ("deepseek_v2", "softmax_group", "mla", None)
     assert c.moe_layers == [False] + [True] * 26 and c.shared_expert_size == 2 * 256
     assert c.rope["rope_type"] == "yarn" and c.rope["mscale_all_dim"] == 0.707
-    ids = engine.tokenizer.encode(TEXT)[:24]
-    ours = engine.logits([ids])[0]  # [T, V]
-    assert engine.stats()["experts"]["misses"] > 0
-    theirs = llama_cpp_logits(path, ids, tmp_path)
     # at this width llama.cpp's AVX-512 build and the libggml-python wheel's AVX2 one sum in other orders (the
     # tiny fixtures agree bit for bit): measured median 1.4e-2, at most 1.9e-2, every argmax equal
-    rel = (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
     assert rel.median().item() < 0.025 and rel.max().item() < 0.04, rel
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() >= 0.9
