@@ -64,10 +64,8 @@ GLOBAL_NAMES = {
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
 }
-COMPACT_SUFFIXES = (
-    "_proj.weight",
-    "_proj_with_mqa.weight",
-)  # moepager names of linear layers whose GGUF blocks stay compact
+# moepager names of linear layers whose GGUF blocks stay compact
+COMPACT_SUFFIXES = ("_proj.weight", "_proj_with_mqa.weight")
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
 EXPERT_BIASES = {
     "ffn_gate_exps.bias": "gate_bias",
