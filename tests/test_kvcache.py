@@ -143,3 +143,20 @@ def test_bad_kv_options_are_clear_errors(tiny):
         moepager.load(path, kv_memory="1MiB", kv_block_size=0)
     with pytest.raises(moepager.MoepagerError, match="not understood"):
         moepager.load(path, kv_memory="lots")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_mla_caches_one_latent_per_position(engines, family):
+    """MLA runs over its latent (LatentKV): one key of kv_lora_rank + rope dims per position and layer, the
+    latent again as its value, where expanded keys and values would hold H x (nope + rope + Dv)."""
+    engine = engines(family)
+    c, cache = engine.config, KVCache(engine.config.num_layers)
+    with torch.inference_mode():
+        engine.model(torch.arange(5)[None], cache)
+    for k, v in zip(cache.k, cache.v):
+        assert (k.shape[1], k.shape[-1], v.shape[1], v.shape[-1]) == (
+            1,
+            c.kv_lora_rank + c.rope_dim,
+            1,
+            c.kv_lora_rank,
+        )
