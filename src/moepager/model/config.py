@@ -77,6 +77,11 @@ class ModelConfig:
     absent_experts: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
     @property
+    def grouped_routing(self) -> bool:
+        """DeepSeek's routing: experts picked within the best groups, from router logits computed in fp32."""
+        return self.routing in ("sigmoid_group", "softmax_group")
+
+    @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
 

@@ -352,11 +352,16 @@ def route(
     k = config.top_k
     if absent is not None and config.routing != "sigmoid_group":
         logits = logits.masked_fill(absent, float("-inf"))
-    if config.routing == "softmax_topk" and config.routing_order == "llama.cpp":
+    # a softmax then top-k: also DeepSeek-V2 without groups, whose weights are then scaled
+    plain_softmax = config.routing == "softmax_topk" or (
+        config.routing == "softmax_group" and config.n_group == 1
+    )
+    if plain_softmax and config.routing_order == "llama.cpp":
         from ..kernels import ggml_routing  # imported only where a GGUF file is run
 
         w, ids = ggml_routing.softmax_topk(logits, k, config.norm_topk_prob)
-        return w.to(logits.dtype), ids
+        w = w.to(logits.dtype)
+        return (w * config.routed_scaling_factor if config.routed_scaling_factor != 1.0 else w), ids
     if config.routing == "softmax_topk":  # Mixtral, Qwen-MoE, OLMoE
         probs = torch.softmax(logits.float(), dim=-1)
         w, ids = torch.topk(probs, k, dim=-1)
@@ -366,12 +371,7 @@ def route(
     if config.routing == "topk_softmax":  # GPT-OSS
         top, ids = torch.topk(logits, k, dim=-1)
         return torch.softmax(top, dim=-1), ids
-    if config.routing == "softmax_group" and config.routing_order == "llama.cpp" and config.n_group == 1:
-        from ..kernels import ggml_routing  # a DeepSeek-V2 GGUF without groups: softmax_topk, then the scale
-
-        w, ids = ggml_routing.softmax_topk(logits, k, config.norm_topk_prob)
-        return w.to(logits.dtype) * config.routed_scaling_factor, ids
-    if config.routing in ("sigmoid_group", "softmax_group"):  # DeepSeek-V3, -V2: pick groups, then experts
+    if config.grouped_routing:  # DeepSeek-V3, -V2: pick groups, then experts
         if config.routing == "sigmoid_group":
             scores = logits.float().sigmoid()
         else:
@@ -424,7 +424,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (weights [N, K], ids [N, K])."""
-        if self.config.routing in ("sigmoid_group", "softmax_group"):  # the reference routes DeepSeek in fp32
+        if self.config.grouped_routing:  # the reference routes DeepSeek in fp32
             logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight, self.bias)

@@ -85,6 +85,7 @@ ARCHITECTURES = {
     "deepseek2": ("deepseek_v3", False),
     "gpt-oss": ("gpt_oss", False),
 }
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # the families of a deepseek2 file (_softmax_routed tells which)
 
 
 def moepager_name(gguf_name: str) -> str | None:
@@ -188,7 +189,7 @@ class GgufSource:
         elif family == "qwen3_moe":
             d["norm_topk_prob"] = True  # llama.cpp's qwen3moe always renormalizes
         d.update(self._rope_scaling(family))
-        if family in ("deepseek_v2", "deepseek_v3"):
+        if family in DEEPSEEK:
             d.update(self._mla_config())
         if family == "gpt_oss":
             d["sliding_window"] = int(m("attention.sliding_window"))
@@ -213,7 +214,7 @@ class GgufSource:
                 "beta_slow": float(m("rope.scaling.yarn_beta_slow", 1.0))}  # fmt: skip
         if family == "gpt_oss":
             rope["truncate"] = False  # GPT-OSS's YaRN keeps the correction range unrounded
-        if family in ("deepseek_v2", "deepseek_v3") and m("rope.scaling.yarn_log_multiplier"):
+        if family in DEEPSEEK and m("rope.scaling.yarn_log_multiplier"):
             # the converter writes 0.1 * mscale_all_dim; DeepSeek's checkpoints set mscale equal to it
             rope["mscale_all_dim"] = rope["mscale"] = float(
                 f"{m('rope.scaling.yarn_log_multiplier') / 0.1:.6g}"

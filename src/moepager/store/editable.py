@@ -263,7 +263,7 @@ class EditableStore:
     def _check_routing(self, layer: int, what: str) -> None:
         self._check_layer(layer)
         c = self.config
-        if c.routing in ("sigmoid_group", "softmax_group") and c.n_group > 1:
+        if c.grouped_routing and c.n_group > 1:
             raise MoepagerError(f"cannot {what}: {c.family} routing picks experts in n_group={c.n_group} groups "
                                 "of equal size, which one expert more or less would break")  # fmt: skip
 

@@ -121,7 +121,7 @@ class RowsRouter(nn.Module):
 
     def forward(self, x: torch.Tensor):
         r = self.router
-        if r.config.routing in ("sigmoid_group", "softmax_group"):  # the reference routes DeepSeek in fp32
+        if r.config.grouped_routing:  # the reference routes DeepSeek in fp32
             x, w = x.float(), r.weight.float()
             logits, mine = F.linear(x, w), F.linear(x, self.weight)
         else:
