@@ -1,10 +1,11 @@
 """Teacher-forced agreement between moepager and llama.cpp on the same GGUF file: over the tokens of a text,
 each position's next-token argmax and logits from both engines (so every position counts, not just the few a
-greedy loop visits before it repeats itself). llama.cpp runs in its own process (llama-cpp-python ships its own
-libggml under the same soname as the libggml-python wheel moepager computes with, so the two cannot share a
-process), with an f32 KV cache (its default f16 cache alone moves logits by ~0.08). Beside it, llama.cpp against
-itself: the same positions evaluated one token at a time (as it decodes) instead of in one batch, the floor
-that float summation order alone sets on these files. Usage:
+greedy loop visits before it repeats itself). llama.cpp runs in its own process with an f32 KV cache (its
+default f16 cache alone moves logits by ~0.08) and without flash attention, twice: as it runs by default, with
+its weights repacked (use_extra_bufts: on x86, Q4_0, Q4_K and IQ4_NL rows interleaved 8 by 8, whose kernels
+sum in another order), and without repacking. Beside them, llama.cpp against itself: the same positions one
+token at a time (as it decodes) instead of in one batch. Each row names the libggml moepager computed with
+(kernels/ggml_library.py: llama-cpp-python's own when it is installed). Usage:
 
     python benchmarks/gguf_agreement.py MODEL.gguf [MODEL.gguf ...] [--tokens 256] [--threads 2]
 """
@@ -23,29 +24,47 @@ import torch
 
 import moepager
 from moepager.data import __file__ as data_init
+from moepager.kernels import ggml_library
 
+# llama-cpp-python's low-level API: Llama() does not take use_extra_bufts
 LLAMA_CPP = """
 import json, sys
 import numpy as np
 import llama_cpp
-model, ids_file, out, threads, batch = sys.argv[1:6]
-ids = json.load(open(ids_file))
-llm = llama_cpp.Llama(model_path=model, n_ctx=len(ids) + 8, logits_all=True, type_k=0, type_v=0,
-                      n_batch=int(batch), n_ubatch=int(batch), n_threads=int(threads),
-                      n_threads_batch=int(threads), verbose=False)
-llm.eval(ids)
-np.save(out, np.array(llm.scores[: len(ids)], dtype=np.float32))
+model, ids_file, out, threads, batch, repack = sys.argv[1:7]
+ids, batch = json.load(open(ids_file)), int(batch)
+llama_cpp.llama_backend_init()
+mp = llama_cpp.llama_model_default_params()
+mp.use_extra_bufts = repack == "1"
+m = llama_cpp.llama_model_load_from_file(model.encode(), mp)
+p = llama_cpp.llama_context_default_params()
+p.n_ctx, p.n_batch, p.n_ubatch = len(ids) + 8, batch, batch
+p.n_threads = p.n_threads_batch = int(threads)
+p.type_k = p.type_v = 0  # f32 KV cache
+p.flash_attn_type = 0  # off
+ctx = llama_cpp.llama_init_from_model(m, p)
+vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(m))
+rows = []
+for first in range(0, len(ids), batch):
+    chunk = ids[first : first + batch]
+    b = llama_cpp.llama_batch_init(len(chunk), 0, 1)
+    for i, t in enumerate(chunk):
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, first + i, 1, 1
+        b.seq_id[i][0] = 0
+    b.n_tokens = len(chunk)
+    assert llama_cpp.llama_decode(ctx, b) == 0
+    rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(chunk), vocab)).copy())
+    llama_cpp.llama_batch_free(b)
+np.save(out, np.concatenate(rows))
 """
 
 
-def llama_cpp_logits(model: str, ids: list[int], threads: int, batch: int) -> torch.Tensor:
+def llama_cpp_logits(model: str, ids: list[int], threads: int, batch: int, repack: bool) -> torch.Tensor:
     with tempfile.TemporaryDirectory() as tmp:
         ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "logits.npy"
         ids_file.write_text(json.dumps(ids))
-        subprocess.run(
-            [sys.executable, "-c", LLAMA_CPP, model, str(ids_file), str(out), str(threads), str(batch)],
-            check=True,
-        )
+        args = [model, str(ids_file), str(out), str(threads), str(batch), str(int(repack))]
+        subprocess.run([sys.executable, "-c", LLAMA_CPP, *args], check=True, stderr=subprocess.DEVNULL)
         return torch.from_numpy(np.load(out))
 
 
@@ -56,25 +75,30 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     text = (Path(data_init).parent / "eval_gpl3.txt").read_text()
+    print(f"moepager computes with {ggml_library.library().describe()}")
     print(
-        "| file | positions | argmax agreement with llama.cpp | max abs logit difference | logit scale "
-        "| llama.cpp batched against its own token-by-token: agreement | max abs logit difference |"
+        "| file | positions | against llama.cpp repacked (its default): argmax agreement | logits bit for bit "
+        "| max abs difference | against llama.cpp not repacked: agreement | bit for bit | max abs difference "
+        "| llama.cpp batched against its own token-by-token (repacked): agreement | max abs difference |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models:
         torch.set_num_threads(args.threads)
         engine = moepager.load(model)
         ids = engine.tokenizer.encode(text)[: args.tokens]
         ours = engine.logits([ids])[0]  # [T, V]
         del engine
-        theirs = llama_cpp_logits(model, ids, args.threads, batch=len(ids))
-        stepwise = llama_cpp_logits(model, ids, args.threads, batch=1)
+        repacked = llama_cpp_logits(model, ids, args.threads, len(ids), repack=True)
+        plain = llama_cpp_logits(model, ids, args.threads, len(ids), repack=False)
+        stepwise = llama_cpp_logits(model, ids, args.threads, 1, repack=True)
 
-        def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
-            return f"{(a.argmax(-1) == b.argmax(-1)).float().mean().item():.3f} | {(a - b).abs().max().item():.2e}"
+        def agreement(a: torch.Tensor, b: torch.Tensor, exact: bool = True) -> str:
+            same = f"{(a.argmax(-1) == b.argmax(-1)).float().mean().item():.3f}"
+            bits = f" | {(a == b).all(-1).sum().item()}/{len(a)}" if exact else ""
+            return f"{same}{bits} | {(a - b).abs().max().item():.2e}"
 
-        print(f"| {Path(model).name} | {len(ids)} | {agreement(ours, theirs)} | {theirs.abs().max().item():.2f} "
-              f"| {agreement(theirs, stepwise)} |", flush=True)  # fmt: skip
+        print(f"| {Path(model).name} | {len(ids)} | {agreement(ours, repacked)} | {agreement(ours, plain)} "
+              f"| {agreement(repacked, stepwise, exact=False)} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Routing in llama.cpp's float order (kernels/ggml_routing.py) against ggml itself: the libggml wheel's own
+"""Routing in llama.cpp's float order (kernels/ggml_routing.py) against ggml itself: the loaded libggml's own
 ggml_soft_max and ggml_argsort (std::sort) on the same rows, then a GGUF model routing through it."""
 
 import ctypes
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moepager.kernels import ggml, ggml_routing
+from moepager.kernels import ggml, ggml_library, ggml_routing
 
 F32, I32 = 0, 26  # ggml_type
 DESC = 1  # GGML_SORT_ORDER_DESC
@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 
 def ggml_op(op: str, rows: np.ndarray) -> np.ndarray:
     """rows float32 [N, E] through one ggml op of the wheel: soft_max -> float32, argsort (descending) -> int32."""
-    g = ggml._ggml()
+    g = ggml_library.library()
     fn = getattr(g.base, f"ggml_{op}")
     fn.restype = ctypes.c_void_p
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + ([ctypes.c_int] if op == "argsort" else [])
@@ -57,11 +57,11 @@ def test_std_sort_orders_ties_as_ggml_argsort(seed):
 
 
 def test_softmax_is_ggml_soft_max_bit_for_bit():
-    """The wheel's libggml-cpu is built for AVX2, so its softmax checks the AVX2 form; the AVX-512 form (what a
-    llama.cpp built on an AVX-512 machine computes) is checked against llama.cpp itself by
-    benchmarks/gguf_agreement.py: the default model's f32 file agrees at every position."""
+    """Against the libggml moepager loaded: the wheel's is built for AVX2, llama-cpp-python's (preferred when it
+    is installed) for this machine, so each form is checked where its library runs."""
+    avx512 = bool(ggml_library.library().cpu.ggml_cpu_has_avx512())
     for x in rows_with_ties(2):
-        got = ggml_routing.soft_max(x, avx512=False)
+        got = ggml_routing.soft_max(x, avx512=avx512)
         assert np.array_equal(got, ggml_op("soft_max", x)), np.abs(got - ggml_op("soft_max", x)).max()
 
 

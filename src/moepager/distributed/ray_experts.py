@@ -25,7 +25,7 @@ import torch
 
 from ..errors import MoepagerError
 from ..model.config import ModelConfig
-from ..model.moe import few_tokens, group_by_expert
+from ..model.moe import few_tokens, group_by_expert, sum_in_order
 from .placement import Plan, place, shards, usage_from_trace
 from .shard import ExpertShard, from_wire, to_wire
 
@@ -143,6 +143,8 @@ class RayExperts:
         self.nodes = NodeWatch(self.ray)
         weakref.finalize(self, self.nodes.stop)  # an engine dropped without close() stops watching too
         self.info = self._ready(READY_TIMEOUT_S)
+        # GGUF experts: one process computes a layer in ggml's graph, for prefill too, and sums in its order
+        self.fused = all(info["fused"] for info in self.info)
 
     def _ready(self, timeout: float) -> list[dict]:
         refs = [a.ready.remote() for a in self.actors]
@@ -222,7 +224,7 @@ class RayExperts:
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         t_start = time.perf_counter()
         n, k = ids.shape
-        grouped = not few_tokens(ids, self.config)
+        grouped = not few_tokens(ids, self.config) and not self.fused
         flat = ids.flatten().cpu()
         # pairs by expert, then token: each expert's tokens ascending, as one process takes them
         order = torch.argsort(flat, stable=True)
@@ -253,7 +255,9 @@ class RayExperts:
         for pos, out in outs:
             full[pos] = out
         full = full.to(x.device)
-        if not grouped:  # as moe.gathered: sum_k weights * out
+        if self.fused:  # as moe.gathered over GGUF blocks
+            y = sum_in_order(full.view(n, k, -1), weights)
+        elif not grouped:  # as moe.gathered: sum_k weights * out
             y = torch.bmm(weights[:, None].to(full.dtype), full.view(n, k, -1))[:, 0]
         else:  # as moe.grouped: experts ascending
             y = torch.zeros_like(x)

@@ -124,8 +124,12 @@ class ExpertShard:
         """Where this shard runs, once its experts are loaded."""
         import socket
 
+        banks = self.banks or self.cache.banks
+        fused = all(
+            bank.fused_swiglu(self.config) for bank in banks.values()
+        )  # GGUF: summed in llama.cpp's order
         return {"pid": os.getpid(), "host": socket.gethostname(), "experts": len(self.keys),
-                "paged": self.cache is not None, "load_s": self.load_s}  # fmt: skip
+                "paged": self.cache is not None, "load_s": self.load_s, "fused": fused}  # fmt: skip
 
     def compute(
         self, layer: int, x: Wire, rows: np.ndarray, experts: np.ndarray, grouped: bool

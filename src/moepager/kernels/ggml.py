@@ -1,14 +1,16 @@
-"""llama.cpp's own CPU kernels (ggml, from the libggml-python wheel), called through ctypes.
+"""llama.cpp's own CPU kernels (ggml, the library kernels/ggml_library.py loads), called through ctypes.
 
 Owns the products of GGUF block-quantized weights, computed exactly as llama.cpp computes them: the
 activations are quantized once per call to the weight type's dot-product partner (Q8_0 for Q4_0..Q8_0,
-Q8_K for the K-quants), and integer dot products run in ggml's SIMD kernels. Three calls:
+Q8_K for the K-quants), and integer dot products run in ggml's SIMD kernels. The calls:
 - `mul_mat_id(qtype, bank, x, ids)`: a MoE layer's routed experts in one call (ggml's mul_mat_id), over a
   bank uint8 [S, R, row bytes] (slots may lie further apart than a matrix: a cache sizes slots for the
   largest layer) for the (token, slot) pairs ids [N, K]; decode and prefill alike (ggml groups the tokens
   of each expert itself);
 - `mul_mat(qtype, w, x)`: a dense matrix (attention, shared experts, output head);
+- `swiglu_mlp(types, mats, x)`: a dense SwiGLU feed-forward as one graph (llama.cpp's build_ffn);
 - `dequantize(qtype, raw)`: ggml's own to_float, for embedding rows and checks.
+The float ops between the products, as llama.cpp runs them, are in kernels/ggml_float.py.
 Each product is a ggml graph of one node over tensors whose data pointers are the torch tensors' own memory
 (nothing is copied or repacked). Graphs are cached per shape, so a decode step patches three pointers and
 calls ggml_graph_compute. It does not own which slots a layer uses (the experts primitive) or where the
@@ -33,167 +35,48 @@ import time
 from collections import OrderedDict
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
 
+from .ggml_library import DATA_OFFSET, F32, I32, InitParams, Q, library, set_data, set_strides, simd_form  # noqa: F401
 from .thread_choice import ThreadChoice
 
-Q = GGMLQuantizationType
-F32, I32 = 0, 26  # ggml_type values of the activations and the ids
 # the block types moepager computes compact (llama.cpp's "quantized" types a GGUF holds for its matrices)
 SUPPORTED: frozenset[int] = frozenset(
     {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4}
 )
 MUL_MAT_TYPES: frozenset[int] = SUPPORTED | {Q.F16}  # dense products also take fp16 rows
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_MAX_THREADS = 512  # GGML_MAX_N_THREADS, the size of the thread pool's cpu mask
-# struct ggml_tensor (ggml.h, ggml 0.20): type, buffer, ne[4], nb[4], op, op_params[16], flags, src[10],
-# view_src, view_offs, then data. Checked against ggml_get_data when the library loads.
-_NB_OFFSET = 48
-_DATA_OFFSET = 248
+_FLOAT_ROWS = MUL_MAT_TYPES | {Q.F32}  # and mul_mat float32 ones (router logits as llama.cpp takes them)
 _CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of a few decode batch sizes
 # ggml's polling level between calls: 0 sleeps at once, 50 (llama.cpp's default) spins a while. Spinning wins
 # when the model is resident; a process that pages experts sleeps, so its reader threads get the cores
 # (benchmarks/real_scale.md: at a 4 GiB cap on a busy machine, 2 threads decoded 0.71 tok/s spinning and 1.54
 # sleeping; on a quiet one 3.1 and 2.9)
 _poll = 50
-_NODES = 16  # tensors a graph's context holds (swiglu_experts: 9)
+_NODES = 16  # tensors a graph's context holds at least (swiglu_experts: 2K + 12)
 SMALL_WORK = 1 << 20  # weight bytes below which a product runs on the calling thread alone
-
-
-class _InitParams(ctypes.Structure):
-    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", _P), ("no_alloc", ctypes.c_bool)]
-
-
-class _CPlan(ctypes.Structure):
-    _fields_ = [
-        ("work_size", ctypes.c_size_t),
-        ("work_data", _P),
-        ("n_threads", ctypes.c_int),
-        ("threadpool", _P),
-        ("abort_callback", _P),
-        ("abort_callback_data", _P),
-        ("use_ref", ctypes.c_bool),
-    ]
-
-
-class _PoolParams(ctypes.Structure):
-    _fields_ = [
-        ("cpumask", ctypes.c_bool * _MAX_THREADS),
-        ("n_threads", ctypes.c_int),
-        ("prio", ctypes.c_int),
-        ("poll", ctypes.c_uint32),
-        ("strict_cpu", ctypes.c_bool),
-        ("paused", ctypes.c_bool),
-    ]
-
-
-class _ToFloat(ctypes.Structure):  # struct ggml_type_traits's leading fields
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", _I64),
-        ("blck_size_interleave", _I64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.CFUNCTYPE(None, _P, _P, _I64)),
-    ]
-
-
-def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
-    for lib, name, res, args in [
-        (base, "ggml_init", _P, [_InitParams]),
-        (base, "ggml_free", None, [_P]),
-        (base, "ggml_new_tensor_3d", _P, [_P, ctypes.c_int, _I64, _I64, _I64]),
-        (base, "ggml_new_tensor_2d", _P, [_P, ctypes.c_int, _I64, _I64]),
-        (base, "ggml_mul_mat", _P, [_P, _P, _P]),
-        (base, "ggml_mul_mat_id", _P, [_P, _P, _P, _P]),
-        (base, "ggml_swiglu_split", _P, [_P, _P, _P]),
-        (base, "ggml_new_graph_custom", _P, [_P, ctypes.c_size_t, ctypes.c_bool]),
-        (base, "ggml_build_forward_expand", None, [_P, _P]),
-        (base, "ggml_get_data", _P, [_P]),
-        (base, "ggml_tensor_overhead", ctypes.c_size_t, []),
-        (base, "ggml_graph_overhead_custom", ctypes.c_size_t, [ctypes.c_size_t, ctypes.c_bool]),
-        (base, "ggml_get_type_traits", ctypes.POINTER(_ToFloat), [ctypes.c_int]),
-        (base, "ggml_threadpool_params_default", _PoolParams, [ctypes.c_int]),
-        (cpu, "ggml_cpu_init", None, []),
-        (cpu, "ggml_graph_plan", _CPlan, [_P, ctypes.c_int, _P]),
-        (cpu, "ggml_graph_compute", ctypes.c_int, [_P, ctypes.POINTER(_CPlan)]),
-        (cpu, "ggml_threadpool_new", _P, [ctypes.POINTER(_PoolParams)]),
-    ]:
-        fn = getattr(lib, name)
-        fn.restype, fn.argtypes = res, args
-
-
-class _Ggml:
-    """The two libraries, loaded once, and one thread pool per thread count."""
-
-    def __init__(self):
-        import libggml  # the prebuilt libraries ship in this wheel; imported only when a GGUF is computed
-
-        where = os.path.join(os.path.dirname(libggml.__file__), "lib64")
-        self.base = ctypes.CDLL(os.path.join(where, "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-        self.cpu = ctypes.CDLL(os.path.join(where, "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
-        _signatures(self.base, self.cpu)
-        self.cpu.ggml_cpu_init()
-        self.pools: dict[tuple[int, int], int] = {}
-        self.lock = threading.Lock()  # one graph computes at a time: graphs and pools are shared
-        self._check_layout()
-
-    def _check_layout(self) -> None:
-        ctx = self.base.ggml_init(_InitParams(self.base.ggml_tensor_overhead() * 2, None, True))
-        try:
-            t = self.base.ggml_new_tensor_2d(ctx, F32, 32, 3)
-            _set_data(t, 0x1000)
-            nb = (ctypes.c_size_t * 2).from_address(t + _NB_OFFSET)
-            if self.base.ggml_get_data(t) != 0x1000 or tuple(nb) != (4, 128):
-                raise RuntimeError("libggml's struct ggml_tensor is not the layout moepager was written for")
-        finally:
-            self.base.ggml_free(ctx)
-
-    def pool(self, threads: int, poll: int) -> int:
-        if (threads, poll) not in self.pools:
-            params = self.base.ggml_threadpool_params_default(threads)
-            params.poll = poll
-            self.pools[threads, poll] = self.cpu.ggml_threadpool_new(ctypes.byref(params))
-        return self.pools[threads, poll]
-
-
-_lib: _Ggml | None = None
-_lib_lock = threading.Lock()
-
-
-def _ggml() -> _Ggml:
-    global _lib
-    with _lib_lock:
-        if _lib is None:
-            _lib = _Ggml()
-    return _lib
-
-
-def _set_data(tensor: int, ptr: int) -> None:
-    ctypes.c_void_p.from_address(tensor + _DATA_OFFSET).value = ptr
 
 
 class _Graph:
     """One product as a ggml graph: its tensors' data pointers are patched at each call."""
 
-    def __init__(self, build, threads: int, measured: int):
-        g = self.g = _ggml()
+    def __init__(self, build, threads: int, measured: int, nodes: int = 0):
+        g = self.g = library()
+        nodes = max(nodes, _NODES)
         # weight bytes a call counts toward choosing the thread count (0: not measured)
         self.threads, self.measured = threads, measured
-        size = g.base.ggml_tensor_overhead() * _NODES + g.base.ggml_graph_overhead_custom(_NODES, False)
-        self.ctx = g.base.ggml_init(_InitParams(size, None, True))
+        size = g.base.ggml_tensor_overhead() * nodes + g.base.ggml_graph_overhead_custom(nodes, False)
+        self.ctx = g.base.ggml_init(InitParams(size, None, True))
         # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here
         self.inputs, self.out, *scratch = build(g.base, self.ctx)
         self.scratch = scratch[0] if scratch else []
-        self.graph = g.base.ggml_new_graph_custom(self.ctx, _NODES, False)
+        self.graph = g.base.ggml_new_graph_custom(self.ctx, nodes, False)
         g.base.ggml_build_forward_expand(self.graph, self.out)
         self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
         self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
         self.plan.work_data = self.work.data_ptr()
 
         # the data pointer fields patched per call (inputs, then the output), and the call's fixed arguments
-        self.fields = [ctypes.c_void_p.from_address(t + _DATA_OFFSET) for t in (*self.inputs, self.out)]
+        self.fields = [ctypes.c_void_p.from_address(t + DATA_OFFSET) for t in (*self.inputs, self.out)]
         self.compute = functools.partial(g.cpu.ggml_graph_compute, self.graph, ctypes.byref(self.plan))
 
     def __call__(self, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
@@ -268,7 +151,7 @@ def sleep_between_calls() -> None:
     _poll = 0
 
 
-def _graph(key: tuple, build, work_bytes: int, tokens: int, check) -> _Graph:
+def cached_graph(key: tuple, build, work_bytes: int, tokens: int, check, nodes: int = 0) -> _Graph:
     """The cached graph of `key`, run on ggml's threads, or on the calling thread alone for a product that
     reads less than SMALL_WORK bytes of weights (waking a pool costs more than it saves there). `check()`
     validates the arguments when the graph is built: a key holds every pointer, shape and stride it checked,
@@ -280,7 +163,7 @@ def _graph(key: tuple, build, work_bytes: int, tokens: int, check) -> _Graph:
     if graph is None:
         check()
         measured = work_bytes if work_bytes >= SMALL_WORK and tokens == 1 else 0
-        graph = _graphs[key] = _Graph(build, threads, measured)
+        graph = _graphs[key] = _Graph(build, threads, measured, nodes)
         if len(_graphs) > _CACHED_GRAPHS:
             _graphs.popitem(last=False)
     else:
@@ -293,19 +176,19 @@ def _weights(base, ctx, qtype: int, w: torch.Tensor) -> int:
     s, r, rb = w.shape
     qk, bb = GGML_QUANT_SIZES[Q(qtype)]
     t = base.ggml_new_tensor_3d(ctx, qtype, rb // bb * qk, r, s)
-    (ctypes.c_size_t * 3).from_address(t + _NB_OFFSET + 8)[:] = [rb, w.stride(0), w.stride(0) * s]
-    _set_data(t, w.data_ptr())
+    set_strides(t, rb, w.stride(0), w.stride(0) * s)
+    set_data(t, w.data_ptr())
     return t
 
 
-def _check_type(qtype: int, allowed: frozenset[int] = SUPPORTED) -> None:
+def _check_type(qtype: int, allowed: frozenset[int] = MUL_MAT_TYPES) -> None:
     if qtype not in allowed:
         name = Q(qtype).name if qtype in Q._value2member_map_ else qtype
         names = ", ".join(Q(t).name for t in sorted(allowed))
         raise ValueError(f"GGUF quantization type {name} has no moepager kernel (supported: {names})")
 
 
-def _check(qtype: int, w: torch.Tensor, inputs: list[int], allowed: frozenset[int] = SUPPORTED) -> None:
+def _check(qtype: int, w: torch.Tensor, inputs: list[int], allowed: frozenset[int] = MUL_MAT_TYPES) -> None:
     """w: uint8 rows on the CPU of `qtype`, whose width takes inputs of shape `inputs` (its last is C)."""
     _check_type(qtype, allowed)
     if w.dtype != torch.uint8 or w.device.type != "cpu" or w.stride(-1) != 1 or w.stride(-2) != w.shape[-1]:
@@ -324,7 +207,7 @@ def _slots(ids: torch.Tensor, bank_size: int) -> torch.Tensor:
     return ids32
 
 
-def _activations(x: torch.Tensor) -> torch.Tensor:
+def activations(x: torch.Tensor) -> torch.Tensor:
     """x as float32 rows, contiguous (a no-op for the float32 activations of a decode step)."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
@@ -336,7 +219,7 @@ def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tenso
     out[n, k] = bank[ids[n, k]] @ x[n] (or x[n, k]), as llama.cpp computes it."""
     n, k = ids.shape
     s, r, _ = bank.shape
-    x = _activations(x)
+    x = activations(x)
     used = 1 if x.dim() == 2 else k  # inputs per token: shared by its K experts, or one each
     c = x.shape[-1]
 
@@ -352,20 +235,26 @@ def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tenso
         return (b, i), base.ggml_mul_mat_id(ctx, a, b, i)
 
     key = ("id", qtype, bank.data_ptr(), bank.dtype, bank.shape, bank.stride(), x.shape, k)
-    graph = _graph(key, build, min(n * k, s) * r * bank.shape[-1], n, check)
+    graph = cached_graph(key, build, min(n * k, s) * r * bank.shape[-1], n, check)
     return graph(torch.empty(n, k, r, dtype=torch.float32), x, _slots(ids, s))
 
 
 def swiglu_experts(
-    types: tuple[int, int, int], banks: tuple, x: torch.Tensor, ids: torch.Tensor
+    types: tuple[int, int, int],
+    banks: tuple,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A SwiGLU MoE layer's routed experts in one graph, as llama.cpp's build_moe_ffn computes them: gate and
     up banks [S, I, row bytes], down [S, D, row bytes] of `types`, x float32 [N, D], ids [N, K] ->
-    [N, K, D] = down(silu(gate x) * up x) per (token, slot) pair. One call wakes the pool once for the layer."""
+    [N, K, D] = down(silu(gate x) * up x) per (token, slot) pair; with `weights` [N, K], their weighted sum
+    [N, D], each pair's output times its weight, then added slot by slot as llama.cpp adds them. One call wakes
+    the pool once for the layer."""
     gate, up, down = banks
     n, k = ids.shape
     s, i_ff, d = gate.shape[0], gate.shape[1], down.shape[1]
-    x = _activations(x)
+    x = activations(x)
 
     def check():
         for qtype, bank, inputs in zip(types, banks, (list(x.shape), list(x.shape), [i_ff])):
@@ -373,6 +262,8 @@ def swiglu_experts(
         if up.shape[:2] != gate.shape[:2] or down.shape[0] != s or x.shape[0] != n:
             raise ValueError(f"gate {list(gate.shape)}, up {list(up.shape)}, down {list(down.shape)} and inputs "
                              f"{list(x.shape)} are not one SwiGLU bank for ids {list(ids.shape)}")  # fmt: skip
+        if weights is not None and weights.shape != ids.shape:
+            raise ValueError(f"weights {list(weights.shape)} are not one per id {list(ids.shape)}")
 
     def build(base, ctx):
         a_gate, a_up, a_down = (_weights(base, ctx, q, b) for q, b in zip(types, banks))
@@ -380,15 +271,70 @@ def swiglu_experts(
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
         g, u = base.ggml_mul_mat_id(ctx, a_gate, b, i), base.ggml_mul_mat_id(ctx, a_up, b, i)  # [I, K, N]
         h = base.ggml_swiglu_split(ctx, g, u)
+        out = base.ggml_mul_mat_id(ctx, a_down, h, i)  # [D, K, N]
         scratch = [torch.empty(n, k, i_ff, dtype=torch.float32) for _ in range(3)]  # g, u, h
         for node, buf in zip((g, u, h), scratch):
-            _set_data(node, buf.data_ptr())
-        return (b, i), base.ggml_mul_mat_id(ctx, a_down, h, i), scratch  # [D, K, N]
+            set_data(node, buf.data_ptr())
+        if weights is None:
+            return (b, i), out, scratch
+        w = base.ggml_new_tensor_3d(ctx, F32, 1, k, n)
+        weighted = base.ggml_mul(ctx, out, w)
+        scratch += [torch.empty(n, k, d, dtype=torch.float32) for _ in range(2)]  # out, weighted
+        set_data(out, scratch[3].data_ptr())
+        set_data(weighted, scratch[4].data_ptr())  # before the views, which take their data from it
+        slot = [base.ggml_view_2d(ctx, weighted, d, n, d * k * 4, j * d * 4) for j in range(k)]  # [D, N] each
+        if k == 1:
+            return (b, i, w), base.ggml_cont(ctx, slot[0]), scratch
+        total = slot[0]  # summed into slot 0's rows in place, the last sum into the output
+        for j in range(1, k - 1):
+            total = base.ggml_add_inplace(ctx, total, slot[j])
+        return (b, i, w), base.ggml_add(ctx, total, slot[k - 1]), scratch
 
-    key = ("glu", types, *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in banks), x.shape, k)
+    key = (
+        "glu",
+        types,
+        *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in banks),
+        x.shape,
+        k,
+        weights is None,
+    )
     work = min(n * k, s) * (gate.shape[1] * gate.shape[2] * 2 + down.shape[1] * down.shape[2])
-    graph = _graph(key, build, work, n, check)
-    return graph(torch.empty(n, k, d, dtype=torch.float32), x, _slots(ids, s))
+    graph = cached_graph(key, build, work, n, check, nodes=2 * k + 12)
+    slots = _slots(ids, s)
+    if weights is None:
+        return graph(torch.empty(n, k, d, dtype=torch.float32), x, slots)
+    return graph(torch.empty(n, d, dtype=torch.float32), x, slots, activations(weights))
+
+
+def swiglu_mlp(types: tuple[int, int, int], mats: tuple, x: torch.Tensor) -> torch.Tensor:
+    """A dense SwiGLU feed-forward (a dense layer, a shared expert) in one graph, as llama.cpp's build_ffn
+    computes it: gate and up uint8 [I, row bytes], down [D, row bytes] of `types`, x float32 [N, D] ->
+    down(silu(gate x) * up x) [N, D]."""
+    gate, up, down = mats
+    n, i_ff, d = x.shape[0], gate.shape[0], down.shape[0]
+    x = activations(x)
+
+    def check():
+        for qtype, w, inputs in zip(types, mats, (list(x.shape), list(x.shape), [i_ff])):
+            _check(qtype, w, inputs, allowed=MUL_MAT_TYPES)
+        if up.shape[0] != i_ff or x.dim() != 2:
+            raise ValueError(
+                f"gate {list(gate.shape)}, up {list(up.shape)}, inputs {list(x.shape)}: not a SwiGLU"
+            )
+
+    def build(base, ctx):
+        a_gate, a_up, a_down = (_weights(base, ctx, q, w[None]) for q, w in zip(types, mats))
+        b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], n)
+        g, u = base.ggml_mul_mat(ctx, a_gate, b), base.ggml_mul_mat(ctx, a_up, b)  # [I, N]
+        h = base.ggml_swiglu_split(ctx, g, u)
+        scratch = [torch.empty(n, i_ff, dtype=torch.float32) for _ in range(3)]
+        for node, buf in zip((g, u, h), scratch):
+            set_data(node, buf.data_ptr())
+        return (b,), base.ggml_mul_mat(ctx, a_down, h), scratch
+
+    key = ("mlp", types, *((w.data_ptr(), w.dtype, w.shape, w.stride()) for w in mats), x.shape)
+    work = sum(w.numel() * w.element_size() for w in mats)
+    return cached_graph(key, build, work, n, check)(torch.empty(n, d, dtype=torch.float32), x)
 
 
 def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -396,11 +342,11 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     w [H, R, row bytes] and x [H, N, C] -> [H, N, R], matrix h on inputs h (MLA's per-head k_b and v_b).
     Besides the block types, w may be F16 (rows llama.cpp's quantizer could not cut into blocks), whose
     products round x to fp16 as ggml's do."""
-    x = _activations(x)
+    x = activations(x)
     batched = w.dim() == 3
 
     def check():
-        _check(qtype, w, list(x.shape), allowed=MUL_MAT_TYPES)
+        _check(qtype, w, list(x.shape), allowed=_FLOAT_ROWS)
         if x.dim() != w.dim() or (batched and x.shape[0] != w.shape[0]):
             raise ValueError(f"inputs {list(x.shape)} for weights {list(w.shape)}: not [N, C] or [H, N, C]")
 
@@ -413,7 +359,7 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return (b,), base.ggml_mul_mat(ctx, a, b)
 
     key = ("mm", qtype, w.data_ptr(), w.dtype, w.shape, w.stride(), x.shape)
-    graph = _graph(key, build, w.numel() * w.element_size(), x.shape[-2], check)
+    graph = cached_graph(key, build, w.numel() * w.element_size(), x.shape[-2], check)
     return graph(torch.empty(*x.shape[:-1], w.shape[-2], dtype=torch.float32), x)
 
 
@@ -426,7 +372,7 @@ def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:
     raw = raw.contiguous()
     out = torch.empty(*raw.shape[:-1], raw.shape[-1] // bb * qk, dtype=torch.float32)
     if out.numel():
-        _ggml().base.ggml_get_type_traits(qtype).contents.to_float(
+        library().base.ggml_get_type_traits(qtype).contents.to_float(
             raw.data_ptr(), out.data_ptr(), out.numel()
         )
     return out

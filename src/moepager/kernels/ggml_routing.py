@@ -170,25 +170,37 @@ CLOSE = 1e-6
 
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [N, E] -> (weights [N, K] float32, ids [N, K] int64) as llama.cpp picks them: softmax,
-    the first K of a descending std::sort, and (normalize) the K weights divided by their sum.
+    the first K of a descending std::sort, and (normalize) the K weights divided by their sum (ggml_sum_rows:
+    in float64, in order; clamped to 2^-14).
 
-    torch's softmax and topk give the same experts wherever the first K+1 probabilities are not close, which
-    on a trained router is nearly every row; the others (the default model's: ~20% of rows) are computed as
-    ggml computes them. Emulating every row cost a third of a small Q4_0 model's decode speed."""
+    When the loaded libggml computes in the form llama.cpp built for this CPU does (kernels/ggml.py prefers
+    llama.cpp's own library), its own softmax gives every row's probabilities. Otherwise torch's softmax and
+    topk, which pick the same experts wherever the first K+1 probabilities are not close (on a trained router
+    nearly every row); the others (the default model's: ~20% of rows) are computed here as ggml computes them.
+    Emulating every row cost a third of a small Q4_0 model's decode speed."""
+    from . import ggml, ggml_float
+
     x = logits.detach().float().cpu()
-    probs = torch.softmax(x, dim=-1)
-    top, ids = torch.topk(probs, min(k + 1, probs.shape[-1]), dim=-1)  # descending
-    close = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1)
+    kk = min(k + 1, x.shape[-1])
+    if ggml.simd_form() == ("AVX-512" if avx512() else "AVX2"):
+        probs = ggml_float.soft_max(x)
+        top, ids = torch.topk(probs, kk, dim=-1)
+        rows = (top[:, 1:] == top[:, :-1]).any(dim=-1).nonzero().flatten()  # ties: std::sort's own order
+        exact = probs[rows]
+    else:
+        probs = torch.softmax(x, dim=-1)
+        top, ids = torch.topk(probs, kk, dim=-1)  # descending
+        rows = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1).nonzero().flatten()
+        exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512())) if len(rows) else None
     weights, ids = top[:, :k], ids[:, :k]
-    if close.any():
+    if len(rows):
         weights, ids = weights.clone(), ids.clone()
-        rows = close.nonzero().flatten()
-        exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512()))
-        top, picked = torch.topk(exact, min(k + 1, exact.shape[-1]), dim=-1)
-        tied = (top[:, 1:] == top[:, :-1]).any(dim=-1)  # equal values: where std::sort's own order shows
+        top, picked = torch.topk(exact, kk, dim=-1)
+        tied = (top[:, 1:] == top[:, :-1]).any(dim=-1)
         for i, row in enumerate(rows.tolist()):
             ids[row] = torch.tensor(std_sort_desc(exact[i].numpy())[:k]) if tied[i] else picked[i, :k]
             weights[row] = exact[i, ids[row]]
     if normalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+        total = weights.double().cumsum(-1)[:, -1:].float().clamp(min=2.0**-14)
+        weights = weights / total
     return weights.to(logits.device), ids.to(logits.device)

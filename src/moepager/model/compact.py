@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ggml, hugepages, matvec
+from ..kernels import ggml, ggml_float, hugepages, matvec
+from .layers import MLP, Attention, KVCache, RMSNorm
+from .moe import Router, SharedGate, route
 
 
 class BlockLinear(nn.Module):
@@ -105,6 +107,96 @@ def swap_compact(model: nn.Module, compact: dict, dtype: torch.dtype) -> dict[st
         setattr(parent, attr, new)
         state[f"{module_name}.blocks"] = blocks
     return state
+
+
+class GgmlRMSNorm(RMSNorm):
+    """RMSNorm as llama.cpp computes it (ggml's rms_norm, then its product by the weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ggml_float.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+
+
+class BlockMLP(MLP):
+    """A SwiGLU feed-forward of three BlockLinear layers as one ggml graph, as llama.cpp's build_ffn runs it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mats = (self.gate_proj, self.up_proj, self.down_proj)
+        y = ggml.swiglu_mlp(
+            tuple(m.qtype for m in mats), tuple(m.blocks for m in mats), x.reshape(-1, x.shape[-1])
+        )
+        return y.view(*x.shape[:-1], -1)
+
+
+class GgmlRouter(Router):
+    """Router logits by ggml's float32 product over the file's float32 router matrix, as llama.cpp takes them."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = ggml.mul_mat(ggml.F32, self.weight.view(torch.uint8), x.reshape(-1, x.shape[-1]))
+        if self.bias is not None:
+            logits = logits + self.bias
+        return route(logits, self.config, self.e_score_correction_bias, self.absent)
+
+
+class GgmlSharedGate(SharedGate):
+    """A shared expert's gate as llama.cpp's qwen2moe graph computes it: ggml's product, then silu(z) / z."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ggml_float.sigmoid_gate(self.weight, x)
+
+
+class GgmlAttention(Attention):
+    """Attention as llama.cpp's graph runs it (kernels/ggml_float.py): ggml's rotary embedding, then K q, the
+    masked softmax and V^T over llama.cpp's window of cached positions, for one sequence over the in-RAM
+    KVCache (or none). Batches and blocked caches take Attention's own path."""
+
+    rope_dims: int
+    rope_base: float
+
+    def forward(self, x, rope, cache, start, masks=None):
+        if x.shape[0] != 1 or not (cache is None or isinstance(cache, KVCache)):
+            return super().forward(x, rope, cache, start, masks)
+        t = x.shape[1]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [1, T, H*Dh], [1, T, Hk*Dh] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.view(t, self.h, self.dh), k.view(t, self.hk, self.dh), v.view(t, self.hk, self.dh)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        qk = ggml_float.rope(torch.cat([q, k], dim=1), start, self.rope_dims, self.rope_base)
+        q, k, v = qk[:, : self.h], qk[:, self.h :].transpose(0, 1), v.transpose(0, 1)  # k, v: [Hk, T, Dh]
+        n_kv = ggml_float.cached_positions(start + t)
+        if cache is None:
+            keys, values = (z.new_zeros(self.hk, n_kv, self.dh) for z in (k, v))
+            keys[:, :t], values[:, :t] = k, v
+        else:
+            cache.update(self.layer, k[None], v[None])
+            cache.reserve(self.layer, n_kv, k[None], v[None])
+            keys, values = cache.k[self.layer][0], cache.v[self.layer][0]
+        return self.o_proj(ggml_float.attention(q, keys, values, start, self.scale)[None])
+
+
+def swap_llama_cpp_ops(model: nn.Module) -> None:
+    """A float32 GGUF model on the CPU: the float ops around its block products (norms, SwiGLU, router
+    logits, a shared expert's gate, attention with plain RoPE) run as llama.cpp runs them, in ggml, so that no ulp of difference reaches
+    the 8-bit rounding of the next product's activations (where one ulp can move a value a whole step). Each
+    swap keeps the module's parameters; only forward changes."""
+    config = model.config
+    plain_rope = config.rope.get("rope_type") == "default" and not config.rope_interleave
+    for module in model.modules():
+        if type(module) is Attention and plain_rope and module.window is None and module.sinks is None and module.clip is None:  # fmt: skip
+            module.__class__ = GgmlAttention
+            module.rope_dims, module.rope_base = model.rotary.dim, float(config.rope["rope_theta"])
+        elif type(module) is RMSNorm:
+            module.__class__ = GgmlRMSNorm
+        elif type(module) is MLP and all(
+            type(m) is BlockLinear and m.bias is None
+            for m in (module.gate_proj, module.up_proj, module.down_proj)
+        ):
+            module.__class__ = BlockMLP
+        elif type(module) is Router and module.weight.dtype == torch.float32:
+            module.__class__ = GgmlRouter
+        elif type(module) is SharedGate:
+            module.__class__ = GgmlSharedGate
 
 
 class MatvecLinear(nn.Linear):

@@ -182,8 +182,9 @@ class KVCache:
         if buf_k is not None and size <= buf_k.shape[2]:
             return
         capacity = max(2 * size, 64)
-        new_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
-        new_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+        # zeros, not garbage, past the length: llama.cpp's attention reads masked positions too (GgmlAttention)
+        new_k = k.new_zeros(*k.shape[:2], capacity, k.shape[3])
+        new_v = v.new_zeros(*v.shape[:2], capacity, v.shape[3])
         if n:
             new_k[:, :, :n] = buf_k[:, :, :n]
             new_v[:, :, :n] = self.v[layer][:, :, :n]

@@ -200,16 +200,23 @@ class ExpertBank:
             gu = gu + self.gate_up_bias[slots].to(gu.dtype)
         return gu.chunk(2, dim=-1)
 
-    def swiglu_pairs(self, x: torch.Tensor, slots: torch.Tensor, config: ModelConfig) -> torch.Tensor | None:
-        """x [N, D], slots [N, K] -> unweighted outputs [N, K, D] in one kernel call, when every matrix is GGUF
-        blocks of a plain SwiGLU without biases (llama.cpp's own MoE graph); None otherwise."""
+    def fused_swiglu(self, config: ModelConfig) -> bool:
+        """Whether every matrix is GGUF blocks of a plain SwiGLU without biases (llama.cpp's own MoE graph): such
+        a layer's pairs run as one graph (swiglu_pairs), for prefill as for decode."""
         m = self.matrices
-        if (config.expert_act == "gptoss" or self.gate_up is not None or self.gate_up_bias is not None
-                or self.down_bias is not None or x.dim() != 2
-                or not all(isinstance(m[p], GgufBank) for p in ("gate", "up", "down"))):  # fmt: skip
+        return (config.expert_act != "gptoss" and self.gate_up is None and self.gate_up_bias is None
+                and self.down_bias is None and all(isinstance(m.get(p), GgufBank) for p in ("gate", "up", "down")))  # fmt: skip
+
+    def swiglu_pairs(
+        self, x: torch.Tensor, slots: torch.Tensor, config: ModelConfig, weights: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """x [N, D], slots [N, K] -> unweighted outputs [N, K, D] in one kernel call, or with weights [N, K]
+        their weighted sum [N, D] in llama.cpp's order (sum_in_order), when fused_swiglu; None otherwise."""
+        if not self.fused_swiglu(config) or x.dim() != 2:
             return None
+        m = self.matrices
         types = (m["gate"].qtype, m["up"].qtype, m["down"].qtype)
-        out = swiglu_experts(types, (m["gate"].raw, m["up"].raw, m["down"].raw), x, slots)
+        out = swiglu_experts(types, (m["gate"].raw, m["up"].raw, m["down"].raw), x, slots, weights)
         return out.to(x.dtype)
 
     def expert(self, x: torch.Tensor, slot: int, config: ModelConfig) -> torch.Tensor:
@@ -231,13 +238,24 @@ def gathered(
     bank: ExpertBank, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, config: ModelConfig
 ):
     """Decode: every (token, expert) pair read straight from the bank, a handful of ops whatever K is."""
-    out = bank.swiglu_pairs(x, slots, config)  # [N, K, D], GGUF blocks: one call
-    if out is None:
-        gate, up = bank.gate_and_up(x, slots)  # [N, K, I] each
-        out = bank.down.gather_mv(activation(gate, up, config), slots)  # [N, K, D]
-        if bank.down_bias is not None:
-            out = out + bank.down_bias[slots].to(out.dtype)
+    y = bank.swiglu_pairs(x, slots, config, weights)  # GGUF blocks: the whole layer in one call
+    if y is not None:
+        return y
+    gate, up = bank.gate_and_up(x, slots)  # [N, K, I] each
+    out = bank.down.gather_mv(activation(gate, up, config), slots)  # [N, K, D]
+    if bank.down_bias is not None:
+        out = out + bank.down_bias[slots].to(out.dtype)
     return torch.bmm(weights[:, None].to(out.dtype), out)[:, 0]  # sum_k weights * out: [N, D]
+
+
+def sum_in_order(out: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out [N, K, D], weights [N, K] -> sum_k weights * out [N, D] as llama.cpp's build_moe_ffn adds them (and
+    swiglu_experts with weights): each product rounded, then slot after slot. For pairs computed elsewhere."""
+    weighted = out * weights[..., None].to(out.dtype)
+    y = weighted[:, 0]
+    for j in range(1, weighted.shape[1]):
+        y = y + weighted[:, j]
+    return y
 
 
 def grouped(bank, x, ids, slots, weights, config: ModelConfig) -> torch.Tensor:
@@ -284,8 +302,8 @@ def group_by_expert(ids: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Te
 def switch_glu(bank: ExpertBank, x, ids, slots, weights, config: ModelConfig) -> torch.Tensor:
     """The MoE layer's routed experts: x [N, D], ids/slots/weights [N, K] -> y [N, D]. Few tokens (decode,
     small batches) take the gathered kernels; many (prefill) the grouped pass, where each expert's matmul
-    over its tokens outweighs the loop."""
-    if few_tokens(ids, config):
+    over its tokens outweighs the loop. GGUF blocks always take ggml's graph, which groups tokens itself."""
+    if few_tokens(ids, config) or bank.fused_swiglu(config):
         return gathered(bank, x, slots, weights, config)
     return grouped(bank, x, ids, slots, weights, config)
 
@@ -431,6 +449,13 @@ class Router(nn.Module):
         return route(logits, self.config, self.e_score_correction_bias, self.absent)
 
 
+class SharedGate(nn.Linear):
+    """A shared expert's gate (Qwen2-MoE): x [N, D] -> sigmoid(x @ weight.T) [N, 1]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(super().forward(x))
+
+
 class MoE(nn.Module):
     """Router + routed experts (through the contract) + optional always-on shared expert."""
 
@@ -441,7 +466,9 @@ class MoE(nn.Module):
         self.shared = (
             MLP(config.hidden_size, config.shared_expert_size) if config.shared_expert_size else None
         )
-        self.shared_gate = nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        self.shared_gate = (
+            SharedGate(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        )
         self.experts: Experts | None = None  # swapped in after construction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -451,5 +478,5 @@ class MoE(nn.Module):
         y = self.experts(self.layer, x, ids, weights)
         if self.shared is not None:
             s = self.shared(x)
-            y = y + (torch.sigmoid(self.shared_gate(x)) * s if self.shared_gate is not None else s)
+            y = y + (self.shared_gate(x) * s if self.shared_gate is not None else s)
         return y.reshape(shape)

@@ -18,7 +18,7 @@ from ..errors import MoepagerError
 from ..generation import sessions
 from ..generation.generate import SamplingParams, Timings, generate_step
 from ..generation.tokenizer import Tokenizer
-from ..model.compact import huge_page_weights, swap_compact, swap_matvec
+from ..model.compact import huge_page_weights, swap_compact, swap_llama_cpp_ops, swap_matvec
 from ..model.decoder import Transformer
 from ..model.fused_decode import swap_fused_decode
 from ..model.kvcache import BlockKVCache, KVOptions
@@ -239,8 +239,11 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
             f"{ckpt.path}: tensors missing for this {ckpt.config.family} model: {sorted(missing)[:5]}"
         )
     net.load_state_dict(state, strict=True, assign=True)
+    gguf_blocks = bool(compact)
     del state, compact  # the model holds the weights: each is freed as soon as it is moved below
     net.to(device=dev, dtype=dtype)
+    if gguf_blocks and dtype == torch.float32:
+        swap_llama_cpp_ops(net)  # the float ops between the block products as llama.cpp runs them
     huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     swap_fused_decode(net)  # fp32 CPU decode of the plain families: one compiled call per layer

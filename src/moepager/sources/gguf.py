@@ -24,7 +24,7 @@ import torch
 from ..errors import CorruptFile, MoepagerError, UnsupportedArchitecture
 from ..generation.gguf_tokenizer import gguf_tokenizer, read_metadata
 from ..generation.tokenizer import Tokenizer
-from ..kernels.ggml import MUL_MAT_TYPES, SUPPORTED
+from ..kernels.ggml import MUL_MAT_TYPES
 from ..model.compact import LATENT_PARTS
 from ..model.config import config_from_hf
 from ..model.moe import ExpertWeights
@@ -407,8 +407,9 @@ class GgufSource:
         return sum(p[1] for p in self.experts[(layer, expert)].values())
 
     def _blocks(self, qtype) -> bool:
-        """Kept as the file's blocks: compact reading asked for, and a type the kernels compute from."""
-        return self.compact and qtype in SUPPORTED
+        """Kept as the file's blocks: compact reading asked for, and a type the kernels compute from (fp16 rows
+        too, whose products round the activations to fp16 as llama.cpp's do)."""
+        return self.compact and qtype in MUL_MAT_TYPES
 
     def expert_formats(self) -> dict[str, dict[int, tuple[int, int, int]]]:
         """Expert matrices kept as blocks: part -> {layer: (qtype, rows, row bytes)}. A part is listed only

@@ -1,0 +1,151 @@
+"""The float ops around a GGUF model's block products, as llama.cpp's graph runs them, in its own ggml.
+
+A quantized product rounds its activations to 8-bit blocks, so an ulp of difference in what comes before it
+(a norm, a rotary embedding, attention) can move a value a whole step, and the step grows through the layers:
+a GGUF run that is to give llama.cpp's logits computes these ops as llama.cpp does, op for op, in the library
+llama.cpp computes with (kernels/ggml.py prefers llama-cpp-python's own). Each is a cached ggml graph over
+torch tensors, like the products:
+- `rms_norm`: ggml_rms_norm (squares summed in float64, in order; 1.0f / sqrtf) times the weight;
+- `soft_max`: ggml's softmax of router logits (its own exp, vector sums, 1/sum);
+- `sigmoid_gate`: a shared expert's gate as qwen2moe's graph takes it, silu(z) / z;
+- `rope`: ggml_rope_ext, whose angles are products accumulated in float32;
+- `attention`: build_attn_mha without flash attention: K q, softmax with the causal mask and the scale, then
+  V^T over the softmax, over llama.cpp's window of cached positions (padded to KV_PAD with masked zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ggml import F32, I32, activations, cached_graph, set_data, set_strides
+
+KV_PAD = 256  # llama.cpp attends over a multiple of 256 cached positions (llama_kv_cache::get_n_kv)
+NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate halves, as moepager's apply_rope
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x float32 [N, C], weight float32 [C] -> x / rms(x) * weight, as llama.cpp's build_norm: ggml_rms_norm
+    (squares summed in double, in order; 1.0f / sqrtf) then ggml_mul. torch's own rsqrt and sqrt are not
+    correctly rounded, so an ulp in a norm reached llama.cpp's 8-bit rounding of the next product."""
+    x, weight = activations(x), activations(weight)
+    n, c = x.shape
+
+    def check():
+        if weight.shape != (c,) or x.dim() != 2:
+            raise ValueError(f"a norm of weight {list(weight.shape)} does not take inputs {list(x.shape)}")
+
+    def build(base, ctx):
+        a, w = base.ggml_new_tensor_2d(ctx, F32, c, n), base.ggml_new_tensor_1d(ctx, F32, c)
+        normed = base.ggml_rms_norm(ctx, a, eps)
+        scratch = [torch.empty(n, c, dtype=torch.float32)]
+        set_data(normed, scratch[0].data_ptr())
+        return (a, w), base.ggml_mul(ctx, normed, w), scratch
+
+    return cached_graph(("rms", x.shape, eps), build, 0, n, check)(
+        torch.empty(n, c, dtype=torch.float32), x, weight
+    )
+
+
+def soft_max(x: torch.Tensor) -> torch.Tensor:
+    """x float32 [N, E] -> ggml's softmax of each row (ggml_soft_max: its own exp, sums by vector, 1/sum)."""
+    x = activations(x)
+    n, e = x.shape
+
+    def build(base, ctx):
+        a = base.ggml_new_tensor_2d(ctx, F32, e, n)
+        return (a,), base.ggml_soft_max(ctx, a)
+
+    return cached_graph(("softmax", x.shape), build, 0, n, lambda: None)(
+        torch.empty(n, e, dtype=torch.float32), x
+    )
+
+
+def sigmoid_gate(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A shared expert's gate, as llama.cpp's qwen2moe graph computes it: weight float32 [1, C], x float32
+    [N, C] -> sigmoid(x @ weight.T) [N, 1], the sigmoid taken as silu(z) / z."""
+    x, weight = activations(x), activations(weight)
+    n, c = x.shape
+
+    def check():
+        if weight.shape != (1, c):
+            raise ValueError(f"a gate of weight {list(weight.shape)} does not take inputs {list(x.shape)}")
+
+    def build(base, ctx):
+        a, w = base.ggml_new_tensor_2d(ctx, F32, c, n), base.ggml_new_tensor_2d(ctx, F32, c, 1)
+        z = base.ggml_mul_mat(ctx, w, a)  # [1, N]
+        silu = base.ggml_silu(ctx, z)
+        scratch = [torch.empty(n, 1, dtype=torch.float32) for _ in range(2)]
+        for node, buf in zip((z, silu), scratch):
+            set_data(node, buf.data_ptr())
+        return (a, w), base.ggml_div(ctx, silu, z), scratch
+
+    return cached_graph(("gate", x.shape), build, 0, n, check)(
+        torch.empty(n, 1, dtype=torch.float32), x, weight
+    )
+
+
+def rope(x: torch.Tensor, start: int, dims: int, base: float) -> torch.Tensor:
+    """x float32 [T, H, Dh] at positions start..start+T-1 -> rotated (halves, the first `dims` of each head) by
+    ggml_rope_ext with frequency base `base`, unscaled (llama.cpp's ext_factor 0, freq_scale 1)."""
+    x = activations(x)
+    t, h, dh = x.shape
+    positions = torch.arange(start, start + t, dtype=torch.int32)
+
+    def build(base_lib, ctx):
+        a = base_lib.ggml_new_tensor_3d(ctx, F32, dh, h, t)
+        pos = base_lib.ggml_new_tensor_1d(ctx, I32, t)
+        return (a, pos), base_lib.ggml_rope_ext(
+            ctx, a, pos, None, dims, NEOX, 0, base, 1.0, 0.0, 1.0, 32.0, 1.0
+        )
+
+    return cached_graph(("rope", x.shape, dims, base), build, 0, t, lambda: None)(
+        torch.empty_like(x), x, positions
+    )
+
+
+def cached_positions(end: int) -> int:
+    """How many cached positions llama.cpp attends over when `end` are filled: a multiple of KV_PAD."""
+    return max(KV_PAD, -(-end // KV_PAD) * KV_PAD)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of q float32 [T, H, Dh] at positions start..start+T-1 over a cache's buffers k, v
+    [Hk, capacity, Dh] (float32, positions 0..start+T-1 filled, the rest finite) -> [T, H * Dh]. Attends over
+    the first n_kv = KV_PAD-multiple positions, as llama.cpp does: the sums then group alike."""
+    q = activations(q)
+    t, h, dh = q.shape
+    hk, capacity = k.shape[0], k.shape[1]
+    n_kv = cached_positions(start + t)
+    if capacity < n_kv or v.shape != k.shape or k.stride()[1:] != (dh, 1) or v.stride() != k.stride():
+        raise ValueError(
+            f"cache buffers {list(k.shape)}, {list(v.shape)} do not hold {n_kv} positions of {dh}"
+        )
+    seen = torch.arange(n_kv)[None, :] <= torch.arange(start, start + t)[:, None]
+    mask = torch.zeros(t, n_kv).masked_fill_(~seen, float("-inf"))
+
+    def build(base, ctx):
+        qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
+        ka, va = (base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk) for _ in range(2))
+        for cached in (ka, va):  # views over the first n_kv positions of each kv head
+            set_strides(cached, dh * 4, k.stride(0) * 4)
+        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
+        # views of inputs take their data when made: they are patched per call with the inputs they view
+        qp, vt_view = base.ggml_permute(ctx, qa, 0, 2, 1, 3), base.ggml_transpose(ctx, va)
+        kq = base.ggml_mul_mat(ctx, ka, qp)  # [n_kv, T, H]
+        probs = base.ggml_soft_max_ext(ctx, kq, m, scale, 0.0)
+        vt = base.ggml_cont(ctx, vt_view)  # [n_kv, Dh, Hk]: positions in rows
+        kqv = base.ggml_mul_mat(ctx, vt, probs)  # [Dh, T, H]
+        scratch = [
+            torch.empty(h, t, n_kv),
+            torch.empty(h, t, n_kv),
+            torch.empty(hk, dh, n_kv),
+            torch.empty(h, t, dh),
+        ]
+        for node, buf in zip((kq, probs, vt, kqv), scratch):
+            set_data(node, buf.data_ptr())
+        out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
+        return (qa, qp, ka, va, vt_view, m), out, scratch
+
+    key = ("attn", q.shape, hk, n_kv, k.stride(0), scale)
+    out = cached_graph(key, build, 0, t, lambda: None, nodes=24)
+    return out(torch.empty(t, h * dh), q, q, k, v, v, mask)
