@@ -55,17 +55,31 @@ def test_attention_is_causal_gqa_over_the_cache(t, start):
     k, v = torch.zeros(hk, capacity, dh), torch.zeros(hk, capacity, dh)
     k[:, : start + t], v[:, : start + t] = torch.randn(2, hk, start + t, dh, generator=g)
     q = torch.randn(t, h, dh, generator=g)
-    got = ggml_float.attention(q, k, v, start, dh**-0.5)
+    vt = v.transpose(1, 2).contiguous()  # positions in rows, as the cache keeps them (values_by_position)
+    got = ggml_float.attention(q, k, vt, start, dh**-0.5)
     seen = torch.arange(start + t)[None, :] <= torch.arange(start, start + t)[:, None]
     mask = torch.zeros(seen.shape).masked_fill_(~seen, float("-inf"))
     want = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None, :, : start + t], v[None, :, : start + t],
                                           attn_mask=mask, scale=dh**-0.5, enable_gqa=True)  # fmt: skip
     assert (got - want[0].transpose(0, 1).reshape(t, -1)).abs().max() < 1e-5
     # llama.cpp's window: positions past the filled ones are masked, whatever they hold
-    k[:, start + t :], v[:, start + t :] = 7.0, -7.0
-    assert torch.equal(ggml_float.attention(q, k, v, start, dh**-0.5), got)
+    k[:, start + t :], vt[:, :, start + t :] = 7.0, -7.0
+    assert torch.equal(ggml_float.attention(q, k, vt, start, dh**-0.5), got)
     with pytest.raises(ValueError, match="positions"):
-        ggml_float.attention(q, k[:, :100], v[:, :100], 200, dh**-0.5)
+        ggml_float.attention(q, k[:, :100], vt[:, :, :100], 200, dh**-0.5)
+
+
+def test_cache_keeps_values_by_position_up_to_date():
+    cache, g = KVCache(1), torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 1, 2, 5, 8, generator=g)
+    cache.update(0, k, v)
+    assert torch.equal(cache.values_by_position(0)[..., :5], v.transpose(2, 3))
+    cache.truncate(3)
+    k2, v2 = torch.randn(2, 1, 2, 100, 8, generator=g)  # the buffers grow
+    cache.update(0, k2, v2)
+    whole = torch.cat([v[:, :, :3], v2], dim=2).transpose(2, 3)
+    assert torch.equal(cache.values_by_position(0)[..., :103], whole)
+    assert not cache.values_by_position(0)[..., 103:].any()  # zeros past what was filled
 
 
 @pytest.mark.parametrize("start,tol", [(3, 2e-6), (1000, 1e-3)])

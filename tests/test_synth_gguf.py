@@ -14,7 +14,7 @@ import torch
 
 import moepager
 from moepager.cli import main
-from moepager.kernels import ggml
+from moepager.kernels import ggml, ggml_library
 from moepager.moefy.default_model import source_gguf
 from moepager.sources import gguf as gguf_source
 from moepager.synth import gguf as synth_gguf
@@ -179,6 +179,20 @@ def paged_and_llama_cpp(path: Path, tmp_path: Path):
     assert engine.stats()["experts"]["misses"] > 0
     theirs = llama_cpp_logits(path, ids, tmp_path)
     return engine, ids, ours, theirs, (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
+
+
+def test_logits_are_llama_cpps_bit_for_bit(monkeypatch, tmp_path):
+    """With llama.cpp's own library, a Qwen3-MoE file at real width gives llama.cpp's logits bit for bit: every
+    op from the embedding to the head runs as llama.cpp runs it (Q8_0, which llama.cpp does not repack)."""
+    if ggml_library.library().origin != "llama-cpp-python":
+        pytest.skip("moepager computes with another libggml than llama.cpp's: equal up to float order only")
+    monkeypatch.setitem(
+        synth_gguf.SHAPES, "two", dataclasses.replace(synth_gguf.SHAPES["qwen3-64x4"], layers=2)
+    )
+    path = synth_gguf.synth_gguf(tmp_path / "two.gguf", "two", "Q8_0", progress_bar=False)
+    engine = moepager.load(path)
+    ids = engine.tokenizer.encode(TEXT)[:24]
+    assert torch.equal(engine.logits([ids])[0], llama_cpp_logits(path, ids, tmp_path))
 
 
 @pytest.fixture

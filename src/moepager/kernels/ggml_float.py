@@ -108,44 +108,44 @@ def cached_positions(end: int) -> int:
     return max(KV_PAD, -(-end // KV_PAD) * KV_PAD)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Causal attention of q float32 [T, H, Dh] at positions start..start+T-1 over a cache's buffers k, v
-    [Hk, capacity, Dh] (float32, positions 0..start+T-1 filled, the rest finite) -> [T, H * Dh]. Attends over
-    the first n_kv = KV_PAD-multiple positions, as llama.cpp does: the sums then group alike."""
+def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of q float32 [T, H, Dh] at positions start..start+T-1 over a cache's keys k [Hk,
+    capacity, Dh] and values with positions in rows vt [Hk, Dh, capacity] (float32, positions 0..start+T-1
+    filled, the rest finite) -> [T, H * Dh]. Attends over the first n_kv = KV_PAD-multiple positions, as
+    llama.cpp does: the sums then group alike."""
     q = activations(q)
     t, h, dh = q.shape
-    hk, capacity = k.shape[0], k.shape[1]
+    hk = k.shape[0]
     n_kv = cached_positions(start + t)
-    if capacity < n_kv or v.shape != k.shape or k.stride()[1:] != (dh, 1) or v.stride() != k.stride():
+    if (
+        min(k.shape[1], vt.shape[2]) < n_kv
+        or vt.shape[:2] != (hk, dh)
+        or k.stride()[1:] != (dh, 1)
+        or vt.stride(2) != 1
+    ):
         raise ValueError(
-            f"cache buffers {list(k.shape)}, {list(v.shape)} do not hold {n_kv} positions of {dh}"
+            f"cache buffers {list(k.shape)}, {list(vt.shape)} do not hold {n_kv} positions of {dh}"
         )
-    seen = torch.arange(n_kv)[None, :] <= torch.arange(start, start + t)[:, None]
-    mask = torch.zeros(t, n_kv).masked_fill_(~seen, float("-inf"))
+    mask = torch.full((t, n_kv), float("-inf")).triu_(start + 1)  # 0 where a key's position <= the query's
 
     def build(base, ctx):
         qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
-        ka, va = (base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk) for _ in range(2))
-        for cached in (ka, va):  # views over the first n_kv positions of each kv head
-            set_strides(cached, dh * 4, k.stride(0) * 4)
+        ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)  # views of the first n_kv positions per kv head
+        set_strides(ka, dh * 4, k.stride(0) * 4)
+        va = base.ggml_new_tensor_3d(ctx, F32, n_kv, dh, hk)  # positions in rows, as llama.cpp's V cache
+        set_strides(va, vt.stride(1) * 4, vt.stride(0) * 4)
         m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
-        # views of inputs take their data when made: they are patched per call with the inputs they view
-        qp, vt_view = base.ggml_permute(ctx, qa, 0, 2, 1, 3), base.ggml_transpose(ctx, va)
+        # a view of an input takes its data when made: it is patched per call with the input it views
+        qp = base.ggml_permute(ctx, qa, 0, 2, 1, 3)
         kq = base.ggml_mul_mat(ctx, ka, qp)  # [n_kv, T, H]
         probs = base.ggml_soft_max_ext(ctx, kq, m, scale, 0.0)
-        vt = base.ggml_cont(ctx, vt_view)  # [n_kv, Dh, Hk]: positions in rows
-        kqv = base.ggml_mul_mat(ctx, vt, probs)  # [Dh, T, H]
-        scratch = [
-            torch.empty(h, t, n_kv),
-            torch.empty(h, t, n_kv),
-            torch.empty(hk, dh, n_kv),
-            torch.empty(h, t, dh),
-        ]
-        for node, buf in zip((kq, probs, vt, kqv), scratch):
+        kqv = base.ggml_mul_mat(ctx, va, probs)  # [Dh, T, H]
+        scratch = [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
+        for node, buf in zip((kq, probs, kqv), scratch):
             set_data(node, buf.data_ptr())
         out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
-        return (qa, qp, ka, va, vt_view, m), out, scratch
+        return (qa, qp, ka, va, m), out, scratch
 
-    key = ("attn", q.shape, hk, n_kv, k.stride(0), scale)
+    key = ("attn", q.shape, hk, n_kv, k.stride(0), vt.stride(0), vt.stride(1), scale)
     out = cached_graph(key, build, 0, t, lambda: None, nodes=24)
-    return out(torch.empty(t, h * dh), q, q, k, v, v, mask)
+    return out(torch.empty(t, h * dh), q, q, k, vt, mask)

@@ -166,12 +166,12 @@ class GgmlAttention(Attention):
         q, k, v = qk[:, : self.h], qk[:, self.h :].transpose(0, 1), v.transpose(0, 1)  # k, v: [Hk, T, Dh]
         n_kv = ggml_float.cached_positions(start + t)
         if cache is None:
-            keys, values = (z.new_zeros(self.hk, n_kv, self.dh) for z in (k, v))
-            keys[:, :t], values[:, :t] = k, v
+            keys, values = k.new_zeros(self.hk, n_kv, self.dh), v.new_zeros(self.hk, self.dh, n_kv)
+            keys[:, :t], values[:, :, :t] = k, v.transpose(1, 2)
         else:
             cache.update(self.layer, k[None], v[None])
             cache.reserve(self.layer, n_kv, k[None], v[None])
-            keys, values = cache.k[self.layer][0], cache.v[self.layer][0]
+            keys, values = cache.k[self.layer][0], cache.values_by_position(self.layer)[0]
         return self.o_proj(ggml_float.attention(q, keys, values, start, self.scale)[None])
 
 
