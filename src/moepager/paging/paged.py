@@ -145,12 +145,13 @@ MIN_FITTED_CONTEXT = 256  # below this a fitted context is no use: the limit is 
 DEFAULT_CONTEXT = 4096
 
 
-def _kv_bytes_per_token(c: ModelConfig, itemsize: int) -> int:
-    """K/V of one position in every layer, twice over: the buffers grow by doubling."""
+def _kv_bytes_per_token(c: ModelConfig, itemsize: int, values_by_position: bool = False) -> int:
+    """K/V of one position in every layer, twice over: the buffers grow by doubling. values_by_position: the
+    values kept a second time, positions in rows, for llama.cpp's attention (KVCache.values_by_position)."""
     if c.attention == "mla":  # one latent and its rotated key, the latent again as the value (LatentKV)
         per_token = 2 * c.kv_lora_rank + c.rope_dim
     else:
-        per_token = 2 * c.num_kv_heads * c.head_dim
+        per_token = (3 if values_by_position else 2) * c.num_kv_heads * c.head_dim
     return 2 * per_token * itemsize * c.num_layers
 
 
@@ -178,7 +179,10 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
 
             warm_up()  # what the first decode step would add to the RSS (the kernels' runtime), counted now
         process = current_rss()
-    kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize)
+    from ..model.compact import GgmlAttention
+
+    by_position = any(isinstance(m, GgmlAttention) for m in model.modules())
+    kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize, by_position)
     per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs
     kv = kv_per_token * max_context
     buffers = fixed_buffers(config) + _activation_bytes_per_token(config) * max_context
