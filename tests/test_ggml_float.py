@@ -106,6 +106,25 @@ def test_sigmoid_gate_and_router_softmax():
     assert (probs - logits.softmax(-1)).abs().max() < 1e-6 and probs.shape == (9, 32)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_routing_graph_is_softmax_then_std_sort(normalize):
+    """softmax_topk as one graph: the experts torch's topk picks where probabilities differ, std::sort's order
+    (ggml_routing.std_sort_desc, written from libstdc++) among equal ones, weights renormalized on request."""
+    from moepager.kernels.ggml_routing import std_sort_desc
+
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(16, 64, generator=g)
+    logits[3, ::4] = logits[3, 0]  # exact ties
+    weights, ids = ggml_float.softmax_topk(logits, 6, normalize)
+    probs = ggml_float.soft_max(logits)
+    for row in range(16):
+        assert ids[row].tolist() == list(std_sort_desc(probs[row].numpy())[:6])
+    assert torch.equal(ids[0], logits[0].topk(6).indices)
+    picked = probs.gather(1, ids)
+    want = picked / picked.sum(-1, keepdim=True) if normalize else picked
+    assert (weights - want).abs().max() < 1e-6
+
+
 def test_moe_graph_weighs_and_sums_slot_by_slot():
     """With weights, the layer's graph ends as llama.cpp's build_moe_ffn: each pair's output times its weight,
     then added slot after slot; sum_in_order (the distributed driver's) gives the same bits from the pairs."""

@@ -10,7 +10,7 @@ torch tensors, like the products:
 - `sigmoid_gate`: a shared expert's gate as qwen2moe's graph takes it, silu(z) / z;
 - `rope`: ggml_rope_ext, whose angles are products accumulated in float32;
 - `attention`: build_attn_mha without flash attention: K q, softmax with the causal mask and the scale, then
-  V^T over the softmax, over llama.cpp's window of cached positions (padded to KV_PAD with masked zeros).
+  V^T over the softmax, over the cached positions padded with masked zeros, as llama.cpp's window (KV_PAD).
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ import torch
 
 from .ggml import F32, I32, activations, cached_graph, set_data, set_strides
 
-KV_PAD = 256  # llama.cpp attends over a multiple of 256 cached positions (llama_kv_cache::get_n_kv)
+# llama.cpp attends over a multiple of 256 cached positions (llama_kv_cache::get_n_kv), masked past the filled
+# ones. A multiple of 64 gives the same bits: masked positions add exact zeros to every sum, and ggml's float
+# loops group by at most 64 (vec_dot_f32's AVX-512 step; softmax's vectors of 16, whose tail would take libm's
+# expf; tinyBLAS's k in steps of 16), so only how the filled positions fall into groups counts. At a short
+# context that is a quarter of the work.
+KV_PAD = 64
 NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate halves, as moepager's apply_rope
 
 
@@ -58,6 +63,39 @@ def soft_max(x: torch.Tensor) -> torch.Tensor:
     return cached_graph(("softmax", x.shape), build, 0, n, lambda: None)(
         torch.empty(n, e, dtype=torch.float32), x
     )
+
+
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits float32 [N, E] -> (weights [N, K] float32, ids [N, K] int64) in one graph, as llama.cpp's
+    build_moe_ffn picks them: ggml_soft_max, the first K of ggml_argsort (std::sort, descending), their
+    probabilities by ggml_get_rows, and (normalize) divided by ggml_sum_rows (float64, in order) clamped to
+    2^-14."""
+    x = activations(logits)
+    n, e = x.shape
+
+    def build(base, ctx):
+        a = base.ggml_new_tensor_2d(ctx, F32, e, n)
+        probs = base.ggml_soft_max(ctx, a)
+        scratch = [torch.empty(n, e), torch.empty(n, e, dtype=torch.int32)]  # probabilities, their order
+        set_data(probs, scratch[0].data_ptr())  # intermediate nodes get buffers before views are made of them
+        order = base.ggml_argsort(ctx, probs, 1)  # GGML_SORT_ORDER_DESC
+        set_data(order, scratch[1].data_ptr())
+        top = base.ggml_view_2d(ctx, order, k, n, e * 4, 0)
+        picked = base.ggml_get_rows(ctx, base.ggml_reshape_3d(ctx, probs, 1, e, n), top)  # [1, K, N]
+        if not normalize:
+            return (a,), picked, scratch
+        scratch += [torch.empty(n, k), torch.empty(n), torch.empty(n)]
+        set_data(picked, scratch[2].data_ptr())
+        weights = base.ggml_reshape_2d(ctx, picked, k, n)
+        sums = base.ggml_sum_rows(ctx, weights)  # [1, N]
+        set_data(sums, scratch[3].data_ptr())
+        total = base.ggml_clamp(ctx, sums, 2.0**-14, float("inf"))
+        set_data(total, scratch[4].data_ptr())
+        return (a,), base.ggml_div(ctx, weights, total), scratch
+
+    graph = cached_graph(("topk", x.shape, k, normalize), build, 0, n, lambda: None, nodes=24)
+    weights = graph(torch.empty(n, k), x)
+    return weights, graph.scratch[1][:, :k].long()
 
 
 def sigmoid_gate(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +142,8 @@ def rope(x: torch.Tensor, start: int, dims: int, base: float) -> torch.Tensor:
 
 
 def cached_positions(end: int) -> int:
-    """How many cached positions llama.cpp attends over when `end` are filled: a multiple of KV_PAD."""
-    return max(KV_PAD, -(-end // KV_PAD) * KV_PAD)
+    """How many cached positions attention runs over when `end` are filled: a multiple of KV_PAD."""
+    return -(-end // KV_PAD) * KV_PAD
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, scale: float) -> torch.Tensor:
@@ -147,5 +185,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, sc
         return (qa, qp, ka, va, m), out, scratch
 
     key = ("attn", q.shape, hk, n_kv, k.stride(0), vt.stride(0), vt.stride(1), scale)
-    out = cached_graph(key, build, 0, t, lambda: None, nodes=24)
+    read = 2 * n_kv * h * dh * 4  # K and V bytes the products read: ggml's threads share them past SMALL_WORK
+    out = cached_graph(key, build, read, t, lambda: None, nodes=24)
     return out(torch.empty(t, h * dh), q, q, k, vt, mask)

@@ -8,6 +8,7 @@ pointer and strides (ggml tensors here are views of torch memory). kernels/ggml.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 
@@ -84,6 +85,12 @@ def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
         (base, "ggml_view_2d", _P, [_P, _P, _I64, _I64, ctypes.c_size_t, ctypes.c_size_t]),
         (base, "ggml_new_tensor_1d", _P, [_P, ctypes.c_int, _I64]),
         (base, "ggml_soft_max", _P, [_P, _P]),
+        (base, "ggml_argsort", _P, [_P, _P, ctypes.c_int]),
+        (base, "ggml_get_rows", _P, [_P, _P, _P]),
+        (base, "ggml_sum_rows", _P, [_P, _P]),
+        (base, "ggml_clamp", _P, [_P, _P, ctypes.c_float, ctypes.c_float]),
+        (base, "ggml_reshape_2d", _P, [_P, _P, _I64, _I64]),
+        (base, "ggml_reshape_3d", _P, [_P, _P, _I64, _I64, _I64]),
         (base, "ggml_soft_max_ext", _P, [_P, _P, _P, ctypes.c_float, ctypes.c_float]),
         (base, "ggml_permute", _P, [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
         (base, "ggml_transpose", _P, [_P, _P]),
@@ -213,6 +220,7 @@ def set_data(tensor: int, ptr: int) -> None:
     ctypes.c_void_p.from_address(tensor + DATA_OFFSET).value = ptr
 
 
+@functools.cache
 def simd_form() -> str:
     """ "AVX-512" or "AVX2" (or ""): the form of ggml's float loops in the loaded library (its softmax's exp
     sums 16 or 8 values per vector)."""

@@ -173,25 +173,23 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
     the first K of a descending std::sort, and (normalize) the K weights divided by their sum (ggml_sum_rows:
     in float64, in order; clamped to 2^-14).
 
-    When the loaded libggml computes in the form llama.cpp built for this CPU does (kernels/ggml.py prefers
-    llama.cpp's own library), its own softmax gives every row's probabilities. Otherwise torch's softmax and
+    When the loaded libggml computes in the form llama.cpp built for this CPU does (kernels/ggml_library.py
+    prefers llama.cpp's own library), all of it runs in ggml as llama.cpp's graph runs it, in one call
+    (ggml_float.softmax_topk). Otherwise torch's softmax and
     topk, which pick the same experts wherever the first K+1 probabilities are not close (on a trained router
     nearly every row); the others (the default model's: ~20% of rows) are computed here as ggml computes them.
     Emulating every row cost a third of a small Q4_0 model's decode speed."""
     from . import ggml, ggml_float
 
     x = logits.detach().float().cpu()
-    kk = min(k + 1, x.shape[-1])
     if ggml.simd_form() == ("AVX-512" if avx512() else "AVX2"):
-        probs = ggml_float.soft_max(x)
-        top, ids = torch.topk(probs, kk, dim=-1)
-        rows = (top[:, 1:] == top[:, :-1]).any(dim=-1).nonzero().flatten()  # ties: std::sort's own order
-        exact = probs[rows]
-    else:
-        probs = torch.softmax(x, dim=-1)
-        top, ids = torch.topk(probs, kk, dim=-1)  # descending
-        rows = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1).nonzero().flatten()
-        exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512())) if len(rows) else None
+        weights, ids = ggml_float.softmax_topk(x, k, normalize)
+        return weights.to(logits.device), ids.to(logits.device)
+    kk = min(k + 1, x.shape[-1])
+    probs = torch.softmax(x, dim=-1)
+    top, ids = torch.topk(probs, kk, dim=-1)  # descending
+    rows = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1).nonzero().flatten()
+    exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512())) if len(rows) else None
     weights, ids = top[:, :k], ids[:, :k]
     if len(rows):
         weights, ids = weights.clone(), ids.clone()
