@@ -165,6 +165,7 @@ def test_gguf_model_runs_llama_cpps_ops_with_or_without_a_cache():
     with torch.no_grad():
         cached = engine.model(ids, cache=cache).float()
     assert torch.equal(no_cache, cached)
+    assert engine.stats()["gguf_kernels"] == ggml_library.library().describe()  # the stats line names it
     # a float checkpoint keeps torch's ops
     tiny = moepager.load(FIXTURES / "qwen3_moe")
     assert type(tiny.model.layers[0].attn_norm) is not compact.GgmlRMSNorm

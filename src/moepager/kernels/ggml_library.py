@@ -208,6 +208,11 @@ _lib: Library | None = None
 _lib_lock = threading.Lock()
 
 
+def loaded() -> bool:
+    """Whether this process has loaded the library (a GGUF was computed on), without loading it."""
+    return _lib is not None
+
+
 def library() -> Library:
     global _lib
     with _lib_lock:

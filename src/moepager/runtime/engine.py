@@ -176,6 +176,10 @@ class Engine:
             out["session_reused_tokens"] = self.session_reused_tokens
         if hasattr(self.source, "tier_stats"):  # tiers below the expert cache (a remote source)
             out["tiers"] = self.source.tier_stats()
+        from ..kernels import ggml_library
+
+        if ggml_library.loaded():  # which library computed the GGUF blocks (and whose sums they are)
+            out["gguf_kernels"] = ggml_library.library().describe()
         return out
 
 

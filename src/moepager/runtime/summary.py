@@ -65,6 +65,8 @@ def summary_line(stats: dict, reads: DecodeReads | None = None) -> str:
         line += (f"; {sp['draft']} drafts: {sp['accepted']} of {sp['drafted']} accepted "
                  f"({sp['acceptance_rate']:.2f}), {sp['tokens_per_round']:.2f} tokens per forward, "
                  f"{sp['expert_reads_per_token']:.2f} expert reads per token")  # fmt: skip
+    if stats.get("gguf_kernels"):
+        line += f"; GGUF blocks by {stats['gguf_kernels']}"
     line += f"; peak memory {format_bytes(stats['peak_memory_bytes'])}"
     if stats.get("rss_before_weights_bytes") and stats.get("rss_after_first_token_bytes"):
         line += (f" (runtime {format_bytes(stats['rss_before_weights_bytes'])} before weights, "
