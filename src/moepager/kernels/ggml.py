@@ -37,7 +37,7 @@ from collections import OrderedDict
 import torch
 from gguf import GGML_QUANT_SIZES
 
-from .ggml_library import DATA_OFFSET, F32, I32, InitParams, Q, library, set_data, set_strides, simd_form  # noqa: F401
+from .ggml_library import DATA_OFFSET, F32, I32, InitParams, Q, library, set_data, set_strides
 from .thread_choice import ThreadChoice
 
 # the block types moepager computes compact (llama.cpp's "quantized" types a GGUF holds for its matrices)
@@ -316,7 +316,7 @@ def swiglu_mlp(types: tuple[int, int, int], mats: tuple, x: torch.Tensor) -> tor
 
     def check():
         for qtype, w, inputs in zip(types, mats, (list(x.shape), list(x.shape), [i_ff])):
-            _check(qtype, w, inputs, allowed=MUL_MAT_TYPES)
+            _check(qtype, w, inputs)
         if up.shape[0] != i_ff or x.dim() != 2:
             raise ValueError(
                 f"gate {list(gate.shape)}, up {list(up.shape)}, inputs {list(x.shape)}: not a SwiGLU"

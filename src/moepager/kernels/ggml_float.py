@@ -3,10 +3,10 @@
 A quantized product rounds its activations to 8-bit blocks, so an ulp of difference in what comes before it
 (a norm, a rotary embedding, attention) can move a value a whole step, and the step grows through the layers:
 a GGUF run that is to give llama.cpp's logits computes these ops as llama.cpp does, op for op, in the library
-llama.cpp computes with (kernels/ggml.py prefers llama-cpp-python's own). Each is a cached ggml graph over
+llama.cpp computes with (kernels/ggml_library.py prefers llama-cpp-python's own). Each is a cached ggml graph over
 torch tensors, like the products:
 - `rms_norm`: ggml_rms_norm (squares summed in float64, in order; 1.0f / sqrtf) times the weight;
-- `soft_max`: ggml's softmax of router logits (its own exp, vector sums, 1/sum);
+- `softmax_topk`: a router's softmax, top K and renormalization, as build_moe_ffn picks experts;
 - `sigmoid_gate`: a shared expert's gate as qwen2moe's graph takes it, silu(z) / z;
 - `rope`: ggml_rope_ext, whose angles are products accumulated in float32;
 - `attention`: build_attn_mha without flash attention: K q, softmax with the causal mask and the scale, then
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .ggml import F32, I32, activations, cached_graph, set_data, set_strides
+from .ggml import activations, cached_graph
+from .ggml_library import F32, I32, set_data, set_strides
 
 # llama.cpp attends over a multiple of 256 cached positions (llama_kv_cache::get_n_kv), masked past the filled
 # ones. A multiple of 64 gives the same bits: masked positions add exact zeros to every sum, and ggml's float
@@ -48,20 +49,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     return cached_graph(("rms", x.shape, eps), build, 0, n, check)(
         torch.empty(n, c, dtype=torch.float32), x, weight
-    )
-
-
-def soft_max(x: torch.Tensor) -> torch.Tensor:
-    """x float32 [N, E] -> ggml's softmax of each row (ggml_soft_max: its own exp, sums by vector, 1/sum)."""
-    x = activations(x)
-    n, e = x.shape
-
-    def build(base, ctx):
-        a = base.ggml_new_tensor_2d(ctx, F32, e, n)
-        return (a,), base.ggml_soft_max(ctx, a)
-
-    return cached_graph(("softmax", x.shape), build, 0, n, lambda: None)(
-        torch.empty(n, e, dtype=torch.float32), x
     )
 
 

@@ -94,26 +94,8 @@ def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
         (base, "ggml_soft_max_ext", _P, [_P, _P, _P, ctypes.c_float, ctypes.c_float]),
         (base, "ggml_permute", _P, [_P, _P, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]),
         (base, "ggml_transpose", _P, [_P, _P]),
-        (
-            base,
-            "ggml_rope_ext",
-            _P,
-            [
-                _P,
-                _P,
-                _P,
-                _P,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_int,
-                ctypes.c_float,
-                ctypes.c_float,
-                ctypes.c_float,
-                ctypes.c_float,
-                ctypes.c_float,
-                ctypes.c_float,
-            ],
-        ),
+        # ctx, a, positions, freq factors; n_dims, mode, n_ctx_orig; freq base and scale, ext, attn, beta fast, slow
+        (base, "ggml_rope_ext", _P, [_P] * 4 + [ctypes.c_int] * 3 + [ctypes.c_float] * 6),
         (base, "ggml_new_graph_custom", _P, [_P, ctypes.c_size_t, ctypes.c_bool]),
         (base, "ggml_build_forward_expand", None, [_P, _P]),
         (base, "ggml_get_data", _P, [_P]),
@@ -144,14 +126,14 @@ def _library_dir() -> tuple[str, str]:
 
     chosen = os.environ.get(LIBRARY_ENV, "")
     if chosen and chosen != "wheel":
-        if not all(os.path.exists(os.path.join(chosen, f)) for f in _LIBRARIES):
+        if not _holds_libraries(chosen):
             raise MoepagerError(f"{LIBRARY_ENV}={chosen}: no {' and '.join(_LIBRARIES)} there; give their "
                                 "directory, or 'wheel' for the libggml-python wheel's")  # fmt: skip
         return chosen, chosen
     spec = None if chosen else importlib.util.find_spec("llama_cpp")  # found, not imported
     if spec is not None and spec.origin:
         where = os.path.join(os.path.dirname(spec.origin), "lib")
-        if all(os.path.exists(os.path.join(where, f)) for f in _LIBRARIES):
+        if _holds_libraries(where):
             return where, "llama-cpp-python"
     import libggml  # the prebuilt libraries ship in this wheel; imported only when a GGUF is computed
 
@@ -159,6 +141,10 @@ def _library_dir() -> tuple[str, str]:
 
 
 _LIBRARIES = ("libggml-base.so", "libggml-cpu.so")
+
+
+def _holds_libraries(where: str) -> bool:
+    return all(os.path.exists(os.path.join(where, f)) for f in _LIBRARIES)
 
 
 class Library:

@@ -179,10 +179,10 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
     topk, which pick the same experts wherever the first K+1 probabilities are not close (on a trained router
     nearly every row); the others (the default model's: ~20% of rows) are computed here as ggml computes them.
     Emulating every row cost a third of a small Q4_0 model's decode speed."""
-    from . import ggml, ggml_float
+    from . import ggml_float, ggml_library
 
     x = logits.detach().float().cpu()
-    if ggml.simd_form() == ("AVX-512" if avx512() else "AVX2"):
+    if ggml_library.simd_form() == ("AVX-512" if avx512() else "AVX2"):
         weights, ids = ggml_float.softmax_topk(x, k, normalize)
         return weights.to(logits.device), ids.to(logits.device)
     kk = min(k + 1, x.shape[-1])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ggml, ggml_float, hugepages, matvec
+from ..kernels import ggml, ggml_float, ggml_library, hugepages, matvec
 from .layers import MLP, Attention, KVCache, RMSNorm
 from .moe import Router, SharedGate, route
 
@@ -131,7 +131,7 @@ class GgmlRouter(Router):
     """Router logits by ggml's float32 product over the file's float32 router matrix, as llama.cpp takes them."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = ggml.mul_mat(ggml.F32, self.weight.view(torch.uint8), x.reshape(-1, x.shape[-1]))
+        logits = ggml.mul_mat(ggml_library.F32, self.weight.view(torch.uint8), x.reshape(-1, x.shape[-1]))
         if self.bias is not None:
             logits = logits + self.bias
         return route(logits, self.config, self.e_score_correction_bias, self.absent)
