@@ -3,9 +3,10 @@ each position's next-token argmax and logits from both engines (so every positio
 greedy loop visits before it repeats itself). llama.cpp runs in its own process with an f32 KV cache (its
 default f16 cache alone moves logits by ~0.08) and without flash attention, twice: as it runs by default, with
 its weights repacked (use_extra_bufts: on x86, Q4_0, Q4_K and IQ4_NL rows interleaved 8 by 8, whose kernels
-sum in another order), and without repacking. Beside them, llama.cpp against itself: the same positions one
-token at a time (as it decodes) instead of in one batch. Each row names the libggml moepager computed with
-(kernels/ggml_library.py: llama-cpp-python's own when it is installed). Usage:
+sum in another order), and without repacking; moepager computes on the same layout as llama.cpp by default, and
+on the file's rows with MOEPAGER_REPACK=0 (kernels/ggml_repack.py). Both engines also run the positions one
+token at a time through their KV caches, as they decode. The first line names the libggml moepager computed
+with (kernels/ggml_library.py: llama-cpp-python's own when it is installed). Usage:
 
     python benchmarks/gguf_agreement.py MODEL.gguf [MODEL.gguf ...] [--tokens 256] [--threads 2]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,8 @@ import torch
 
 import moepager
 from moepager.data import __file__ as data_init
-from moepager.kernels import ggml_library
+from moepager.kernels import ggml_library, ggml_repack
+from moepager.model.layers import KVCache
 
 # llama-cpp-python's low-level API: Llama() does not take use_extra_bufts
 LLAMA_CPP = """
@@ -68,6 +71,17 @@ def llama_cpp_logits(model: str, ids: list[int], threads: int, batch: int, repac
         return torch.from_numpy(np.load(out))
 
 
+def moepager_logits(model: str, ids: list[int], repack: bool, stepwise: bool = False) -> torch.Tensor:
+    """[T, V]: one batch, or (stepwise) one token at a time through the KV cache, as moepager decodes."""
+    os.environ[ggml_repack.REPACK_ENV] = str(int(repack))
+    engine = moepager.load(model)
+    if not stepwise:
+        return engine.logits([ids])[0]
+    cache = KVCache(engine.config.num_layers)
+    with torch.no_grad():
+        return torch.stack([engine.model(torch.tensor([[t]]), cache=cache)[0, -1].float() for t in ids])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("models", nargs="+")
@@ -77,28 +91,30 @@ def main() -> None:
     text = (Path(data_init).parent / "eval_gpl3.txt").read_text()
     print(f"moepager computes with {ggml_library.library().describe()}")
     print(
-        "| file | positions | against llama.cpp repacked (its default): argmax agreement | logits bit for bit "
-        "| max abs difference | against llama.cpp not repacked: agreement | bit for bit | max abs difference "
-        "| llama.cpp batched against its own token-by-token (repacked): agreement | max abs difference |"
+        "| file | positions | moepager against llama.cpp, both by default (repacked): argmax agreement | logits "
+        "bit for bit | max abs difference | token by token, both: agreement | bit for bit "
+        "| MOEPAGER_REPACK=0 against llama.cpp not repacked: agreement | bit for bit "
+        "| llama.cpp repacked against not: agreement | max abs difference |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model in args.models:
         torch.set_num_threads(args.threads)
-        engine = moepager.load(model)
-        ids = engine.tokenizer.encode(text)[: args.tokens]
-        ours = engine.logits([ids])[0]  # [T, V]
-        del engine
+        ids = moepager.load(model).tokenizer.encode(text)[: args.tokens]
+        ours = moepager_logits(model, ids, repack=True)
+        ours_stepwise = moepager_logits(model, ids, repack=True, stepwise=True)
+        ours_plain = moepager_logits(model, ids, repack=False)
         repacked = llama_cpp_logits(model, ids, args.threads, len(ids), repack=True)
-        plain = llama_cpp_logits(model, ids, args.threads, len(ids), repack=False)
         stepwise = llama_cpp_logits(model, ids, args.threads, 1, repack=True)
+        plain = llama_cpp_logits(model, ids, args.threads, len(ids), repack=False)
 
-        def agreement(a: torch.Tensor, b: torch.Tensor, exact: bool = True) -> str:
+        def agreement(a: torch.Tensor, b: torch.Tensor, exact: bool = True, spread: bool = True) -> str:
             same = f"{(a.argmax(-1) == b.argmax(-1)).float().mean().item():.3f}"
             bits = f" | {(a == b).all(-1).sum().item()}/{len(a)}" if exact else ""
-            return f"{same}{bits} | {(a - b).abs().max().item():.2e}"
+            return same + bits + (f" | {(a - b).abs().max().item():.2e}" if spread else "")
 
-        print(f"| {Path(model).name} | {len(ids)} | {agreement(ours, repacked)} | {agreement(ours, plain)} "
-              f"| {agreement(repacked, stepwise, exact=False)} |", flush=True)  # fmt: skip
+        print(f"| {Path(model).name} | {len(ids)} | {agreement(ours, repacked)} "
+              f"| {agreement(ours_stepwise, stepwise, spread=False)} | {agreement(ours_plain, plain, spread=False)} "
+              f"| {agreement(repacked, plain, exact=False)} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -181,18 +181,23 @@ def paged_and_llama_cpp(path: Path, tmp_path: Path):
     return engine, ids, ours, theirs, (ours - theirs).norm(dim=-1) / theirs.norm(dim=-1)
 
 
-def test_logits_are_llama_cpps_bit_for_bit(monkeypatch, tmp_path):
-    """With llama.cpp's own library, a Qwen3-MoE file at real width gives llama.cpp's logits bit for bit: every
-    op from the embedding to the head runs as llama.cpp runs it (Q8_0, which llama.cpp does not repack)."""
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q4_K_M"])
+def test_logits_are_llama_cpps_bit_for_bit(monkeypatch, tmp_path, quant):
+    """With llama.cpp's own library, a Qwen3-MoE file at real width gives llama.cpp's logits bit for bit, resident
+    and paged: every op from the embedding to the head runs as llama.cpp runs it by default, Q4_0 and Q4_K
+    matrices in its interleaved layout (kernels/ggml_repack.py)."""
     if ggml_library.library().origin != "llama-cpp-python":
         pytest.skip("moepager computes with another libggml than llama.cpp's: equal up to float order only")
     monkeypatch.setitem(
         synth_gguf.SHAPES, "two", dataclasses.replace(synth_gguf.SHAPES["qwen3-64x4"], layers=2)
     )
-    path = synth_gguf.synth_gguf(tmp_path / "two.gguf", "two", "Q8_0", progress_bar=False)
+    path = synth_gguf.synth_gguf(tmp_path / "two.gguf", "two", quant, progress_bar=False)
     engine = moepager.load(path)
     ids = engine.tokenizer.encode(TEXT)[:24]
-    assert torch.equal(engine.logits([ids])[0], llama_cpp_logits(path, ids, tmp_path))
+    theirs = llama_cpp_logits(path, ids, tmp_path)
+    assert torch.equal(engine.logits([ids])[0], theirs)
+    paged = moepager.load(path, expert_memory="30%", prefetch=False)
+    assert torch.equal(paged.logits([ids])[0], theirs)
 
 
 @pytest.fixture

@@ -105,6 +105,8 @@ class ExpertShard:
                 self.slot_of[layer] = torch.full((self.config.num_experts,), -1, dtype=torch.long)
                 self.slot_of[layer][mine] = torch.arange(len(mine))
                 self._read([(layer, e) for e in mine], self.banks[layer].slots)
+                for slot in range(len(mine)):
+                    self.banks[layer].repack_slot(slot)
         else:
             from ..paging.cache import ExpertCache
 

@@ -10,7 +10,8 @@ Formats, each kept in the form it is computed from (a quantized bank never holds
   (intquant.py), one call per distinct slot.
 - "gguf": llama.cpp blocks [S, R, row bytes] as they lie in the file, read as one layer's type (a cache's
   slots are sized for the largest layer, so the view may skip bytes between slots), computed by llama.cpp's
-  own kernels (kernels/ggml.py): one mul_mat_id call per product, activations quantized as llama.cpp does.
+  own kernels (kernels/ggml.py): one mul_mat_id call per product, activations quantized as llama.cpp does;
+  where llama.cpp interleaves a matrix's rows (kernels/ggml_repack.py), each slot is repacked as it is filled.
 
 Letters: S slots, R rows (outputs), C columns (inputs), N tokens, K experts per token, G int4 groups.
 """
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES
 
-from . import ggml, matvec
+from . import ggml, ggml_repack, matvec
+from .ggml_library import Q
 from .intquant import QuantizedWeight
 
 
@@ -94,10 +97,18 @@ class GgufBank(MatrixBank):
     def __init__(self, qtype: int, raw: torch.Tensor):
         self.qtype, self.raw = qtype, raw
         self.rows = raw.shape[1]
+        qk, block_bytes = GGML_QUANT_SIZES[Q(qtype)]
+        # llama.cpp's interleaved layout where it would use one: each slot is repacked as its bytes land
+        self.layout = ggml_repack.layout(qtype, self.rows, raw.shape[2] // block_bytes * qk)
+
+    def repack_slot(self, slot: int) -> None:
+        """Slot `slot` was just filled with the file's bytes: put them in this bank's layout."""
+        if self.layout:
+            ggml_repack.repack(self.qtype, self.layout, self.raw[slot])
 
     def apply(self, x, slot):
         ids = torch.full((x.shape[0], 1), slot, dtype=torch.int32)
-        return ggml.mul_mat_id(self.qtype, self.raw, x, ids)[:, 0].to(x.dtype)
+        return ggml.mul_mat_id(self.qtype, self.raw, x, ids, self.layout)[:, 0].to(x.dtype)
 
     def gather_mv(self, x, slots):
-        return ggml.mul_mat_id(self.qtype, self.raw, x, slots).to(x.dtype)
+        return ggml.mul_mat_id(self.qtype, self.raw, x, slots, self.layout).to(x.dtype)

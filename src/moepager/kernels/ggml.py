@@ -12,7 +12,7 @@ Q8_K for the K-quants), and integer dot products run in ggml's SIMD kernels. The
 - `dequantize(qtype, raw)`: ggml's own to_float, for embedding rows and checks.
 The float ops between the products, as llama.cpp runs them, are in kernels/ggml_float.py.
 Each product is a ggml graph of one node over tensors whose data pointers are the torch tensors' own memory
-(nothing is copied or repacked). Graphs are cached per shape, so a decode step patches three pointers and
+(nothing is copied; weights are in llama.cpp's interleaved layout where it would use it, kernels/ggml_repack.py). Graphs are cached per shape, so a decode step patches three pointers and
 calls ggml_graph_compute. It does not own which slots a layer uses (the experts primitive) or where the
 bytes come from (the store).
 
@@ -38,6 +38,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from .ggml_library import DATA_OFFSET, F32, I32, InitParams, Q, library, set_data, set_strides
+from .ggml_repack import mark
 from .thread_choice import ThreadChoice
 
 # the block types moepager computes compact (llama.cpp's "quantized" types a GGUF holds for its matrices)
@@ -171,13 +172,16 @@ def cached_graph(key: tuple, build, work_bytes: int, tokens: int, check, nodes: 
     return graph
 
 
-def _weights(base, ctx, qtype: int, w: torch.Tensor) -> int:
-    """A ggml tensor over w uint8 [S, R, row bytes] (any stride between slots), ne = [C, R, S]."""
+def _weights(base, ctx, qtype: int, w: torch.Tensor, layout: int = 0) -> int:
+    """A ggml tensor over w uint8 [S, R, row bytes] (any stride between slots), ne = [C, R, S], whose bytes
+    are in `layout` (kernels/ggml_repack.py; 0: the file's plain rows)."""
     s, r, rb = w.shape
     qk, bb = GGML_QUANT_SIZES[Q(qtype)]
     t = base.ggml_new_tensor_3d(ctx, qtype, rb // bb * qk, r, s)
     set_strides(t, rb, w.stride(0), w.stride(0) * s)
     set_data(t, w.data_ptr())
+    if layout:
+        mark(t, layout)
     return t
 
 
@@ -214,8 +218,10 @@ def activations(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
-def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """bank uint8 [S, R, row bytes], x float32 [N, C] or [N, K, C], ids [N, K] -> float32 [N, K, R]:
+def mul_mat_id(
+    qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, layout: int = 0
+) -> torch.Tensor:
+    """bank uint8 [S, R, row bytes] in `layout`, x float32 [N, C] or [N, K, C], ids [N, K] -> float32 [N, K, R]:
     out[n, k] = bank[ids[n, k]] @ x[n] (or x[n, k]), as llama.cpp computes it."""
     n, k = ids.shape
     s, r, _ = bank.shape
@@ -229,12 +235,12 @@ def mul_mat_id(qtype: int, bank: torch.Tensor, x: torch.Tensor, ids: torch.Tenso
             raise ValueError(f"inputs {list(x.shape)}: not [N, C] or [N, K, C] for ids {list(ids.shape)}")
 
     def build(base, ctx):
-        a = _weights(base, ctx, qtype, bank)
+        a = _weights(base, ctx, qtype, bank, layout)
         b = base.ggml_new_tensor_3d(ctx, F32, c, used, n)
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
         return (b, i), base.ggml_mul_mat_id(ctx, a, b, i)
 
-    key = ("id", qtype, bank.data_ptr(), bank.dtype, bank.shape, bank.stride(), x.shape, k)
+    key = ("id", qtype, layout, bank.data_ptr(), bank.dtype, bank.shape, bank.stride(), x.shape, k)
     graph = cached_graph(key, build, min(n * k, s) * r * bank.shape[-1], n, check)
     return graph(torch.empty(n, k, r, dtype=torch.float32), x, _slots(ids, s))
 
@@ -245,9 +251,10 @@ def swiglu_experts(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor | None = None,
+    layouts: tuple[int, int, int] = (0, 0, 0),
 ) -> torch.Tensor:
     """A SwiGLU MoE layer's routed experts in one graph, as llama.cpp's build_moe_ffn computes them: gate and
-    up banks [S, I, row bytes], down [S, D, row bytes] of `types`, x float32 [N, D], ids [N, K] ->
+    up banks [S, I, row bytes], down [S, D, row bytes] of `types` in `layouts`, x float32 [N, D], ids [N, K] ->
     [N, K, D] = down(silu(gate x) * up x) per (token, slot) pair; with `weights` [N, K], their weighted sum
     [N, D], each pair's output times its weight, then added slot by slot as llama.cpp adds them. One call wakes
     the pool once for the layer."""
@@ -266,7 +273,7 @@ def swiglu_experts(
             raise ValueError(f"weights {list(weights.shape)} are not one per id {list(ids.shape)}")
 
     def build(base, ctx):
-        a_gate, a_up, a_down = (_weights(base, ctx, q, b) for q, b in zip(types, banks))
+        a_gate, a_up, a_down = (_weights(base, ctx, *a) for a in zip(types, banks, layouts))
         b = base.ggml_new_tensor_3d(ctx, F32, x.shape[1], 1, n)
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
         g, u = base.ggml_mul_mat_id(ctx, a_gate, b, i), base.ggml_mul_mat_id(ctx, a_up, b, i)  # [I, K, N]
@@ -293,6 +300,7 @@ def swiglu_experts(
     key = (
         "glu",
         types,
+        layouts,
         *((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in banks),
         x.shape,
         k,
@@ -306,9 +314,11 @@ def swiglu_experts(
     return graph(torch.empty(n, d, dtype=torch.float32), x, slots, activations(weights))
 
 
-def swiglu_mlp(types: tuple[int, int, int], mats: tuple, x: torch.Tensor) -> torch.Tensor:
+def swiglu_mlp(
+    types: tuple[int, int, int], mats: tuple, x: torch.Tensor, layouts: tuple[int, int, int] = (0, 0, 0)
+) -> torch.Tensor:
     """A dense SwiGLU feed-forward (a dense layer, a shared expert) in one graph, as llama.cpp's build_ffn
-    computes it: gate and up uint8 [I, row bytes], down [D, row bytes] of `types`, x float32 [N, D] ->
+    computes it: gate and up uint8 [I, row bytes], down [D, row bytes] of `types` in `layouts`, x float32 [N, D] ->
     down(silu(gate x) * up x) [N, D]."""
     gate, up, down = mats
     n, i_ff, d = x.shape[0], gate.shape[0], down.shape[0]
@@ -323,7 +333,9 @@ def swiglu_mlp(types: tuple[int, int, int], mats: tuple, x: torch.Tensor) -> tor
             )
 
     def build(base, ctx):
-        a_gate, a_up, a_down = (_weights(base, ctx, q, w[None]) for q, w in zip(types, mats))
+        a_gate, a_up, a_down = (
+            _weights(base, ctx, q, w[None], lay) for q, w, lay in zip(types, mats, layouts)
+        )
         b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], n)
         g, u = base.ggml_mul_mat(ctx, a_gate, b), base.ggml_mul_mat(ctx, a_up, b)  # [I, N]
         h = base.ggml_swiglu_split(ctx, g, u)
@@ -332,13 +344,13 @@ def swiglu_mlp(types: tuple[int, int, int], mats: tuple, x: torch.Tensor) -> tor
             set_data(node, buf.data_ptr())
         return (b,), base.ggml_mul_mat(ctx, a_down, h), scratch
 
-    key = ("mlp", types, *((w.data_ptr(), w.dtype, w.shape, w.stride()) for w in mats), x.shape)
+    key = ("mlp", types, layouts, *((w.data_ptr(), w.dtype, w.shape, w.stride()) for w in mats), x.shape)
     work = sum(w.numel() * w.element_size() for w in mats)
     return cached_graph(key, build, work, n, check)(torch.empty(n, d, dtype=torch.float32), x)
 
 
-def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """w uint8 [R, row bytes], x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it. Batched:
+def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor, layout: int = 0) -> torch.Tensor:
+    """w uint8 [R, row bytes] in `layout`, x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it. Batched:
     w [H, R, row bytes] and x [H, N, C] -> [H, N, R], matrix h on inputs h (MLA's per-head k_b and v_b).
     Besides the block types, w may be F16 (rows llama.cpp's quantizer could not cut into blocks), whose
     products round x to fp16 as ggml's do."""
@@ -351,14 +363,14 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"inputs {list(x.shape)} for weights {list(w.shape)}: not [N, C] or [H, N, C]")
 
     def build(base, ctx):
-        a = _weights(base, ctx, qtype, w if batched else w[None])
+        a = _weights(base, ctx, qtype, w if batched else w[None], layout)
         if batched:
             b = base.ggml_new_tensor_3d(ctx, F32, x.shape[2], x.shape[1], x.shape[0])
         else:
             b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], x.shape[0])
         return (b,), base.ggml_mul_mat(ctx, a, b)
 
-    key = ("mm", qtype, w.data_ptr(), w.dtype, w.shape, w.stride(), x.shape)
+    key = ("mm", qtype, layout, w.data_ptr(), w.dtype, w.shape, w.stride(), x.shape)
     graph = cached_graph(key, build, w.numel() * w.element_size(), x.shape[-2], check)
     return graph(torch.empty(*x.shape[:-1], w.shape[-2], dtype=torch.float32), x)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 import threading
 
 from gguf import GGMLQuantizationType
@@ -23,9 +24,11 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _MAX_THREADS = 512  # GGML_MAX_N_THREADS, the size of the thread pool's cpu mask
 # struct ggml_tensor (ggml.h, ggml 0.20): type, buffer, ne[4], nb[4], op, op_params[16], flags, src[10],
-# view_src, view_offs, then data. Checked against ggml_get_data when the library loads.
+# view_src, view_offs, data, name[64], then extra. Checked against ggml_get_data when the library loads.
+BUFFER_OFFSET = 8
 _NB_OFFSET = 48
 DATA_OFFSET = 248
+EXTRA_OFFSET = 320
 
 
 class InitParams(ctypes.Structure):
@@ -66,6 +69,19 @@ class _ToFloat(ctypes.Structure):  # struct ggml_type_traits's leading fields
     ]
 
 
+_LogCallback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, _P)
+_WARN, _CONT = 3, 5  # ggml_log_level: its debug and info lines (one per repacked matrix) are not printed
+_last_level = [0]  # what a continued line continues
+
+
+@_LogCallback
+def _log(level: int, text: bytes, _user) -> None:
+    if level != _CONT:
+        _last_level[0] = level
+    if _last_level[0] >= _WARN and text:
+        sys.stderr.write(text.decode(errors="replace"))
+
+
 def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
     for lib, name, res, args in [
         (base, "ggml_init", _P, [InitParams]),
@@ -99,16 +115,25 @@ def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
         (base, "ggml_new_graph_custom", _P, [_P, ctypes.c_size_t, ctypes.c_bool]),
         (base, "ggml_build_forward_expand", None, [_P, _P]),
         (base, "ggml_get_data", _P, [_P]),
+        (base, "ggml_set_name", _P, [_P, ctypes.c_char_p]),
         (base, "ggml_tensor_overhead", ctypes.c_size_t, []),
         (base, "ggml_graph_overhead_custom", ctypes.c_size_t, [ctypes.c_size_t, ctypes.c_bool]),
         (base, "ggml_get_type_traits", ctypes.POINTER(_ToFloat), [ctypes.c_int]),
         (base, "ggml_threadpool_params_default", _PoolParams, [ctypes.c_int]),
+        (base, "ggml_log_set", None, [_LogCallback, _P]),
+        (base, "ggml_backend_reg_get_proc_address", _P, [_P, ctypes.c_char_p]),
+        (base, "ggml_backend_reg_dev_get", _P, [_P, ctypes.c_size_t]),
+        (base, "ggml_backend_buft_name", ctypes.c_char_p, [_P]),
+        (base, "ggml_backend_buft_alloc_buffer", _P, [_P, ctypes.c_size_t]),
+        (base, "ggml_backend_buffer_init_tensor", ctypes.c_int, [_P, _P]),
+        (base, "ggml_backend_tensor_set", None, [_P, _P, ctypes.c_size_t, ctypes.c_size_t]),
         (cpu, "ggml_cpu_init", None, []),
         (cpu, "ggml_cpu_has_avx2", ctypes.c_int, []),
         (cpu, "ggml_cpu_has_avx512", ctypes.c_int, []),
         (cpu, "ggml_graph_plan", CPlan, [_P, ctypes.c_int, _P]),
         (cpu, "ggml_graph_compute", ctypes.c_int, [_P, ctypes.POINTER(CPlan)]),
         (cpu, "ggml_threadpool_new", _P, [ctypes.POINTER(_PoolParams)]),
+        (cpu, "ggml_backend_cpu_reg", _P, []),
     ]:
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
@@ -159,6 +184,7 @@ class Library:
         except AttributeError as e:  # an older or newer ggml than moepager calls
             raise MoepagerError(f"libggml in {where} lacks a function moepager calls ({e}); set "
                                 f"{LIBRARY_ENV}=wheel to use the libggml-python wheel's") from None  # fmt: skip
+        self.base.ggml_log_set(_log, None)
         self.cpu.ggml_cpu_init()
         self.pools: dict[tuple[int, int], int] = {}
         self.lock = threading.Lock()  # one graph computes at a time: graphs and pools are shared
@@ -173,8 +199,10 @@ class Library:
         try:
             t = self.base.ggml_new_tensor_2d(ctx, F32, 32, 3)
             set_data(t, 0x1000)
+            self.base.ggml_set_name(t, b"x")  # name[64] lies just before extra
             nb = (ctypes.c_size_t * 2).from_address(t + _NB_OFFSET)
-            if self.base.ggml_get_data(t) != 0x1000 or tuple(nb) != (4, 128):
+            name = ctypes.c_char.from_address(t + DATA_OFFSET + 8).value
+            if self.base.ggml_get_data(t) != 0x1000 or tuple(nb) != (4, 128) or name != b"x":
                 raise MoepagerError(
                     f"{self.origin}'s struct ggml_tensor is not the layout moepager was written "
                     f"for; set {LIBRARY_ENV}=wheel to use the libggml-python wheel's"

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ggml, ggml_float, ggml_library, hugepages, matvec
+from ..kernels import ggml, ggml_float, ggml_library, ggml_repack, hugepages, matvec
 from .layers import MLP, Attention, KVCache, RMSNorm
 from .moe import Router, SharedGate, route
 
@@ -31,9 +31,10 @@ class BlockLinear(nn.Module):
         self.qtype, self.out_features, self.in_features = qtype, rows, cols
         self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+        self.layout = 0  # the file's rows, until repack_block_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ggml.mul_mat(self.qtype, self.blocks, x.reshape(-1, self.in_features))  # [N, R] fp32
+        y = ggml.mul_mat(self.qtype, self.blocks, x.reshape(-1, self.in_features), self.layout)  # [N, R] fp32
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -109,6 +110,22 @@ def swap_compact(model: nn.Module, compact: dict, dtype: torch.dtype) -> dict[st
     return state
 
 
+def repack_block_weights(model: nn.Module) -> None:
+    """Each BlockLinear whose matrix llama.cpp would interleave (kernels/ggml_repack.py) repacked in place, once,
+    after loading. A tied output head gets its own repacked copy, as llama.cpp loads one for its output layer:
+    the embedding's lookups read the file's rows."""
+    looked_up = {m.blocks.data_ptr() for m in model.modules() if isinstance(m, BlockEmbedding)}
+    for m in model.modules():
+        if not isinstance(m, BlockLinear) or m.blocks.device.type != "cpu":
+            continue
+        layout = ggml_repack.layout(m.qtype, m.out_features, m.in_features)
+        if layout:
+            if m.blocks.data_ptr() in looked_up:
+                m.blocks = m.blocks.clone()
+            ggml_repack.repack(m.qtype, layout, m.blocks)
+            m.layout = layout
+
+
 class GgmlRMSNorm(RMSNorm):
     """RMSNorm as llama.cpp computes it (ggml's rms_norm, then its product by the weight)."""
 
@@ -122,7 +139,10 @@ class BlockMLP(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mats = (self.gate_proj, self.up_proj, self.down_proj)
         y = ggml.swiglu_mlp(
-            tuple(m.qtype for m in mats), tuple(m.blocks for m in mats), x.reshape(-1, x.shape[-1])
+            tuple(m.qtype for m in mats),
+            tuple(m.blocks for m in mats),
+            x.reshape(-1, x.shape[-1]),
+            tuple(m.layout for m in mats),
         )
         return y.view(*x.shape[:-1], -1)
 

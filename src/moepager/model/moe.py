@@ -184,6 +184,12 @@ class ExpertBank:
             ]
         return self._slots
 
+    def repack_slot(self, slot: int) -> None:
+        """Slot `slot` was just filled (with an expert of this bank's layer): its blocks into llama.cpp's layout."""
+        for m in self.matrices.values():
+            if isinstance(m, GgufBank):
+                m.repack_slot(slot)
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.storage.values())
@@ -215,8 +221,15 @@ class ExpertBank:
         if not self.fused_swiglu(config) or x.dim() != 2:
             return None
         m = self.matrices
-        types = (m["gate"].qtype, m["up"].qtype, m["down"].qtype)
-        out = swiglu_experts(types, (m["gate"].raw, m["up"].raw, m["down"].raw), x, slots, weights)
+        parts = (m["gate"], m["up"], m["down"])
+        out = swiglu_experts(
+            tuple(p.qtype for p in parts),
+            tuple(p.raw for p in parts),
+            x,
+            slots,
+            weights,
+            tuple(p.layout for p in parts),
+        )
         return out.to(x.dtype)
 
     def expert(self, x: torch.Tensor, slot: int, config: ModelConfig) -> torch.Tensor:

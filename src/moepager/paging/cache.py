@@ -180,12 +180,14 @@ class ExpertCache:
     def _read_into_slots(self, batch: list[tuple[Key, int]]) -> None:
         if self.direct and hasattr(self.source, "read_experts"):  # one call: the source merges neighbours
             self.source.read_experts([k for k, _ in batch], [self.views[s] for _, s in batch])
-            return
-        for key, slot in batch:
-            if self.direct:
-                self.source.read_expert(*key, out=self.views[slot])
-            else:
-                self._read_staged(key, slot)
+        else:
+            for key, slot in batch:
+                if self.direct:
+                    self.source.read_expert(*key, out=self.views[slot])
+                else:
+                    self._read_staged(key, slot)
+        for (layer, _), slot in batch:
+            self.banks[layer].repack_slot(slot)
 
     def _read_staged(self, key: Key, slot: int) -> None:
         """Through this thread's staging set: another dtype in the slots, or slots on a GPU."""

@@ -18,7 +18,13 @@ from ..errors import MoepagerError
 from ..generation import sessions
 from ..generation.generate import SamplingParams, Timings, generate_step
 from ..generation.tokenizer import Tokenizer
-from ..model.compact import huge_page_weights, swap_compact, swap_llama_cpp_ops, swap_matvec
+from ..model.compact import (
+    huge_page_weights,
+    repack_block_weights,
+    swap_compact,
+    swap_llama_cpp_ops,
+    swap_matvec,
+)
 from ..model.decoder import Transformer
 from ..model.fused_decode import swap_fused_decode
 from ..model.kvcache import BlockKVCache, KVOptions
@@ -202,6 +208,7 @@ def resident_experts(source, device: torch.device, dtype: torch.dtype | None) ->
             banks[layer] = spec.allocate(source.config.num_experts, device, layer)
         for layer, e in keys:
             source.read_expert(layer, e, out=banks[layer].slots[e])
+            banks[layer].repack_slot(e)
     return ResidentExperts(source.config, banks)
 
 
@@ -248,6 +255,8 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
     net.to(device=dev, dtype=dtype)
     if gguf_blocks and dtype == torch.float32:
         swap_llama_cpp_ops(net)  # the float ops between the block products as llama.cpp runs them
+    if gguf_blocks:
+        repack_block_weights(net)  # before huge pages, so that a tied head's own copy moves too
     huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     swap_fused_decode(net)  # fp32 CPU decode of the plain families: one compiled call per layer
