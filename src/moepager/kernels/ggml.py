@@ -12,8 +12,9 @@ Q8_K for the K-quants), and integer dot products run in ggml's SIMD kernels. The
 - `dequantize(qtype, raw)`: ggml's own to_float, for embedding rows and checks.
 The float ops between the products, as llama.cpp runs them, are in kernels/ggml_float.py.
 Each product is a ggml graph of one node over tensors whose data pointers are the torch tensors' own memory
-(nothing is copied; weights are in llama.cpp's interleaved layout where it would use it, kernels/ggml_repack.py). Graphs are cached per shape, so a decode step patches three pointers and
-calls ggml_graph_compute. It does not own which slots a layer uses (the experts primitive) or where the
+(nothing is copied; weights are in llama.cpp's interleaved layout where llama.cpp would use it,
+kernels/ggml_repack.py). Graphs are cached per shape, so a decode step patches three pointers and calls
+ggml_graph_compute. It does not own which slots a layer uses (the experts primitive) or where the
 bytes come from (the store).
 
 Threads: a thread that computes GGUF blocks gives its cores to ggml's pool, whose threads spin briefly between
