@@ -16,6 +16,7 @@ from llama_numerics import random_blocks
 import moepager
 from moepager.kernels import ggml, ggml_float, ggml_library
 from moepager.model import compact
+from moepager.model.decoder import Block
 from moepager.model.layers import KVCache, apply_rope
 from moepager.model.moe import sum_in_order
 
@@ -171,6 +172,27 @@ def test_gguf_model_runs_llama_cpps_ops_with_or_without_a_cache():
     # a float checkpoint keeps torch's ops
     tiny = moepager.load(FIXTURES / "qwen3_moe")
     assert type(tiny.model.layers[0].attn_norm) is not compact.GgmlRMSNorm
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe.q4_0", "olmoe.q8_0", "qwen2_moe.q4_0", "mixtral.q8_0"])
+def test_a_layer_in_three_graphs_is_its_modules_bit_for_bit(name):
+    """GgmlBlock (q/k norms per head, over the projection or none; qkv biases; a shared expert) gives the
+    logits of its modules called one by one, prefill and decode."""
+    engine = moepager.load(FIXTURES / f"{name}.gguf")
+    assert all(type(b) is compact.GgmlBlock for b in engine.model.layers)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]])
+
+    def run():
+        cache = KVCache(engine.config.num_layers)
+        with torch.no_grad():
+            steps = [engine.model(ids[:, :10], cache=cache)]
+            steps += [engine.model(ids[:, i : i + 1], cache=cache) for i in range(10, 13)]
+        return steps
+
+    fused = run()
+    for block in engine.model.layers:
+        block.__class__ = Block
+    assert all(torch.equal(a, b) for a, b in zip(fused, run()))
 
 
 def test_the_library_is_chosen_and_named():

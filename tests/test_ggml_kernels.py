@@ -93,3 +93,25 @@ def test_swiglu_experts_is_llama_cpps_moe_graph(types):
     close = (got - want).abs() <= 1e-5 * want.abs().max()  # silu's last ulp can move an 8-bit rounding
     assert got.shape == (3, 2, d) and close.float().mean() > 0.99
     assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
+def test_graph_cache_keeps_a_deep_models_decode_graphs(monkeypatch):
+    """Every one-token graph of a step stays cached (a 48-layer model's step calls ~290), while the buffers
+    of many-token graphs are bounded by bytes: at most one graph past the bound is kept."""
+    ggml.clear_graphs()
+    mats = [torch.from_numpy(random_blocks(Q.Q4_0, R, C)) for _ in range(300)]  # a matrix each: 300 graphs
+    x = torch.randn(1, C)
+    for w in mats:
+        ggml.mul_mat(Q.Q4_0, w, x)
+    built, init = [], ggml._Graph.__init__
+    monkeypatch.setattr(ggml._Graph, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    for w in mats:  # the second step: no graph built again
+        ggml.mul_mat(Q.Q4_0, w, x)
+    assert not built and len(ggml._graphs) == 300
+
+    monkeypatch.setattr(ggml, "_CACHED_GRAPH_BYTES", 1 << 20)
+    wide = torch.randn(2048, C)  # a prefill chunk: each graph's buffers pass the bound
+    for w in mats[:3]:
+        ggml.mul_mat(Q.Q4_0, w, wide)
+    assert len(ggml._graphs) == 1 and ggml._graph_bytes == next(iter(ggml._graphs.values())).nbytes > 1 << 20
+    ggml.clear_graphs()

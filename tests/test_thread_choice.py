@@ -48,7 +48,7 @@ def test_switching_counts_changes_no_result(monkeypatch):
     prompt = list(range(10, 30))
 
     def run():
-        ggml._graphs.clear()
+        ggml.clear_graphs()
         out = engine.generate(prompt, max_new_tokens=12, temperature=1.0, seed=5)
         with torch.inference_mode():
             logits = engine.model(torch.tensor([prompt]))

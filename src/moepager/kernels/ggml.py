@@ -48,7 +48,12 @@ SUPPORTED: frozenset[int] = frozenset(
 )
 MUL_MAT_TYPES: frozenset[int] = SUPPORTED | {Q.F16}  # dense products also take fp16 rows
 _FLOAT_ROWS = MUL_MAT_TYPES | {Q.F32}  # and mul_mat float32 ones (router logits as llama.cpp takes them)
-_CACHED_GRAPHS = 256  # graphs kept per process: every (matrix, tokens) shape of a few decode batch sizes
+# graphs kept per process, by count and by the bytes of their buffers. A decode step calls each of ~6 graphs per
+# layer (a matrix's graph is its own): a 48-layer model's steps need ~290, and at 256 the least recently used
+# was always the next one needed, so every graph was rebuilt every token (~20 ms of a 400 ms token). The
+# byte bound keeps few of a long prefill chunk's graphs (a 512-token SwiGLU layer's buffers are ~100 MiB)
+_CACHED_GRAPHS = 2048
+_CACHED_GRAPH_BYTES = 64 << 20
 # ggml's polling level between calls: 0 sleeps at once, 50 (llama.cpp's default) spins a while. Spinning wins
 # when the model is resident; a process that pages experts sleeps, so its reader threads get the cores
 # (benchmarks/real_scale.md: at a 4 GiB cap on a busy machine, 2 threads decoded 0.71 tok/s spinning and 1.54
@@ -72,18 +77,23 @@ class _Graph:
         self.inputs, self.out, *scratch = build(g.base, self.ctx)
         self.scratch = scratch[0] if scratch else []
         self.graph = g.base.ggml_new_graph_custom(self.ctx, nodes, False)
-        g.base.ggml_build_forward_expand(self.graph, self.out)
+        outs = self.out if isinstance(self.out, tuple) else (self.out,)  # a graph may have several outputs
+        for out in outs:
+            g.base.ggml_build_forward_expand(self.graph, out)
         self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
         self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
         self.plan.work_data = self.work.data_ptr()
+        self.nbytes = self.work.numel() + sum(t.numel() * t.element_size() for t in self.scratch)
 
         # the data pointer fields patched per call (inputs, then the output), and the call's fixed arguments
-        self.fields = [ctypes.c_void_p.from_address(t + DATA_OFFSET) for t in (*self.inputs, self.out)]
+        self.fields = [ctypes.c_void_p.from_address(t + DATA_OFFSET) for t in (*self.inputs, *outs)]
         self.compute = functools.partial(g.cpu.ggml_graph_compute, self.graph, ctypes.byref(self.plan))
 
-    def __call__(self, out: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, out, *inputs: torch.Tensor):
+        """Computes into out (a tensor, or a tuple of them for a graph of several outputs) and returns it."""
+        outs = out if isinstance(out, tuple) else (out,)
         with self.g.lock:  # the pointers too: another thread may run this same graph on its own tensors
-            for field, x in zip(self.fields, (*inputs, out)):
+            for field, x in zip(self.fields, (*inputs, *outs)):
                 field.value = x.data_ptr()
             start = time.perf_counter()
             status = self.compute()
@@ -100,6 +110,7 @@ class _Graph:
 
 
 _graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+_graph_bytes = 0  # the buffers of the cached graphs
 _cores = threading.local()  # per calling thread (torch's thread count is per thread): ggml's share
 
 
@@ -147,6 +158,13 @@ def _openmp_pause():
     return None
 
 
+def clear_graphs() -> None:
+    """Drop every cached graph: the next calls build theirs again (with the thread count chosen then)."""
+    global _graph_bytes
+    _graphs.clear()
+    _graph_bytes = 0
+
+
 def sleep_between_calls() -> None:
     """Let ggml's threads sleep between products from now on (a process that reads experts from disk)."""
     global _poll
@@ -161,19 +179,21 @@ def cached_graph(key: tuple, build, work_bytes: int, tokens: int, check, nodes: 
     chosen by the speed of one-token products (a sequence's decode step: like for like from window to window)."""
     threads = _threads() if work_bytes >= SMALL_WORK else 1
     key = (*key, threads, _poll)
+    global _graph_bytes
     graph = _graphs.get(key)
     if graph is None:
         check()
         measured = work_bytes if work_bytes >= SMALL_WORK and tokens == 1 else 0
         graph = _graphs[key] = _Graph(build, threads, measured, nodes)
-        if len(_graphs) > _CACHED_GRAPHS:
-            _graphs.popitem(last=False)
+        _graph_bytes += graph.nbytes
+        while len(_graphs) > 1 and (len(_graphs) > _CACHED_GRAPHS or _graph_bytes > _CACHED_GRAPH_BYTES):
+            _graph_bytes -= _graphs.popitem(last=False)[1].nbytes
     else:
         _graphs.move_to_end(key)
     return graph
 
 
-def _weights(base, ctx, qtype: int, w: torch.Tensor, layout: int = 0) -> int:
+def weight_tensor(base, ctx, qtype: int, w: torch.Tensor, layout: int = 0) -> int:
     """A ggml tensor over w uint8 [S, R, row bytes] (any stride between slots), ne = [C, R, S], whose bytes
     are in `layout` (kernels/ggml_repack.py; 0: the file's plain rows)."""
     s, r, rb = w.shape
@@ -236,7 +256,7 @@ def mul_mat_id(
             raise ValueError(f"inputs {list(x.shape)}: not [N, C] or [N, K, C] for ids {list(ids.shape)}")
 
     def build(base, ctx):
-        a = _weights(base, ctx, qtype, bank, layout)
+        a = weight_tensor(base, ctx, qtype, bank, layout)
         b = base.ggml_new_tensor_3d(ctx, F32, c, used, n)
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
         return (b, i), base.ggml_mul_mat_id(ctx, a, b, i)
@@ -274,7 +294,7 @@ def swiglu_experts(
             raise ValueError(f"weights {list(weights.shape)} are not one per id {list(ids.shape)}")
 
     def build(base, ctx):
-        a_gate, a_up, a_down = (_weights(base, ctx, *a) for a in zip(types, banks, layouts))
+        a_gate, a_up, a_down = (weight_tensor(base, ctx, *a) for a in zip(types, banks, layouts))
         b = base.ggml_new_tensor_3d(ctx, F32, x.shape[1], 1, n)
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
         g, u = base.ggml_mul_mat_id(ctx, a_gate, b, i), base.ggml_mul_mat_id(ctx, a_up, b, i)  # [I, K, N]
@@ -335,7 +355,7 @@ def swiglu_mlp(
 
     def build(base, ctx):
         a_gate, a_up, a_down = (
-            _weights(base, ctx, q, w[None], lay) for q, w, lay in zip(types, mats, layouts)
+            weight_tensor(base, ctx, q, w[None], lay) for q, w, lay in zip(types, mats, layouts)
         )
         b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], n)
         g, u = base.ggml_mul_mat(ctx, a_gate, b), base.ggml_mul_mat(ctx, a_up, b)  # [I, N]
@@ -364,7 +384,7 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor, layout: int = 0) -> to
             raise ValueError(f"inputs {list(x.shape)} for weights {list(w.shape)}: not [N, C] or [H, N, C]")
 
     def build(base, ctx):
-        a = _weights(base, ctx, qtype, w if batched else w[None], layout)
+        a = weight_tensor(base, ctx, qtype, w if batched else w[None], layout)
         if batched:
             b = base.ggml_new_tensor_3d(ctx, F32, x.shape[2], x.shape[1], x.shape[0])
         else:

@@ -15,6 +15,8 @@ torch tensors, like the products:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .ggml import activations, cached_graph
@@ -109,9 +111,15 @@ def sigmoid_gate(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def rope_node(base_lib, ctx, a: int, positions: int, dims: int, base: float) -> int:
+    """ggml_rope_ext over a [Dh, H, T] at int32 positions [T], halves rotated, unscaled (llama.cpp's ext_factor
+    0, freq_scale 1)."""
+    return base_lib.ggml_rope_ext(ctx, a, positions, None, dims, NEOX, 0, base, 1.0, 0.0, 1.0, 32.0, 1.0)
+
+
 def rope(x: torch.Tensor, start: int, dims: int, base: float) -> torch.Tensor:
     """x float32 [T, H, Dh] at positions start..start+T-1 -> rotated (halves, the first `dims` of each head) by
-    ggml_rope_ext with frequency base `base`, unscaled (llama.cpp's ext_factor 0, freq_scale 1)."""
+    ggml_rope_ext with frequency base `base`."""
     x = activations(x)
     t, h, dh = x.shape
     positions = torch.arange(start, start + t, dtype=torch.int32)
@@ -119,9 +127,7 @@ def rope(x: torch.Tensor, start: int, dims: int, base: float) -> torch.Tensor:
     def build(base_lib, ctx):
         a = base_lib.ggml_new_tensor_3d(ctx, F32, dh, h, t)
         pos = base_lib.ggml_new_tensor_1d(ctx, I32, t)
-        return (a, pos), base_lib.ggml_rope_ext(
-            ctx, a, pos, None, dims, NEOX, 0, base, 1.0, 0.0, 1.0, 32.0, 1.0
-        )
+        return (a, pos), rope_node(base_lib, ctx, a, pos, dims, base)
 
     return cached_graph(("rope", x.shape, dims, base), build, 0, t, lambda: None)(
         torch.empty_like(x), x, positions
@@ -133,15 +139,18 @@ def cached_positions(end: int) -> int:
     return -(-end // KV_PAD) * KV_PAD
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, scale: float) -> torch.Tensor:
-    """Causal attention of q float32 [T, H, Dh] at positions start..start+T-1 over a cache's keys k [Hk,
-    capacity, Dh] and values with positions in rows vt [Hk, Dh, capacity] (float32, positions 0..start+T-1
-    filled, the rest finite) -> [T, H * Dh]. Attends over the first n_kv = KV_PAD-multiple positions, as
-    llama.cpp does: the sums then group alike."""
-    q = activations(q)
+@functools.lru_cache(maxsize=4)
+def causal_mask(t: int, n_kv: int, start: int) -> torch.Tensor:
+    """[T, n_kv]: 0 where a key's position is at most the query's (start + row), -inf elsewhere. The same for
+    every layer of a step: made once (callers only read it)."""
+    return torch.full((t, n_kv), float("-inf")).triu_(start + 1)
+
+
+def attention_nodes(base, ctx, q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, n_kv: int, scale: float):
+    """The nodes of `attention` -> (inputs (q, its permuted view, K, V, mask), its output [Dh, H, T] (no buffer
+    yet), the intermediate nodes' buffers). Checks the cache buffers hold n_kv positions."""
     t, h, dh = q.shape
     hk = k.shape[0]
-    n_kv = cached_positions(start + t)
     if (
         min(k.shape[1], vt.shape[2]) < n_kv
         or vt.shape[:2] != (hk, dh)
@@ -151,27 +160,37 @@ def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, sc
         raise ValueError(
             f"cache buffers {list(k.shape)}, {list(vt.shape)} do not hold {n_kv} positions of {dh}"
         )
-    mask = torch.full((t, n_kv), float("-inf")).triu_(start + 1)  # 0 where a key's position <= the query's
+    qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
+    ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)  # views of the first n_kv positions per kv head
+    set_strides(ka, dh * 4, k.stride(0) * 4)
+    va = base.ggml_new_tensor_3d(ctx, F32, n_kv, dh, hk)  # positions in rows, as llama.cpp's V cache
+    set_strides(va, vt.stride(1) * 4, vt.stride(0) * 4)
+    m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
+    # a view of an input takes its data when made: it is patched per call with the input it views
+    qp = base.ggml_permute(ctx, qa, 0, 2, 1, 3)
+    kq = base.ggml_mul_mat(ctx, ka, qp)  # [n_kv, T, H]
+    probs = base.ggml_soft_max_ext(ctx, kq, m, scale, 0.0)
+    kqv = base.ggml_mul_mat(ctx, va, probs)  # [Dh, T, H]
+    scratch = [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
+    for node, buf in zip((kq, probs, kqv), scratch):
+        set_data(node, buf.data_ptr())
+    out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
+    return (qa, qp, ka, va, m), out, scratch
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of q float32 [T, H, Dh] at positions start..start+T-1 over a cache's keys k [Hk,
+    capacity, Dh] and values with positions in rows vt [Hk, Dh, capacity] (float32, positions 0..start+T-1
+    filled, the rest finite) -> [T, H * Dh]. Attends over the first n_kv = KV_PAD-multiple positions, as
+    llama.cpp does: the sums then group alike."""
+    q = activations(q)
+    t, h, dh = q.shape
+    n_kv = cached_positions(start + t)
 
     def build(base, ctx):
-        qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
-        ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)  # views of the first n_kv positions per kv head
-        set_strides(ka, dh * 4, k.stride(0) * 4)
-        va = base.ggml_new_tensor_3d(ctx, F32, n_kv, dh, hk)  # positions in rows, as llama.cpp's V cache
-        set_strides(va, vt.stride(1) * 4, vt.stride(0) * 4)
-        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
-        # a view of an input takes its data when made: it is patched per call with the input it views
-        qp = base.ggml_permute(ctx, qa, 0, 2, 1, 3)
-        kq = base.ggml_mul_mat(ctx, ka, qp)  # [n_kv, T, H]
-        probs = base.ggml_soft_max_ext(ctx, kq, m, scale, 0.0)
-        kqv = base.ggml_mul_mat(ctx, va, probs)  # [Dh, T, H]
-        scratch = [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
-        for node, buf in zip((kq, probs, kqv), scratch):
-            set_data(node, buf.data_ptr())
-        out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
-        return (qa, qp, ka, va, m), out, scratch
+        return attention_nodes(base, ctx, q, k, vt, n_kv, scale)
 
-    key = ("attn", q.shape, hk, n_kv, k.stride(0), vt.stride(0), vt.stride(1), scale)
+    key = ("attn", q.shape, k.shape[0], n_kv, k.stride(0), vt.stride(0), vt.stride(1), scale)
     read = 2 * n_kv * h * dh * 4  # K and V bytes the products read: ggml's threads share them past SMALL_WORK
     out = cached_graph(key, build, read, t, lambda: None, nodes=24)
-    return out(torch.empty(t, h * dh), q, q, k, vt, mask)
+    return out(torch.empty(t, h * dh), q, q, k, vt, causal_mask(t, n_kv, start))

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import ggml, ggml_float, ggml_library, ggml_repack, hugepages, matvec
+from ..kernels import ggml, ggml_block, ggml_float, ggml_library, ggml_repack, hugepages, matvec
+from .decoder import Block
 from .layers import MLP, Attention, KVCache, RMSNorm
-from .moe import Router, SharedGate, route
+from .moe import MoE, Router, SharedGate, route
 
 
 class BlockLinear(nn.Module):
@@ -151,7 +152,12 @@ class GgmlRouter(Router):
     """Router logits by ggml's float32 product over the file's float32 router matrix, as llama.cpp takes them."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = ggml.mul_mat(ggml_library.F32, self.weight.view(torch.uint8), x.reshape(-1, x.shape[-1]))
+        return self.pick(
+            ggml.mul_mat(ggml_library.F32, self.weight.view(torch.uint8), x.reshape(-1, x.shape[-1]))
+        )
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [N, E] of ggml's product (without the bias) -> (weights, ids), by the family's rule."""
         if self.bias is not None:
             logits = logits + self.bias
         return route(logits, self.config, self.e_score_correction_bias, self.absent)
@@ -183,16 +189,73 @@ class GgmlAttention(Attention):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         qk = ggml_float.rope(torch.cat([q, k], dim=1), start, self.rope_dims, self.rope_base)
-        q, k, v = qk[:, : self.h], qk[:, self.h :].transpose(0, 1), v.transpose(0, 1)  # k, v: [Hk, T, Dh]
+        keys, values = self.cached(qk[:, self.h :], v, cache, start)
+        return self.o_proj(ggml_float.attention(qk[:, : self.h], keys, values, start, self.scale)[None])
+
+    def cached(self, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, start: int):
+        """k, v [T, Hk, Dh] of positions start.. appended to the cache (or to a cache of this call alone) ->
+        the keys [Hk, capacity, Dh] and values by position [Hk, Dh, capacity] attention reads."""
+        t = k.shape[0]
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hk, T, Dh]
         n_kv = ggml_float.cached_positions(start + t)
         if cache is None:
             keys, values = k.new_zeros(self.hk, n_kv, self.dh), v.new_zeros(self.hk, self.dh, n_kv)
             keys[:, :t], values[:, :, :t] = k, v.transpose(1, 2)
-        else:
-            cache.update(self.layer, k[None], v[None])
-            cache.reserve(self.layer, n_kv, k[None], v[None])
-            keys, values = cache.k[self.layer][0], cache.values_by_position(self.layer)[0]
-        return self.o_proj(ggml_float.attention(q, keys, values, start, self.scale)[None])
+            return keys, values
+        cache.update(self.layer, k[None], v[None])
+        cache.reserve(self.layer, n_kv, k[None], v[None])
+        return cache.k[self.layer][0], cache.values_by_position(self.layer)[0]
+
+
+class GgmlBlock(Block):
+    """A decoder layer of GgmlAttention between GgmlRMSNorms over BlockLinear projections, computed in three ggml
+    calls a step (kernels/ggml_block.py): the attention's inputs, then attention through the FFN norm and the
+    router's logits, then the experts. The same ops as its modules' own, one by one (bit for bit); a batch, a
+    blocked cache or non-float32 activations take Block's path."""
+
+    def forward(self, x, rope, cache, start, masks):
+        if x.shape[0] != 1 or x.dtype != torch.float32 or not (cache is None or isinstance(cache, KVCache)):
+            return super().forward(x, rope, cache, start, masks)
+        a, ffn = self.attn, self.ffn
+        mats = [
+            ggml_block.Matrix(m.qtype, m.blocks, m.layout, m.bias)
+            for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+        ]
+        norms = [ggml_block.Norm(n.weight, n.eps) for n in (self.attn_norm, self.ffn_norm)]
+        qk_norms = (
+            [ggml_block.Norm(n.weight, n.eps) for n in (a.q_norm, a.k_norm)]
+            if a.qk_norm != "none"
+            else [None, None]
+        )
+        q, k, v = ggml_block.attention_inputs(
+            x[0],
+            norms[0],
+            *mats[:3],
+            a.qk_norm,
+            *qk_norms,
+            (a.h, a.hk, a.dh),
+            start,
+            (a.rope_dims, a.rope_base),
+        )  # [T, H, Dh], [T, Hk, Dh] x2
+        keys, values = a.cached(k, v, cache, start)
+        router = ffn.router.weight if isinstance(ffn, MoE) and type(ffn.router) is GgmlRouter else None
+        h, normed, logits = ggml_block.attention_output(
+            q, keys, values, start, a.scale, mats[3], x[0], norms[1], router
+        )
+        y = ffn(normed) if logits is None else ffn.combine(normed, *ffn.router.pick(logits))  # [T, D]
+        return (h + y)[None]
+
+
+def _fusable(block: nn.Module) -> bool:
+    """Whether a block is GgmlBlock's: llama.cpp's attention and norms over GGUF block projections."""
+    a = block.attn
+    if type(block) is not Block or type(a) is not GgmlAttention:
+        return False
+    norms = (block.attn_norm, block.ffn_norm) + ((a.q_norm, a.k_norm) if a.qk_norm != "none" else ())
+    mats = (a.q_proj, a.k_proj, a.v_proj, a.o_proj)
+    floats = [n.weight for n in norms] + [m.bias for m in mats if getattr(m, "bias", None) is not None]
+    return (all(type(n) is GgmlRMSNorm for n in norms) and all(type(m) is BlockLinear for m in mats)
+            and all(w.dtype == torch.float32 for w in floats))  # fmt: skip
 
 
 def swap_llama_cpp_ops(model: nn.Module) -> None:
@@ -217,6 +280,9 @@ def swap_llama_cpp_ops(model: nn.Module) -> None:
             module.__class__ = GgmlRouter
         elif type(module) is SharedGate:
             module.__class__ = GgmlSharedGate
+    for block in model.layers:
+        if _fusable(block):
+            block.__class__ = GgmlBlock
 
 
 class MatvecLinear(nn.Linear):

@@ -487,9 +487,12 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
-        weights, ids = self.router(x)
+        return self.combine(x, *self.router(x)).reshape(shape)
+
+    def combine(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [N, D] routed to ids [N, K] with weights [N, K] -> the routed experts' sum plus the shared expert [N, D]."""
         y = self.experts(self.layer, x, ids, weights)
         if self.shared is not None:
             s = self.shared(x)
             y = y + (self.shared_gate(x) * s if self.shared_gate is not None else s)
-        return y.reshape(shape)
+        return y

@@ -1,0 +1,156 @@
+"""A decoder layer's ggml ops on either side of its KV cache update as two graphs, the way llama.cpp's graph
+runs them, so that a decoded token costs three ggml calls a layer (these two and the experts) instead of a
+dozen: each call wakes ggml's threads and crosses ctypes, which at 48 layers was a real share of a token.
+- `attention_inputs`: the attention norm, the q, k, v products (and biases), q/k norms and the rotary embedding;
+- `attention_output`: attention over the cache, the output product, the residual, the FFN norm and the router's
+  logits.
+Each node is the op kernels/ggml_float.py and kernels/ggml.py run alone, on the same operands: one graph or
+several, the bits are the same (a node's result does not depend on its neighbours or on the thread count).
+Weights are bound when a graph is built (its key holds their data pointers); activations are patched per call.
+
+Letters: T tokens, D hidden, H query heads, Hk key/value heads, Dh head dim, E experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .ggml import activations, cached_graph, weight_tensor
+from .ggml_float import attention_nodes, cached_positions, causal_mask, rope_node
+from .ggml_library import F32, I32, set_data
+
+
+class Matrix(NamedTuple):
+    """A product's weight: GGUF blocks uint8 [R, row bytes] of `qtype` in `layout`, and its float32 bias."""
+
+    qtype: int
+    blocks: torch.Tensor
+    layout: int
+    bias: torch.Tensor | None
+
+
+class Norm(NamedTuple):
+    weight: torch.Tensor  # float32 [C]
+    eps: float
+
+
+def _bound(base, ctx, t: torch.Tensor) -> int:
+    """A ggml float32 tensor over a contiguous torch one (a weight bound at build), ne reversed from shape."""
+    a = (
+        base.ggml_new_tensor_1d(ctx, F32, t.numel())
+        if t.dim() == 1
+        else base.ggml_new_tensor_2d(ctx, F32, *t.shape[::-1])
+    )
+    set_data(a, t.data_ptr())
+    return a
+
+
+class _Owner:
+    """Gives intermediate nodes buffers of their own (a graph's context allocates none)."""
+
+    def __init__(self):
+        self.scratch: list[torch.Tensor] = []
+
+    def __call__(self, node: int, *shape: int) -> int:
+        buf = torch.empty(*shape, dtype=torch.float32)
+        self.scratch.append(buf)
+        set_data(node, buf.data_ptr())
+        return node
+
+
+def _product(base, ctx, own, m: Matrix, x: int, t: int, is_out: bool = False) -> int:
+    """m @ x as ggml_mul_mat (+ its bias by ggml_add, as BlockLinear adds it): [R, T]"""
+    rows = m.blocks.shape[0]
+    y = base.ggml_mul_mat(ctx, weight_tensor(base, ctx, m.qtype, m.blocks[None], m.layout), x)
+    if m.bias is None:
+        return y if is_out else own(y, t, rows)
+    own(y, t, rows)
+    y = base.ggml_add(ctx, y, _bound(base, ctx, m.bias))
+    return y if is_out else own(y, t, rows)
+
+
+def _norm(base, ctx, own, n: Norm, x: int, shape: tuple, is_out: bool = False) -> int:
+    """ggml_rms_norm, then its product by the weight, as ggml_float.rms_norm"""
+    y = base.ggml_mul(ctx, own(base.ggml_rms_norm(ctx, x, n.eps), *shape), _bound(base, ctx, n.weight))
+    return y if is_out else own(y, *shape)
+
+
+def _key(*parts) -> tuple:
+    """What a graph binds: each weight by its pointer and shape (the rest are plain values)."""
+    return tuple((p.data_ptr(), p.shape) if isinstance(p, torch.Tensor) else p for p in parts)
+
+
+def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matrix, qk_norm: str,
+                     q_norm: Norm | None, k_norm: Norm | None, heads: tuple[int, int, int], start: int,
+                     rope: tuple[int, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """x float32 [T, D] at positions start.. -> q [T, H, Dh] and k [T, Hk, Dh] rotated, v [T, Hk, Dh]:
+    rms_norm, the three products, q/k norms ("head": per head, "full": over the projection, "none"), then
+    ggml_rope_ext (halves rotated, the first rope[0] dims of each head, frequency base rope[1])."""
+    x = activations(x)
+    t, d = x.shape
+    h, hk, dh = heads
+    positions = torch.arange(start, start + t, dtype=torch.int32)
+
+    def build(base, ctx):
+        own = _Owner()
+        a, pos = base.ggml_new_tensor_2d(ctx, F32, d, t), base.ggml_new_tensor_1d(ctx, I32, t)
+        normed = _norm(base, ctx, own, norm, a, (t, d))
+        qy, ky = (_product(base, ctx, own, m, normed, t) for m in (q, k))
+        vy = _product(base, ctx, own, v, normed, t, is_out=True)
+        if qk_norm == "full":
+            qy, ky = (
+                _norm(base, ctx, own, q_norm, qy, (t, h * dh)),
+                _norm(base, ctx, own, k_norm, ky, (t, hk * dh)),
+            )
+        q3, k3 = base.ggml_reshape_3d(ctx, qy, dh, h, t), base.ggml_reshape_3d(ctx, ky, dh, hk, t)
+        if qk_norm == "head":
+            q3, k3 = (
+                _norm(base, ctx, own, q_norm, q3, (t, h, dh)),
+                _norm(base, ctx, own, k_norm, k3, (t, hk, dh)),
+            )
+        outs = (rope_node(base, ctx, q3, pos, *rope), rope_node(base, ctx, k3, pos, *rope), vy)
+        return (a, pos), outs, own.scratch
+
+    norms = (q_norm.weight, k_norm.weight) if qk_norm != "none" else ()
+    key = ("attn_in", x.shape, heads, qk_norm, rope, norm.eps, _key(norm.weight, *norms, *q, *k, *v))
+    work = sum(m.blocks.numel() for m in (q, k, v))
+    out = (torch.empty(t, h, dh), torch.empty(t, hk, dh), torch.empty(t, hk, dh))
+    return cached_graph(key, build, work, t, lambda: None, nodes=48)(out, x, positions)
+
+
+def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
+                     o: Matrix, residual: torch.Tensor, norm: Norm, router: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """q float32 [T, H, Dh] over the cache's keys [Hk, capacity, Dh] and values by position [Hk, Dh, capacity]
+    (ggml_float.attention), then residual [T, D] + o(attention) -> h, rms_norm(h) -> normed, and with a
+    float32 router matrix [E, D] its logits [T, E] (else None)."""
+    q, residual = activations(q), activations(residual)
+    t, h, dh = q.shape
+    d = residual.shape[1]
+    n_kv = cached_positions(start + t)
+    mask = causal_mask(t, n_kv, start)
+
+    def build(base, ctx):
+        own = _Owner()
+        (qa, qp, ka, va, m), attn, scratch = attention_nodes(base, ctx, q, keys, values, n_kv, scale)
+        own.scratch += scratch
+        flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
+        res = base.ggml_new_tensor_2d(ctx, F32, d, t)
+        hidden = base.ggml_add(ctx, res, _product(base, ctx, own, o, flat, t))
+        normed = _norm(base, ctx, own, norm, hidden, (t, d), is_out=True)
+        outs = (hidden, normed)
+        if router is not None:
+            w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
+            outs += (base.ggml_mul_mat(ctx, w, normed),)
+        return (qa, qp, ka, va, m, res), outs, own.scratch
+
+    strides = (keys.stride(0), values.stride(0), values.stride(1))
+    key = ("attn_out", q.shape, keys.shape[0], n_kv, strides, scale, norm.eps, _key(norm.weight, router, *o))
+    work = o.blocks.numel() + (router.numel() * 4 if router is not None else 0) + 2 * n_kv * h * dh * 4
+    out = (torch.empty(t, d), torch.empty(t, d)) + (
+        (torch.empty(t, router.shape[0]),) if router is not None else ()
+    )
+    outs = cached_graph(key, build, work, t, lambda: None, nodes=64)(out, q, q, keys, values, mask, residual)
+    return outs if router is not None else (*outs, None)
