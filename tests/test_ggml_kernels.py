@@ -110,8 +110,9 @@ def test_graph_cache_keeps_a_deep_models_decode_graphs(monkeypatch):
     assert not built and len(ggml._graphs) == 300
 
     monkeypatch.setattr(ggml, "_CACHED_GRAPH_BYTES", 1 << 20)
-    wide = torch.randn(2048, C)  # a prefill chunk: each graph's buffers pass the bound
+    wide = torch.randn(2048, C)  # a prefill chunk: each graph's intermediate buffers pass the bound
+    down = torch.from_numpy(random_blocks(Q.Q4_0, C, R))
     for w in mats[:3]:
-        ggml.mul_mat(Q.Q4_0, w, wide)
+        ggml.swiglu_mlp((Q.Q4_0,) * 3, (w, w, down), wide)
     assert len(ggml._graphs) == 1 and ggml._graph_bytes == next(iter(ggml._graphs.values())).nbytes > 1 << 20
     ggml.clear_graphs()

@@ -81,9 +81,7 @@ class _Graph:
         for out in outs:
             g.base.ggml_build_forward_expand(self.graph, out)
         self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
-        self.work = torch.empty(self.plan.work_size + 64, dtype=torch.uint8)
-        self.plan.work_data = self.work.data_ptr()
-        self.nbytes = self.work.numel() + sum(t.numel() * t.element_size() for t in self.scratch)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.scratch)
 
         # the data pointer fields patched per call (inputs, then the output), and the call's fixed arguments
         self.fields = [ctypes.c_void_p.from_address(t + DATA_OFFSET) for t in (*self.inputs, *outs)]
@@ -95,6 +93,7 @@ class _Graph:
         with self.g.lock:  # the pointers too: another thread may run this same graph on its own tensors
             for field, x in zip(self.fields, (*inputs, *outs)):
                 field.value = x.data_ptr()
+            self.plan.work_data = _work(self.plan.work_size)
             start = time.perf_counter()
             status = self.compute()
             seconds = time.perf_counter() - start
@@ -107,6 +106,20 @@ class _Graph:
     def __del__(self):
         if getattr(self, "ctx", None):
             self.g.base.ggml_free(self.ctx)
+
+
+# one work buffer for every graph (graphs compute one at a time, under the library's lock): a graph's own was
+# ~1 MiB for a Q4_K_M product on 2 threads, ~100 MiB for a 48-layer model's decode graphs
+_work_buffer = torch.empty(0, dtype=torch.uint8)
+
+
+def _work(size: int) -> int:
+    """The address of the shared work buffer, grown to `size` bytes (and 64 to spare) if smaller. Call under the
+    library's lock."""
+    global _work_buffer
+    if _work_buffer.numel() < size + 64:
+        _work_buffer = torch.empty(size + 64, dtype=torch.uint8)
+    return _work_buffer.data_ptr()
 
 
 _graphs: OrderedDict[tuple, _Graph] = OrderedDict()
