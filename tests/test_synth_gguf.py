@@ -56,6 +56,18 @@ def test_q4_k_m_file_has_llama_cpp_types_and_sane_weights(small_shape, tmp_path)
     assert not list(tmp_path.glob(".*partial*"))
 
 
+def test_resident_banks_hold_each_layers_own_blocks(monkeypatch, tmp_path):
+    """Q6_K down matrices in some layers of a Q4_K_M file: each resident layer's bank is its experts' bytes,
+    not slots sized for the largest layer."""
+    shape = dataclasses.replace(synth_gguf.SHAPES["qwen3-30b-a3b"], layers=4, experts=4, top_k=2)
+    monkeypatch.setitem(synth_gguf.SHAPES, "mixed", shape)
+    engine = moepager.load(synth_gguf.synth_gguf(tmp_path / "m.gguf", "mixed", "Q4_K_M", progress_bar=False))
+    source, banks = engine.source, engine.model.layers[0].ffn.experts.banks
+    sizes = {layer: sum(source.expert_nbytes(layer, e) for e in range(4)) for layer in range(4)}
+    assert len(set(sizes.values())) == 2  # Q6_K down in layers 0 and 3 (use_more_bits)
+    assert {layer: bank.nbytes for layer, bank in banks.items()} == sizes
+
+
 def test_routing_varies_from_token_to_token(monkeypatch, tmp_path):
     """Centred blocks keep tokens apart through the layers, so decoding pages: each layer's routing spreads
     over many experts (uncentred codes sent every token of a random model to the same 8)."""

@@ -101,7 +101,7 @@ class ExpertShard:
             spec = bank_spec(source.read_expert(*self.keys[0]), expert_formats(source), dtype)
             for layer in layers:
                 mine = [e for l, e in self.keys if l == layer]
-                self.banks[layer] = spec.allocate(len(mine), "cpu", layer)
+                self.banks[layer] = spec.for_layer(layer).allocate(len(mine), "cpu", layer)
                 self.slot_of[layer] = torch.full((self.config.num_experts,), -1, dtype=torch.long)
                 self.slot_of[layer][mine] = torch.arange(len(mine))
                 self._read([(layer, e) for e in mine], self.banks[layer].slots)

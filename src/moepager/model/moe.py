@@ -90,6 +90,18 @@ class BankSpec:
     def allocate(self, slots: int, device: torch.device | str, layer: int | None = None) -> ExpertBank:
         return ExpertBank(self, self.storage(slots, device), layer)
 
+    def for_layer(self, layer: int) -> BankSpec:
+        """The spec of one layer's own bank: its block parts sized for that layer's blocks, not the largest
+        layer's (a Q4_K_M file's Q6_K down matrices in some layers made every resident slot 7% larger)."""
+        if not self.blocks:
+            return self
+        parts, blocks = dict(self.parts), {}
+        for part, layers in self.blocks.items():
+            qtype, rows, row_bytes = layers[layer]
+            parts[part] = ((rows * row_bytes,), torch.uint8)
+            blocks[part] = {layer: layers[layer]}
+        return BankSpec(parts, self.formats, self.views, blocks)
+
 
 def matrix_format(template: ExpertWeights, name: str, formats: dict) -> str:
     if name in formats:

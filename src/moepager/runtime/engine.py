@@ -205,7 +205,7 @@ def resident_experts(source, device: torch.device, dtype: torch.dtype | None) ->
     if keys:
         spec = bank_spec(source.read_expert(*keys[0]), expert_formats(source), dtype)
         for layer in sorted({layer for layer, _ in keys}):
-            banks[layer] = spec.allocate(source.config.num_experts, device, layer)
+            banks[layer] = spec.for_layer(layer).allocate(source.config.num_experts, device, layer)
         for layer, e in keys:
             source.read_expert(layer, e, out=banks[layer].slots[e])
             banks[layer].repack_slot(e)
