@@ -6,6 +6,10 @@
 # mmap, lazy expert loading). Alternating rounds, caches dropped before each run, seeded sampling
 # (temperature 1). Results: benchmarks/results/real-scale-*.{md,json,png}.
 set -euo pipefail
+# a quiet machine: OpenMP threads may spin (benchmarks/README.md, "OpenMP"). llama.cpp-python's libggml uses OpenMP
+# barriers between a graph's nodes, which the harness's default PASSIVE puts to sleep: llama.cpp's best setting is
+# ACTIVE (small file 270 against 82 tok/s). OMP_WAIT_POLICY=PASSIVE bash ... gives the other (real_scale.md)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-ACTIVE}
 D=${BENCHDATA:-/work/benchdata}
 OUT=${OUT:-benchmarks/results}
 MODEL="$D/qwen3-30b-a3b.q4_k_m.gguf"
