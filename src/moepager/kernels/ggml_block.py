@@ -37,12 +37,8 @@ class Norm(NamedTuple):
 
 
 def _bound(base, ctx, t: torch.Tensor) -> int:
-    """A ggml float32 tensor over a contiguous torch one (a weight bound at build), ne reversed from shape."""
-    a = (
-        base.ggml_new_tensor_1d(ctx, F32, t.numel())
-        if t.dim() == 1
-        else base.ggml_new_tensor_2d(ctx, F32, *t.shape[::-1])
-    )
+    """A ggml float32 vector over a contiguous float32 torch one [C] (a norm's weight, a bias), bound at build."""
+    a = base.ggml_new_tensor_1d(ctx, F32, t.numel())
     set_data(a, t.data_ptr())
     return a
 

@@ -261,8 +261,9 @@ def _fusable(block: nn.Module) -> bool:
 def swap_llama_cpp_ops(model: nn.Module) -> None:
     """A float32 GGUF model on the CPU: the float ops around its block products (norms, SwiGLU, router
     logits, a shared expert's gate, attention with plain RoPE) run as llama.cpp runs them, in ggml, so that no ulp of difference reaches
-    the 8-bit rounding of the next product's activations (where one ulp can move a value a whole step). Each
-    swap keeps the module's parameters; only forward changes."""
+    the 8-bit rounding of the next product's activations (where one ulp can move a value a whole step). A layer
+    made only of such modules then runs as GgmlBlock, in three ggml calls a step. Each swap keeps the module's
+    parameters; only forward changes."""
     config = model.config
     plain_rope = config.rope.get("rope_type") == "default" and not config.rope_interleave
     for module in model.modules():
