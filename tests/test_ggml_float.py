@@ -174,6 +174,14 @@ def test_gguf_model_runs_llama_cpps_ops_with_or_without_a_cache():
     assert type(tiny.model.layers[0].attn_norm) is not compact.GgmlRMSNorm
 
 
+def test_attention_checks_the_cache_at_every_call():
+    """A cached graph does not skip the check: a view of too few positions with the same strides is refused."""
+    q, k, vt = torch.randn(1, 4, 16), torch.zeros(2, 128, 16), torch.zeros(2, 16, 128)
+    ggml_float.attention(q, k, vt, 5, 0.25)
+    with pytest.raises(ValueError, match="do not hold 64 positions"):
+        ggml_float.attention(q, k[:, :32], vt, 5, 0.25)
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe.q4_0", "olmoe.q8_0", "qwen2_moe.q4_0", "mixtral.q8_0"])
 def test_a_layer_in_three_graphs_is_its_modules_bit_for_bit(name):
     """GgmlBlock (q/k norms per head, over the projection or none; qkv biases; a shared expert) gives the

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .ggml import activations, cached_graph, weight_tensor
-from .ggml_float import attention_nodes, cached_positions, causal_mask, rope_node
+from .ggml_float import attention_nodes, cached_positions, causal_mask, check_cache, rms_norm_node, rope_node
 from .ggml_library import F32, I32, set_data
 
 
@@ -49,10 +49,12 @@ class _Owner:
     def __init__(self):
         self.scratch: list[torch.Tensor] = []
 
+    def buffer(self, *shape: int) -> torch.Tensor:
+        self.scratch.append(torch.empty(*shape, dtype=torch.float32))
+        return self.scratch[-1]
+
     def __call__(self, node: int, *shape: int) -> int:
-        buf = torch.empty(*shape, dtype=torch.float32)
-        self.scratch.append(buf)
-        set_data(node, buf.data_ptr())
+        set_data(node, self.buffer(*shape).data_ptr())
         return node
 
 
@@ -68,8 +70,8 @@ def _product(base, ctx, own, m: Matrix, x: int, t: int, is_out: bool = False) ->
 
 
 def _norm(base, ctx, own, n: Norm, x: int, shape: tuple, is_out: bool = False) -> int:
-    """ggml_rms_norm, then its product by the weight, as ggml_float.rms_norm"""
-    y = base.ggml_mul(ctx, own(base.ggml_rms_norm(ctx, x, n.eps), *shape), _bound(base, ctx, n.weight))
+    """ggml_float.rms_norm's nodes over x of `shape`"""
+    y = rms_norm_node(base, ctx, x, _bound(base, ctx, n.weight), n.eps, own.buffer(*shape))
     return y if is_out else own(y, *shape)
 
 
@@ -126,6 +128,7 @@ def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     t, h, dh = q.shape
     d = residual.shape[1]
     n_kv = cached_positions(start + t)
+    check_cache(keys, values, n_kv)
     mask = causal_mask(t, n_kv, start)
 
     def build(base, ctx):

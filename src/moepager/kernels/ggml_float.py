@@ -31,6 +31,13 @@ KV_PAD = 64
 NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate halves, as moepager's apply_rope
 
 
+def rms_norm_node(base, ctx, a: int, w: int, eps: float, buffer: torch.Tensor) -> int:
+    """ggml_rms_norm of a (into `buffer`, float32 of a's size), then ggml_mul by w: llama.cpp's build_norm."""
+    normed = base.ggml_rms_norm(ctx, a, eps)
+    set_data(normed, buffer.data_ptr())
+    return base.ggml_mul(ctx, normed, w)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x float32 [N, C], weight float32 [C] -> x / rms(x) * weight, as llama.cpp's build_norm: ggml_rms_norm
     (squares summed in double, in order; 1.0f / sqrtf) then ggml_mul. torch's own rsqrt and sqrt are not
@@ -44,10 +51,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     def build(base, ctx):
         a, w = base.ggml_new_tensor_2d(ctx, F32, c, n), base.ggml_new_tensor_1d(ctx, F32, c)
-        normed = base.ggml_rms_norm(ctx, a, eps)
         scratch = [torch.empty(n, c, dtype=torch.float32)]
-        set_data(normed, scratch[0].data_ptr())
-        return (a, w), base.ggml_mul(ctx, normed, w), scratch
+        return (a, w), rms_norm_node(base, ctx, a, w, eps, scratch[0]), scratch
 
     return cached_graph(("rms", x.shape, eps), build, 0, n, check)(
         torch.empty(n, c, dtype=torch.float32), x, weight
@@ -146,11 +151,9 @@ def causal_mask(t: int, n_kv: int, start: int) -> torch.Tensor:
     return torch.full((t, n_kv), float("-inf")).triu_(start + 1)
 
 
-def attention_nodes(base, ctx, q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, n_kv: int, scale: float):
-    """The nodes of `attention` -> (inputs (q, its permuted view, K, V, mask), its output [Dh, H, T] (no buffer
-    yet), the intermediate nodes' buffers). Checks the cache buffers hold n_kv positions."""
-    t, h, dh = q.shape
-    hk = k.shape[0]
+def check_cache(k: torch.Tensor, vt: torch.Tensor, n_kv: int) -> None:
+    """Keys k [Hk, capacity, Dh] and values by position vt [Hk, Dh, capacity] hold n_kv positions, rows dense."""
+    hk, _, dh = k.shape
     if (
         min(k.shape[1], vt.shape[2]) < n_kv
         or vt.shape[:2] != (hk, dh)
@@ -160,6 +163,13 @@ def attention_nodes(base, ctx, q: torch.Tensor, k: torch.Tensor, vt: torch.Tenso
         raise ValueError(
             f"cache buffers {list(k.shape)}, {list(vt.shape)} do not hold {n_kv} positions of {dh}"
         )
+
+
+def attention_nodes(base, ctx, q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, n_kv: int, scale: float):
+    """The nodes of `attention` over buffers check_cache passed -> (inputs (q, its permuted view, K, V, mask), its
+    output [Dh, H, T] (no buffer yet), the intermediate nodes' buffers)."""
+    t, h, dh = q.shape
+    hk = k.shape[0]
     qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
     ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)  # views of the first n_kv positions per kv head
     set_strides(ka, dh * 4, k.stride(0) * 4)
@@ -186,6 +196,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, sc
     q = activations(q)
     t, h, dh = q.shape
     n_kv = cached_positions(start + t)
+    check_cache(k, vt, n_kv)
 
     def build(base, ctx):
         return attention_nodes(base, ctx, q, k, vt, n_kv, scale)
