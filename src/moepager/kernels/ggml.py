@@ -73,12 +73,14 @@ class _Graph:
         self.threads, self.measured = threads, measured
         size = g.base.ggml_tensor_overhead() * nodes + g.base.ggml_graph_overhead_custom(nodes, False)
         self.ctx = g.base.ggml_init(InitParams(size, None, True))
-        # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here
-        self.inputs, self.out, *scratch = build(g.base, self.ctx)
-        self.scratch = scratch[0] if scratch else []
+        # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here.
+        # Nodes whose results no output reads (writes into a cache) come fourth: expanded first, they run
+        # before the nodes that read what they wrote (ggml runs a graph's nodes in the order they were added)
+        self.inputs, self.out, *rest = build(g.base, self.ctx)
+        self.scratch = rest[0] if rest else []
         self.graph = g.base.ggml_new_graph_custom(self.ctx, nodes, False)
         outs = self.out if isinstance(self.out, tuple) else (self.out,)  # a graph may have several outputs
-        for out in outs:
+        for out in (*(rest[1] if len(rest) > 1 else ()), *outs):
             g.base.ggml_build_forward_expand(self.graph, out)
         self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
         self.nbytes = sum(t.numel() * t.element_size() for t in self.scratch)
@@ -87,12 +89,13 @@ class _Graph:
         self.fields = [ctypes.c_void_p.from_address(t + DATA_OFFSET) for t in (*self.inputs, *outs)]
         self.compute = functools.partial(g.cpu.ggml_graph_compute, self.graph, ctypes.byref(self.plan))
 
-    def __call__(self, out, *inputs: torch.Tensor):
-        """Computes into out (a tensor, or a tuple of them for a graph of several outputs) and returns it."""
+    def __call__(self, out, *inputs: torch.Tensor | int):
+        """Computes into out (a tensor, or a tuple of them for a graph of several outputs) and returns it. An
+        input is a tensor or an address."""
         outs = out if isinstance(out, tuple) else (out,)
         with self.g.lock:  # the pointers too: another thread may run this same graph on its own tensors
             for field, x in zip(self.fields, (*inputs, *outs)):
-                field.value = x.data_ptr()
+                field.value = x if type(x) is int else x.data_ptr()
             self.plan.work_data = _work(self.plan.work_size)
             start = time.perf_counter()
             status = self.compute()
@@ -279,6 +282,35 @@ def mul_mat_id(
     return graph(torch.empty(n, k, r, dtype=torch.float32), x, _slots(ids, s))
 
 
+def swiglu_experts_nodes(
+    base, ctx, types, banks, layouts, b: int, i: int, n: int, k: int, w: int | None = None
+):
+    """swiglu_experts' nodes over inputs b [D, 1, N] and slots i (int32 [K, N]), with weights w [1, K, N] (or
+    None) -> (the output node, without a buffer of its own, and the intermediate nodes' buffers)."""
+    gate, _, down = banks
+    i_ff, d = gate.shape[1], down.shape[1]
+    a_gate, a_up, a_down = (weight_tensor(base, ctx, *a) for a in zip(types, banks, layouts))
+    g, u = base.ggml_mul_mat_id(ctx, a_gate, b, i), base.ggml_mul_mat_id(ctx, a_up, b, i)  # [I, K, N]
+    h = base.ggml_swiglu_split(ctx, g, u)
+    out = base.ggml_mul_mat_id(ctx, a_down, h, i)  # [D, K, N]
+    scratch = [torch.empty(n, k, i_ff, dtype=torch.float32) for _ in range(3)]  # g, u, h
+    for node, buf in zip((g, u, h), scratch):
+        set_data(node, buf.data_ptr())
+    if w is None:
+        return out, scratch
+    weighted = base.ggml_mul(ctx, out, w)
+    scratch += [torch.empty(n, k, d, dtype=torch.float32) for _ in range(2)]  # out, weighted
+    set_data(out, scratch[3].data_ptr())
+    set_data(weighted, scratch[4].data_ptr())  # before the views, which take their data from it
+    slot = [base.ggml_view_2d(ctx, weighted, d, n, d * k * 4, j * d * 4) for j in range(k)]  # [D, N] each
+    if k == 1:
+        return base.ggml_cont(ctx, slot[0]), scratch
+    total = slot[0]  # summed into slot 0's rows in place, the last sum into the output
+    for j in range(1, k - 1):
+        total = base.ggml_add_inplace(ctx, total, slot[j])
+    return base.ggml_add(ctx, total, slot[k - 1]), scratch
+
+
 def swiglu_experts(
     types: tuple[int, int, int],
     banks: tuple,
@@ -307,29 +339,14 @@ def swiglu_experts(
             raise ValueError(f"weights {list(weights.shape)} are not one per id {list(ids.shape)}")
 
     def build(base, ctx):
-        a_gate, a_up, a_down = (weight_tensor(base, ctx, *a) for a in zip(types, banks, layouts))
         b = base.ggml_new_tensor_3d(ctx, F32, x.shape[1], 1, n)
         i = base.ggml_new_tensor_2d(ctx, I32, k, n)
-        g, u = base.ggml_mul_mat_id(ctx, a_gate, b, i), base.ggml_mul_mat_id(ctx, a_up, b, i)  # [I, K, N]
-        h = base.ggml_swiglu_split(ctx, g, u)
-        out = base.ggml_mul_mat_id(ctx, a_down, h, i)  # [D, K, N]
-        scratch = [torch.empty(n, k, i_ff, dtype=torch.float32) for _ in range(3)]  # g, u, h
-        for node, buf in zip((g, u, h), scratch):
-            set_data(node, buf.data_ptr())
         if weights is None:
+            out, scratch = swiglu_experts_nodes(base, ctx, types, banks, layouts, b, i, n, k)
             return (b, i), out, scratch
         w = base.ggml_new_tensor_3d(ctx, F32, 1, k, n)
-        weighted = base.ggml_mul(ctx, out, w)
-        scratch += [torch.empty(n, k, d, dtype=torch.float32) for _ in range(2)]  # out, weighted
-        set_data(out, scratch[3].data_ptr())
-        set_data(weighted, scratch[4].data_ptr())  # before the views, which take their data from it
-        slot = [base.ggml_view_2d(ctx, weighted, d, n, d * k * 4, j * d * 4) for j in range(k)]  # [D, N] each
-        if k == 1:
-            return (b, i, w), base.ggml_cont(ctx, slot[0]), scratch
-        total = slot[0]  # summed into slot 0's rows in place, the last sum into the output
-        for j in range(1, k - 1):
-            total = base.ggml_add_inplace(ctx, total, slot[j])
-        return (b, i, w), base.ggml_add(ctx, total, slot[k - 1]), scratch
+        out, scratch = swiglu_experts_nodes(base, ctx, types, banks, layouts, b, i, n, k, w)
+        return (b, i, w), out, scratch
 
     key = (
         "glu",
@@ -346,6 +363,19 @@ def swiglu_experts(
     if weights is None:
         return graph(torch.empty(n, k, d, dtype=torch.float32), x, slots)
     return graph(torch.empty(n, d, dtype=torch.float32), x, slots, activations(weights))
+
+
+def swiglu_mlp_nodes(base, ctx, types, mats, layouts, b: int, n: int):
+    """swiglu_mlp's nodes over inputs b [D, N] -> (the output node, without a buffer, the intermediate buffers)."""
+    a_gate, a_up, a_down = (
+        weight_tensor(base, ctx, q, w[None], lay) for q, w, lay in zip(types, mats, layouts)
+    )
+    g, u = base.ggml_mul_mat(ctx, a_gate, b), base.ggml_mul_mat(ctx, a_up, b)  # [I, N]
+    h = base.ggml_swiglu_split(ctx, g, u)
+    scratch = [torch.empty(n, mats[0].shape[0], dtype=torch.float32) for _ in range(3)]
+    for node, buf in zip((g, u, h), scratch):
+        set_data(node, buf.data_ptr())
+    return base.ggml_mul_mat(ctx, a_down, h), scratch
 
 
 def swiglu_mlp(
@@ -367,16 +397,8 @@ def swiglu_mlp(
             )
 
     def build(base, ctx):
-        a_gate, a_up, a_down = (
-            weight_tensor(base, ctx, q, w[None], lay) for q, w, lay in zip(types, mats, layouts)
-        )
         b = base.ggml_new_tensor_2d(ctx, F32, x.shape[1], n)
-        g, u = base.ggml_mul_mat(ctx, a_gate, b), base.ggml_mul_mat(ctx, a_up, b)  # [I, N]
-        h = base.ggml_swiglu_split(ctx, g, u)
-        scratch = [torch.empty(n, i_ff, dtype=torch.float32) for _ in range(3)]
-        for node, buf in zip((g, u, h), scratch):
-            set_data(node, buf.data_ptr())
-        return (b,), base.ggml_mul_mat(ctx, a_down, h), scratch
+        return (b,), *swiglu_mlp_nodes(base, ctx, types, mats, layouts, b, n)
 
     key = ("mlp", types, layouts, *((w.data_ptr(), w.dtype, w.shape, w.stride()) for w in mats), x.shape)
     work = sum(w.numel() * w.element_size() for w in mats)

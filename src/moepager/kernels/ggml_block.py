@@ -18,7 +18,15 @@ from typing import NamedTuple
 import torch
 
 from .ggml import activations, cached_graph, weight_tensor
-from .ggml_float import attention_nodes, cached_positions, causal_mask, check_cache, rms_norm_node, rope_node
+from .ggml_float import (
+    attention_nodes,
+    cache_nodes,
+    cached_positions,
+    causal_mask,
+    check_cache,
+    rms_norm_node,
+    rope_node,
+)
 from .ggml_library import F32, I32, set_data
 
 
@@ -80,6 +88,30 @@ def _key(*parts) -> tuple:
     return tuple((p.data_ptr(), p.shape) if isinstance(p, torch.Tensor) else p for p in parts)
 
 
+def attention_in_nodes(base, ctx, own, a: int, pos: int, t: int, norm: Norm, q: Matrix, k: Matrix, v: Matrix,
+                       qk_norm: str, q_norm: Norm | None, k_norm: Norm | None, heads: tuple[int, int, int],
+                       rope: tuple[int, float], owned: bool = False) -> tuple[int, int, int]:  # fmt: skip
+    """attention_inputs' nodes over x a [D, T] at int32 positions pos [T] -> q [Dh, H, T], k [Dh, Hk, T] rotated
+    and v [Hk * Dh, T]: outputs without buffers, or (owned) each in a buffer of its own."""
+    h, hk, dh = heads
+    normed = _norm(base, ctx, own, norm, a, (t, norm.weight.numel()))
+    qy, ky = (_product(base, ctx, own, m, normed, t) for m in (q, k))
+    vy = _product(base, ctx, own, v, normed, t, is_out=not owned)
+    if qk_norm == "full":
+        qy, ky = (
+            _norm(base, ctx, own, q_norm, qy, (t, h * dh)),
+            _norm(base, ctx, own, k_norm, ky, (t, hk * dh)),
+        )
+    q3, k3 = base.ggml_reshape_3d(ctx, qy, dh, h, t), base.ggml_reshape_3d(ctx, ky, dh, hk, t)
+    if qk_norm == "head":
+        q3, k3 = (
+            _norm(base, ctx, own, q_norm, q3, (t, h, dh)),
+            _norm(base, ctx, own, k_norm, k3, (t, hk, dh)),
+        )
+    qr, kr = rope_node(base, ctx, q3, pos, *rope), rope_node(base, ctx, k3, pos, *rope)
+    return (own(qr, t, h, dh), own(kr, t, hk, dh), vy) if owned else (qr, kr, vy)
+
+
 def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matrix, qk_norm: str,
                      q_norm: Norm | None, k_norm: Norm | None, heads: tuple[int, int, int], start: int,
                      rope: tuple[int, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -94,21 +126,9 @@ def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matri
     def build(base, ctx):
         own = _Owner()
         a, pos = base.ggml_new_tensor_2d(ctx, F32, d, t), base.ggml_new_tensor_1d(ctx, I32, t)
-        normed = _norm(base, ctx, own, norm, a, (t, d))
-        qy, ky = (_product(base, ctx, own, m, normed, t) for m in (q, k))
-        vy = _product(base, ctx, own, v, normed, t, is_out=True)
-        if qk_norm == "full":
-            qy, ky = (
-                _norm(base, ctx, own, q_norm, qy, (t, h * dh)),
-                _norm(base, ctx, own, k_norm, ky, (t, hk * dh)),
-            )
-        q3, k3 = base.ggml_reshape_3d(ctx, qy, dh, h, t), base.ggml_reshape_3d(ctx, ky, dh, hk, t)
-        if qk_norm == "head":
-            q3, k3 = (
-                _norm(base, ctx, own, q_norm, q3, (t, h, dh)),
-                _norm(base, ctx, own, k_norm, k3, (t, hk, dh)),
-            )
-        outs = (rope_node(base, ctx, q3, pos, *rope), rope_node(base, ctx, k3, pos, *rope), vy)
+        outs = attention_in_nodes(
+            base, ctx, own, a, pos, t, norm, q, k, v, qk_norm, q_norm, k_norm, heads, rope
+        )
         return (a, pos), outs, own.scratch
 
     norms = (q_norm.weight, k_norm.weight) if qk_norm != "none" else ()
@@ -116,6 +136,31 @@ def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matri
     work = sum(m.blocks.numel() for m in (q, k, v))
     out = (torch.empty(t, h, dh), torch.empty(t, hk, dh), torch.empty(t, hk, dh))
     return cached_graph(key, build, work, t, lambda: None, nodes=48)(out, x, positions)
+
+
+def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float,
+                        o: Matrix, res: int, norm: Norm, router: torch.Tensor | None, owned: bool = False
+                        ) -> tuple[int, int, int, int | None]:  # fmt: skip
+    """attention_output's nodes: q qa [Dh, H, T] of `shape` (T, H, Dh) over the cache's ka, va (ggml_float's
+    cache_nodes) with mask m, the residual res [D, T] -> (q's view, which an input qa patches too; hidden [D, T],
+    normed [D, T] and the router's logits [E, T] (or None): outputs without buffers, or (owned) each in a buffer
+    of its own)."""
+    t, h, dh = shape
+    d = norm.weight.numel()
+    qp, attn, scratch = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale)
+    own.scratch += scratch
+    flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
+    hidden = base.ggml_add(ctx, res, _product(base, ctx, own, o, flat, t))
+    if owned:
+        own(hidden, t, d)
+    normed = _norm(base, ctx, own, norm, hidden, (t, d), is_out=not owned)
+    logits = None
+    if router is not None:
+        w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
+        logits = base.ggml_mul_mat(ctx, w, normed)
+        if owned:
+            own(logits, t, router.shape[0])
+    return qp, hidden, normed, logits
 
 
 def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
@@ -133,17 +178,14 @@ def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     def build(base, ctx):
         own = _Owner()
-        (qa, qp, ka, va, m), attn, scratch = attention_nodes(base, ctx, q, keys, values, n_kv, scale)
-        own.scratch += scratch
-        flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
+        qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
+        ka, va = cache_nodes(base, ctx, keys, values, n_kv)
+        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
         res = base.ggml_new_tensor_2d(ctx, F32, d, t)
-        hidden = base.ggml_add(ctx, res, _product(base, ctx, own, o, flat, t))
-        normed = _norm(base, ctx, own, norm, hidden, (t, d), is_out=True)
-        outs = (hidden, normed)
-        if router is not None:
-            w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
-            outs += (base.ggml_mul_mat(ctx, w, normed),)
-        return (qa, qp, ka, va, m, res), outs, own.scratch
+        qp, *outs = attention_out_nodes(
+            base, ctx, own, qa, ka, va, m, q.shape, n_kv, scale, o, res, norm, router
+        )
+        return (qa, qp, ka, va, m, res), tuple(x for x in outs if x is not None), own.scratch
 
     strides = (keys.stride(0), values.stride(0), values.stride(1))
     key = ("attn_out", q.shape, keys.shape[0], n_kv, strides, scale, norm.eps, _key(norm.weight, router, *o))

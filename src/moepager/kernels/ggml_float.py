@@ -59,6 +59,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     )
 
 
+def softmax_topk_nodes(base, ctx, a: int, n: int, e: int, k: int, normalize: bool):
+    """softmax_topk's nodes over logits a [E, N] -> (the weights [1, K, N] or [K, N], without a buffer of their
+    own; the ids, an int32 view [K, N]; the intermediate nodes' buffers, the order [N, E] second)."""
+    probs = base.ggml_soft_max(ctx, a)
+    scratch = [torch.empty(n, e), torch.empty(n, e, dtype=torch.int32)]  # probabilities, their order
+    set_data(probs, scratch[0].data_ptr())  # intermediate nodes get buffers before views are made of them
+    order = base.ggml_argsort(ctx, probs, 1)  # GGML_SORT_ORDER_DESC
+    set_data(order, scratch[1].data_ptr())
+    top = base.ggml_view_2d(ctx, order, k, n, e * 4, 0)
+    picked = base.ggml_get_rows(ctx, base.ggml_reshape_3d(ctx, probs, 1, e, n), top)  # [1, K, N]
+    if not normalize:
+        return picked, top, scratch
+    scratch += [torch.empty(n, k), torch.empty(n), torch.empty(n)]
+    set_data(picked, scratch[2].data_ptr())
+    weights = base.ggml_reshape_2d(ctx, picked, k, n)
+    sums = base.ggml_sum_rows(ctx, weights)  # [1, N]
+    set_data(sums, scratch[3].data_ptr())
+    total = base.ggml_clamp(ctx, sums, 2.0**-14, float("inf"))
+    set_data(total, scratch[4].data_ptr())
+    return base.ggml_div(ctx, weights, total), top, scratch
+
+
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits float32 [N, E] -> (weights [N, K] float32, ids [N, K] int64) in one graph, as llama.cpp's
     build_moe_ffn picks them: ggml_soft_max, the first K of ggml_argsort (std::sort, descending), their
@@ -69,27 +91,23 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
 
     def build(base, ctx):
         a = base.ggml_new_tensor_2d(ctx, F32, e, n)
-        probs = base.ggml_soft_max(ctx, a)
-        scratch = [torch.empty(n, e), torch.empty(n, e, dtype=torch.int32)]  # probabilities, their order
-        set_data(probs, scratch[0].data_ptr())  # intermediate nodes get buffers before views are made of them
-        order = base.ggml_argsort(ctx, probs, 1)  # GGML_SORT_ORDER_DESC
-        set_data(order, scratch[1].data_ptr())
-        top = base.ggml_view_2d(ctx, order, k, n, e * 4, 0)
-        picked = base.ggml_get_rows(ctx, base.ggml_reshape_3d(ctx, probs, 1, e, n), top)  # [1, K, N]
-        if not normalize:
-            return (a,), picked, scratch
-        scratch += [torch.empty(n, k), torch.empty(n), torch.empty(n)]
-        set_data(picked, scratch[2].data_ptr())
-        weights = base.ggml_reshape_2d(ctx, picked, k, n)
-        sums = base.ggml_sum_rows(ctx, weights)  # [1, N]
-        set_data(sums, scratch[3].data_ptr())
-        total = base.ggml_clamp(ctx, sums, 2.0**-14, float("inf"))
-        set_data(total, scratch[4].data_ptr())
-        return (a,), base.ggml_div(ctx, weights, total), scratch
+        weights, _, scratch = softmax_topk_nodes(base, ctx, a, n, e, k, normalize)
+        return (a,), weights, scratch
 
     graph = cached_graph(("topk", x.shape, k, normalize), build, 0, n, lambda: None, nodes=24)
     weights = graph(torch.empty(n, k), x)
     return weights, graph.scratch[1][:, :k].long()
+
+
+def sigmoid_gate_nodes(base, ctx, w: int, a: int, n: int):
+    """sigmoid_gate's nodes over the gate w [C, 1] and x a [C, N] -> (its output [1, N] without a buffer, the
+    intermediate nodes' buffers)."""
+    z = base.ggml_mul_mat(ctx, w, a)  # [1, N]
+    silu = base.ggml_silu(ctx, z)
+    scratch = [torch.empty(n, 1, dtype=torch.float32) for _ in range(2)]
+    for node, buf in zip((z, silu), scratch):
+        set_data(node, buf.data_ptr())
+    return base.ggml_div(ctx, silu, z), scratch
 
 
 def sigmoid_gate(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -104,12 +122,7 @@ def sigmoid_gate(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
     def build(base, ctx):
         a, w = base.ggml_new_tensor_2d(ctx, F32, c, n), base.ggml_new_tensor_2d(ctx, F32, c, 1)
-        z = base.ggml_mul_mat(ctx, w, a)  # [1, N]
-        silu = base.ggml_silu(ctx, z)
-        scratch = [torch.empty(n, 1, dtype=torch.float32) for _ in range(2)]
-        for node, buf in zip((z, silu), scratch):
-            set_data(node, buf.data_ptr())
-        return (a, w), base.ggml_div(ctx, silu, z), scratch
+        return (a, w), *sigmoid_gate_nodes(base, ctx, w, a, n)
 
     return cached_graph(("gate", x.shape), build, 0, n, check)(
         torch.empty(n, 1, dtype=torch.float32), x, weight
@@ -165,17 +178,21 @@ def check_cache(k: torch.Tensor, vt: torch.Tensor, n_kv: int) -> None:
         )
 
 
-def attention_nodes(base, ctx, q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, n_kv: int, scale: float):
-    """The nodes of `attention` over buffers check_cache passed -> (inputs (q, its permuted view, K, V, mask), its
-    output [Dh, H, T] (no buffer yet), the intermediate nodes' buffers)."""
-    t, h, dh = q.shape
-    hk = k.shape[0]
-    qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
-    ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)  # views of the first n_kv positions per kv head
+def cache_nodes(base, ctx, k: torch.Tensor, vt: torch.Tensor, n_kv: int) -> tuple[int, int]:
+    """Inputs over the first n_kv positions of buffers check_cache passed: keys [Dh, n_kv, Hk] and values with
+    positions in rows [n_kv, Dh, Hk], as llama.cpp's V cache (their data is patched per call)."""
+    hk, _, dh = k.shape
+    ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)
     set_strides(ka, dh * 4, k.stride(0) * 4)
-    va = base.ggml_new_tensor_3d(ctx, F32, n_kv, dh, hk)  # positions in rows, as llama.cpp's V cache
+    va = base.ggml_new_tensor_3d(ctx, F32, n_kv, dh, hk)
     set_strides(va, vt.stride(1) * 4, vt.stride(0) * 4)
-    m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
+    return ka, va
+
+
+def attention_nodes(base, ctx, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float):
+    """The nodes of `attention` of q qa [Dh, H, T] (of `shape` (T, H, Dh)) over cache_nodes ka, va with the mask
+    m [n_kv, T] -> (q's permuted view, the output [Dh, H, T] (no buffer yet), the intermediate nodes' buffers)."""
+    t, h, dh = shape
     # a view of an input takes its data when made: it is patched per call with the input it views
     qp = base.ggml_permute(ctx, qa, 0, 2, 1, 3)
     kq = base.ggml_mul_mat(ctx, ka, qp)  # [n_kv, T, H]
@@ -185,7 +202,7 @@ def attention_nodes(base, ctx, q: torch.Tensor, k: torch.Tensor, vt: torch.Tenso
     for node, buf in zip((kq, probs, kqv), scratch):
         set_data(node, buf.data_ptr())
     out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
-    return (qa, qp, ka, va, m), out, scratch
+    return qp, out, scratch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, scale: float) -> torch.Tensor:
@@ -199,7 +216,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, sc
     check_cache(k, vt, n_kv)
 
     def build(base, ctx):
-        return attention_nodes(base, ctx, q, k, vt, n_kv, scale)
+        qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
+        ka, va = cache_nodes(base, ctx, k, vt, n_kv)
+        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
+        qp, out, scratch = attention_nodes(base, ctx, qa, ka, va, m, q.shape, n_kv, scale)
+        return (qa, qp, ka, va, m), out, scratch
 
     key = ("attn", q.shape, k.shape[0], n_kv, k.stride(0), vt.stride(0), vt.stride(1), scale)
     read = 2 * n_kv * h * dh * 4  # K and V bytes the products read: ggml's threads share them past SMALL_WORK

@@ -98,6 +98,7 @@ def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
         (base, "ggml_add", _P, [_P, _P, _P]),
         (base, "ggml_add_inplace", _P, [_P, _P, _P]),
         (base, "ggml_cont", _P, [_P, _P]),
+        (base, "ggml_cpy", _P, [_P, _P, _P]),
         (base, "ggml_view_2d", _P, [_P, _P, _I64, _I64, ctypes.c_size_t, ctypes.c_size_t]),
         (base, "ggml_new_tensor_1d", _P, [_P, ctypes.c_int, _I64]),
         (base, "ggml_soft_max", _P, [_P, _P]),

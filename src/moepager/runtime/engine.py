@@ -27,6 +27,7 @@ from ..model.compact import (
 )
 from ..model.decoder import Transformer
 from ..model.fused_decode import swap_fused_decode
+from ..model.ggml_decode import swap_ggml_decode
 from ..model.kvcache import BlockKVCache, KVOptions
 from ..model.layers import KVCache
 from ..model.moe import ExpertBank, ResidentExperts, bank_spec
@@ -260,6 +261,8 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
     huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
     swap_fused_decode(net)  # fp32 CPU decode of the plain families: one compiled call per layer
+    if gguf_blocks and dtype == torch.float32:
+        swap_ggml_decode(net)  # a GGUF model's decode step: one ggml graph
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
     # before the paging budget is split: --memory-limit measures the process's RSS, which must include this

@@ -1,0 +1,81 @@
+"""A GGUF model's decode step as one ggml graph (kernels/ggml_step.py, model/ggml_decode.py): the logits of its
+layers computed one by one (GgmlBlock, three graphs a layer), bit for bit, and the eager path wherever the
+step graph does not apply."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import moepager
+from moepager.kernels import ggml_library, ggml_routing, ggml_step
+from moepager.model.decoder import Transformer
+from moepager.model.ggml_decode import GgmlDecodeTransformer
+from moepager.model.layers import KVCache
+
+FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
+IDS = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def routing_in_the_librarys_order(monkeypatch):
+    """Route in the loaded libggml's own float order, as llama.cpp built for this CPU would: the step graph
+    routes inside ggml, so it runs only where moepager does not emulate another form (the wheel's AVX2 build on
+    an AVX-512 CPU)."""
+    monkeypatch.setattr(ggml_routing, "avx512", lambda: ggml_library.simd_form() == "AVX-512")
+
+
+@pytest.fixture
+def steps(monkeypatch) -> list[int]:
+    """Counts the step graph's calls."""
+    calls, step = [], ggml_step.decode_step
+    monkeypatch.setattr(ggml_step, "decode_step", lambda *a: calls.append(1) or step(*a))
+    return calls
+
+
+def decode(model, prompt: int, tokens: int, then: int = 0) -> list[torch.Tensor]:
+    """Logits of a prompt of `prompt` tokens, then of `tokens` decoded one at a time (teacher forced), then of
+    `then` more tokens at once (what a chat turn appends to the cache)."""
+    cache, n = KVCache(model.config.num_layers), prompt + tokens
+    with torch.no_grad():
+        out = [model(IDS[:, :prompt], cache=cache)]
+        out += [model(IDS[:, i : i + 1], cache=cache) for i in range(prompt, n)]
+        if then:
+            out.append(model(IDS[:, n : n + then], cache=cache))
+    return out
+
+
+@pytest.mark.parametrize(
+    "name", ["qwen3_moe.q4_0", "olmoe.q8_0", "qwen2_moe.q4_0", "mixtral.q8_0", "moefy.q4_0"]
+)
+def test_a_decode_step_in_one_graph_is_its_layers_bit_for_bit(name, routing_in_the_librarys_order, steps):
+    """q/k norms per head, over the projection or none; qkv biases; a gated shared expert; dense layers: 70
+    decoded tokens (past a window of 64 cached positions), then a turn of 5 tokens over the cache the graph
+    wrote, equal to the layers' own logits."""
+    engine = moepager.load(FIXTURES / f"{name}.gguf")
+    model = engine.model
+    assert type(model) is GgmlDecodeTransformer
+    one_graph = decode(model, 8, 70, then=5)
+    assert len(steps) == 70  # every decoded token, and only those
+    model.__class__ = Transformer
+    layers = decode(model, 8, 70, then=5)
+    assert all(torch.equal(a, b) for a, b in zip(one_graph, layers))
+
+
+def test_the_step_graph_steps_aside(routing_in_the_librarys_order, steps, monkeypatch):
+    """A batch, a hook, paged experts, and a libggml whose routing moepager emulates run the layers instead."""
+    engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf")
+    model = engine.model
+    decode(model, 4, 2)
+    assert len(steps) == 2
+    with torch.no_grad():
+        model.decode_batch(IDS[0, :2], [KVCache(model.config.num_layers) for _ in range(2)])
+    handle = model.layers[1].ffn.register_forward_hook(lambda *a: None)
+    decode(model, 4, 2)
+    handle.remove()
+    monkeypatch.setattr(ggml_routing, "avx512", lambda: ggml_library.simd_form() != "AVX-512")
+    decode(model, 4, 2)
+    assert len(steps) == 2
+    paged = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory="30%")
+    decode(paged.model, 4, 2)
+    assert len(steps) == 2
