@@ -17,6 +17,9 @@ WINDOW_S = 0.05  # product seconds per measurement: a few tokens of a small mode
 # windows between two probes of the other count: rarely one thread where all cores are faster (a window in 40
 # at half speed), more often all cores where one thread is faster (the machine may have quietened)
 PROBE_ONE, PROBE_ALL = 40, 8
+# a probe's window, as a share of a window: a decode step computed as one graph is one product, a whole token,
+# so a full window at one thread on a quiet machine was ~12 tokens of a small model at half speed
+PROBE_SHARE = 0.25
 # how much faster one thread must measure to be chosen over all cores: a window of a shared VM's noise must not
 # flip it (beside busy processes one thread measures 3-6x faster)
 MARGIN = 1.25
@@ -25,7 +28,7 @@ MARGIN = 1.25
 class ThreadChoice:
     """The thread count for one calling thread's large products: `cores` or 1, whichever moves more weight
     bytes per second (each count's speed averaged over its latest windows; one thread only by a MARGIN).
-    Probes the other count for one window now and then (and first of all, to know it)."""
+    Probes the other count for one shorter window now and then (and first of all, to know it)."""
 
     def __init__(
         self, cores: int, window_s: float = WINDOW_S, probes: tuple[int, int] = (PROBE_ONE, PROBE_ALL)
@@ -34,6 +37,7 @@ class ThreadChoice:
         self.current = cores
         self.rate: dict[int, float] = {}  # count -> bytes per second, its latest windows averaged
         self.windows = 0
+        self.probing = False  # whether the current window is a probe
         self._bytes = self._seconds = 0.0
 
     def record(self, threads: int, nbytes: int, seconds: float) -> None:
@@ -42,7 +46,7 @@ class ThreadChoice:
             return
         self._bytes += nbytes
         self._seconds += seconds
-        if self._seconds < self.window_s:
+        if self._seconds < self.window_s * (PROBE_SHARE if self.probing else 1.0):
             return
         rate = self._bytes / self._seconds
         old = self.rate.get(self.current)
@@ -50,7 +54,8 @@ class ThreadChoice:
         self._bytes = self._seconds = 0.0
         self.windows += 1
         other = 1 if self.current == self.cores else self.cores
-        if other not in self.rate or self.windows % self.probes[other == self.cores] == 0:
+        self.probing = other not in self.rate or self.windows % self.probes[other == self.cores] == 0
+        if self.probing:
             self.current = other
         else:
             self.current = 1 if self.rate[1] > MARGIN * self.rate[self.cores] else self.cores
