@@ -24,3 +24,14 @@ def test_moved_copies_and_small_tensors_stay_plain():
     assert torch.equal(moved, big) and moved.data_ptr() != big.data_ptr()
     small = torch.ones(16)
     assert hugepages.moved(small) is small
+
+
+def test_populate_backs_every_page_now():
+    """An expert cache's slots are backed when it is made, not at their first read in a decode step."""
+    from moepager.system.process_memory import current_rss
+
+    t = hugepages.empty((64 << 20,), torch.uint8)
+    before = current_rss()
+    hugepages.populate(t)
+    assert current_rss() - before >= 60 << 20
+    hugepages.populate(torch.empty(0))  # nothing to back

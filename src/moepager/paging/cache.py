@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from ..errors import MoepagerError
+from ..kernels import hugepages
 from ..model.config import ModelConfig
 from ..model.moe import ExpertBank, ExpertWeights, bank_spec
 from ..sources.contract import expert_formats
@@ -108,6 +109,8 @@ class ExpertCache:
         self.capacity = capacity
         # one tensor per part holding every slot: allocated once, never per miss
         storage = spec.storage(capacity, self.device)
+        for t in storage.values():  # backed now: a slot's first touch cost more than its read (hugepages.py)
+            hugepages.populate(t, "expert cache memory")
         layers = sorted({layer for layer, _ in keys})
         # one view of the slots per layer: block-quantized experts may differ in type from layer to layer
         self.banks = {layer: ExpertBank(spec, storage, layer) for layer in layers}
