@@ -23,12 +23,13 @@ moepager bench "$MODEL" --budgets limit --memory-cap 4GiB --peers llamacpp-norep
   "${COMMON[@]}" --name real-scale-4gib
 # the small Qwen3-MoE shape (D=512, 8 layers, 64 experts of 320, top-4) as a 182 MiB Q4_0 file: resident, and
 # under a 400 MiB cap, where moepager runs with --memory-limit 400MiB and decides what stays resident
+# (129 tokens: at 33, a run of ~0.1 s was mostly its first graph builds and thread-count probe)
 SMALL="$D/qwen3-64x4.q4_0.gguf"
 [ -f "$SMALL" ] || moepager synth "$SMALL" --format gguf --shape qwen3-64x4 --quant Q4_0
 moepager bench "$SMALL" --budgets 100% --peers llamacpp,llamacpp-norepack --overhead 512MiB \
-  --rounds "${ROUNDS:-1}" --tokens 33 --prompt-tokens 16 --out "$OUT" --name small-q4_0-resident
+  --rounds "${ROUNDS:-1}" --tokens 129 --prompt-tokens 16 --out "$OUT" --name small-q4_0-resident
 moepager bench "$SMALL" --budgets limit --memory-cap 400MiB --peers llamacpp-norepack,llamacpp-lazy \
-  --rounds "${ROUNDS:-1}" --tokens 33 --prompt-tokens 16 --out "$OUT" --name small-q4_0-400mib
+  --rounds "${ROUNDS:-1}" --tokens 129 --prompt-tokens 16 --out "$OUT" --name small-q4_0-400mib
 # GPT_OSS=1: the same resident and 8 GiB runs at GPT-OSS-20B's shape (llama.cpp's gpt-oss, experts MXFP4, the
 # rest Q8_0: an 11.2 GB file)
 if [ "${GPT_OSS:-0}" = 1 ]; then
