@@ -44,14 +44,14 @@ class Norm(NamedTuple):
     eps: float
 
 
-def _bound(base, ctx, t: torch.Tensor) -> int:
+def bound(base, ctx, t: torch.Tensor) -> int:
     """A ggml float32 vector over a contiguous float32 torch one [C] (a norm's weight, a bias), bound at build."""
     a = base.ggml_new_tensor_1d(ctx, F32, t.numel())
     set_data(a, t.data_ptr())
     return a
 
 
-class _Owner:
+class Owner:
     """Gives intermediate nodes buffers of their own (a graph's context allocates none)."""
 
     def __init__(self):
@@ -66,20 +66,20 @@ class _Owner:
         return node
 
 
-def _product(base, ctx, own, m: Matrix, x: int, t: int, is_out: bool = False) -> int:
+def product(base, ctx, own, m: Matrix, x: int, t: int, is_out: bool = False) -> int:
     """m @ x as ggml_mul_mat (+ its bias by ggml_add, as BlockLinear adds it): [R, T]"""
     rows = m.blocks.shape[0]
     y = base.ggml_mul_mat(ctx, weight_tensor(base, ctx, m.qtype, m.blocks[None], m.layout), x)
     if m.bias is None:
         return y if is_out else own(y, t, rows)
     own(y, t, rows)
-    y = base.ggml_add(ctx, y, _bound(base, ctx, m.bias))
+    y = base.ggml_add(ctx, y, bound(base, ctx, m.bias))
     return y if is_out else own(y, t, rows)
 
 
-def _norm(base, ctx, own, n: Norm, x: int, shape: tuple, is_out: bool = False) -> int:
+def norm_node(base, ctx, own, n: Norm, x: int, shape: tuple, is_out: bool = False) -> int:
     """ggml_float.rms_norm's nodes over x of `shape`"""
-    y = rms_norm_node(base, ctx, x, _bound(base, ctx, n.weight), n.eps, own.buffer(*shape))
+    y = rms_norm_node(base, ctx, x, bound(base, ctx, n.weight), n.eps, own.buffer(*shape))
     return y if is_out else own(y, *shape)
 
 
@@ -94,19 +94,19 @@ def attention_in_nodes(base, ctx, own, a: int, pos: int, t: int, norm: Norm, q: 
     """attention_inputs' nodes over x a [D, T] at int32 positions pos [T] -> q [Dh, H, T], k [Dh, Hk, T] rotated
     and v [Hk * Dh, T]: outputs without buffers, or (owned) each in a buffer of its own."""
     h, hk, dh = heads
-    normed = _norm(base, ctx, own, norm, a, (t, norm.weight.numel()))
-    qy, ky = (_product(base, ctx, own, m, normed, t) for m in (q, k))
-    vy = _product(base, ctx, own, v, normed, t, is_out=not owned)
+    normed = norm_node(base, ctx, own, norm, a, (t, norm.weight.numel()))
+    qy, ky = (product(base, ctx, own, m, normed, t) for m in (q, k))
+    vy = product(base, ctx, own, v, normed, t, is_out=not owned)
     if qk_norm == "full":
         qy, ky = (
-            _norm(base, ctx, own, q_norm, qy, (t, h * dh)),
-            _norm(base, ctx, own, k_norm, ky, (t, hk * dh)),
+            norm_node(base, ctx, own, q_norm, qy, (t, h * dh)),
+            norm_node(base, ctx, own, k_norm, ky, (t, hk * dh)),
         )
     q3, k3 = base.ggml_reshape_3d(ctx, qy, dh, h, t), base.ggml_reshape_3d(ctx, ky, dh, hk, t)
     if qk_norm == "head":
         q3, k3 = (
-            _norm(base, ctx, own, q_norm, q3, (t, h, dh)),
-            _norm(base, ctx, own, k_norm, k3, (t, hk, dh)),
+            norm_node(base, ctx, own, q_norm, q3, (t, h, dh)),
+            norm_node(base, ctx, own, k_norm, k3, (t, hk, dh)),
         )
     qr, kr = rope_node(base, ctx, q3, pos, *rope), rope_node(base, ctx, k3, pos, *rope)
     return (own(qr, t, h, dh), own(kr, t, hk, dh), vy) if owned else (qr, kr, vy)
@@ -124,7 +124,7 @@ def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matri
     positions = torch.arange(start, start + t, dtype=torch.int32)
 
     def build(base, ctx):
-        own = _Owner()
+        own = Owner()
         a, pos = base.ggml_new_tensor_2d(ctx, F32, d, t), base.ggml_new_tensor_1d(ctx, I32, t)
         outs = attention_in_nodes(
             base, ctx, own, a, pos, t, norm, q, k, v, qk_norm, q_norm, k_norm, heads, rope
@@ -150,10 +150,10 @@ def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape
     qp, attn, scratch = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale)
     own.scratch += scratch
     flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
-    hidden = base.ggml_add(ctx, res, _product(base, ctx, own, o, flat, t))
+    hidden = base.ggml_add(ctx, res, product(base, ctx, own, o, flat, t))
     if owned:
         own(hidden, t, d)
-    normed = _norm(base, ctx, own, norm, hidden, (t, d), is_out=not owned)
+    normed = norm_node(base, ctx, own, norm, hidden, (t, d), is_out=not owned)
     logits = None
     if router is not None:
         w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
@@ -177,7 +177,7 @@ def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     mask = causal_mask(t, n_kv, start)
 
     def build(base, ctx):
-        own = _Owner()
+        own = Owner()
         qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
         ka, va = cache_nodes(base, ctx, keys, values, n_kv)
         m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)

@@ -18,7 +18,16 @@ from typing import NamedTuple
 import torch
 
 from .ggml import activations, cached_graph, swiglu_experts_nodes, swiglu_mlp_nodes
-from .ggml_block import Matrix, Norm, _bound, _norm, _Owner, _product, attention_in_nodes, attention_out_nodes
+from .ggml_block import (
+    Matrix,
+    Norm,
+    Owner,
+    attention_in_nodes,
+    attention_out_nodes,
+    bound,
+    norm_node,
+    product,
+)
 from .ggml_float import (
     cache_nodes,
     cached_positions,
@@ -48,7 +57,7 @@ class Experts(NamedTuple):
     types: tuple[int, int, int]
     banks: tuple[
         torch.Tensor, torch.Tensor, torch.Tensor
-    ]  # gate, up [E, I, row bytes], down [E, D, row bytes]
+    ]  # gate, up [E, I, row bytes]; down [E, D, row bytes]
     layouts: tuple[int, int, int]
     shared: Dense | None
     shared_gate: torch.Tensor | None
@@ -111,14 +120,14 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
             raise ValueError("a decode step writes into contiguous cache buffers [Hk, capacity, Dh] only")
 
     def build(base, ctx):
-        own = _Owner()
+        own = Owner()
         a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
         m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
         inputs, writes, h = [a, at, m], [], a
         for lay, (k, v, vt) in zip(layers, caches):
-            heads, hk, dh = lay.heads, lay.heads[1], lay.heads[2]
+            n_heads, hk, dh = lay.heads
             qr, kr, vy = attention_in_nodes(base, ctx, own, h, at, 1, lay.attn_norm, lay.q, lay.k, lay.v,
-                                            lay.qk_norm, lay.q_norm, lay.k_norm, heads, lay.rope, owned=True)  # fmt: skip
+                                            lay.qk_norm, lay.q_norm, lay.k_norm, lay.heads, lay.rope, owned=True)  # fmt: skip
             # the cache writes: views at this step's position, whose addresses each call patches
             k_at, v_at = (base.ggml_new_tensor_3d(ctx, F32, dh, hk, 1) for _ in range(2))
             set_strides(k_at, k.stride(0) * 4, k.stride(0) * hk * 4)
@@ -133,7 +142,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
             ka, va = cache_nodes(base, ctx, k, vt, n_kv)
             ffn = lay.ffn
             router = ffn.router if isinstance(ffn, Experts) else None
-            _, hidden, normed, logits = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, heads[0], dh), n_kv,
+            _, hidden, normed, logits = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, n_heads, dh), n_kv,
                                                             lay.scale, lay.o, h, lay.ffn_norm, router, owned=True)  # fmt: skip
             if router is None:
                 y, scratch = swiglu_mlp_nodes(base, ctx, ffn.types, ffn.mats, ffn.layouts, normed, 1)
@@ -153,7 +162,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
                     s = own(s, 1, d)
                     if ffn.shared_gate is not None:
                         own.scratch += scratch
-                        gw = _bound(base, ctx, ffn.shared_gate)
+                        gw = bound(base, ctx, ffn.shared_gate)
                         gate, scratch = sigmoid_gate_nodes(base, ctx, gw, normed, 1)
                         s = own(base.ggml_mul(ctx, s, own(gate, 1, 1)), 1, d)
                     y = base.ggml_add(ctx, own(y, 1, d), s)
@@ -161,7 +170,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
             h = own(base.ggml_add(ctx, hidden, own(y, 1, d)), 1, d)
             inputs += [ka, va, *cpys]
             writes += cpys
-        out = _product(base, ctx, own, head, _norm(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
+        out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
         return tuple(inputs), out, own.scratch, writes
 
     key = (

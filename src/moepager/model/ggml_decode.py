@@ -4,11 +4,11 @@ the model is built like any capability.
 `swap_ggml_decode(model)` turns the model into a GgmlDecodeTransformer when every layer is a GgmlBlock whose
 feed-forward the step graph computes: softmax top-K routing in llama.cpp's order over a GgmlRouter (no bias,
 scaling or masked experts) to SwiGLU experts, with or without a shared expert (BlockMLP, gated or not), or a
-dense BlockMLP; with a GgmlRMSNorm
-and a BlockLinear output head. Transformer.forward stays the definition: a call that is not one token of one
-sequence in a plain KVCache, whose experts are not every expert resident in GGUF banks (paging, a trace
-recorder), while any module carries a hook or a router masks experts, or where the loaded libggml routes in
-another float order than llama.cpp built for this CPU (kernels/ggml_routing.py), goes through it unchanged.
+dense BlockMLP; with a GgmlRMSNorm and a BlockLinear output head. Transformer.forward stays the definition: a
+call that is not one token of one sequence in a plain KVCache, whose experts are not every expert resident in
+GGUF banks (paging, a trace recorder), while any module carries a hook or a router masks experts, or where the
+loaded libggml routes in another float order than llama.cpp built for this CPU (kernels/ggml_routing.py), goes
+through it unchanged.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def _fits(model: Transformer) -> bool:
     c = model.config
     if type(model.norm) is not GgmlRMSNorm or type(model.lm_head) is not BlockLinear:
         return False
-    if type(model.embed) not in (BlockEmbedding, nn.Embedding):
-        return False
     embed = model.embed
+    if type(embed) not in (BlockEmbedding, nn.Embedding):
+        return False
     if (embed.dtype if type(embed) is BlockEmbedding else embed.weight.dtype) != torch.float32:
         return False
     routing_ok = (c.routing == "softmax_topk" and c.routing_order == "llama.cpp" and c.expert_act == "swiglu"
