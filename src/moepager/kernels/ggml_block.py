@@ -56,6 +56,7 @@ class Owner:
 
     def __init__(self):
         self.scratch: list[torch.Tensor] = []
+        self.reused: dict[tuple, list[torch.Tensor]] = {}  # buffers the graph's nodes take turns with
 
     def buffer(self, *shape: int) -> torch.Tensor:
         self.scratch.append(torch.empty(*shape, dtype=torch.float32))
@@ -147,8 +148,13 @@ def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape
     of its own)."""
     t, h, dh = shape
     d = norm.weight.numel()
-    qp, attn, scratch = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale)
-    own.scratch += scratch
+    # one set of attention buffers per graph: ggml runs a graph's nodes one after another, so the layers of a
+    # decode step (kernels/ggml_step.py) take turns with them (at 4096 positions, 48 layers' own were ~50 MiB)
+    key = ("attention", t, h, dh, n_kv)
+    if key not in own.reused:
+        own.reused[key] = [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
+        own.scratch += own.reused[key]
+    qp, attn, _ = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale, own.reused[key])
     flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
     hidden = base.ggml_add(ctx, res, product(base, ctx, own, o, flat, t))
     if owned:

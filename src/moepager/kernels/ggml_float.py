@@ -189,16 +189,18 @@ def cache_nodes(base, ctx, k: torch.Tensor, vt: torch.Tensor, n_kv: int) -> tupl
     return ka, va
 
 
-def attention_nodes(base, ctx, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float):
+def attention_nodes(base, ctx, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float,
+                    buffers: list[torch.Tensor] | None = None):  # fmt: skip
     """The nodes of `attention` of q qa [Dh, H, T] (of `shape` (T, H, Dh)) over cache_nodes ka, va with the mask
-    m [n_kv, T] -> (q's permuted view, the output [Dh, H, T] (no buffer yet), the intermediate nodes' buffers)."""
+    m [n_kv, T] -> (q's permuted view, the output [Dh, H, T] (no buffer yet), the intermediate nodes' buffers:
+    `buffers` if given, [H, T, n_kv] twice and [H, T, Dh])."""
     t, h, dh = shape
     # a view of an input takes its data when made: it is patched per call with the input it views
     qp = base.ggml_permute(ctx, qa, 0, 2, 1, 3)
     kq = base.ggml_mul_mat(ctx, ka, qp)  # [n_kv, T, H]
     probs = base.ggml_soft_max_ext(ctx, kq, m, scale, 0.0)
     kqv = base.ggml_mul_mat(ctx, va, probs)  # [Dh, T, H]
-    scratch = [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
+    scratch = buffers or [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
     for node, buf in zip((kq, probs, kqv), scratch):
         set_data(node, buf.data_ptr())
     out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
