@@ -39,6 +39,10 @@ def round_q8_k(x: np.ndarray) -> np.ndarray:
 
 def round_activations(qtype: int, x: torch.Tensor) -> torch.Tensor:
     """x float32 [..., C] as ggml hands it to the dot products with a `qtype` matrix."""
+    if qtype == Q.F32:
+        return x.detach().float()
+    if qtype == Q.F16:  # fp16 rows take fp16 activations
+        return x.detach().half().float()
     rounded = round_q8_k if qtype in K_TYPES else round_q8_0
     return torch.from_numpy(rounded(x.detach().float().numpy()))
 

@@ -46,12 +46,21 @@ def decode(model, prompt: int, tokens: int, then: int = 0) -> list[torch.Tensor]
 
 
 @pytest.mark.parametrize(
-    "name", ["qwen3_moe.q4_0", "olmoe.q8_0", "qwen2_moe.q4_0", "mixtral.q8_0", "moefy.q4_0"]
+    "name",
+    [
+        "qwen3_moe.q4_0",
+        "olmoe.q8_0",
+        "qwen2_moe.q4_0",
+        "mixtral.q8_0",
+        "moefy.q4_0",
+        "qwen3_moe.f32",
+        "qwen2_moe.f32",
+    ],
 )
 def test_a_decode_step_in_one_graph_is_its_layers_bit_for_bit(name, routing_in_the_librarys_order, steps):
-    """q/k norms per head, over the projection or none; qkv biases; a gated shared expert; dense layers: 70
-    decoded tokens (past a window of 64 cached positions), then a turn of 5 tokens over the cache the graph
-    wrote, equal to the layers' own logits."""
+    """q/k norms per head, over the projection or none; qkv biases; a gated shared expert; dense layers; float32
+    files (their matrices computed by ggml as llama.cpp computes them): 70 decoded tokens (past a window of 64
+    cached positions), then a turn of 5 tokens over the cache the graph wrote, equal to the layers' own logits."""
     engine = moepager.load(FIXTURES / f"{name}.gguf")
     model = engine.model
     assert type(model) is GgmlDecodeTransformer

@@ -46,8 +46,9 @@ from .thread_choice import ThreadChoice
 SUPPORTED: frozenset[int] = frozenset(
     {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4}
 )
-MUL_MAT_TYPES: frozenset[int] = SUPPORTED | {Q.F16}  # dense products also take fp16 rows
-_FLOAT_ROWS = MUL_MAT_TYPES | {Q.F32}  # and mul_mat float32 ones (router logits as llama.cpp takes them)
+# products also take float rows: fp16 (activations rounded to fp16, as llama.cpp's are) and float32 (a float32
+# GGUF computed as llama.cpp computes it; router logits as llama.cpp takes them)
+MUL_MAT_TYPES: frozenset[int] = SUPPORTED | {Q.F16, Q.F32}
 # graphs kept per process, by count and by the bytes of their buffers. A decode step calls each of ~6 graphs per
 # layer (a matrix's graph is its own): a 48-layer model's steps need ~290, and at 256 the least recently used
 # was always the next one needed, so every graph was rebuilt every token (~20 ms of a 400 ms token). The
@@ -409,12 +410,12 @@ def mul_mat(qtype: int, w: torch.Tensor, x: torch.Tensor, layout: int = 0) -> to
     """w uint8 [R, row bytes] in `layout`, x float32 [N, C] -> float32 [N, R] = x @ w.T, as llama.cpp computes it. Batched:
     w [H, R, row bytes] and x [H, N, C] -> [H, N, R], matrix h on inputs h (MLA's per-head k_b and v_b).
     Besides the block types, w may be F16 (rows llama.cpp's quantizer could not cut into blocks), whose
-    products round x to fp16 as ggml's do."""
+    products round x to fp16 as ggml's do, or F32."""
     x = activations(x)
     batched = w.dim() == 3
 
     def check():
-        _check(qtype, w, list(x.shape), allowed=_FLOAT_ROWS)
+        _check(qtype, w, list(x.shape))
         if x.dim() != w.dim() or (batched and x.shape[0] != w.shape[0]):
             raise ValueError(f"inputs {list(x.shape)} for weights {list(w.shape)}: not [N, C] or [H, N, C]")
 
@@ -438,6 +439,8 @@ def dequantize(qtype: int, raw: torch.Tensor) -> torch.Tensor:
     if raw.dtype != torch.uint8 or raw.shape[-1] % bb:
         raise ValueError(f"{Q(qtype).name} rows must be uint8 [..., k * {bb} bytes], not {list(raw.shape)}")
     raw = raw.contiguous()
+    if qtype == Q.F32:  # already floats (ggml has no to_float for them)
+        return raw.view(torch.float32).clone()
     out = torch.empty(*raw.shape[:-1], raw.shape[-1] // bb * qk, dtype=torch.float32)
     if out.numel():
         library().base.ggml_get_type_traits(qtype).contents.to_float(

@@ -6,11 +6,12 @@ one routed expert as three byte ranges of the stacked `ffn_{gate,up,down}_exps` 
 outermost, so each expert's matrix is one contiguous range; GPT-OSS adds three bias ranges), through the
 O_DIRECT reader. DeepSeek-V3 files (`deepseek2`) get MLA's kv_b_proj put back from llama.cpp's k_b/v_b split.
 
-Compact (the default): matrices in a block format the kernels compute from (kernels/ggml.py: llama.cpp's
-quantized types) stay as their blocks, uint8 [rows, row bytes]: experts (`expert_formats` says which and
-how, per layer: a Q4_K_M file mixes types across layers) and the dense matrices of attention, shared
-experts, embeddings and output (`compact_dense`). Other types, and everything when compact=False, are
-dequantized exactly as gguf.quants does (F32/F16/BF16 keep their dtype).
+Compact (the default): matrices in a format the kernels compute from (kernels/ggml.py: llama.cpp's quantized
+types, and fp16 and float32 rows, so that a float GGUF is computed as llama.cpp computes it too) stay as their
+bytes, uint8 [rows, row bytes]: experts (`expert_formats` says which and how, per layer: a Q4_K_M file mixes
+types across layers) and the dense matrices of attention, shared experts, embeddings and output
+(`compact_dense`). Norms, routers and biases, other types, and everything when compact=False, are dequantized
+exactly as gguf.quants does (F32/F16/BF16 keep their dtype).
 Its tokenizer is built from the file's metadata by generation/gguf_tokenizer.py.
 """
 
@@ -67,6 +68,7 @@ GLOBAL_NAMES = {
 # moepager names of linear layers whose GGUF blocks stay compact
 COMPACT_SUFFIXES = ("_proj.weight", "_proj_with_mqa.weight")
 EXPERT_PARTS = {"ffn_gate_exps.weight": "gate", "ffn_up_exps.weight": "up", "ffn_down_exps.weight": "down"}
+EXPERT_MATRICES = frozenset(EXPERT_PARTS.values())
 EXPERT_BIASES = {
     "ffn_gate_exps.bias": "gate_bias",
     "ffn_up_exps.bias": "up_bias",
@@ -320,9 +322,9 @@ class GgufSource:
         return matrix and self._products(qtype) and not name.endswith("kv_b_proj.weight")
 
     def _products(self, qtype) -> bool:
-        """A dense matrix computed by ggml's products as llama.cpp computes it: the block types, and fp16 rows,
+        """A dense matrix computed by ggml's products as llama.cpp computes it: the block types, fp16 rows,
         whose products round the activations to fp16 (llama.cpp's quantizer leaves fp16 the matrices whose
-        rows are no whole number of blocks)."""
+        rows are no whole number of blocks), and float32 rows."""
         return self.compact and qtype in MUL_MAT_TYPES
 
     def _latent_split(self, layer: int) -> list | None:
@@ -408,8 +410,12 @@ class GgufSource:
 
     def _blocks(self, qtype) -> bool:
         """Kept as the file's blocks: compact reading asked for, and a type the kernels compute from (fp16 rows
-        too, whose products round the activations to fp16 as llama.cpp's do)."""
+        too, whose products round the activations to fp16 as llama.cpp's do, and float32 rows)."""
         return self.compact and qtype in MUL_MAT_TYPES
+
+    def _expert_blocks(self, part: str, qtype) -> bool:
+        """An expert part kept as blocks: a matrix (not a bias) of a type the kernels compute from."""
+        return part in EXPERT_MATRICES and self._blocks(qtype)
 
     def expert_formats(self) -> dict[str, dict[int, tuple[int, int, int]]]:
         """Expert matrices kept as blocks: part -> {layer: (qtype, rows, row bytes)}. A part is listed only
@@ -421,7 +427,7 @@ class GgufSource:
                 for part, (_, nbytes, qtype, shape) in parts.items():
                     first.setdefault(part, {})[layer] = (int(qtype), shape[0], nbytes // shape[0])
         for part, layers in first.items():
-            if all(self._blocks(q) for q, _, _ in layers.values()):
+            if all(self._expert_blocks(part, q) for q, _, _ in layers.values()):
                 out[part] = layers
         return out
 
@@ -431,7 +437,7 @@ class GgufSource:
         whole, one_by_one = [], []
         for key, out in zip(keys, outs):
             parts = self.experts[key]
-            flat = all(self._blocks(q) and out[p].dtype == torch.uint8 and out[p].dim() == 1
+            flat = all(self._expert_blocks(p, q) and out[p].dtype == torch.uint8 and out[p].dim() == 1
                        for p, (_, _, q, _) in parts.items())  # fmt: skip
             (whole if flat else one_by_one).append((key, out))
         ranges = [(self.path, off, n) for key, _ in whole for off, n, _, _ in self.experts[key].values()]
@@ -454,7 +460,7 @@ class GgufSource:
         weights = {}
         for (part, (_, nbytes, qtype, shape)), view in zip(parts.items(), views):
             raw = torch.frombuffer(view, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
-            if self._blocks(qtype):
+            if self._expert_blocks(part, qtype):
                 if out is not None and out[part].dtype == torch.uint8 and out[part].dim() == 1:
                     out[part][:nbytes].copy_(raw)
                     continue

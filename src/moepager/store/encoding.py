@@ -59,6 +59,10 @@ class QuantizingSource:
     def dense_state_dict(self) -> dict[str, torch.Tensor]:
         return self.source.dense_state_dict()
 
+    def compact_dense(self) -> dict:
+        """The wrapped source's dense matrices kept as GGUF blocks (dense_state_dict leaves them out)."""
+        return self.source.compact_dense() if hasattr(self.source, "compact_dense") else {}
+
     def expert_keys(self) -> list[tuple[int, int]]:
         return self.source.expert_keys()
 
