@@ -6,6 +6,7 @@ import os
 import signal
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,21 @@ def test_two_actors_match_one_process(model, cluster, two_actors, budget):
     finally:
         if dist is not two_actors:
             dist.experts.close()
+
+
+@pytest.mark.parametrize("kind", ["f32", "q4_0"])
+def test_a_gguf_on_two_actors_is_one_process(cluster, kind):
+    """A GGUF's experts on actors are computed as in one process, by ggml on the file's own rows (float32 or
+    blocks): the same logits bit for bit, prefill and decoded tokens."""
+    path = Path(__file__).parent / "fixtures" / "gguf" / f"qwen3_moe.{kind}.gguf"
+    local, dist = _load(path), _load(path, ray=cluster.address, ray_actors=2)
+    try:
+        ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+        assert torch.equal(dist.logits(ids), local.logits(ids))
+        assert dist.generate(ids[0], 12, stop_ids=[]) == local.generate(ids[0], 12, stop_ids=[])
+        assert dist.stats()["experts"]["distributed"]["calls"] > 0
+    finally:
+        dist.experts.close()
 
 
 def test_cli_runs_on_the_cluster(model, cluster, capsys):
