@@ -10,6 +10,9 @@ COMMON=(--rounds 2 --tokens 33 --prompt-tokens 16 --peers llamacpp --out "$OUT")
 # Qwen3-MoE shape (D=512, 64 experts of 320, top-4, 8 layers), fp32, every expert resident
 moepager bench "$D/qwen3-64x4" --gguf "$D/qwen3-64x4.f32.gguf" --budgets 100% "${COMMON[@]}" \
   --name qwen3-64x4-f32-resident
+# the same fp32 model as its f32 GGUF, both engines on that file (moepager computes it with ggml, as llama.cpp does)
+moepager bench "$D/qwen3-64x4.f32.gguf" --budgets 100% --rounds 2 --tokens 129 --prompt-tokens 16 --peers llamacpp \
+  --overhead 2GiB --out "$OUT" --name qwen3-64x4-f32-gguf-resident-active
 # the same model as llama.cpp's Q4_0 file, both engines on that file: every expert resident (cap auto),
 # and a cap of about the file's size plus the runtime
 moepager bench "$D/qwen3-64x4.q4_0.gguf" --tokenizer "$D/qwen3-64x4" --budgets 100% "${COMMON[@]}" \
