@@ -158,3 +158,28 @@ def test_gpt_oss_file_reaches_llama_cpps_clamp(reference):
     )  # [tokens * K, 2I], gate and up interleaved
     gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
     assert gate.max() > 7 and up.max() > 7 and up.min() < -7
+
+
+def test_headers_read_as_gguf_py_reads_them(tmp_path):
+    """sources/gguf_file.read_header against gguf-py's own reader: every field's value and every tensor's place,
+    on each committed file; a cut-off file is a clear error."""
+    from gguf import GGUFReader
+
+    from moepager.errors import CorruptFile
+    from moepager.sources.gguf_file import read_header
+
+    for path in sorted(FIXTURES.glob("*.gguf")):
+        fields, tensors = read_header(path)
+        reader = GGUFReader(path)
+        assert fields == {name: f.contents() for name, f in reader.fields.items()}
+        want = {t.name: (tuple(int(s) for s in t.shape), int(t.tensor_type), int(t.n_bytes), int(t.data_offset))
+                for t in reader.tensors}  # fmt: skip
+        assert {n: (t.shape, t.tensor_type, t.n_bytes, t.data_offset) for n, t in tensors.items()} == want
+    cut = tmp_path / "cut.gguf"
+    whole = gguf("qwen3_moe", "q8_0")
+    cut.write_bytes(whole.read_bytes()[:2000])
+    with pytest.raises(CorruptFile, match="not a readable GGUF file"):
+        read_header(cut)
+    cut.write_bytes(whole.read_bytes()[:-100])
+    with pytest.raises(CorruptFile, match="runs past its end"):
+        read_header(cut)

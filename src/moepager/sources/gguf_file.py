@@ -4,8 +4,8 @@ runs a file (sources/gguf.py) builds on these; the tokenizer and tests read head
 
 from __future__ import annotations
 
-import gc
-import pickle
+import math
+import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ..errors import CorruptFile
-from ..system.process_memory import release_freed_heap
 
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -43,24 +42,112 @@ class TensorInfo(NamedTuple):
     data_offset: int
 
 
-def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
-    """Every metadata field's value and every tensor's place in a GGUF file.
+# GGUF metadata value types (gguf-py's GGUFValueType): struct format of each fixed-size one
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+_MAGIC = b"GGUF"
+_FIRST_READ = 4 << 20  # bytes of the file read for its header at first; more while it runs longer
 
-    gguf-py's reader parses each string of the vocabulary into numpy objects of its own (~170 MiB for a
-    49k-token vocabulary). What is kept is a small share of that; created among the parser's objects it would
-    pin their freed memory, so it is copied out through one pickle, made again after the reader is freed and
-    its memory handed back to the system."""
+
+class _Short(Exception):
+    """The header runs past the bytes read so far."""
+
+
+class _Cursor:
+    """Reads GGUF's little-endian values from the first bytes of a file, front to back."""
+
+    def __init__(self, buf: bytes, path: Path, whole: bool):
+        self.buf, self.pos, self.path, self.whole = buf, 0, path, whole
+
+    def need(self, n: int) -> None:
+        if self.pos + n > len(self.buf):
+            if not self.whole:
+                raise _Short
+            raise CorruptFile(
+                f"{self.path}: not a readable GGUF file (its header runs past the end of the file)"
+            )
+
+    def take(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        self.need(size)
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        self.need(n)
+        value = self.buf[self.pos : self.pos + n].decode("utf-8", errors="replace")
+        self.pos += n
+        return value
+
+    def value(self, vtype: int):
+        if vtype == _STRING:
+            return self.string()
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype != _ARRAY:
+            raise CorruptFile(f"{self.path}: not a readable GGUF file (metadata value type {vtype})")
+        item, count = self.take("I"), self.take("Q")
+        if item in _SCALARS:  # numbers in one read: a vocabulary's scores are 10^5 of them
+            size = struct.calcsize("<" + _SCALARS[item]) * count
+            self.need(size)
+            values = list(struct.unpack_from(f"<{count}{_SCALARS[item]}", self.buf, self.pos))
+            self.pos += size
+            return values
+        return [self.value(item) for _ in range(count)]
+
+
+def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """Every metadata field's value (as gguf-py's ReaderField.contents gives it) and every tensor's place in a
+    GGUF file (version 2 or 3, little-endian).
+
+    Parsed here rather than by gguf-py's GGUFReader, which makes numpy objects of each string of the vocabulary:
+    2.5 s and ~170 MiB for a 49k-token vocabulary, most of a small model's start, against ~0.1 s here. Only the
+    header is read: its first 4 MiB, then more while it runs longer."""
+    size = path.stat().st_size
+    want = min(size, _FIRST_READ)
+    with open(path, "rb") as f:
+        while True:
+            f.seek(0)
+            head = f.read(want)
+            try:
+                return _parse(_Cursor(head, path, whole=want >= size), size)
+            except _Short:
+                want = min(size, 4 * want)
+
+
+def _parse(c: _Cursor, file_size: int) -> tuple[dict, dict[str, TensorInfo]]:
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises ValueError or struct errors on a damaged file
-        raise CorruptFile(f"{path}: not a readable GGUF file ({e})") from None
-    fields = {name: f.contents() for name, f in reader.fields.items()}
-    tensors = {t.name: TensorInfo(t.name, tuple(int(s) for s in t.shape), int(t.tensor_type), int(t.n_bytes),
-                                  int(t.data_offset)) for t in reader.tensors}  # fmt: skip
-    blob = pickle.dumps((fields, tensors), protocol=pickle.HIGHEST_PROTOCOL)
-    del reader, fields, tensors
-    gc.collect()
-    release_freed_heap()
-    return pickle.loads(blob)
+    path = c.path
+    if c.buf[:4] != _MAGIC:
+        raise CorruptFile(f"{path}: not a readable GGUF file (it does not start with {_MAGIC!r})")
+    c.pos = 4
+    version = c.take("I")
+    if version not in (2, 3):
+        detail = "big-endian, which moepager does not read" if version > 0xFFFF else f"version {version}"
+        raise CorruptFile(f"{path}: not a readable GGUF file ({detail}); convert it again with llama.cpp")
+    n_tensors, n_fields = c.take("Q"), c.take("Q")
+    # the header's own counts first, under the names gguf-py's reader gives them
+    fields = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_fields}
+    for _ in range(n_fields):
+        key = c.string()
+        fields[key] = c.value(c.take("I"))
+    places = []
+    for _ in range(n_tensors):
+        name = c.string()
+        shape = tuple(c.take("Q") for _ in range(c.take("I")))
+        places.append((name, shape, c.take("I"), c.take("Q")))
+    alignment = int(fields.get("general.alignment", 32))
+    data_start = -(-c.pos // alignment) * alignment
+    tensors = {}
+    for name, shape, qtype, offset in places:
+        if qtype not in gguf.GGMLQuantizationType._value2member_map_:
+            raise CorruptFile(f"{path}: tensor {name!r} has GGML type {qtype}, which gguf-py does not know")
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        n_bytes = math.prod(shape) // block * block_bytes
+        if data_start + offset + n_bytes > file_size:
+            raise CorruptFile(f"{path}: not a readable GGUF file (tensor {name!r} runs past its end)")
+        tensors[name] = TensorInfo(name, shape, qtype, n_bytes, data_start + offset)
+    return fields, tensors
