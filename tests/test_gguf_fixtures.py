@@ -183,3 +183,8 @@ def test_headers_read_as_gguf_py_reads_them(tmp_path):
     cut.write_bytes(whole.read_bytes()[:-100])
     with pytest.raises(CorruptFile, match="runs past its end"):
         read_header(cut)
+    damaged = bytearray(whole.read_bytes())
+    damaged[24:32] = (1 << 60).to_bytes(8, "little")  # the first key's length: read no further than the file
+    cut.write_bytes(damaged)
+    with pytest.raises(CorruptFile, match="its header runs past its end"):
+        read_header(cut)

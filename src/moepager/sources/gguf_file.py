@@ -50,22 +50,20 @@ _FIRST_READ = 4 << 20  # bytes of the file read for its header at first; more wh
 
 
 class _Short(Exception):
-    """The header runs past the bytes read so far."""
+    """The header runs past the bytes read so far: args[0] bytes are needed."""
 
 
 class _Cursor:
-    """Reads GGUF's little-endian values from the first bytes of a file, front to back."""
+    """Reads GGUF's little-endian values from the first bytes of a file of `size` bytes, front to back."""
 
-    def __init__(self, buf: bytes, path: Path, whole: bool):
-        self.buf, self.pos, self.path, self.whole = buf, 0, path, whole
+    def __init__(self, buf: bytes, path: Path, size: int):
+        self.buf, self.pos, self.path, self.size = buf, 0, path, size
 
     def need(self, n: int) -> None:
         if self.pos + n > len(self.buf):
-            if not self.whole:
-                raise _Short
-            raise CorruptFile(
-                f"{self.path}: not a readable GGUF file (its header runs past the end of the file)"
-            )
+            if self.pos + n > self.size:  # a damaged length: never read on past the file for it
+                raise CorruptFile(f"{self.path}: not a readable GGUF file (its header runs past its end)")
+            raise _Short(self.pos + n)
 
     def take(self, fmt: str):
         size = struct.calcsize("<" + fmt)
@@ -110,14 +108,13 @@ def read_header(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
     with open(path, "rb") as f:
         while True:
             f.seek(0)
-            head = f.read(want)
             try:
-                return _parse(_Cursor(head, path, whole=want >= size), size)
-            except _Short:
-                want = min(size, 4 * want)
+                return _parse(_Cursor(f.read(want), path, size))
+            except _Short as short:
+                want = min(size, max(4 * want, short.args[0]))
 
 
-def _parse(c: _Cursor, file_size: int) -> tuple[dict, dict[str, TensorInfo]]:
+def _parse(c: _Cursor) -> tuple[dict, dict[str, TensorInfo]]:
     import gguf
 
     path = c.path
@@ -147,7 +144,7 @@ def _parse(c: _Cursor, file_size: int) -> tuple[dict, dict[str, TensorInfo]]:
             raise CorruptFile(f"{path}: tensor {name!r} has GGML type {qtype}, which gguf-py does not know")
         block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
         n_bytes = math.prod(shape) // block * block_bytes
-        if data_start + offset + n_bytes > file_size:
+        if data_start + offset + n_bytes > c.size:
             raise CorruptFile(f"{path}: not a readable GGUF file (tensor {name!r} runs past its end)")
         tensors[name] = TensorInfo(name, shape, qtype, n_bytes, data_start + offset)
     return fields, tensors
