@@ -1,6 +1,6 @@
-"""--memory-limit's accounting holds in a fresh process: what loads after the budget is split (the tokenizer)
-or on the first decode step (the kernels' runtime, ~60 MiB) must already be in it. A fresh process, because
-in this one earlier tests have loaded those already."""
+"""--memory-limit's accounting holds in a fresh process: what the first decode steps add (the kernels' runtime,
+~60 MiB, and the library pages they map back after the footprint dropped the cold ones) must already be in it.
+A fresh process, because in this one earlier tests have loaded those already."""
 
 import json
 import subprocess
@@ -12,6 +12,9 @@ SCRIPT = """
 import json, sys
 import moepager
 e = moepager.load(sys.argv[1], memory_limit=sys.argv[2], max_context=256, prefetch=False)
+# the peak from here on: while loading, the process held library pages that the footprint then dropped
+# (page_out_libraries), which a cap would have reclaimed the same way (clean pages of files)
+open("/proc/self/clear_refs", "w").write("5")
 for _ in e.stream([1, 2, 3, 4], 6, temperature=1.0, seed=0):
     pass
 c = e.experts.cache
@@ -28,3 +31,44 @@ def test_peak_stays_within_what_the_limit_planned(tiny):
                          timeout=300, check=True)  # fmt: skip
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["peak"] <= r["planned"] + r["experts"], r
+
+
+# a library and a weights file of the same bytes, each mapped read-only and read through by the child alone (the
+# parent, pytest, maps torch's libraries too: pages two processes map are never dropped)
+LIBRARIES = """
+import json, mmap, sys, torch
+from moepager.system.process_memory import page_out_libraries
+
+def resident(path):  # the mapping's bytes in memory
+    rss, name = 0, ""
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and " " in line and "-" in line.split()[0]:
+            name = line.split()[-1]
+        elif line.startswith("Rss:") and name == path:
+            rss += int(line.split()[1]) * 1024
+    return rss
+
+maps = []
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    sum(m[i] for i in range(0, len(m), mmap.PAGESIZE))  # every page read: resident
+    maps.append(m)
+a = torch.randn(64, 64)
+before = [resident(p) for p in sys.argv[1:]]
+page_out_libraries()
+print(json.dumps({"before": before, "after": [resident(p) for p in sys.argv[1:]], "same": bool(torch.equal(a @ a, a @ a))}))
+"""
+
+
+def test_library_pages_are_dropped_weights_stay_and_what_runs_comes_back(tmp_path):
+    data = bytes(range(256)) * (8 * 2**20 // 256)
+    paths = [tmp_path / "libcold.so", tmp_path / "weights.bin"]
+    for p in paths:
+        p.write_bytes(data)
+    out = subprocess.run([sys.executable, "-c", LIBRARIES, *map(str, paths)], capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["before"] == [len(data), len(data)], r
+    assert r["after"] == [0, len(data)], r
+    assert r["same"]  # torch still computes: its code faults back in from disk
