@@ -91,9 +91,10 @@ def _error_of(argv, capsys) -> str:
 
 def test_memory_limit_fits_the_context_when_none_was_asked_for(tiny, monkeypatch):
     engine = moepager.load(tiny("mixtral")[0])
-    # the arithmetic of fitting, on this process's RSS as it is: dropping library pages (tested in
-    # test_memory_limit.py) would move it by more than the 256 tokens of context this asserts on
+    # the arithmetic of fitting, on this process's RSS as it is: dropping library pages and leaving out those pytest
+    # shares (tested in test_memory_limit.py) would move it by more than the 256 tokens of context asserted on
     monkeypatch.setattr("moepager.paging.paged.page_out_libraries", lambda: 0)
+    monkeypatch.setattr("moepager.paging.paged.unique_bytes", _rss)
     config = dataclasses.replace(engine.config, max_position_embeddings=8192)
     per_token = (
         2 * 2 * config.num_kv_heads * config.head_dim * 4 * config.num_layers + 16 * config.hidden_size * 4

@@ -14,7 +14,7 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.moe import MoE, NotResident, grouped, switch_glu
-from ..system.process_memory import current_rss, page_out_libraries
+from ..system.process_memory import page_out_libraries, unique_bytes
 from .cache import ExpertCache
 from .hot_set import load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
@@ -182,8 +182,10 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
             from ..kernels.matvec import warm_up
 
             warm_up()  # what the first decode step would add to the RSS (the kernels' runtime), counted now
-        # under a limit the page cache counts: what imports mapped and nothing runs again is dropped
-        process = current_rss() if page_out_libraries() == 0 else current_rss() + LIBRARY_PAGES
+        # under a limit the page cache counts: what imports mapped and nothing runs again is dropped, and
+        # pages another process maps too are that one's
+        dropped = page_out_libraries()
+        process = unique_bytes() + (LIBRARY_PAGES if dropped else 0)
     from ..model.compact import GgmlAttention
 
     by_position = any(isinstance(m, GgmlAttention) for m in model.modules())

@@ -13,6 +13,15 @@ def current_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def unique_bytes() -> int:
+    """Resident bytes only this process maps (USS): what its exit would free. Library pages that another
+    process maps too (a parent that imported torch) are held by that one, and a cgroup charges them to
+    whichever touched them first; a memory limit's footprint counts these."""
+    import psutil
+
+    return psutil.Process().memory_full_info().uss
+
+
 def release_freed_heap() -> None:
     """Hand freed malloc memory back to the system: glibc keeps it, and a memory limit counts it.
 
