@@ -72,7 +72,7 @@ def test_a_decode_step_in_one_graph_is_its_layers_bit_for_bit(name, routing_in_t
 
 
 def test_the_step_graph_steps_aside(routing_in_the_librarys_order, steps, monkeypatch):
-    """A batch, a hook, paged experts, and a libggml whose routing moepager emulates run the layers instead."""
+    """A batch, a hook, and a libggml whose routing moepager emulates run the layers instead."""
     engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf")
     model = engine.model
     decode(model, 4, 2)
@@ -85,6 +85,25 @@ def test_the_step_graph_steps_aside(routing_in_the_librarys_order, steps, monkey
     monkeypatch.setattr(ggml_routing, "avx512", lambda: ggml_library.simd_form() != "AVX-512")
     decode(model, 4, 2)
     assert len(steps) == 2
-    paged = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory="30%")
-    decode(paged.model, 4, 2)
-    assert len(steps) == 2
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe.q4_0", "qwen2_moe.q4_0", "moefy.q4_0", "qwen3_moe.f32"])
+@pytest.mark.parametrize("budget", ["100%", "30%"])
+def test_a_paged_decode_step_is_its_layers_bit_for_bit(
+    name, budget, routing_in_the_librarys_order, monkeypatch
+):
+    """Experts in an expert cache: a graph from each router to the next, the host choosing slots (and reading
+    misses) between them, equal to the layers' own logits over the same cache; at 30% experts are evicted and
+    read again. A shared expert (qwen2_moe), dense layers (moefy's)."""
+    calls, paged_step = [], ggml_step.decode_step_paged
+    monkeypatch.setattr(ggml_step, "decode_step_paged", lambda *a: calls.append(1) or paged_step(*a))
+    engine = moepager.load(FIXTURES / f"{name}.gguf", expert_memory=budget)
+    model = engine.model
+    graphs = decode(model, 8, 70, then=5)
+    assert len(calls) == 70
+    cache = engine.experts.cache
+    misses = cache.stats()["misses"]
+    assert misses > 0 and (budget == "100%" or cache.stats()["evictions"] > 0)
+    model.__class__ = Transformer
+    layers = decode(model, 8, 70, then=5)
+    assert all(torch.equal(a, b) for a, b in zip(graphs, layers))

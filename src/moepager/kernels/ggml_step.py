@@ -92,17 +92,105 @@ class Step(NamedTuple):
 _serials = itertools.count()
 
 
+def _work(lay: Layer) -> int:
+    """Weight bytes a layer's decode step reads."""
+    work = sum(m.blocks.numel() for m in (lay.q, lay.k, lay.v, lay.o))
+    if isinstance(lay.ffn, Experts):
+        work += lay.ffn.router.numel() * 4 + lay.ffn.top_k * sum(b[0].numel() for b in lay.ffn.banks)
+        return work + (sum(m.numel() for m in lay.ffn.shared.mats) if lay.ffn.shared is not None else 0)
+    return work + sum(m.numel() for m in lay.ffn.mats)
+
+
 def step(layers: list[Layer], norm: Norm, head: Matrix) -> Step:
     """The layers, the output norm and head as a Step of a new serial."""
-    work = head.blocks.numel()
-    for lay in layers:
-        work += sum(m.blocks.numel() for m in (lay.q, lay.k, lay.v, lay.o))
-        if isinstance(lay.ffn, Experts):
-            work += lay.ffn.router.numel() * 4 + lay.ffn.top_k * sum(b[0].numel() for b in lay.ffn.banks)
-            work += sum(m.numel() for m in lay.ffn.shared.mats) if lay.ffn.shared is not None else 0
-        else:
-            work += sum(m.numel() for m in lay.ffn.mats)
-    return Step(next(_serials), layers, norm, head, work)
+    return Step(next(_serials), layers, norm, head, head.blocks.numel() + sum(_work(lay) for lay in layers))
+
+
+def _check_caches(caches, pos: int) -> int:
+    n_kv = cached_positions(pos + 1)
+    for k, v, vt in caches:
+        check_cache(k, vt, n_kv)
+        if not (k.is_contiguous() and v.is_contiguous() and vt.is_contiguous()):
+            raise ValueError("a decode step writes into contiguous cache buffers [Hk, capacity, Dh] only")
+    return n_kv
+
+
+def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: int):
+    """A layer's attention over its cache (this position's key and value written into it), then its FFN norm
+    and, for a MoE layer, the router's logits -> (inputs, cache writes, hidden, normed, logits or None)."""
+    k, v, vt = bufs
+    n_heads, hk, dh = lay.heads
+    qr, kr, vy = attention_in_nodes(base, ctx, own, h, at, 1, lay.attn_norm, lay.q, lay.k, lay.v, lay.qk_norm,
+                                    lay.q_norm, lay.k_norm, lay.heads, lay.rope, owned=True)  # fmt: skip
+    # the cache writes: views at this step's position, whose addresses each call patches
+    k_at, v_at = (base.ggml_new_tensor_3d(ctx, F32, dh, hk, 1) for _ in range(2))
+    set_strides(k_at, k.stride(0) * 4, k.stride(0) * hk * 4)
+    set_strides(v_at, v.stride(0) * 4, v.stride(0) * hk * 4)
+    vt_at = base.ggml_new_tensor_2d(ctx, F32, 1, hk * dh)  # one position of each (head, dim) row
+    set_strides(vt_at, vt.stride(1) * 4)
+    cpys = (
+        base.ggml_cpy(ctx, kr, k_at),
+        base.ggml_cpy(ctx, base.ggml_reshape_3d(ctx, vy, dh, hk, 1), v_at),
+        base.ggml_cpy(ctx, base.ggml_transpose(ctx, vy), vt_at),
+    )
+    ka, va = cache_nodes(base, ctx, k, vt, n_kv)
+    router = lay.ffn.router if isinstance(lay.ffn, Experts) else None
+    _, hidden, normed, logits = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, n_heads, dh), n_kv,
+                                                    lay.scale, lay.o, h, lay.ffn_norm, router, owned=True)  # fmt: skip
+    return [ka, va, *cpys], list(cpys), hidden, normed, logits
+
+
+def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1], the weights' buffer, the
+    experts' order [1, E] whose first K are the ids)."""
+    e, kk = ffn.router.shape[0], ffn.top_k
+    picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize)
+    own.scratch += scratch
+    w = own(picked, kk)
+    return base.ggml_reshape_3d(ctx, w, 1, kk, 1), ids, own.scratch[-1], scratch[1]
+
+
+def _ffn(base, ctx, own, ffn: Experts | Dense, normed: int, d: int, ids: int | None = None, w: int | None = None,
+         normed3: int | None = None):  # fmt: skip
+    """The feed-forward of normed [D, 1]: a dense SwiGLU, or the routed experts `ids` weighted by `w` (on normed
+    as [D, 1, 1]: normed3, or a view made here) plus a shared expert (MoE.combine's sum, as llama.cpp's qwen2moe
+    graph adds it) -> y [D, 1], owned."""
+    if isinstance(ffn, Dense):
+        y, scratch = swiglu_mlp_nodes(base, ctx, ffn.types, ffn.mats, ffn.layouts, normed, 1)
+        own.scratch += scratch
+        return own(y, 1, d)
+    b = normed3 if normed3 is not None else base.ggml_reshape_3d(ctx, normed, d, 1, 1)
+    y, scratch = swiglu_experts_nodes(base, ctx, ffn.types, ffn.banks, ffn.layouts, b, ids, 1, ffn.top_k, w)
+    own.scratch += scratch
+    y = own(y, 1, d)
+    if ffn.shared is not None:
+        sh = ffn.shared
+        s, scratch = swiglu_mlp_nodes(base, ctx, sh.types, sh.mats, sh.layouts, normed, 1)
+        own.scratch += scratch
+        s = own(s, 1, d)
+        if ffn.shared_gate is not None:
+            gate, scratch = sigmoid_gate_nodes(base, ctx, bound(base, ctx, ffn.shared_gate), normed, 1)
+            own.scratch += scratch
+            s = own(base.ggml_mul(ctx, s, own(gate, 1, 1)), 1, d)
+        y = own(base.ggml_add(ctx, y, s), 1, d)
+    return y
+
+
+def _addresses(caches, pos: int) -> list[int]:
+    """Per layer: its keys and values-by-position buffers, and the places this position's writes go."""
+    out = []
+    for k, v, vt in caches:
+        kp, vp, vtp = k.data_ptr(), v.data_ptr(), vt.data_ptr()
+        out += (kp, vtp, kp + pos * k.stride(1) * 4, vp + pos * v.stride(1) * 4, vtp + pos * 4)
+    return out
+
+
+def _strides(caches) -> tuple:
+    return tuple((k.stride(0), v.stride(0), vt.stride(0), vt.stride(1)) for k, v, vt in caches)
+
+
+def _nodes(layers: list[Layer]) -> int:
+    return sum(200 + 2 * (lay.ffn.top_k if isinstance(lay.ffn, Experts) else 0) for lay in layers) + 32
 
 
 def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -113,78 +201,129 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
     layers, norm, head = weights.layers, weights.norm, weights.head
     x = activations(x)
     d = x.shape[1]
-    n_kv = cached_positions(pos + 1)
-    for k, v, vt in caches:
-        check_cache(k, vt, n_kv)
-        if not (k.is_contiguous() and v.is_contiguous() and vt.is_contiguous()):
-            raise ValueError("a decode step writes into contiguous cache buffers [Hk, capacity, Dh] only")
+    n_kv = _check_caches(caches, pos)
 
     def build(base, ctx):
         own = Owner()
         a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
         m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
         inputs, writes, h = [a, at, m], [], a
-        for lay, (k, v, vt) in zip(layers, caches):
-            n_heads, hk, dh = lay.heads
-            qr, kr, vy = attention_in_nodes(base, ctx, own, h, at, 1, lay.attn_norm, lay.q, lay.k, lay.v,
-                                            lay.qk_norm, lay.q_norm, lay.k_norm, lay.heads, lay.rope, owned=True)  # fmt: skip
-            # the cache writes: views at this step's position, whose addresses each call patches
-            k_at, v_at = (base.ggml_new_tensor_3d(ctx, F32, dh, hk, 1) for _ in range(2))
-            set_strides(k_at, k.stride(0) * 4, k.stride(0) * hk * 4)
-            set_strides(v_at, v.stride(0) * 4, v.stride(0) * hk * 4)
-            vt_at = base.ggml_new_tensor_2d(ctx, F32, 1, hk * dh)  # one position of each (head, dim) row
-            set_strides(vt_at, vt.stride(1) * 4)
-            cpys = (
-                base.ggml_cpy(ctx, kr, k_at),
-                base.ggml_cpy(ctx, base.ggml_reshape_3d(ctx, vy, dh, hk, 1), v_at),
-                base.ggml_cpy(ctx, base.ggml_transpose(ctx, vy), vt_at),
-            )
-            ka, va = cache_nodes(base, ctx, k, vt, n_kv)
-            ffn = lay.ffn
-            router = ffn.router if isinstance(ffn, Experts) else None
-            _, hidden, normed, logits = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, n_heads, dh), n_kv,
-                                                            lay.scale, lay.o, h, lay.ffn_norm, router, owned=True)  # fmt: skip
-            if router is None:
-                y, scratch = swiglu_mlp_nodes(base, ctx, ffn.types, ffn.mats, ffn.layouts, normed, 1)
-            else:
-                e, kk = router.shape[0], ffn.top_k
-                picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize)
-                own.scratch += scratch
-                w = base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1)
-                b = base.ggml_reshape_3d(ctx, normed, d, 1, 1)
-                y, scratch = swiglu_experts_nodes(
-                    base, ctx, ffn.types, ffn.banks, ffn.layouts, b, ids, 1, kk, w
-                )
-                if ffn.shared is not None:  # MoE.combine's sum, as llama.cpp's qwen2moe graph adds it
-                    own.scratch += scratch
-                    sh = ffn.shared
-                    s, scratch = swiglu_mlp_nodes(base, ctx, sh.types, sh.mats, sh.layouts, normed, 1)
-                    s = own(s, 1, d)
-                    if ffn.shared_gate is not None:
-                        own.scratch += scratch
-                        gw = bound(base, ctx, ffn.shared_gate)
-                        gate, scratch = sigmoid_gate_nodes(base, ctx, gw, normed, 1)
-                        s = own(base.ggml_mul(ctx, s, own(gate, 1, 1)), 1, d)
-                    y = base.ggml_add(ctx, own(y, 1, d), s)
-            own.scratch += scratch
-            h = own(base.ggml_add(ctx, hidden, own(y, 1, d)), 1, d)
-            inputs += [ka, va, *cpys]
+        for lay, bufs in zip(layers, caches):
+            ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
+            ids = w = None
+            if isinstance(lay.ffn, Experts):
+                w, ids, _, _ = _route(base, ctx, own, lay.ffn, logits)
+            y = _ffn(base, ctx, own, lay.ffn, normed, d, ids, w)
+            h = own(base.ggml_add(ctx, hidden, y), 1, d)
+            inputs += ins
             writes += cpys
         out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
         return tuple(inputs), out, own.scratch, writes
 
-    key = (
-        "step",
-        weights.serial,
-        n_kv,
-        tuple((k.stride(0), v.stride(0), vt.stride(0), vt.stride(1)) for k, v, vt in caches),
-    )
-    nodes = sum(200 + 2 * (lay.ffn.top_k if isinstance(lay.ffn, Experts) else 0) for lay in layers) + 32
-    graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=nodes)
-    addresses = []
-    for k, v, vt in caches:
-        kp, vp, vtp = k.data_ptr(), v.data_ptr(), vt.data_ptr()
-        addresses += (kp, vtp, kp + pos * k.stride(1) * 4, vp + pos * v.stride(1) * 4, vtp + pos * 4)
+    key = ("step", weights.serial, n_kv, _strides(caches))
+    graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
     positions = torch.tensor([pos], dtype=torch.int32)
     mask = causal_mask(1, n_kv, pos)
-    return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *addresses)
+    return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *_addresses(caches, pos))
+
+
+_spans: dict[int, list[tuple[int, int, int | None, int]]] = {}  # by Step serial: its paged step's graphs
+
+
+def _segments(weights: Step) -> list[tuple[int, int, int | None, int]]:
+    """The graphs of a paged step: (first layer, stop, the MoE layer whose router ends it or None for the one
+    through the head, weight bytes it reads), made once a Step."""
+    spans = _spans.get(weights.serial)
+    if spans is None:
+        layers, spans, first = weights.layers, [], 0
+        routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
+        for last in [*routers, None]:
+            stop = len(layers) if last is None else last + 1
+            work = sum(_work(lay) for lay in layers[first:stop])
+            spans.append((first, stop, last, work + (weights.head.blocks.numel() if last is None else 0)))
+            first = stop
+        if len(_spans) > 8:  # Steps are made once a model (or experts object): a few at most
+            _spans.clear()
+        _spans[weights.serial] = spans
+    return spans
+
+
+def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                      pos: int, hold, release) -> torch.Tensor:  # fmt: skip
+    """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache): one
+    graph from each router to the next, and between two graphs the host turns the router's ids into slots.
+
+    hold(i, normed, ids) -> the slots of layer i's experts `ids` (a list) once they are in the bank, normed [1, D]
+    their input; release(i, ids) after the graph that computed them. The graphs' nodes are decode_step's on the
+    same operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit."""
+    layers, norm, head = weights.layers, weights.norm, weights.head
+    x = activations(x)
+    d = x.shape[1]
+    n_kv = _check_caches(caches, pos)
+    positions, mask, addresses = (
+        torch.tensor([pos], dtype=torch.int32),
+        causal_mask(1, n_kv, pos),
+        _addresses(caches, pos),
+    )
+    strides = _strides(caches)
+    carry = None  # (the MoE layer whose experts open the next graph, its ids, the graph's inputs for them)
+    for seg, (first, stop, last, work) in enumerate(_segments(weights)):
+        opened = carry[0] if carry is not None else None
+
+        def build(base, ctx, span=range(first, stop), opened=opened, last=last):
+            own = Owner()
+            at, m = base.ggml_new_tensor_1d(ctx, I32, 1), base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
+            if opened is None:
+                h = base.ggml_new_tensor_2d(ctx, F32, d, 1)
+                inputs = [at, m, h]
+            else:  # the experts of the router that ended the last graph, in the slots the host chose
+                ffn = layers[opened].ffn
+                hidden, normed = (base.ggml_new_tensor_2d(ctx, F32, d, 1) for _ in range(2))
+                normed3 = base.ggml_new_tensor_3d(
+                    ctx, F32, d, 1, 1
+                )  # the same input: a view would keep no patch
+                w = base.ggml_new_tensor_3d(ctx, F32, 1, ffn.top_k, 1)
+                slots = base.ggml_new_tensor_2d(ctx, I32, ffn.top_k, 1)
+                inputs = [at, m, hidden, normed, normed3, w, slots]
+                y = _ffn(base, ctx, own, ffn, normed, d, slots, w, normed3)
+                h = own(base.ggml_add(ctx, hidden, y), 1, d)
+            writes = []
+            for i in span:
+                lay = layers[i]
+                ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, caches[i], h, at, m, n_kv)
+                inputs += ins
+                writes += cpys
+                if i == last:  # the router's picks come out; the experts wait for their slots
+                    e, kk = lay.ffn.router.shape[0], lay.ffn.top_k
+                    picked, _, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, lay.ffn.normalize)
+                    # hidden and normed copied out, to places patched per call (on the copies: a copy is a view)
+                    outs = [base.ggml_new_tensor_2d(ctx, F32, d, 1) for _ in range(2)]
+                    copies = [base.ggml_cpy(ctx, hidden, outs[0]), base.ggml_cpy(ctx, normed, outs[1])]
+                    inputs += copies
+                    writes += copies
+                    return tuple(inputs), picked, [scratch[1], *scratch, *own.scratch], writes
+                y = _ffn(base, ctx, own, lay.ffn, normed, d)  # a dense layer: routers end graphs
+                h = own(base.ggml_add(ctx, hidden, y), 1, d)
+            out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
+            return tuple(inputs), out, own.scratch, writes
+
+        key = ("paged step", weights.serial, seg, n_kv, strides)
+        graph = cached_graph(key, build, work, 1, lambda: None, nodes=_nodes(layers[first:stop]) + 64)
+        args = [positions, mask]
+        if carry is None:
+            args.append(x)
+        else:
+            args += carry[2]
+        args += addresses[5 * first : 5 * stop]
+        if last is None:
+            logits = graph(torch.empty(1, head.blocks.shape[0]), *args)
+        else:
+            hidden, normed = torch.empty(1, d), torch.empty(1, d)
+            picked = graph(torch.empty(layers[last].ffn.top_k), *args, hidden, normed)
+        if carry is not None:
+            release(carry[0], carry[1])
+        if last is None:
+            return logits
+        ids = graph.scratch[0][0, : layers[last].ffn.top_k].tolist()
+        slots = torch.tensor(hold(last, normed, ids), dtype=torch.int32)
+        carry = (last, ids, [hidden, normed, normed, picked, slots])

@@ -83,18 +83,29 @@ class GgmlDecodeTransformer(Transformer):
             cache.reserve(i, n_kv, like, like)
             vt = cache.values_by_position(i)  # brought up to date with what other paths appended
             buffers.append((cache.k[i][0], cache.v[i][0], vt[0]))
-        logits = ggml_step.decode_step(weights, x, buffers, pos)
+        experts = self._step[0]
+        if hasattr(experts, "hold_step"):  # an expert cache: its slots are held between the step's graphs
+            logits = ggml_step.decode_step_paged(
+                weights, x, buffers, pos, experts.hold_step, experts.release_step
+            )
+        else:
+            logits = ggml_step.decode_step(weights, x, buffers, pos)
         cache.length[:] = [pos + 1] * len(buffers)
         cache.mirrored[:] = [pos + 1] * len(buffers)
         return logits.view(1, 1, -1)
 
     def _weights(self) -> ggml_step.Step | None:
-        """The step's weights when every expert is resident in GGUF banks of one SwiGLU (slot = expert id) and
-        nothing asks for the eager path (hooks, masked routers, a libggml routing in another order); else None."""
+        """The step's weights when the experts are GGUF banks of one SwiGLU, every expert resident (slot = expert
+        id) or an expert cache on the CPU whose slots a token's experts always fit, and nothing asks for the eager
+        path (hooks, masked routers, a libggml routing in another order); else None."""
         moes = [b.ffn for b in self.layers if type(b.ffn) is MoE]
         if moes:
             experts = moes[0].experts
-            if type(experts) is not ResidentExperts or any(m.experts is not experts for m in moes):
+            if any(m.experts is not experts for m in moes):
+                return None
+            if type(experts) is not ResidentExperts and not (
+                hasattr(experts, "hold_step") and experts.step_fits()
+            ):
                 return None
             if any(m.router.absent is not None for m in moes):
                 return None
@@ -108,13 +119,18 @@ class GgmlDecodeTransformer(Transformer):
             self._step = (experts, self._gather(experts))
         return self._step[1]
 
-    def _gather(self, experts: ResidentExperts | None) -> ggml_step.Step | None:
+    def _gather(self, experts) -> ggml_step.Step | None:
         c, out = self.config, []
         for block in self.layers:
             a, ffn = block.attn, block.ffn
             if type(ffn) is MoE:
-                bank = experts.banks[ffn.layer]
-                if not bank.fused_swiglu(c) or bank.size != c.num_experts:
+                resident = type(experts) is ResidentExperts
+                bank = experts.banks[ffn.layer] if resident else experts.step_bank(ffn.layer)
+                if (
+                    not bank.fused_swiglu(c)
+                    or (resident and bank.size != c.num_experts)
+                    or ffn.layer != len(out)
+                ):
                     return None
                 parts = [bank.matrices[p] for p in ("gate", "up", "down")]
                 ffn_step = ggml_step.Experts(

@@ -60,6 +60,37 @@ class PagedExperts:
             pending = [e for e in pending if e not in held]
         return y
 
+    # what a caller that computes a layer's experts itself needs (model/ggml_decode.py: one graph from each
+    # router to the next): the bank, and one token's experts held in it for a layer step
+    def step_fits(self) -> bool:
+        """Whether one token's experts of a layer always fit the cache's free slots at once (no waves)."""
+        return (
+            self.cache.device.type == "cpu"
+            and self.cache.capacity - len(self.cache.pinned()) >= self.config.top_k
+        )
+
+    def step_bank(self, layer: int):
+        return self.cache.banks[layer]
+
+    def hold_step(self, layer: int, x: torch.Tensor, ids: list[int]) -> list[int]:
+        """The slots of one token's experts `ids` of `layer` (x [1, D] their input), read in where missing and
+        held until release_step: what __call__ does before it computes."""
+        pending = sorted(set(ids))
+        guess = None
+        if self.prefetcher is not None:
+            self.prefetcher.observe(layer, pending)
+            guess = lambda: self.prefetcher.predict(layer, x)  # noqa: E731
+        held = self.cache.acquire(layer, pending, before_wait=guess)
+        if len(held) < len(pending):
+            self.cache.release_held(layer, held)
+            raise RuntimeError(
+                f"expert cache: layer {layer}'s {len(pending)} experts do not fit its free slots"
+            )
+        return [held[e] for e in ids]
+
+    def release_step(self, layer: int, ids: list[int]) -> None:
+        self.cache.release_held(layer, set(ids))
+
     @contextmanager
     def drafting(self, model):
         """Within this block every MoE layer of `model` routes only among the experts resident now, prefetch
