@@ -196,7 +196,7 @@ def format_plan(p: Plan) -> str:
     model = f" {p.model}" if p.model else ""
     b = format_bytes
     rows = [
-        ("runtime (python, torch, libraries)", b(p.runtime_bytes), "measured RSS less the dense weights"),
+        ("runtime (python, torch, libraries)", b(p.runtime_bytes), "pages only it holds (idle library pages dropped), less the dense weights"),
         ("dense weights", b(p.dense_bytes), "attention, norms, routers, shared experts, embeddings"),
         (f"KV cache at {p.context} tokens", b(p.kv_bytes), "its buffers grow by doubling: up to twice the K/V"),
         ("buffers", b(p.buffer_bytes), "activations of a prefill chunk, allocator slack"),
