@@ -5,7 +5,8 @@ Python around a layer's calls cost as much as their arithmetic (benchmarks/quant
 
 Each node is the one kernels/ggml_block.py, ggml_float.py and ggml.py build for a layer's own graphs, on the same
 operands, so the bits are those of the layer-by-layer path. Only for one token of one sequence with every
-expert of a layer resident in a bank where slot = expert id: the graph's own routing picks the slots.
+expert of a layer resident in a bank where slot = expert id: the graph's own routing picks the slots. With
+experts in a cache (decode_step_paged), one graph from each router to the next, the host choosing slots between.
 
 Letters: D hidden, H query heads, Hk key/value heads, Dh head dim, E experts, K picked, V vocabulary.
 """
@@ -140,14 +141,12 @@ def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: 
     return [ka, va, *cpys], list(cpys), hidden, normed, logits
 
 
-def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1], the weights' buffer, the
-    experts' order [1, E] whose first K are the ids)."""
+def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int]:
+    """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1])."""
     e, kk = ffn.router.shape[0], ffn.top_k
     picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize)
     own.scratch += scratch
-    w = own(picked, kk)
-    return base.ggml_reshape_3d(ctx, w, 1, kk, 1), ids, own.scratch[-1], scratch[1]
+    return base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1), ids
 
 
 def _ffn(base, ctx, own, ffn: Experts | Dense, normed: int, d: int, ids: int | None = None, w: int | None = None,
@@ -212,7 +211,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
             ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
             ids = w = None
             if isinstance(lay.ffn, Experts):
-                w, ids, _, _ = _route(base, ctx, own, lay.ffn, logits)
+                w, ids = _route(base, ctx, own, lay.ffn, logits)
             y = _ffn(base, ctx, own, lay.ffn, normed, d, ids, w)
             h = own(base.ggml_add(ctx, hidden, y), 1, d)
             inputs += ins

@@ -1,12 +1,13 @@
-"""A GGUF model's decode step as one ggml call (kernels/ggml_step.py) instead of three a layer, swapped in after
-the model is built like any capability.
+"""A GGUF model's decode step as one ggml call (kernels/ggml_step.py) instead of three a layer (one a MoE layer
+when its experts are paged), swapped in after the model is built like any capability.
 
 `swap_ggml_decode(model)` turns the model into a GgmlDecodeTransformer when every layer is a GgmlBlock whose
 feed-forward the step graph computes: softmax top-K routing in llama.cpp's order over a GgmlRouter (no bias,
 scaling or masked experts) to SwiGLU experts, with or without a shared expert (BlockMLP, gated or not), or a
 dense BlockMLP; with a GgmlRMSNorm and a BlockLinear output head. Transformer.forward stays the definition: a
-call that is not one token of one sequence in a plain KVCache, whose experts are not every expert resident in
-GGUF banks (paging, a trace recorder), while any module carries a hook or a router masks experts, or where the
+call that is not one token of one sequence in a plain KVCache, whose experts are neither every expert resident
+in GGUF banks nor a CPU expert cache a token's experts fit (waves, a trace recorder, Ray), while any module
+carries a hook or a router masks experts, or where the
 loaded libggml routes in another float order than llama.cpp built for this CPU (kernels/ggml_routing.py), goes
 through it unchanged.
 """
