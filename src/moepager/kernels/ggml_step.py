@@ -278,9 +278,8 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
             else:  # the experts of the router that ended the last graph, in the slots the host chose
                 ffn = layers[opened].ffn
                 hidden, normed = (base.ggml_new_tensor_2d(ctx, F32, d, 1) for _ in range(2))
-                normed3 = base.ggml_new_tensor_3d(
-                    ctx, F32, d, 1, 1
-                )  # the same input: a view would keep no patch
+                # normed again as [D, 1, 1], patched to the same place: a view of normed would keep no patch
+                normed3 = base.ggml_new_tensor_3d(ctx, F32, d, 1, 1)
                 w = base.ggml_new_tensor_3d(ctx, F32, 1, ffn.top_k, 1)
                 slots = base.ggml_new_tensor_2d(ctx, I32, ffn.top_k, 1)
                 inputs = [at, m, hidden, normed, normed3, w, slots]
@@ -300,7 +299,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
                     copies = [base.ggml_cpy(ctx, hidden, outs[0]), base.ggml_cpy(ctx, normed, outs[1])]
                     inputs += copies
                     writes += copies
-                    return tuple(inputs), picked, [scratch[1], *scratch, *own.scratch], writes
+                    return tuple(inputs), picked, [*scratch, *own.scratch], writes  # [1]: the experts' order
                 y = _ffn(base, ctx, own, lay.ffn, normed, d)  # a dense layer: routers end graphs
                 h = own(base.ggml_add(ctx, hidden, y), 1, d)
             out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
@@ -323,6 +322,6 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
             release(carry[0], carry[1])
         if last is None:
             return logits
-        ids = graph.scratch[0][0, : layers[last].ffn.top_k].tolist()
+        ids = graph.scratch[1][0, : layers[last].ffn.top_k].tolist()
         slots = torch.tensor(hold(last, normed, ids), dtype=torch.int32)
         carry = (last, ids, [hidden, normed, normed, picked, slots])
