@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from .ggml import activations, cached_graph, swiglu_experts_nodes, swiglu_mlp_nodes
+from .ggml import activations, cached_graph, swiglu_experts_nodes, swiglu_mlp_nodes, weight_tensor
 from .ggml_block import (
     Matrix,
     Norm,
@@ -226,21 +226,37 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
     return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *_addresses(caches, pos))
 
 
-_spans: dict[int, list[tuple[int, int, int | None, int]]] = {}  # by Step serial: its paged step's graphs
+class _Segment(NamedTuple):
+    """One graph of a paged step: layers first..stop-1; `last` the MoE layer whose router ends it (None: the graph
+    through the head); `after` the MoE layer after `last` (None: none), whose experts a guess is made for."""
+
+    first: int
+    stop: int
+    last: int | None
+    after: int | None
+    work: int  # weight bytes it reads
 
 
-def _segments(weights: Step) -> list[tuple[int, int, int | None, int]]:
-    """The graphs of a paged step: (first layer, stop, the MoE layer whose router ends it or None for the one
-    through the head, weight bytes it reads), made once a Step."""
+_spans: dict[int, list[_Segment]] = {}  # by Step serial: its paged step's graphs
+
+
+def _segments(weights: Step) -> list[_Segment]:
+    """The graphs of a paged step, made once a Step."""
     spans = _spans.get(weights.serial)
     if spans is None:
         layers, spans, first = weights.layers, [], 0
         routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
-        for last in [*routers, None]:
+        for last, after in itertools.pairwise([*routers, None, None]):
             stop = len(layers) if last is None else last + 1
             work = sum(_work(lay) for lay in layers[first:stop])
-            spans.append((first, stop, last, work + (weights.head.blocks.numel() if last is None else 0)))
+            spans.append(
+                _Segment(
+                    first, stop, last, after, work + (weights.head.blocks.numel() if last is None else 0)
+                )
+            )
             first = stop
+            if last is None:
+                break
         if len(_spans) > 8:  # Steps are made once a model (or experts object): a few at most
             _spans.clear()
         _spans[weights.serial] = spans
@@ -248,13 +264,15 @@ def _segments(weights: Step) -> list[tuple[int, int, int | None, int]]:
 
 
 def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                      pos: int, hold, release) -> torch.Tensor:  # fmt: skip
+                      pos: int, hold, release, guesses: bool = False) -> torch.Tensor:  # fmt: skip
     """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache): one
     graph from each router to the next, and between two graphs the host turns the router's ids into slots.
 
-    hold(i, normed, ids) -> the slots of layer i's experts `ids` (a list) once they are in the bank, normed [1, D]
-    their input; release(i, ids) after the graph that computed them. The graphs' nodes are decode_step's on the
-    same operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit."""
+    hold(i, ids, guess) -> the slots of layer i's experts `ids` (a list) once they are in the bank; release(i, ids)
+    after the graph that computed them. guesses: each graph also applies the next MoE layer's router to layer i's
+    experts' input, and `guess` is that router's top K (what paging/prefetch.py guesses, made here without a call
+    of its own); else None. The graphs' nodes are decode_step's on the same operands (a slot's rows are its
+    expert's), so the logits are decode_step's bit for bit."""
     layers, norm, head = weights.layers, weights.norm, weights.head
     x = activations(x)
     d = x.shape[1]
@@ -266,10 +284,11 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
     )
     strides = _strides(caches)
     carry = None  # (the MoE layer whose experts open the next graph, its ids, the graph's inputs for them)
-    for seg, (first, stop, last, work) in enumerate(_segments(weights)):
+    for seg, (first, stop, last, after, work) in enumerate(_segments(weights)):
         opened = carry[0] if carry is not None else None
+        guessed = after if guesses else None
 
-        def build(base, ctx, span=range(first, stop), opened=opened, last=last):
+        def build(base, ctx, span=range(first, stop), opened=opened, last=last, guessed=guessed):
             own = Owner()
             at, m = base.ggml_new_tensor_1d(ctx, I32, 1), base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
             if opened is None:
@@ -299,13 +318,25 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
                     copies = [base.ggml_cpy(ctx, hidden, outs[0]), base.ggml_cpy(ctx, normed, outs[1])]
                     inputs += copies
                     writes += copies
-                    return tuple(inputs), picked, [*scratch, *own.scratch], writes  # [1]: the experts' order
+                    if guessed is None:
+                        return (
+                            tuple(inputs),
+                            picked,
+                            [*scratch, *own.scratch],
+                            writes,
+                        )  # [1]: the experts' order
+                    router = layers[guessed].ffn.router  # the guess: its experts in order of their logits
+                    w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
+                    ahead = base.ggml_argsort(
+                        ctx, own(base.ggml_mul_mat(ctx, w, normed), 1, router.shape[0]), 1
+                    )
+                    return tuple(inputs), (picked, ahead), [*scratch, *own.scratch], writes
                 y = _ffn(base, ctx, own, lay.ffn, normed, d)  # a dense layer: routers end graphs
                 h = own(base.ggml_add(ctx, hidden, y), 1, d)
             out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
             return tuple(inputs), out, own.scratch, writes
 
-        key = ("paged step", weights.serial, seg, n_kv, strides)
+        key = ("paged step", weights.serial, seg, n_kv, strides, guesses)
         graph = cached_graph(key, build, work, 1, lambda: None, nodes=_nodes(layers[first:stop]) + 64)
         args = [positions, mask]
         if carry is None:
@@ -316,12 +347,17 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
         if last is None:
             logits = graph(torch.empty(1, head.blocks.shape[0]), *args)
         else:
-            hidden, normed = torch.empty(1, d), torch.empty(1, d)
-            picked = graph(torch.empty(layers[last].ffn.top_k), *args, hidden, normed)
+            hidden, normed, k = torch.empty(1, d), torch.empty(1, d), layers[last].ffn.top_k
+            if guessed is None:
+                picked, guess = graph(torch.empty(k), *args, hidden, normed), None
+            else:
+                outs = (torch.empty(k), torch.empty(layers[guessed].ffn.router.shape[0], dtype=torch.int32))
+                picked, ahead = graph(outs, *args, hidden, normed)
+                guess = ahead[: layers[guessed].ffn.top_k].tolist()
         if carry is not None:
             release(carry[0], carry[1])
         if last is None:
             return logits
-        ids = graph.scratch[1][0, : layers[last].ffn.top_k].tolist()
-        slots = torch.tensor(hold(last, normed, ids), dtype=torch.int32)
+        ids = graph.scratch[1][0, :k].tolist()
+        slots = torch.tensor(hold(last, ids, guess), dtype=torch.int32)
         carry = (last, ids, [hidden, normed, normed, picked, slots])

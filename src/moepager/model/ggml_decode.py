@@ -87,7 +87,7 @@ class GgmlDecodeTransformer(Transformer):
         experts = self._step[0]
         if hasattr(experts, "hold_step"):  # an expert cache: its slots are held between the step's graphs
             logits = ggml_step.decode_step_paged(
-                weights, x, buffers, pos, experts.hold_step, experts.release_step
+                weights, x, buffers, pos, experts.hold_step, experts.release_step, experts.step_guesses()
             )
         else:
             logits = ggml_step.decode_step(weights, x, buffers, pos)

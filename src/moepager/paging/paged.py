@@ -70,15 +70,21 @@ class PagedExperts:
     def step_bank(self, layer: int):
         return self.cache.banks[layer]
 
-    def hold_step(self, layer: int, x: torch.Tensor, ids: list[int]) -> list[int]:
-        """The slots of one token's experts `ids` of `layer` (x [1, D] their input), read in where missing and
-        held until release_step: what __call__ does before it computes."""
+    def step_guesses(self) -> bool:
+        """Whether hold_step wants the caller's guess of the next MoE layer's experts (prefetch is on)."""
+        return self.prefetcher is not None
+
+    def hold_step(self, layer: int, ids: list[int], guess: list[int] | None = None) -> list[int]:
+        """The slots of one token's experts `ids` of `layer`, read in where missing and held until release_step:
+        what __call__ does before it computes. guess: the next MoE layer's router's picks on this layer's
+        experts' input (prefetch.py's guess, made by the caller), read in the background."""
         pending = sorted(set(ids))
-        guess = None
+        start = None
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, pending)
-            guess = lambda: self.prefetcher.predict(layer, x)  # noqa: E731
-        held = self.cache.acquire(layer, pending, before_wait=guess)
+            if guess is not None:
+                start = lambda: self.prefetcher.start_guess(layer, guess)  # noqa: E731
+        held = self.cache.acquire(layer, pending, before_wait=start)
         if len(held) < len(pending):
             self.cache.release_held(layer, held)
             raise RuntimeError(

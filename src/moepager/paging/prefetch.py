@@ -79,9 +79,16 @@ class RouterPrefetcher:
     def predict(self, layer: int, x: torch.Tensor) -> None:
         """x [N, D]: the input of `layer`'s experts. Start reads for the next MoE layer's likely experts."""
         nxt = self.next.get(layer)
+        if nxt is not None:
+            self.start_guess(layer, self.routers[nxt](x).flatten().tolist())
+
+    def start_guess(self, layer: int, ids: list[int]) -> None:
+        """Start reads for the next MoE layer's likely experts `ids`: its router's picks on the input of `layer`'s
+        experts (computed by predict, or by a caller that had that router's logits at hand)."""
+        nxt = self.next.get(layer)
         if nxt is None:
             return
-        guess = sorted(set(self.routers[nxt](x).flatten().tolist()))
+        guess = sorted(set(ids))
         self.predicted[nxt] = set(guess)
         if len(guess) > self.max_guess:
             return
