@@ -13,6 +13,7 @@ Letters: D hidden, H query heads, Hk key/value heads, Dh head dim, E experts, K 
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from typing import NamedTuple
 
@@ -228,19 +229,24 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
 
 class _Segment(NamedTuple):
     """One graph of a paged step: layers first..stop-1; `last` the MoE layer whose router ends it (None: the graph
-    through the head); `after` the MoE layer after `last` (None: none), whose experts a guess is made for."""
+    through the head); `after` the MoE layer after `last` (None: none), whose experts a guess is made for. The
+    buffers it hands the next graph are its own, reused from token to token."""
 
     first: int
     stop: int
     last: int | None
     after: int | None
     work: int  # weight bytes it reads
+    carried: torch.Tensor | None  # [2, D]: the hidden state after `last`'s attention, and its experts' input
+    picked: torch.Tensor | None  # [K]: the weights of `last`'s experts
+    slots: ctypes.Array | None  # [K] int32: where the host put `last`'s experts
+    ahead: ctypes.Array | None  # `after`'s router's order of its experts, the guess in front
 
 
 _spans: dict[int, list[_Segment]] = {}  # by Step serial: its paged step's graphs
 
 
-def _segments(weights: Step) -> list[_Segment]:
+def _segments(weights: Step, d: int) -> list[_Segment]:
     """The graphs of a paged step, made once a Step."""
     spans = _spans.get(weights.serial)
     if spans is None:
@@ -249,14 +255,16 @@ def _segments(weights: Step) -> list[_Segment]:
         for last, after in itertools.pairwise([*routers, None, None]):
             stop = len(layers) if last is None else last + 1
             work = sum(_work(lay) for lay in layers[first:stop])
-            spans.append(
-                _Segment(
-                    first, stop, last, after, work + (weights.head.blocks.numel() if last is None else 0)
-                )
-            )
-            first = stop
             if last is None:
+                spans.append(
+                    _Segment(first, stop, None, None, work + weights.head.blocks.numel(), *[None] * 4)
+                )
                 break
+            k = layers[last].ffn.top_k
+            ahead = None if after is None else (ctypes.c_int32 * layers[after].ffn.router.shape[0])()
+            spans.append(_Segment(first, stop, last, after, work, torch.empty(2, d), torch.empty(k),
+                                  (ctypes.c_int32 * k)(), ahead))  # fmt: skip
+            first = stop
         if len(_spans) > 8:  # Steps are made once a model (or experts object): a few at most
             _spans.clear()
         _spans[weights.serial] = spans
@@ -283,9 +291,10 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
         _addresses(caches, pos),
     )
     strides = _strides(caches)
-    carry = None  # (the MoE layer whose experts open the next graph, its ids, the graph's inputs for them)
-    for seg, (first, stop, last, after, work) in enumerate(_segments(weights)):
-        opened = carry[0] if carry is not None else None
+    held = None  # the segment before: its MoE layer's experts, held in their slots, open the next graph
+    for seg, span in enumerate(_segments(weights, d)):
+        first, stop, last, after = span[:4]
+        opened = held[0].last if held is not None else None
         guessed = after if guesses else None
 
         def build(base, ctx, span=range(first, stop), opened=opened, last=last, guessed=guessed):
@@ -318,46 +327,38 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
                     copies = [base.ggml_cpy(ctx, hidden, outs[0]), base.ggml_cpy(ctx, normed, outs[1])]
                     inputs += copies
                     writes += copies
-                    if guessed is None:
-                        return (
-                            tuple(inputs),
-                            picked,
-                            [*scratch, *own.scratch],
-                            writes,
-                        )  # [1]: the experts' order
-                    router = layers[guessed].ffn.router  # the guess: its experts in order of their logits
-                    w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
-                    ahead = base.ggml_argsort(
-                        ctx, own(base.ggml_mul_mat(ctx, w, normed), 1, router.shape[0]), 1
-                    )
-                    return tuple(inputs), (picked, ahead), [*scratch, *own.scratch], writes
+                    if guessed is not None:  # the guess: the next router's experts in order of their logits
+                        router = layers[guessed].ffn.router
+                        w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
+                        logits = own(base.ggml_mul_mat(ctx, w, normed), 1, router.shape[0])
+                        picked = (picked, base.ggml_argsort(ctx, logits, 1))
+                    return tuple(inputs), picked, [*scratch, *own.scratch], writes  # [1]: the experts' order
                 y = _ffn(base, ctx, own, lay.ffn, normed, d)  # a dense layer: routers end graphs
                 h = own(base.ggml_add(ctx, hidden, y), 1, d)
             out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
             return tuple(inputs), out, own.scratch, writes
 
         key = ("paged step", weights.serial, seg, n_kv, strides, guesses)
-        graph = cached_graph(key, build, work, 1, lambda: None, nodes=_nodes(layers[first:stop]) + 64)
+        graph = cached_graph(key, build, span.work, 1, lambda: None, nodes=_nodes(layers[first:stop]) + 64)
         args = [positions, mask]
-        if carry is None:
+        if held is None:
             args.append(x)
         else:
-            args += carry[2]
+            before = held[0]
+            hidden = before.carried.data_ptr()
+            args += (hidden, hidden + 4 * d, hidden + 4 * d, before.picked, ctypes.addressof(before.slots))
         args += addresses[5 * first : 5 * stop]
         if last is None:
             logits = graph(torch.empty(1, head.blocks.shape[0]), *args)
         else:
-            hidden, normed, k = torch.empty(1, d), torch.empty(1, d), layers[last].ffn.top_k
-            if guessed is None:
-                picked, guess = graph(torch.empty(k), *args, hidden, normed), None
-            else:
-                outs = (torch.empty(k), torch.empty(layers[guessed].ffn.router.shape[0], dtype=torch.int32))
-                picked, ahead = graph(outs, *args, hidden, normed)
-                guess = ahead[: layers[guessed].ffn.top_k].tolist()
-        if carry is not None:
-            release(carry[0], carry[1])
+            out = span.picked if guessed is None else (span.picked, ctypes.addressof(span.ahead))
+            graph(out, *args, span.carried.data_ptr(), span.carried.data_ptr() + 4 * d)
+        if held is not None:
+            release(held[0].last, held[1])
         if last is None:
             return logits
-        ids = graph.scratch[1][0, :k].tolist()
-        slots = torch.tensor(hold(last, ids, guess), dtype=torch.int32)
-        carry = (last, ids, [hidden, normed, normed, picked, slots])
+        k = len(span.slots)
+        ids = list((ctypes.c_int32 * k).from_address(graph.scratch[1].data_ptr()))
+        guess = None if guessed is None else span.ahead[: layers[guessed].ffn.top_k]
+        span.slots[:] = hold(last, ids, guess)
+        held = (span, ids)
