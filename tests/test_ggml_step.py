@@ -106,9 +106,9 @@ def test_a_paged_decode_step_is_its_layers_bit_for_bit(
     calls, paged_step = [], ggml_step.decode_step_paged
     monkeypatch.setattr(ggml_step, "decode_step_paged", lambda *a: calls.append(1) or paged_step(*a))
     runs = []
-    for graphs in (True, False):
+    for in_graphs in (True, False):
         engine = moepager.load(FIXTURES / f"{name}.gguf", expert_memory=budget)
-        if not graphs:
+        if not in_graphs:
             engine.model.__class__ = Transformer
         runs.append((decode(engine.model, 8, 70, then=5), _counters(engine.experts.stats())))
     assert len(calls) == 70
