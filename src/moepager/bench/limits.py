@@ -7,7 +7,6 @@ files from the page cache are used instead and the result says so.
 
 from __future__ import annotations
 
-import mmap
 import os
 import platform
 import subprocess
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..system.direct_reader import aligned_buffer
 
 ALIGN = 4096
 
@@ -48,7 +49,7 @@ def disk_bandwidth(
     lock, done = threading.Lock(), [0]
 
     def worker():
-        buf = mmap.mmap(-1, request)  # page-aligned, as O_DIRECT needs
+        buf = aligned_buffer(request)
         while True:
             with lock:
                 if not jobs:

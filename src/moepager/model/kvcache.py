@@ -258,7 +258,8 @@ class BlockKVCache:
         self._drain_ahead()
         self._bufs = []
         for _ in range(3):
-            mm = mmap.mmap(-1, size)  # anonymous mmap: page-aligned, as O_DIRECT requires
+            # page-aligned, as O_DIRECT requires; private, as shared anonymous memory is unreclaimable page cache
+            mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self._bufs.append((mm, torch.frombuffer(mm, dtype=torch.uint8)))
 
     # ------------------------------------------------------------------------------------------ reading

@@ -314,6 +314,8 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
         experts.pin(layer, e)
     if hot_set is not None:
         experts.load_hot_set(hot_set)
+    if memory_limit is not None and device.type == "cpu":
+        page_out_libraries()  # what building the cache faulted in (the run maps back what it runs: LIBRARY_PAGES)
     return experts
 
 

@@ -43,8 +43,10 @@ def align_up(x: int) -> int:
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """A zero-filled, page-aligned buffer (anonymous mmap), usable as an O_DIRECT target."""
-    return mmap.mmap(-1, max(align_up(nbytes), ALIGN))
+    """A zero-filled, page-aligned buffer (anonymous mmap), usable as an O_DIRECT target. Private: a shared
+    anonymous map (mmap's default) is shared memory, which a memory cgroup charges as page cache that cannot be
+    reclaimed."""
+    return mmap.mmap(-1, max(align_up(nbytes), ALIGN), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
 @dataclass

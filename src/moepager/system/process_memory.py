@@ -1,7 +1,7 @@
 """What this process holds: its resident bytes as a memory limit counts them, handing freed heap back, and
 dropping the pages of its libraries that nothing runs any more.
 
-Owns nothing else; any layer may import it (it imports only psutil and ctypes, lazily)."""
+Owns nothing else; any layer may import it (it imports only psutil, ctypes and os, lazily)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,14 @@ def page_out_libraries() -> int:
     A memory limit counts them, and most were touched once, by an import: after `import torch` the process
     holds ~60 MiB of libtorch_cpu.so of which a decode runs ~15 MiB. What runs again faults back in from disk
     (paged.LIBRARY_PAGES plans for it). Only clean pages mapped from *.so files: copy-on-write data and
-    anything else mapped (weights, buffers) stays. A kernel without MADV_PAGEOUT drops nothing."""
+    anything else mapped (weights, buffers) stays. A kernel without MADV_PAGEOUT drops nothing.
+
+    MADV_PAGEOUT unmaps the pages but may leave them in the page cache, recently used. A memory cgroup charges
+    them there, and its reclaim then took the pages a decode maps instead: one process alone in a 400 MiB
+    cgroup decoded 29-240 tok/s with up to 2,378 major faults in 128 tokens. So the libraries' pages that no
+    process maps leave the page cache too (POSIX_FADV_DONTNEED)."""
     import ctypes
+    import os
     import re
 
     before = current_rss()
@@ -55,6 +61,7 @@ def page_out_libraries() -> int:
     except OSError:  # not glibc
         return 0
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libraries = set()
     with open("/proc/self/maps") as maps:
         for line in maps:
             parts = line.split()
@@ -62,4 +69,14 @@ def page_out_libraries() -> int:
                 continue
             start, end = (int(x, 16) for x in parts[0].split("-"))
             libc.madvise(start, end - start, MADV_PAGEOUT)
+            libraries.add(parts[5])
+    for path in libraries:  # pages still mapped (here or elsewhere) stay
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # deleted or replaced since it was mapped
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
     return max(0, before - current_rss())
