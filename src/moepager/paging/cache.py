@@ -2,9 +2,9 @@
 
 Owns the budget (parsing, the minimum working set), the slots (allocated once, reused on every miss), which
 expert sits in which slot (Residency), what may not be evicted (experts in use by the current layer, experts
-being read, pins), the reads themselves (demand reads and background prefetch reads), and the stats.
-Which expert to evict is the policy's choice (policies.py). What to prefetch is prefetch.py's; how experts
-are computed is model/moe.py's.
+being read, pins), the reads themselves (demand reads and background prefetch reads), and the stats (their
+counters: cache_stats.py). Which expert to evict is the policy's choice (policies.py). What to prefetch is
+prefetch.py's; how experts are computed is model/moe.py's.
 
 Reads go in batches: a layer step claims all its slots at once (one pass of the policy), then hands its
 misses to the source in at most io_threads batches of neighbouring experts (ModelSource.read_experts, which
@@ -22,7 +22,6 @@ import time
 import warnings
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -32,35 +31,11 @@ from ..model.config import ModelConfig
 from ..model.moe import ExpertBank, ExpertWeights, bank_spec
 from ..sources.contract import expert_formats
 from ..system.sizes import format_bytes, parse_bytes
+from .cache_stats import CacheStats
 from .policies import Policy, make_policy
 from .residency import Residency
 
 Key = tuple[int, int]  # (layer, expert)
-
-
-@dataclass
-class CacheStats:
-    hits: int = 0  # expert already resident when its layer needed it
-    prefetch_hits: int = 0  # resident (or arriving) because prefetch guessed it
-    misses: int = 0  # read on demand while compute waited
-    bytes_read: int = 0  # demand and prefetch reads
-    read_s: float = 0.0  # time spent in reads, summed over threads
-    wait_s: float = 0.0  # time compute waited on I/O
-    evictions: int = 0
-    prefetch_reads: int = 0
-    prefetch_wasted: int = 0  # prefetched, then evicted without being used
-    prefetch_cancelled: int = 0  # wrong guesses dropped before their read started
-
-    def add(self, other: CacheStats) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        used = self.hits + self.prefetch_hits + self.misses
-        # a prefetch hit still cost a disk read (ahead of time): only true hits count toward the hit rate
-        d["hit_rate"] = self.hits / used if used else 0.0
-        return d
 
 
 class ExpertCache:
