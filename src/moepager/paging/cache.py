@@ -223,18 +223,6 @@ class ExpertCache:
         (the first in this thread), so a step costs a few large reads, not one small read and handoff per
         expert."""
         experts = list(experts)
-        with self.lock:
-            here = self._hold_resident(layer, experts)
-            if here and before_wait is None:
-                return self._used(layer, experts)
-        if here:  # the guess runs before the step's experts count as used, as in a step that reads
-            try:
-                before_wait()
-            except BaseException:
-                self.release_held(layer, experts)
-                raise
-            with self.lock:
-                return self._used(layer, experts)
         while True:
             held, reads, waits = self._reserve(layer, experts)
             if held:
@@ -247,6 +235,15 @@ class ExpertCache:
                 )
             for f in inflight:
                 f.exception()
+        if not reads and not waits:  # the common step: every expert here already, nothing to read or wait for
+            try:
+                if before_wait is not None and len(held) == len(experts):
+                    before_wait()
+            except BaseException:
+                self._abandon(layer, held, [], [])
+                raise
+            with self.lock:
+                return self._used(layer, held)
         t0 = time.perf_counter()
         batches = _split(reads, self.io_threads) or [[]]
         futures = [self.pool.submit(self._fill, b, False) for b in batches[1:]]
@@ -267,24 +264,6 @@ class ExpertCache:
         with self.lock:
             self._stats(layer).wait_s += wait
             return self._used(layer, held)
-
-    def _hold_resident(self, layer: int, experts: list[int]) -> bool:
-        """Hold a step's experts (distinct) if every one has arrived and no guess of this layer waits to be read:
-        the common step, which needs none of _reserve's reads. Holds the lock."""
-        keys = [(layer, e) for e in experts]
-        if any(k not in self.res.slot or k in self.loading for k in keys):
-            return False
-        if self.queued and any(k[0] == layer for k in self.queued):
-            return False
-        st = self._stats(layer)
-        for key in keys:
-            self.res.hold(key)
-            if key in self.prefetched:
-                st.prefetch_hits += 1
-                self.prefetched.discard(key)
-            else:
-                st.hits += 1
-        return True
 
     def _used(self, layer: int, held: list[int]) -> dict[int, int]:
         """The end of a step's acquire: its experts counted as used -> {expert: slot}. Holds the lock."""
