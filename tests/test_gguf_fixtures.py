@@ -112,6 +112,25 @@ def test_file_gives_llama_cpps_logits(reference, family, kind):
         assert (got - exact).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family):
+    """--memory-limit frees the token embedding's table for the expert cache: each token's row is read from the
+    file. The logits are still llama.cpp's, bit for bit, prefill and decode alike (a fixture's q8_0 embedding
+    rows read wrongly, or a neighbour's row, changes them)."""
+    resident = moepager.load(gguf(family, "q8_0"))
+    limited = moepager.load(gguf(family, "q8_0"), memory_limit="1GiB", max_context=64)
+    embed = limited.model.embed
+    assert embed.read_rows is not None and embed.blocks.numel() == 0
+    got = limited.logits(IDS)
+    assert torch.equal(got.argmax(-1), llama_cpp_logits(family, "q8_0").argmax(-1))
+    assert torch.equal(got, resident.logits(IDS))
+    prompt = IDS[0, :5].tolist()
+    decode = lambda e: list(e.stream(prompt, 12, temperature=1.0, seed=3))  # noqa: E731
+    assert decode(limited) == decode(resident)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        embed(torch.tensor([limited.config.vocab_size]))
+
+
 LLAMA_CPP = """
 import sys
 import numpy as np

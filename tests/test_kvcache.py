@@ -160,3 +160,21 @@ def test_mla_caches_one_latent_per_position(engines, family):
             1,
             c.kv_lora_rank,
         )
+
+
+def test_a_planned_context_bounds_the_buffers(tiny):
+    """Under a memory limit the cache's buffers grow by doubling up to the planned context and no further (the
+    plan counts its K/V once), past it only to what is asked; the tokens are those of an unbounded cache."""
+    path, _ = tiny("qwen3_moe")
+    engine = moepager.load(path, memory_limit="1GiB", max_context=100, prefetch=False)
+    cache = engine.new_cache()
+    assert engine.planned_context() == cache.max_positions == 100
+    prompt = list(range(3, 40))
+    got = list(engine.stream(prompt, 63, temperature=1.0, seed=1, stop_ids=[], cache=cache))
+    assert cache.k[0].shape[2] == 100 and cache.seq_len == 99
+    unbounded = KVCache(engine.config.num_layers)
+    assert got == list(engine.stream(prompt, 63, temperature=1.0, seed=1, stop_ids=[], cache=unbounded))
+    assert unbounded.k[0].shape[2] == 150  # 74 for the prompt of 37, then doubled
+    k = torch.zeros(1, engine.config.num_kv_heads, 1, engine.config.head_dim)
+    cache.reserve(0, 101, k, k)
+    assert cache.k[0].shape[2] == 101

@@ -67,8 +67,7 @@ def engine_options(args, model) -> tuple:
 def generation_context(engine, args) -> int:
     """Positions a generation may reach: the model's context length, or less: --max-context, or the context a
     --memory-limit was planned for."""
-    planned = getattr(getattr(engine.experts, "cache", None), "footprint", None) or {}
-    given = [args.max_context, planned.get("context"), engine.config.max_position_embeddings]
+    given = [args.max_context, engine.planned_context(), engine.config.max_position_embeddings]
     return min(n for n in given if n)
 
 

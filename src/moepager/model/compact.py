@@ -47,9 +47,20 @@ class BlockEmbedding(nn.Module):
         super().__init__()
         self.qtype, self.dim, self.dtype = qtype, cols, dtype
         self.register_buffer("blocks", torch.empty(rows, row_bytes, dtype=torch.uint8))
+        self.read_rows = None  # ids [n] -> uint8 [n, row bytes] from the file, once rows_from_file is called
+
+    def rows_from_file(self, read_rows) -> None:
+        """Look rows up in the file instead of holding the table: read_rows(ids [n]) -> uint8 [n, row bytes]
+        (a source's embedding_rows). A token needs one row, so under a memory limit the table's bytes (13.5 MiB
+        of a 49k-word Q4_0 file, ~170 MiB of Qwen3-30B-A3B's) go to the expert cache instead, as llama.cpp's
+        mapped file holds only the rows it touched."""
+        self.read_rows = read_rows
+        self.blocks = self.blocks.new_empty(0, self.blocks.shape[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = ggml.dequantize(self.qtype, self.blocks[ids.flatten().cpu()])  # [n, D] float32
+        flat = ids.flatten().cpu()
+        blocks = self.blocks[flat] if self.read_rows is None else self.read_rows(flat)
+        rows = ggml.dequantize(self.qtype, blocks)  # [n, D] float32
         return rows.to(device=ids.device, dtype=self.dtype).view(*ids.shape, self.dim)
 
 

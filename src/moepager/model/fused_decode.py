@@ -160,6 +160,8 @@ class FusedDecodeTransformer(Transformer):
         x = w.embed[token].copy()  # [D], the residual stream, updated in place
         cos, sin = w.rope(self.rotary, pos)  # [Dh] each
         like = torch.empty(1, c.num_kv_heads, 0, c.head_dim)
+        if cache.k[0] is None or pos + 1 > cache.k[0].shape[2]:
+            w.kv = ([], None)  # the buffers grow: each layer's old one is freed as its new one is made
         for i in range(c.num_layers):
             cache.reserve(i, pos + 1, like, like)
         k_caches, v_caches = w.caches(cache)

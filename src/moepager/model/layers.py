@@ -155,9 +155,11 @@ def apply_rope(
 
 
 class KVCache:
-    """Keys and values of every layer, in buffers that grow by doubling (no per-token allocation)."""
+    """Keys and values of every layer, in buffers that grow by doubling (no per-token allocation), up to
+    max_positions when given: a context planned under a memory limit then costs its K/V once, not up to twice."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, max_positions: int | None = None):
+        self.max_positions = max_positions
         self.k: list[torch.Tensor | None] = [None] * num_layers  # [B, Hk, capacity, Dk]
         self.v: list[torch.Tensor | None] = [None] * num_layers  # [B, Hk, capacity, Dv]
         self.length = [0] * num_layers
@@ -186,6 +188,8 @@ class KVCache:
         if buf_k is not None and size <= buf_k.shape[2]:
             return
         capacity = max(2 * size, 64)
+        if self.max_positions is not None:  # past the plan a buffer still grows, to exactly what is asked
+            capacity = max(size, min(capacity, self.max_positions))
         # zeros, not garbage, past the length: llama.cpp's attention reads masked positions too (GgmlAttention)
         new_k = k.new_zeros(*k.shape[:2], capacity, k.shape[3])
         new_v = v.new_zeros(*v.shape[:2], capacity, v.shape[3])

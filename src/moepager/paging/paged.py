@@ -185,13 +185,15 @@ DEFAULT_CONTEXT = 4096
 
 
 def _kv_bytes_per_token(c: ModelConfig, itemsize: int, values_by_position: bool = False) -> int:
-    """K/V of one position in every layer, twice over: the buffers grow by doubling. values_by_position: the
-    values kept a second time, positions in rows, for llama.cpp's attention (KVCache.values_by_position)."""
+    """K/V of one position in every layer, and one layer's again: the buffers grow by doubling up to the
+    planned context (KVCache's max_positions), each layer's old buffer freed as its new one is made.
+    values_by_position: the values kept a second time, positions in rows, for llama.cpp's attention
+    (KVCache.values_by_position)."""
     if c.attention == "mla":  # one latent and its rotated key, the latent again as the value (LatentKV)
         per_token = 2 * c.kv_lora_rank + c.rope_dim
     else:
         per_token = (3 if values_by_position else 2) * c.num_kv_heads * c.head_dim
-    return 2 * per_token * itemsize * c.num_layers
+    return per_token * itemsize * (c.num_layers + 1)
 
 
 def fixed_buffers(c: ModelConfig) -> int:
@@ -207,7 +209,7 @@ def _activation_bytes_per_token(c: ModelConfig) -> int:
 def dense_footprint(model, config: ModelConfig, device: torch.device, max_context: int) -> dict:
     """What the process needs besides the expert cache, measured after the dense weights are loaded:
     the runtime and dense weights (RSS, or allocated GPU memory for CUDA), the KV cache at max_context
-    (buffers grow by doubling, so up to twice that), and working buffers."""
+    (its buffers grow by doubling up to it), and working buffers."""
     if device.type == "cuda":
         process = torch.cuda.memory_allocated(device)
     else:
@@ -279,6 +281,24 @@ def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> 
     return slot * min(config.top_k, len(keys))
 
 
+def embedding_from_file(model, source) -> bool:
+    """Under a memory limit a token's embedding row is read from the file (BlockEmbedding.rows_from_file)
+    where the source can, and the table is freed for the expert cache; not where the output head computes from
+    the same bytes (a tied head not repacked). Returns whether it was."""
+    from ..model.compact import BlockEmbedding
+    from ..system.process_memory import release_freed_heap
+
+    embed, read_rows = model.embed, getattr(source, "embedding_rows", lambda: None)()
+    if type(embed) is not BlockEmbedding or read_rows is None or embed.read_rows is not None:
+        return False
+    table = embed.blocks.untyped_storage().data_ptr()
+    if any(b is not embed.blocks and b.untyped_storage().data_ptr() == table for b in model.buffers()):
+        return False
+    embed.rows_from_file(read_rows)
+    release_freed_heap()
+    return True
+
+
 def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
                 policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
@@ -290,6 +310,8 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
 
     config = model.config
     limit, footprint = None, None
+    if memory_limit is not None and device.type == "cpu":
+        embedding_from_file(model, source)
     if memory_limit is not None:
         total = parse_bytes(memory_limit, what="memory_limit")
         footprint, note = fit_context(

@@ -115,8 +115,13 @@ class Engine:
     def new_cache(self) -> KVCache | BlockKVCache:
         """An empty cache: blocked and spilling past kv_memory when that was given, else the in-RAM KVCache."""
         if self.kv.memory_bytes is None:
-            return KVCache(self.config.num_layers)
+            return KVCache(self.config.num_layers, self.planned_context())
         return self._blocked_cache()
+
+    def planned_context(self) -> int | None:
+        """The context a memory limit planned the KV cache for (paging/paged.fit_context), if one did."""
+        footprint = getattr(getattr(self.experts, "cache", None), "footprint", None)
+        return footprint["context"] if footprint else None
 
     def _blocked_cache(self) -> BlockKVCache:
         kv = self.kv

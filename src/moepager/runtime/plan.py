@@ -40,6 +40,7 @@ class Plan:
     context_note: str | None  # set when the context was lowered to fit the limit
     runtime_bytes: int  # the process before the model (python, torch, libraries) and what loading adds
     dense_bytes: int  # resident weights: attention, norms, routers, shared experts, embedding, output
+    embedding_from_file: bool  # the token embedding's rows are read from the file as looked up, not held
     kv_bytes: int  # KV cache at `context` tokens
     buffer_bytes: int  # activations and allocator slack
     staging_bytes: int  # the cache's read staging buffers (0 when reads land in the slots)
@@ -166,6 +167,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
         model=model_arg or "", memory=str(memory), memory_bytes=limit, device=str(engine.device),
         dtype=str(engine.model.norm.weight.dtype).removeprefix("torch."), context=fp["context"], context_note=note,
         runtime_bytes=max(0, fp["process"] - dense), dense_bytes=min(dense, fp["process"]),
+        embedding_from_file=getattr(engine.model.embed, "read_rows", None) is not None,
         kv_bytes=fp["kv_cache"], buffer_bytes=fp["buffers"], staging_bytes=cache.staging_bytes,
         expert_budget_bytes=cache.budget_bytes, slot_bytes=cache.slot_bytes, expert_read_bytes=read_bytes,
         cache_experts=cache.capacity, total_experts=cache.num_keys, moe_layers=cfg.num_moe_layers,
@@ -197,8 +199,9 @@ def format_plan(p: Plan) -> str:
     b = format_bytes
     rows = [
         ("runtime (python, torch, libraries)", b(p.runtime_bytes), "pages only it holds (idle library pages dropped), less the dense weights"),
-        ("dense weights", b(p.dense_bytes), "attention, norms, routers, shared experts, embeddings"),
-        (f"KV cache at {p.context} tokens", b(p.kv_bytes), "its buffers grow by doubling: up to twice the K/V"),
+        ("dense weights", b(p.dense_bytes), "attention, norms, routers, shared experts, output head, "
+         + ("the embedding's rows read from the file as tokens come" if p.embedding_from_file else "embedding")),
+        (f"KV cache at {p.context} tokens", b(p.kv_bytes), "its buffers grow by doubling, up to this context"),
         ("buffers", b(p.buffer_bytes), "activations of a prefill chunk, allocator slack"),
         ("expert read staging", b(p.staging_bytes), "0 when reads land straight in the cache's slots"),
         ("expert cache", b(p.cache_experts * p.slot_bytes),

@@ -402,6 +402,28 @@ class GgufSource:
         self.reader.release_buffer()
         return out
 
+    def embedding_rows(self):
+        """ids (int64 [n]) -> the token embedding's rows, uint8 [n, row bytes], read from the file on each call
+        (O_DIRECT, neighbouring rows in one read) for a model that does not hold the table
+        (BlockEmbedding.rows_from_file); None where the embedding is not kept as blocks."""
+        t = self.tensors.get("token_embd.weight")
+        if t is None or "embed.weight" not in self._compact_names():
+            return None
+        vocab = int(t.shape[1])
+        row_bytes, start = int(t.n_bytes) // vocab, int(t.data_offset)
+
+        def read(ids: torch.Tensor) -> torch.Tensor:
+            wanted = ids.tolist()
+            unique = sorted(set(wanted))
+            if unique and not 0 <= unique[0] <= unique[-1] < vocab:
+                raise IndexError(f"token id {unique[0] if unique[0] < 0 else unique[-1]} is outside the "
+                                 f"vocabulary of {vocab} of {self.path}")  # fmt: skip
+            views = self.reader.read_ranges([(self.path, start + i * row_bytes, row_bytes) for i in unique])
+            rows = {i: torch.frombuffer(v, dtype=torch.uint8) for i, v in zip(unique, views)}
+            return torch.stack([rows[i] for i in wanted])  # copies out of the reader's staging buffer
+
+        return read
+
     def expert_keys(self) -> list[tuple[int, int]]:
         return sorted(self.experts)
 

@@ -63,6 +63,9 @@ class QuantizingSource:
         """The wrapped source's dense matrices kept as GGUF blocks (dense_state_dict leaves them out)."""
         return self.source.compact_dense() if hasattr(self.source, "compact_dense") else {}
 
+    def embedding_rows(self):
+        return self.source.embedding_rows() if hasattr(self.source, "embedding_rows") else None
+
     def expert_keys(self) -> list[tuple[int, int]]:
         return self.source.expert_keys()
 
