@@ -135,7 +135,7 @@ def add_chat_plan(sub) -> None:
     p.add_argument("model", nargs="?", help="as for run (default: the embedded default model)")
     p.add_argument("--memory", required=True, help="the whole process's memory budget, e.g. 8GiB")
     p.add_argument("--max-context", type=int, help="tokens of context to plan the KV cache for "
-                   "(default: 4096, or the most that fits)")  # fmt: skip
+                   "(default: 4096, or what fits in half of what the limit leaves the KV cache and experts)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument("--prompt", help="the run's prompt text, chat template applied as run does (default: "

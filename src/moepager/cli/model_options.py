@@ -125,7 +125,7 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
                    "(default: none; `moepager plan` shows what a budget gives)")  # fmt: skip
     r.add_argument("--max-context", type=int, help="the most positions (prompt and new tokens) a generation may "
                    "reach; the KV cache is planned for it under --memory-limit (default: the model's context; "
-                   "4096 under --memory-limit, or what fits the limit)")  # fmt: skip
+                   "4096 under --memory-limit, or what fits in half of what the limit leaves the KV cache and experts)")  # fmt: skip
     r.add_argument(
         "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default: nextuse)"
     )

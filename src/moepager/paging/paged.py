@@ -239,7 +239,10 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
     """The footprint under a whole-process limit, and a note when the context was lowered to fit.
 
     max_context given: refused (naming the context that fits) unless it fits with min_experts bytes of experts.
-    Not given: DEFAULT_CONTEXT, or the largest multiple of 256 tokens that fits, with a note saying so.
+    Not given: DEFAULT_CONTEXT, or the largest multiple of 256 tokens whose K/V and activations take at most
+    half of what the limit leaves for them and the experts, with a note saying so: the most context that fits
+    would leave the expert cache min_experts, one layer's experts, so a decode would read nearly every expert
+    it uses.
     """
     from ..errors import MoepagerError
     from ..system.sizes import format_bytes
@@ -249,11 +252,15 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
     if limit >= footprint["total"] + min_experts:
         return footprint, None
     room = limit - footprint["process"] - fixed_buffers(config) - min_experts
-    fits = max(0, room // footprint["context_bytes_per_token"]) // 256 * 256
+    per_token = footprint["context_bytes_per_token"]
+    fits = max(0, room // per_token) // 256 * 256
     if max_context is None and fits >= MIN_FITTED_CONTEXT:
-        note = (f"memory_limit {format_bytes(limit)} leaves room for a context of {fits} tokens, not {wanted}: "
-                f"the KV cache is planned for {fits} (--max-context chooses)")  # fmt: skip
-        return dense_footprint(model, config, device, fits), note
+        half = max(MIN_FITTED_CONTEXT, (room + min_experts) // 2 // per_token // 256 * 256)
+        context = min(fits, half)
+        note = (f"memory_limit {format_bytes(limit)} leaves room for a context of {context} tokens beside the "
+                f"expert cache, not {wanted}: the KV cache is planned for {context} (--max-context chooses, up to "
+                f"{fits})")  # fmt: skip
+        return dense_footprint(model, config, device, context), note
     need = footprint["total"] + min_experts
     if fits >= MIN_FITTED_CONTEXT:
         fix = f"at this limit the context can be at most {fits} tokens (--max-context {fits}), or raise the limit "
