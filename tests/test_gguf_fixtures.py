@@ -129,6 +129,7 @@ def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family):
     assert decode(limited) == decode(resident)
     with pytest.raises(IndexError, match="outside the vocabulary"):
         embed(torch.tensor([limited.config.vocab_size]))
+    assert limited.identity() == resident.identity()  # a saved session resumes under either
 
 
 LLAMA_CPP = """

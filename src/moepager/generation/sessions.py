@@ -41,10 +41,14 @@ class StaleSession(MoepagerError):
 
 
 def model_identity(model: torch.nn.Module) -> str:
-    """A hash of the architecture config and every resident (dense) weight, as loaded."""
+    """A hash of the architecture config and every resident (dense) weight, as loaded. A GGUF embedding's blocks
+    are left out: under a memory limit they stay in the file (BlockEmbedding.rows_from_file), and a session is
+    the same model's either way."""
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
+        if name == "embed.blocks":
+            continue
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().data)
