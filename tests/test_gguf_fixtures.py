@@ -115,8 +115,9 @@ def test_file_gives_llama_cpps_logits(reference, family, kind):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
 def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family):
     """--memory-limit frees the token embedding's table for the expert cache: each token's row is read from the
-    file. The logits are still llama.cpp's, bit for bit, prefill and decode alike (a fixture's q8_0 embedding
-    rows read wrongly, or a neighbour's row, changes them)."""
+    file. The logits are the resident engine's bit for bit (which test_file_gives_llama_cpps_logits holds to
+    llama.cpp's), with llama.cpp's argmax, prefill and decode alike: a row read wrongly, or a neighbour's row,
+    changes them."""
     resident = moepager.load(gguf(family, "q8_0"))
     limited = moepager.load(gguf(family, "q8_0"), memory_limit="1GiB", max_context=64)
     embed = limited.model.embed
