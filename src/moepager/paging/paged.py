@@ -288,22 +288,21 @@ def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> 
     return slot * min(config.top_k, len(keys))
 
 
-def embedding_from_file(model, source) -> bool:
+def embedding_from_file(model, source) -> None:
     """Under a memory limit a token's embedding row is read from the file (BlockEmbedding.rows_from_file)
     where the source can, and the table is freed for the expert cache; not where the output head computes from
-    the same bytes (a tied head not repacked). Returns whether it was."""
+    the same bytes (a tied head not repacked)."""
     from ..model.compact import BlockEmbedding
     from ..system.process_memory import release_freed_heap
 
     embed, read_rows = model.embed, getattr(source, "embedding_rows", lambda: None)()
     if type(embed) is not BlockEmbedding or read_rows is None or embed.read_rows is not None:
-        return False
+        return
     table = embed.blocks.untyped_storage().data_ptr()
     if any(b is not embed.blocks and b.untyped_storage().data_ptr() == table for b in model.buffers()):
-        return False
+        return
     embed.rows_from_file(read_rows)
     release_freed_heap()
-    return True
 
 
 def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
