@@ -133,6 +133,21 @@ def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family):
     assert limited.identity() == resident.identity()  # a saved session resumes under either
 
 
+def test_an_embedding_the_output_head_shares_stays_in_memory():
+    """A tied head that computes from the embedding's own bytes (not repacked) keeps them: reading the rows from
+    the file would free nothing."""
+    from moepager.paging.paged import embedding_from_file
+
+    engine = moepager.load(gguf("qwen3_moe", "q8_0"))
+    model, own = engine.model, engine.model.lm_head.blocks
+    model.lm_head.blocks = model.embed.blocks
+    embedding_from_file(model, engine.source)
+    assert model.embed.read_rows is None and model.embed.blocks.numel() > 0
+    model.lm_head.blocks = own
+    embedding_from_file(model, engine.source)
+    assert model.embed.read_rows is not None and model.embed.blocks.numel() == 0
+
+
 LLAMA_CPP = """
 import sys
 import numpy as np

@@ -299,7 +299,8 @@ def embedding_from_file(model, source) -> None:
     if type(embed) is not BlockEmbedding or read_rows is None or embed.read_rows is not None:
         return
     table = embed.blocks.untyped_storage().data_ptr()
-    if any(b is not embed.blocks and b.untyped_storage().data_ptr() == table for b in model.buffers()):
+    others = (b for m in model.modules() if m is not embed for b in m.buffers(recurse=False))
+    if any(b.untyped_storage().data_ptr() == table for b in others):
         return
     embed.rows_from_file(read_rows)
     release_freed_heap()
