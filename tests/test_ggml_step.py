@@ -99,10 +99,10 @@ def _counters(stats: dict) -> dict:
 def test_a_paged_decode_step_is_its_layers_bit_for_bit(
     name, budget, routing_in_the_librarys_order, monkeypatch
 ):
-    """Experts in an expert cache: a graph from each router to the next, the host choosing slots (and reading
-    misses) between them, equal to the layers' own logits; at 30% experts are evicted and read again, and the
-    graphs' guesses of the next layer's experts are the prefetcher's own (the same hits, reads and guesses as the
-    layers' path makes). A shared expert (qwen2_moe), dense layers (moefy's)."""
+    """Experts in an expert cache: one graph a token, the host choosing slots (and reading misses) in a node at
+    each router, equal to the layers' own logits; at 30% experts are evicted and read again, and the graph's
+    guesses of the next layer's experts are the prefetcher's own (the same hits, reads and guesses as the layers'
+    path makes). A shared expert (qwen2_moe), dense layers (moefy's)."""
     calls, paged_step = [], ggml_step.decode_step_paged
     monkeypatch.setattr(ggml_step, "decode_step_paged", lambda *a: calls.append(1) or paged_step(*a))
     runs = []
@@ -117,3 +117,35 @@ def test_a_paged_decode_step_is_its_layers_bit_for_bit(
     assert (stats["prefetch"] is None) == (budget == "100%")
     assert stats == layer_stats
     assert all(torch.equal(a, b) for a, b in zip(graphs, layers))
+
+
+def test_a_read_that_fails_inside_the_paged_step_graph_is_raised_and_holds_nothing(
+    routing_in_the_librarys_order, monkeypatch
+):
+    """A miss read by the host node in the middle of the graph fails: the step raises the read's own error once
+    the graph returns, no expert stays held, and the next step (the read working again) gives the layers'
+    logits."""
+    calls, paged_step = [], ggml_step.decode_step_paged
+    monkeypatch.setattr(ggml_step, "decode_step_paged", lambda *a: calls.append(1) or paged_step(*a))
+    engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory="30%")
+    model, cache = engine.model, engine.experts.cache
+    source, read = cache.source, cache.source.read_experts
+    kv = KVCache(model.config.num_layers)
+    with torch.no_grad():
+        model(IDS[:, :8], cache=kv)
+
+        def failing(*a, **k):
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(source, "read_experts", failing)
+        with pytest.raises(OSError, match="disk gone"):
+            for i in range(8, 40):  # until a token misses
+                model(IDS[:, i : i + 1], cache=kv)
+        assert not cache.res.in_use and kv.seq_len == i  # the failed position is decoded again
+        monkeypatch.setattr(source, "read_experts", read)
+        again = model(IDS[:, i : i + 1], cache=kv)
+        assert len(calls) == i - 8 + 2  # the steps up to the failed one, and that one again
+        model.__class__ = Transformer
+        reference = KVCache(model.config.num_layers)
+        model(IDS[:, :i], cache=reference)
+        assert torch.equal(again, model(IDS[:, i : i + 1], cache=reference))

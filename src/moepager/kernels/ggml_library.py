@@ -69,6 +69,8 @@ class _ToFloat(ctypes.Structure):  # struct ggml_type_traits's leading fields
     ]
 
 
+# a host node's function (ggml_custom2_op_t): dst, a, b, ith, nth, userdata
+HostFn = ctypes.CFUNCTYPE(None, _P, _P, _P, ctypes.c_int, ctypes.c_int, _P)
 _LogCallback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, _P)
 _WARN, _CONT = 3, 5  # ggml_log_level: its debug and info lines (one per repacked matrix) are not printed
 _last_level = [0]  # what a continued line continues
@@ -103,6 +105,7 @@ def _signatures(base: ctypes.CDLL, cpu: ctypes.CDLL) -> None:
         (base, "ggml_new_tensor_1d", _P, [_P, ctypes.c_int, _I64]),
         (base, "ggml_soft_max", _P, [_P, _P]),
         (base, "ggml_argsort", _P, [_P, _P, ctypes.c_int]),
+        (base, "ggml_map_custom2", _P, [_P, _P, _P, HostFn, ctypes.c_int, _P]),
         (base, "ggml_get_rows", _P, [_P, _P, _P]),
         (base, "ggml_sum_rows", _P, [_P, _P]),
         (base, "ggml_clamp", _P, [_P, _P, ctypes.c_float, ctypes.c_float]),

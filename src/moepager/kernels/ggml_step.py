@@ -38,7 +38,7 @@ from .ggml_float import (
     sigmoid_gate_nodes,
     softmax_topk_nodes,
 )
-from .ggml_library import F32, I32, set_strides
+from .ggml_library import F32, I32, HostFn, set_data, set_strides
 
 
 class Dense(NamedTuple):
@@ -227,138 +227,126 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
     return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *_addresses(caches, pos))
 
 
-class _Segment(NamedTuple):
-    """One graph of a paged step: layers first..stop-1; `last` the MoE layer whose router ends it (None: the graph
-    through the head); `after` the MoE layer after `last` (None: none), whose experts a guess is made for. The
-    buffers it hands the next graph are its own, reused from token to token."""
+class _Holds:
+    """The host's part of a paged step graph: a node at each MoE layer (ggml_map_custom2 over the router's ids and
+    the guess) where ggml's first thread calls back into Python while the others wait at the barrier after it.
+    There the host holds the layer's experts in the cache (reading those missing) and writes their slots for the
+    products that follow, and lets go of the previous MoE layer's experts, whose products are done by then (every
+    node of this layer comes after them). Made once per graph; hold and release are set per call."""
 
-    first: int
-    stop: int
-    last: int | None
-    after: int | None
-    work: int  # weight bytes it reads
-    carried: torch.Tensor | None  # [2, D]: the hidden state after `last`'s attention, and its experts' input
-    picked: torch.Tensor | None  # [K]: the weights of `last`'s experts
-    slots: ctypes.Array | None  # [K] int32: where the host put `last`'s experts
-    ahead: ctypes.Array | None  # `after`'s router's order of its experts, the guess in front
+    def __init__(self):
+        self.fn = HostFn(self._node)  # kept alive as long as the graph that calls it
+        self.ids: dict[int, ctypes.Array] = {}  # layer -> its router's top K (a view of the argsort's buffer)
+        self.guess: dict[int, ctypes.Array] = {}  # layer -> the next router's top K on its experts' input
+        self.slots: dict[
+            int, ctypes.Array
+        ] = {}  # layer -> where the host put its experts (the node's output)
+        self.hold = self.release = self.held = self.error = None
 
+    def node(self, base, ctx, own, layer: int, ids: int, ids_buffer: torch.Tensor, k: int,
+             guess: tuple[int, torch.Tensor, int] | None) -> int:  # fmt: skip
+        """The host node of `layer`: its router's ids (int32 [K, 1], whose values are ids_buffer's first K) ->
+        the slots [K, 1]. guess: (the argsort node, its buffer, the next layer's K) or None."""
+        address = lambda t, n: (ctypes.c_int32 * n).from_address(t.data_ptr())  # noqa: E731
+        self.ids[layer] = address(ids_buffer, k)
+        after = ids
+        if guess is not None:
+            after, buffer, k_next = guess
+            self.guess[layer] = address(buffer, k_next)
+        slots = base.ggml_map_custom2(ctx, ids, after, self.fn, 1, layer)
+        buffer = torch.zeros(k, dtype=torch.int32)  # slot 0 until the host writes: a valid index
+        own.scratch.append(buffer)
+        set_data(slots, buffer.data_ptr())
+        self.slots[layer] = address(buffer, k)
+        return slots
 
-_spans: dict[int, list[_Segment]] = {}  # by Step serial: its paged step's graphs
+    def _node(self, dst, a, b, ith, nth, layer) -> None:
+        if ith or self.error is not None:
+            return
+        layer = layer or 0  # a null userdata is layer 0
+        try:
+            if self.held is not None:
+                self.release(*self.held)
+                self.held = None
+            ids = list(self.ids[layer])
+            guess = self.guess.get(layer)
+            self.slots[layer][:] = self.hold(layer, ids, None if guess is None else list(guess))
+            self.held = (layer, ids)
+        except BaseException as e:  # raised once the graph returns (its result is dropped)
+            self.error = e
 
-
-def _segments(weights: Step, d: int) -> list[_Segment]:
-    """The graphs of a paged step, made once a Step."""
-    spans = _spans.get(weights.serial)
-    if spans is None:
-        layers, spans, first = weights.layers, [], 0
-        routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
-        for last, after in itertools.pairwise([*routers, None, None]):
-            stop = len(layers) if last is None else last + 1
-            work = sum(_work(lay) for lay in layers[first:stop])
-            if last is None:
-                spans.append(
-                    _Segment(first, stop, None, None, work + weights.head.blocks.numel(), *[None] * 4)
-                )
-                break
-            k = layers[last].ffn.top_k
-            ahead = None if after is None else (ctypes.c_int32 * layers[after].ffn.router.shape[0])()
-            spans.append(_Segment(first, stop, last, after, work, torch.empty(2, d), torch.empty(k),
-                                  (ctypes.c_int32 * k)(), ahead))  # fmt: skip
-            first = stop
-        if len(_spans) > 8:  # Steps are made once a model (or experts object): a few at most
-            _spans.clear()
-        _spans[weights.serial] = spans
-    return spans
+    def end(self) -> None:
+        """After the graph: the last MoE layer's experts let go; an error of a host node raised."""
+        held, error, release = self.held, self.error, self.release
+        self.hold = self.release = self.held = self.error = None
+        if held is not None:
+            release(*held)
+        if error is not None:
+            raise error
 
 
 def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                       pos: int, hold, release, guesses: bool = False) -> torch.Tensor:  # fmt: skip
-    """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache): one
-    graph from each router to the next, and between two graphs the host turns the router's ids into slots.
+    """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache), still
+    one graph a token: at each router a host node (_Holds) turns the router's ids into slots.
 
     hold(i, ids, guess) -> the slots of layer i's experts `ids` (a list) once they are in the bank; release(i, ids)
-    after the graph that computed them. guesses: each graph also applies the next MoE layer's router to layer i's
+    once their products are done. guesses: each MoE layer's graph also applies the next MoE layer's router to its
     experts' input, and `guess` is that router's top K (what paging/prefetch.py guesses, made here without a call
-    of its own); else None. The graphs' nodes are decode_step's on the same operands (a slot's rows are its
+    of its own); else None. The other nodes are decode_step's on the same operands (a slot's rows are its
     expert's), so the logits are decode_step's bit for bit."""
     layers, norm, head = weights.layers, weights.norm, weights.head
     x = activations(x)
     d = x.shape[1]
     n_kv = _check_caches(caches, pos)
-    positions, mask, addresses = (
-        torch.tensor([pos], dtype=torch.int32),
-        causal_mask(1, n_kv, pos),
-        _addresses(caches, pos),
-    )
-    strides = _strides(caches)
-    held = None  # the segment before: its MoE layer's experts, held in their slots, open the next graph
-    for seg, span in enumerate(_segments(weights, d)):
-        first, stop, last, after = span[:4]
-        opened = held[0].last if held is not None else None
-        guessed = after if guesses else None
+    routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
+    ahead = dict(itertools.pairwise(routers)) if guesses else {}
+    made = []
 
-        def build(base, ctx, span=range(first, stop), opened=opened, last=last, guessed=guessed):
-            own = Owner()
-            at, m = base.ggml_new_tensor_1d(ctx, I32, 1), base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
-            if opened is None:
-                h = base.ggml_new_tensor_2d(ctx, F32, d, 1)
-                inputs = [at, m, h]
-            else:  # the experts of the router that ended the last graph, in the slots the host chose
-                ffn = layers[opened].ffn
-                hidden, normed = (base.ggml_new_tensor_2d(ctx, F32, d, 1) for _ in range(2))
-                # normed again as [D, 1, 1], patched to the same place: a view of normed would keep no patch
-                normed3 = base.ggml_new_tensor_3d(ctx, F32, d, 1, 1)
-                w = base.ggml_new_tensor_3d(ctx, F32, 1, ffn.top_k, 1)
-                slots = base.ggml_new_tensor_2d(ctx, I32, ffn.top_k, 1)
-                inputs = [at, m, hidden, normed, normed3, w, slots]
-                y = _ffn(base, ctx, own, ffn, normed, d, slots, w, normed3)
-                h = own(base.ggml_add(ctx, hidden, y), 1, d)
-            writes = []
-            for i in span:
-                lay = layers[i]
-                ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, caches[i], h, at, m, n_kv)
-                inputs += ins
-                writes += cpys
-                if i == last:  # the router's picks come out; the experts wait for their slots
-                    e, kk = lay.ffn.router.shape[0], lay.ffn.top_k
-                    picked, _, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, lay.ffn.normalize)
-                    # hidden and normed copied out, to places patched per call (on the copies: a copy is a view)
-                    outs = [base.ggml_new_tensor_2d(ctx, F32, d, 1) for _ in range(2)]
-                    copies = [base.ggml_cpy(ctx, hidden, outs[0]), base.ggml_cpy(ctx, normed, outs[1])]
-                    inputs += copies
-                    writes += copies
-                    if guessed is not None:  # the guess: the next router's experts in order of their logits
-                        router = layers[guessed].ffn.router
-                        w = weight_tensor(base, ctx, F32, router.view(torch.uint8)[None], 0)
-                        logits = own(base.ggml_mul_mat(ctx, w, normed), 1, router.shape[0])
-                        picked = (picked, base.ggml_argsort(ctx, logits, 1))
-                    return tuple(inputs), picked, [*scratch, *own.scratch], writes  # [1]: the experts' order
-                y = _ffn(base, ctx, own, lay.ffn, normed, d)  # a dense layer: routers end graphs
-                h = own(base.ggml_add(ctx, hidden, y), 1, d)
-            out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
-            return tuple(inputs), out, own.scratch, writes
+    def build(base, ctx):
+        own, host = Owner(), _Holds()
+        made.append(host)
+        a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
+        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
+        inputs, writes, h = [a, at, m], [], a
+        for i, (lay, bufs) in enumerate(zip(layers, caches)):
+            ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
+            slots = w = None
+            if isinstance(lay.ffn, Experts):
+                e, kk = lay.ffn.router.shape[0], lay.ffn.top_k
+                picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, lay.ffn.normalize)
+                own.scratch += scratch
+                w = base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1)
+                guess = None
+                if (
+                    i in ahead
+                ):  # the next router on this layer's experts' input, its experts in order of logits
+                    nxt = layers[ahead[i]].ffn
+                    router = weight_tensor(base, ctx, F32, nxt.router.view(torch.uint8)[None], 0)
+                    order = base.ggml_argsort(
+                        ctx, own(base.ggml_mul_mat(ctx, router, normed), 1, nxt.router.shape[0]), 1
+                    )
+                    buffer = torch.empty(nxt.router.shape[0], dtype=torch.int32)
+                    own.scratch.append(buffer)
+                    set_data(order, buffer.data_ptr())
+                    guess = (order, buffer, nxt.top_k)
+                slots = host.node(base, ctx, own, i, ids, scratch[1], kk, guess)
+            y = _ffn(base, ctx, own, lay.ffn, normed, d, slots, w)
+            h = own(base.ggml_add(ctx, hidden, y), 1, d)
+            inputs += ins
+            writes += cpys
+        out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
+        return tuple(inputs), out, own.scratch, writes
 
-        key = ("paged step", weights.serial, seg, n_kv, strides, guesses)
-        graph = cached_graph(key, build, span.work, 1, lambda: None, nodes=_nodes(layers[first:stop]) + 64)
-        args = [positions, mask]
-        if held is None:
-            args.append(x)
-        else:
-            before = held[0]
-            hidden = before.carried.data_ptr()
-            args += (hidden, hidden + 4 * d, hidden + 4 * d, before.picked, ctypes.addressof(before.slots))
-        args += addresses[5 * first : 5 * stop]
-        if last is None:
-            logits = graph(torch.empty(1, head.blocks.shape[0]), *args)
-        else:
-            out = span.picked if guessed is None else (span.picked, ctypes.addressof(span.ahead))
-            graph(out, *args, span.carried.data_ptr(), span.carried.data_ptr() + 4 * d)
-        if held is not None:
-            release(held[0].last, held[1])
-        if last is None:
-            return logits
-        k = len(span.slots)
-        ids = list((ctypes.c_int32 * k).from_address(graph.scratch[1].data_ptr()))
-        guess = None if guessed is None else span.ahead[: layers[guessed].ffn.top_k]
-        span.slots[:] = hold(last, ids, guess)
-        held = (span, ids)
+    key = ("paged step", weights.serial, n_kv, _strides(caches), guesses)
+    graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 4 * len(routers))
+    if made:
+        graph.host = made[0]
+    host = graph.host
+    host.hold, host.release = hold, release
+    positions = torch.tensor([pos], dtype=torch.int32)
+    mask = causal_mask(1, n_kv, pos)
+    try:
+        return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *_addresses(caches, pos))
+    finally:
+        host.end()
