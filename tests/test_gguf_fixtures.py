@@ -16,6 +16,7 @@ from quality import expert_share_error, zeroed_experts
 from tiny_models import record_gpt_oss_projections
 
 import moepager
+from moepager.paging import paged
 
 FIXTURES = Path(__file__).parent / "fixtures" / "gguf"
 PROVENANCE = json.loads((FIXTURES / "PROVENANCE.json").read_text())
@@ -113,12 +114,13 @@ def test_file_gives_llama_cpps_logits(reference, family, kind):
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
-def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family):
+def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family, monkeypatch):
     """--memory-limit frees the token embedding's table for the expert cache: each token's row is read from the
-    file. The logits are the resident engine's bit for bit (which test_file_gives_llama_cpps_logits holds to
-    llama.cpp's), with llama.cpp's argmax, prefill and decode alike: a row read wrongly, or a neighbour's row,
-    changes them."""
+    file (here whatever a token reads: these models are tiny). The logits are the resident engine's bit for bit
+    (which test_file_gives_llama_cpps_logits holds to llama.cpp's), with llama.cpp's argmax, prefill and decode
+    alike: a row read wrongly, or a neighbour's row, changes them."""
     resident = moepager.load(gguf(family, "q8_0"))
+    monkeypatch.setattr(paged, "ROWS_FROM_FILE_TOKEN_BYTES", 0)
     limited = moepager.load(gguf(family, "q8_0"), memory_limit="1GiB", max_context=64)
     embed = limited.model.embed
     assert embed.read_rows is not None and embed.blocks.numel() == 0
@@ -133,11 +135,20 @@ def test_under_a_memory_limit_the_embedding_is_read_from_the_file(family):
     assert limited.identity() == resident.identity()  # a saved session resumes under either
 
 
-def test_an_embedding_the_output_head_shares_stays_in_memory():
+def test_the_embedding_of_a_model_whose_token_reads_little_stays_in_memory():
+    """A row read from the disk would be a noticeable part of a small model's token: under a limit its table is
+    kept, and counted in the plan."""
+    engine = moepager.load(gguf("qwen3_moe", "q8_0"), memory_limit="1GiB", max_context=64)
+    assert paged.token_bytes(engine.model, engine.source, engine.config) < paged.ROWS_FROM_FILE_TOKEN_BYTES
+    assert engine.model.embed.read_rows is None and engine.model.embed.blocks.numel() > 0
+
+
+def test_an_embedding_the_output_head_shares_stays_in_memory(monkeypatch):
     """A tied head that computes from the embedding's own bytes (not repacked) keeps them: reading the rows from
     the file would free nothing."""
     from moepager.paging.paged import embedding_from_file
 
+    monkeypatch.setattr(paged, "ROWS_FROM_FILE_TOKEN_BYTES", 0)
     engine = moepager.load(gguf("qwen3_moe", "q8_0"))
     model, own = engine.model, engine.model.lm_head.blocks
     model.lm_head.blocks = model.embed.blocks
