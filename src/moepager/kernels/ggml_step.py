@@ -6,7 +6,7 @@ Python around a layer's calls cost as much as their arithmetic (benchmarks/quant
 Each node is the one kernels/ggml_block.py, ggml_float.py and ggml.py build for a layer's own graphs, on the same
 operands, so the bits are those of the layer-by-layer path. Only for one token of one sequence with every
 expert of a layer resident in a bank where slot = expert id: the graph's own routing picks the slots. With
-experts in a cache (decode_step_paged), one graph from each router to the next, the host choosing slots between.
+experts in a cache (decode_step_paged), still one graph, a node of the host's at each router choosing slots.
 
 Letters: D hidden, H query heads, Hk key/value heads, Dh head dim, E experts, K picked, V vocabulary.
 """

@@ -60,8 +60,9 @@ class PagedExperts:
             pending = [e for e in pending if e not in held]
         return y
 
-    # what a caller that computes a layer's experts itself needs (model/ggml_decode.py: one graph from each
-    # router to the next): the bank, and one token's experts held in it for a layer step
+    # what a caller that computes a layer's experts itself needs (model/ggml_decode.py: a token's graph, whose
+    # host node at each router holds that layer's experts): the bank, and one token's experts held in it for a
+    # layer step
     def step_fits(self) -> bool:
         """Whether a graph may compute from the cache's bank: on the CPU. One token's experts always fit its free
         slots at once (no waves): pin() keeps top_k slots unpinned, and a step releases a layer before the next."""
