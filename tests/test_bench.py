@@ -188,3 +188,13 @@ def test_model_and_cli_checks(tmp_path):
     assert (opts.temperature, opts.seed, opts.tokenizer, opts.gguf) == (1.0, 0, None, None)
     with pytest.raises(MoepagerError, match="temperature"):
         BenchOptions.from_cli(build_parser().parse_args(["bench", "m.gguf", "--temperature", "-1"]))
+
+
+def test_a_resident_run_whose_weights_pass_the_cap_is_not_started():
+    """Under a cgroup cap below the model's weights every expert resident only thrashes: skipped, saying why."""
+    from moepager.bench import resident_cannot_fit
+
+    info = {"dense_bytes": 2 << 30, "expert_bytes": 15 << 30}
+    why = resident_cannot_fit(info, 8 << 30)
+    assert why.startswith("every expert resident needs 17.0 GiB of weights, more than the 8.0 GiB cap")
+    assert resident_cannot_fit(info, 18 << 30) is None and resident_cannot_fit(info, None) is None
