@@ -143,12 +143,13 @@ def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: 
     return [ka, va, *cpys], list(cpys), hidden, normed, logits
 
 
-def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int]:
-    """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1])."""
+def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int, torch.Tensor]:
+    """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1], the buffer whose first K int32
+    values are the ids)."""
     e, kk = ffn.router.shape[0], ffn.top_k
     picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize)
     own.scratch += scratch
-    return base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1), ids
+    return base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1), ids, scratch[1]
 
 
 def _ffn(base, ctx, own, ffn: Experts | Dense, normed: int, d: int, ids: int | None = None, w: int | None = None,
@@ -194,6 +195,24 @@ def _nodes(layers: list[Layer]) -> int:
     return sum(200 + 2 * (lay.ffn.top_k if isinstance(lay.ffn, Experts) else 0) for lay in layers) + 32
 
 
+def _step_nodes(base, ctx, layers: list[Layer], caches, norm: Norm, head: Matrix, d: int, n_kv: int, experts):
+    """A decode step's graph (cached_graph's build): each layer's attention over its cache, then its FFN; for a MoE
+    layer experts(i, own, logits, normed) -> (weights node, slots node) gives what its products take."""
+    own = Owner()
+    a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
+    m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
+    inputs, writes, h = [a, at, m], [], a
+    for i, (lay, bufs) in enumerate(zip(layers, caches)):
+        ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
+        w, slots = experts(i, own, logits, normed) if isinstance(lay.ffn, Experts) else (None, None)
+        y = _ffn(base, ctx, own, lay.ffn, normed, d, slots, w)
+        h = own(base.ggml_add(ctx, hidden, y), 1, d)
+        inputs += ins
+        writes += cpys
+    out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
+    return tuple(inputs), out, own.scratch, writes
+
+
 def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                 pos: int) -> torch.Tensor:  # fmt: skip
     """x float32 [1, D], the embedded token at position pos -> logits [1, V], appending each layer's key and
@@ -205,21 +224,10 @@ def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor,
     n_kv = _check_caches(caches, pos)
 
     def build(base, ctx):
-        own = Owner()
-        a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
-        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
-        inputs, writes, h = [a, at, m], [], a
-        for lay, bufs in zip(layers, caches):
-            ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
-            ids = w = None
-            if isinstance(lay.ffn, Experts):
-                w, ids = _route(base, ctx, own, lay.ffn, logits)
-            y = _ffn(base, ctx, own, lay.ffn, normed, d, ids, w)
-            h = own(base.ggml_add(ctx, hidden, y), 1, d)
-            inputs += ins
-            writes += cpys
-        out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
-        return tuple(inputs), out, own.scratch, writes
+        def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
+            return _route(base, ctx, own, layers[i].ffn, logits)[:2]
+
+        return _step_nodes(base, ctx, layers, caches, norm, head, d, n_kv, experts)
 
     key = ("step", weights.serial, n_kv, _strides(caches))
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
@@ -322,39 +330,24 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
     made = []
 
     def build(base, ctx):
-        own, host = Owner(), _Holds()
+        host = _Holds()
         made.append(host)
-        a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
-        m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
-        inputs, writes, h = [a, at, m], [], a
-        for i, (lay, bufs) in enumerate(zip(layers, caches)):
-            ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
-            slots = w = None
-            if isinstance(lay.ffn, Experts):
-                e, kk = lay.ffn.router.shape[0], lay.ffn.top_k
-                picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, lay.ffn.normalize)
-                own.scratch += scratch
-                w = base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1)
-                guess = None
-                if (
-                    i in ahead
-                ):  # the next router on this layer's experts' input, its experts in order of logits
-                    nxt = layers[ahead[i]].ffn
-                    router = weight_tensor(base, ctx, F32, nxt.router.view(torch.uint8)[None], 0)
-                    order = base.ggml_argsort(
-                        ctx, own(base.ggml_mul_mat(ctx, router, normed), 1, nxt.router.shape[0]), 1
-                    )
-                    buffer = torch.empty(nxt.router.shape[0], dtype=torch.int32)
-                    own.scratch.append(buffer)
-                    set_data(order, buffer.data_ptr())
-                    guess = (order, buffer, nxt.top_k)
-                slots = host.node(base, ctx, own, i, ids, scratch[1], kk, guess)
-            y = _ffn(base, ctx, own, lay.ffn, normed, d, slots, w)
-            h = own(base.ggml_add(ctx, hidden, y), 1, d)
-            inputs += ins
-            writes += cpys
-        out = product(base, ctx, own, head, norm_node(base, ctx, own, norm, h, (1, d)), 1, is_out=True)
-        return tuple(inputs), out, own.scratch, writes
+
+        def experts(i, own, logits, normed):
+            w, ids, ids_buffer = _route(base, ctx, own, layers[i].ffn, logits)
+            guess = None
+            if i in ahead:  # the next router on this layer's experts' input, its experts in order of logits
+                nxt = layers[ahead[i]].ffn
+                router = weight_tensor(base, ctx, F32, nxt.router.view(torch.uint8)[None], 0)
+                logits = own(base.ggml_mul_mat(ctx, router, normed), 1, nxt.router.shape[0])
+                order = base.ggml_argsort(ctx, logits, 1)
+                buffer = torch.empty(nxt.router.shape[0], dtype=torch.int32)
+                own.scratch.append(buffer)
+                set_data(order, buffer.data_ptr())
+                guess = (order, buffer, nxt.top_k)
+            return w, host.node(base, ctx, own, i, ids, ids_buffer, layers[i].ffn.top_k, guess)
+
+        return _step_nodes(base, ctx, layers, caches, norm, head, d, n_kv, experts)
 
     key = ("paged step", weights.serial, n_kv, _strides(caches), guesses)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 4 * len(routers))
