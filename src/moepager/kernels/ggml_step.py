@@ -152,16 +152,16 @@ def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int, torch.T
     return base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1), ids, scratch[1]
 
 
-def _ffn(base, ctx, own, ffn: Experts | Dense, normed: int, d: int, ids: int | None = None, w: int | None = None,
-         normed3: int | None = None):  # fmt: skip
-    """The feed-forward of normed [D, 1]: a dense SwiGLU, or the routed experts `ids` weighted by `w` (on normed
-    as [D, 1, 1]: normed3, or a view made here) plus a shared expert (MoE.combine's sum, as llama.cpp's qwen2moe
-    graph adds it) -> y [D, 1], owned."""
+def _ffn(
+    base, ctx, own, ffn: Experts | Dense, normed: int, d: int, ids: int | None = None, w: int | None = None
+):
+    """The feed-forward of normed [D, 1]: a dense SwiGLU, or the routed experts `ids` weighted by `w` plus a shared
+    expert (MoE.combine's sum, as llama.cpp's qwen2moe graph adds it) -> y [D, 1], owned."""
     if isinstance(ffn, Dense):
         y, scratch = swiglu_mlp_nodes(base, ctx, ffn.types, ffn.mats, ffn.layouts, normed, 1)
         own.scratch += scratch
         return own(y, 1, d)
-    b = normed3 if normed3 is not None else base.ggml_reshape_3d(ctx, normed, d, 1, 1)
+    b = base.ggml_reshape_3d(ctx, normed, d, 1, 1)
     y, scratch = swiglu_experts_nodes(base, ctx, ffn.types, ffn.banks, ffn.layouts, b, ids, 1, ffn.top_k, w)
     own.scratch += scratch
     y = own(y, 1, d)
@@ -261,9 +261,7 @@ class _Holds:
         self.fn = HostFn(self._node)  # kept alive as long as the graph that calls it
         self.ids: dict[int, ctypes.Array] = {}  # layer -> its router's top K (a view of the argsort's buffer)
         self.guess: dict[int, ctypes.Array] = {}  # layer -> the next router's top K on its experts' input
-        self.slots: dict[
-            int, ctypes.Array
-        ] = {}  # layer -> where the host put its experts (the node's output)
+        self.slots: dict[int, ctypes.Array] = {}  # layer -> where the host put its experts (its output)
         self.hold = self.release = self.held = self.error = None
 
     def node(self, base, ctx, own, layer: int, ids: int, ids_buffer: torch.Tensor, k: int,
@@ -272,7 +270,7 @@ class _Holds:
         the slots [K, 1]. guess: (the argsort node, its buffer, the next layer's K) or None."""
         address = lambda t, n: (ctypes.c_int32 * n).from_address(t.data_ptr())  # noqa: E731
         self.ids[layer] = address(ids_buffer, k)
-        after = ids
+        after = ids  # the node's second source: the guess where there is one, so that it is computed before
         if guess is not None:
             after, buffer, k_next = guess
             self.guess[layer] = address(buffer, k_next)

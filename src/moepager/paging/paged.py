@@ -291,17 +291,16 @@ def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> 
 
 # a row read from the disk takes 0.06-0.15 ms (O_DIRECT, measured on the small Q4_0 file: 2-5% of its ~3 ms token);
 # a model whose token reads fewer weight bytes than this keeps its table (~1% of a token at ~10 GB/s), one whose
-# token reads more (Qwen3-30B-A3B's shape: ~1.3 GB) reads its rows from the file
+# token reads more (Qwen3-30B-A3B's shape: 1.7 GiB) reads its rows from the file
 ROWS_FROM_FILE_TOKEN_BYTES = 128 * 2**20
 
 
 def token_bytes(model, source, config: ModelConfig) -> int:
     """Weight bytes a decoded token reads: the model's own weights but its embedding table, and top_k experts of
     every MoE layer."""
-    embed = model.embed.blocks if hasattr(model.embed, "blocks") else model.embed.weight
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
-    storages.pop(embed.untyped_storage().data_ptr(), None)
+    storages.pop(model.embed.blocks.untyped_storage().data_ptr(), None)
     keys = source.expert_keys()
     experts = source.expert_nbytes(*keys[0]) * config.top_k * config.num_moe_layers if keys else 0
     return sum(storages.values()) + experts
