@@ -15,6 +15,13 @@ from .layers import MLP, Attention, KVCache, MLAttention, RotaryEmbedding, atten
 from .moe import Experts, MoE
 
 
+def weight_storages(model: nn.Module) -> dict[int, int]:
+    """The memory a model's parameters and buffers hold: {storage address: bytes}, each storage once (tied
+    weights share one)."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..model.config import ModelConfig
+from ..model.decoder import weight_storages
 from ..model.moe import MoE, NotResident, grouped, switch_glu
 from ..system.process_memory import page_out_libraries, unique_bytes
 from .cache import ExpertCache
@@ -298,8 +299,7 @@ ROWS_FROM_FILE_TOKEN_BYTES = 128 * 2**20
 def token_bytes(model, source, config: ModelConfig) -> int:
     """Weight bytes a decoded token reads: the model's own weights but its embedding table, and top_k experts of
     every MoE layer."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
+    storages = weight_storages(model)
     storages.pop(model.embed.blocks.untyped_storage().data_ptr(), None)
     keys = source.expert_keys()
     experts = source.expert_nbytes(*keys[0]) * config.top_k * config.num_moe_layers if keys else 0

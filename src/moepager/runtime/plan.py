@@ -123,6 +123,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
          temperature: float = 0.0, seed: int | None = None, trace_tokens: int = 16) -> Plan:  # fmt: skip
     """prompt: token ids, or a function of the loaded engine giving them (default: DEFAULT_PROMPT)."""
     from ..generation.generate import check_sampling
+    from ..model.decoder import weight_storages
     from ..paging.fill import RoutingSample, forecast
     from ..paging.policies import make_policy
     from .engine import load
@@ -136,9 +137,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     paged, cfg = engine.experts, engine.config
     cache = paged.cache
     fp = cache.footprint
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # tied weights share one
-                for t in [*engine.model.parameters(), *engine.model.buffers()]}  # fmt: skip
-    dense = sum(storages.values())
+    dense = sum(weight_storages(engine.model).values())
     ids = prompt(engine) if callable(prompt) else list(prompt or DEFAULT_PROMPT)
     flag = prompt_flag or "--prompt-ids " + ",".join(map(str, ids))
     # what run refuses, plan refuses: the prompt and the tokens must fit the context the limit plans for

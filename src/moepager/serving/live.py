@@ -42,9 +42,9 @@ class LiveFeed:
         self._clients: set[asyncio.Queue] = set()
         self._ticker: asyncio.Task | None = None
         self.seq = 0
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # tied weights share one
-                    for t in [*engine.model.parameters(), *engine.model.buffers()]}  # fmt: skip
-        self.dense_bytes = sum(storages.values())
+        from ..model.decoder import weight_storages
+
+        self.dense_bytes = sum(weight_storages(engine.model).values())
         if self.cache is not None:
             keys = self.cache.source.expert_keys()
             self.layers = sorted({layer for layer, _ in keys})
