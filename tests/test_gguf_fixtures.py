@@ -139,7 +139,7 @@ def test_the_embedding_of_a_model_whose_token_reads_little_stays_in_memory():
     """A row read from the disk would be a noticeable part of a small model's token: under a limit its table is
     kept, and counted in the plan."""
     engine = moepager.load(gguf("qwen3_moe", "q8_0"), memory_limit="1GiB", max_context=64)
-    assert paged.token_bytes(engine.model, engine.source, engine.config) < paged.ROWS_FROM_FILE_TOKEN_BYTES
+    assert paged.token_bytes(engine.model, engine.source) < paged.ROWS_FROM_FILE_TOKEN_BYTES
     assert engine.model.embed.read_rows is None and engine.model.embed.blocks.numel() > 0
 
 

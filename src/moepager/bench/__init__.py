@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepagerError
-from ..system.sizes import parse_size
+from ..system.sizes import format_bytes, parse_size
 from . import report
 from .isolate import cgroup_unavailable_reason, drop_page_cache, run_isolated
 from .limits import disk_bandwidth, machine
@@ -335,8 +335,6 @@ def main(opts: BenchOptions) -> dict:
 def resident_cannot_fit(info: dict, cap: int | None) -> str | None:
     """Why every expert resident cannot run under the cap (its weights alone pass it), or None. Such a run
     thrashes until --timeout (a 17 GB file under 8 GiB: 5 minutes for nothing), so it is not started."""
-    from ..system.sizes import format_bytes
-
     weights = info["dense_bytes"] + info["expert_bytes"]
     if not cap or weights <= cap:
         return None

@@ -296,13 +296,14 @@ def min_expert_bytes(source, config: ModelConfig, dtype: torch.dtype | None) -> 
 ROWS_FROM_FILE_TOKEN_BYTES = 128 * 2**20
 
 
-def token_bytes(model, source, config: ModelConfig) -> int:
+def token_bytes(model, source) -> int:
     """Weight bytes a decoded token reads: the model's own weights but its embedding table, and top_k experts of
     every MoE layer."""
     storages = weight_storages(model)
     storages.pop(model.embed.blocks.untyped_storage().data_ptr(), None)
     keys = source.expert_keys()
-    experts = source.expert_nbytes(*keys[0]) * config.top_k * config.num_moe_layers if keys else 0
+    c = model.config
+    experts = source.expert_nbytes(*keys[0]) * c.top_k * c.num_moe_layers if keys else 0
     return sum(storages.values()) + experts
 
 
@@ -321,7 +322,7 @@ def embedding_from_file(model, source) -> None:
     others = (b for m in model.modules() if m is not embed for b in m.buffers(recurse=False))
     if any(b.untyped_storage().data_ptr() == table for b in others):
         return
-    if token_bytes(model, source, model.config) < ROWS_FROM_FILE_TOKEN_BYTES:
+    if token_bytes(model, source) < ROWS_FROM_FILE_TOKEN_BYTES:
         return
     embed.rows_from_file(read_rows)
     release_freed_heap()
