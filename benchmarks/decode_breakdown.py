@@ -3,9 +3,12 @@ two calls (model/fused_decode.py), the sampler, and the host time between them (
 wrappers), sampled decoding (seeded), every expert resident. Timers sit around each kernel call and the
 sampler only, so what they add is a few perf_counter calls per kernel.
 
-    python benchmarks/decode_breakdown.py MODEL [--eager] [--tokens 64] [--prompt-tokens 16] [--rounds 3]
+    python benchmarks/decode_breakdown.py MODEL [--eager] [--memory-limit 400MiB] [--tokens 64] [--prompt-tokens 16] [--rounds 3]
 
 --eager: the model's own forward (torch ops and a kernel call per product), not the compiled step.
+--memory-limit: experts paged as `moepager run --memory-limit` pages them; the step graph's host nodes (holding
+each layer's experts, reading the missing ones) get a row of their own. Every round decodes the same prompt and
+seed, so after the first (not counted) the cache holds what a round reads: the warm cost of a token.
 
 Prints a markdown table (median round): ms per token and share of the token for each part.
 """
@@ -39,7 +42,8 @@ def instrument(spent: dict) -> None:
     def timed_graph(self, out, *inputs):
         t = time.perf_counter()
         y = call(self, out, *inputs)
-        spent[f"ggml {tuple(out.shape)}"] += time.perf_counter() - t
+        shape = tuple(o.shape for o in out) if isinstance(out, tuple) else tuple(out.shape)  # several outputs
+        spent[f"ggml {shape}"] += time.perf_counter() - t
         return y
 
     ggml._Graph.__call__ = timed_graph
@@ -66,6 +70,24 @@ def instrument(spent: dict) -> None:
     generate.sample = timed_sample
 
 
+def instrument_holds(engine, spent: dict) -> None:
+    """Time the host nodes of a paged step graph (holding a layer's experts, reading those missing) apart from
+    the graph call around them: they run inside it, so the graph's row is its call less these."""
+    experts = engine.experts
+    for name in ("hold_step", "release_step"):
+        method = getattr(experts, name)
+
+        def timed(*args, method=method, **kwargs):
+            t = time.perf_counter()
+            y = method(*args, **kwargs)
+            seconds = time.perf_counter() - t
+            spent["host nodes: hold, read misses, release"] += seconds
+            spent["inside graph"] -= seconds
+            return y
+
+        setattr(experts, name, timed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model")
@@ -73,8 +95,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--eager", action="store_true", help="the model's own forward, not the compiled step")
+    p.add_argument("--memory-limit", help="what `moepager run --memory-limit` is given (the experts paged)")
     args = p.parse_args()
-    engine = moepager.load(args.model)
+    engine = moepager.load(args.model, memory_limit=args.memory_limit)
     if args.eager:
         engine.model.__class__ = Transformer
     prompt = list(range(100, 100 + args.prompt_tokens))
@@ -89,8 +112,13 @@ def main() -> None:
         return (time.perf_counter() - t) / n, {k: v / n for k, v in spent.items()}
 
     instrument(spent)
+    if hasattr(engine.experts, "hold_step"):
+        instrument_holds(engine, spent)
     decode()  # warm
     total, parts = sorted((decode() for _ in range(args.rounds)), key=lambda r: r[0])[args.rounds // 2]
+    if "inside graph" in parts:  # the host nodes' seconds, taken off the graph's row
+        graph = next(k for k in parts if k.startswith("ggml"))
+        parts[graph] += parts.pop("inside graph")
     parts["host: Python, torch ops, kernel wrappers"] = total - sum(parts.values())
     path = "eager" if type(engine.model) is Transformer else type(engine.model).__name__
     print(

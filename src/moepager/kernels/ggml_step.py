@@ -82,6 +82,14 @@ class Layer(NamedTuple):
     ffn: Experts | Dense
 
 
+class Table(NamedTuple):
+    """An embedding table whose rows the graph looks up by token id (ggml_get_rows, as llama.cpp embeds a token):
+    uint8 [V, row bytes] of a GGUF type, float32 included."""
+
+    qtype: int
+    rows: torch.Tensor
+
+
 class Step(NamedTuple):
     """A model's weights as decode_step takes them; `serial` names them (a graph binds weights when built)."""
 
@@ -90,6 +98,7 @@ class Step(NamedTuple):
     norm: Norm
     head: Matrix
     work: int  # weight bytes a step reads: what ggml's thread count is measured on
+    embed: Table | None  # None: the caller embeds the token (its rows are read from the file, say)
 
 
 _serials = itertools.count()
@@ -104,18 +113,55 @@ def _work(lay: Layer) -> int:
     return work + sum(m.numel() for m in lay.ffn.mats)
 
 
-def step(layers: list[Layer], norm: Norm, head: Matrix) -> Step:
-    """The layers, the output norm and head as a Step of a new serial."""
-    return Step(next(_serials), layers, norm, head, head.blocks.numel() + sum(_work(lay) for lay in layers))
+def step(layers: list[Layer], norm: Norm, head: Matrix, embed: Table | None = None) -> Step:
+    """The layers, the output norm and head (and the embedding table, if the graph looks the token up) as a Step
+    of a new serial."""
+    work = head.blocks.numel() + sum(_work(lay) for lay in layers)
+    return Step(next(_serials), layers, norm, head, work, embed)
 
 
-def _check_caches(caches, pos: int) -> int:
-    n_kv = cached_positions(pos + 1)
-    for k, v, vt in caches:
-        check_cache(k, vt, n_kv)
-        if not (k.is_contiguous() and v.is_contiguous() and vt.is_contiguous()):
-            raise ValueError("a decode step writes into contiguous cache buffers [Hk, capacity, Dh] only")
-    return n_kv
+class Caches:
+    """A step's KV cache buffers, per layer: keys and values [Hk, capacity, Dh] and values by position [Hk, Dh,
+    capacity] (KVCache's), checked once. A caller that keeps this object while its buffers stay spares each token
+    the checks (after a graph call Python's working set is out of the CPU's caches, and every line costs)."""
+
+    def __init__(self, buffers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        for k, v, vt in buffers:
+            check_cache(k, vt, 0)
+            if not (k.is_contiguous() and v.is_contiguous() and vt.is_contiguous()):
+                raise ValueError("a decode step writes into contiguous cache buffers [Hk, capacity, Dh] only")
+        self.buffers = buffers
+        self.capacity = min((min(k.shape[1], vt.shape[2]) for k, _, vt in buffers), default=0)
+        self.strides = tuple((k.stride(0), v.stride(0), vt.stride(0), vt.stride(1)) for k, v, vt in buffers)
+        # per layer: keys, values by position, and the bytes from each buffer's start to position p's entry (p
+        # times this): of keys, values and values by position
+        self.bases = [(k.data_ptr(), v.data_ptr(), vt.data_ptr(), k.stride(1) * 4, v.stride(1) * 4)
+                      for k, v, vt in buffers]  # fmt: skip
+
+    def positions(self, pos: int) -> int:
+        """The cached positions a step at `pos` attends over (a multiple of KV_PAD), which the buffers hold."""
+        n_kv = cached_positions(pos + 1)
+        if n_kv > self.capacity:
+            raise ValueError(f"cache buffers of {self.capacity} positions do not hold {n_kv}")
+        return n_kv
+
+    def addresses(self, pos: int) -> list[int]:
+        """Per layer: its keys and values-by-position buffers, and the places this position's writes go."""
+        out = []
+        for k, v, vt, k_step, v_step in self.bases:
+            out += (k, vt, k + pos * k_step, v + pos * v_step, vt + pos * 4)
+        return out
+
+
+def _first(weights: Step, x: torch.Tensor) -> torch.Tensor:
+    """The graph's first input: the token id (int32 [1]) where the graph embeds it, else its row float32 [1, D]."""
+    if weights.embed is None:
+        return activations(x)
+    if x.dtype != torch.int32 or x.shape != (1,):
+        raise ValueError(
+            f"a step that embeds its token takes its id as int32 [1], not {x.dtype} {list(x.shape)}"
+        )
+    return x
 
 
 def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: int):
@@ -178,31 +224,26 @@ def _ffn(
     return y
 
 
-def _addresses(caches, pos: int) -> list[int]:
-    """Per layer: its keys and values-by-position buffers, and the places this position's writes go."""
-    out = []
-    for k, v, vt in caches:
-        kp, vp, vtp = k.data_ptr(), v.data_ptr(), vt.data_ptr()
-        out += (kp, vtp, kp + pos * k.stride(1) * 4, vp + pos * v.stride(1) * 4, vtp + pos * 4)
-    return out
-
-
-def _strides(caches) -> tuple:
-    return tuple((k.stride(0), v.stride(0), vt.stride(0), vt.stride(1)) for k, v, vt in caches)
-
-
 def _nodes(layers: list[Layer]) -> int:
     return sum(200 + 2 * (lay.ffn.top_k if isinstance(lay.ffn, Experts) else 0) for lay in layers) + 32
 
 
-def _step_nodes(base, ctx, layers: list[Layer], caches, norm: Norm, head: Matrix, d: int, n_kv: int, experts):
-    """A decode step's graph (cached_graph's build): each layer's attention over its cache, then its FFN; for a MoE
-    layer experts(i, own, logits, normed) -> (weights node, slots node) gives what its products take."""
+def _step_nodes(base, ctx, weights: Step, caches: Caches, n_kv: int, experts):
+    """A decode step's graph (cached_graph's build): the token's row (looked up by its id where the step has the
+    table), each layer's attention over its cache, then its FFN; for a MoE layer experts(i, own, logits, normed)
+    -> (weights node, slots node) gives what its products take."""
+    layers, norm, head = weights.layers, weights.norm, weights.head
+    d = norm.weight.shape[0]
     own = Owner()
-    a, at = base.ggml_new_tensor_2d(ctx, F32, d, 1), base.ggml_new_tensor_1d(ctx, I32, 1)
-    m = base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
-    inputs, writes, h = [a, at, m], [], a
-    for i, (lay, bufs) in enumerate(zip(layers, caches)):
+    at, m = base.ggml_new_tensor_1d(ctx, I32, 1), base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
+    if weights.embed is None:
+        a = h = base.ggml_new_tensor_2d(ctx, F32, d, 1)
+    else:
+        a = base.ggml_new_tensor_1d(ctx, I32, 1)
+        table = weight_tensor(base, ctx, weights.embed.qtype, weights.embed.rows[None])
+        h = own(base.ggml_get_rows(ctx, table, a), 1, d)
+    inputs, writes = [a, at, m], []
+    for i, (lay, bufs) in enumerate(zip(layers, caches.buffers)):
         ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
         w, slots = experts(i, own, logits, normed) if isinstance(lay.ffn, Experts) else (None, None)
         y = _ffn(base, ctx, own, lay.ffn, normed, d, slots, w)
@@ -213,27 +254,31 @@ def _step_nodes(base, ctx, layers: list[Layer], caches, norm: Norm, head: Matrix
     return tuple(inputs), out, own.scratch, writes
 
 
-def decode_step(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                pos: int) -> torch.Tensor:  # fmt: skip
-    """x float32 [1, D], the embedded token at position pos -> logits [1, V], appending each layer's key and
-    value at pos to its cache buffers: keys and values [Hk, capacity, Dh] and values by position [Hk, Dh,
-    capacity] (KVCache's, holding at least cached_positions(pos + 1) positions)."""
-    layers, norm, head = weights.layers, weights.norm, weights.head
-    x = activations(x)
-    d = x.shape[1]
-    n_kv = _check_caches(caches, pos)
+def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int) -> torch.Tensor:
+    """x, the token at position pos: its id int32 [1] where weights.embed is given, else its row float32 [1, D]
+    -> logits [1, V], appending each layer's key and value at pos to its cache buffers (a Caches, or its list of
+    buffers), which hold at least cached_positions(pos + 1) positions."""
+    layers = weights.layers
+    x = _first(weights, x)
+    caches = caches if isinstance(caches, Caches) else Caches(caches)
+    n_kv = caches.positions(pos)
 
     def build(base, ctx):
         def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
             return _route(base, ctx, own, layers[i].ffn, logits)[:2]
 
-        return _step_nodes(base, ctx, layers, caches, norm, head, d, n_kv, experts)
+        return _step_nodes(base, ctx, weights, caches, n_kv, experts)
 
-    key = ("step", weights.serial, n_kv, _strides(caches))
+    key = ("step", weights.serial, n_kv, caches.strides)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
+    return _call(graph, weights, x, caches, pos, n_kv)
+
+
+def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int, n_kv: int) -> torch.Tensor:
     positions = torch.tensor([pos], dtype=torch.int32)
     mask = causal_mask(1, n_kv, pos)
-    return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *_addresses(caches, pos))
+    out = torch.empty(1, weights.head.blocks.shape[0])
+    return graph(out, x, positions, mask, *caches.addresses(pos))
 
 
 _kept: set[int] = set()  # ggml's threads that keep a Python thread state
@@ -309,8 +354,8 @@ class _Holds:
             raise error
 
 
-def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                      pos: int, hold, release, guesses: bool = False) -> torch.Tensor:  # fmt: skip
+def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int, hold, release,
+                      guesses: bool = False) -> torch.Tensor:  # fmt: skip
     """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache), still
     one graph a token: at each router a host node (_Holds) turns the router's ids into slots.
 
@@ -319,10 +364,10 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
     experts' input, and `guess` is that router's top K (what paging/prefetch.py guesses, made here without a call
     of its own); else None. The other nodes are decode_step's on the same operands (a slot's rows are its
     expert's), so the logits are decode_step's bit for bit."""
-    layers, norm, head = weights.layers, weights.norm, weights.head
-    x = activations(x)
-    d = x.shape[1]
-    n_kv = _check_caches(caches, pos)
+    layers = weights.layers
+    x = _first(weights, x)
+    caches = caches if isinstance(caches, Caches) else Caches(caches)
+    n_kv = caches.positions(pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
     ahead = dict(itertools.pairwise(routers)) if guesses else {}
     made = []
@@ -345,17 +390,15 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: list[tuple[torch.T
                 guess = (order, buffer, nxt.top_k)
             return w, host.node(base, ctx, own, i, ids, ids_buffer, layers[i].ffn.top_k, guess)
 
-        return _step_nodes(base, ctx, layers, caches, norm, head, d, n_kv, experts)
+        return _step_nodes(base, ctx, weights, caches, n_kv, experts)
 
-    key = ("paged step", weights.serial, n_kv, _strides(caches), guesses)
+    key = ("paged step", weights.serial, n_kv, caches.strides, guesses)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 4 * len(routers))
     if made:
         graph.host = made[0]
     host = graph.host
     host.hold, host.release = hold, release
-    positions = torch.tensor([pos], dtype=torch.int32)
-    mask = causal_mask(1, n_kv, pos)
     try:
-        return graph(torch.empty(1, head.blocks.shape[0]), x, positions, mask, *_addresses(caches, pos))
+        return _call(graph, weights, x, caches, pos, n_kv)
     finally:
         host.end()

@@ -14,7 +14,10 @@ through it unchanged.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from ..kernels import ggml_block, ggml_float, ggml_library, ggml_routing, ggml_step
@@ -75,15 +78,14 @@ class GgmlDecodeTransformer(Transformer):
         if weights is None or ids.device.type != "cpu" or len(set(cache.length)) != 1:
             return super().forward(ids, cache, last_only)
         pos = cache.seq_len
-        x = self.embed(ids)[0]  # [1, D]
-        n_kv = ggml_float.cached_positions(pos + 1)
-        buffers = []
-        for i, lay in enumerate(weights.layers):
-            _, hk, dh = lay.heads
-            like = torch.empty(1, hk, 0, dh)
-            cache.reserve(i, n_kv, like, like)
-            vt = cache.values_by_position(i)  # brought up to date with what other paths appended
-            buffers.append((cache.k[i][0], cache.v[i][0], vt[0]))
+        if weights.embed is None:
+            x = self.embed(ids)[0]  # [1, D]
+        else:  # the graph looks the row up; an id out of the table goes to the layers, which say so
+            token = int(ids)
+            if not 0 <= token < weights.embed.rows.shape[0]:
+                return super().forward(ids, cache, last_only)
+            x = torch.tensor([token], dtype=torch.int32)
+        buffers = self._kv_buffers(cache, weights, ggml_float.cached_positions(pos + 1))
         experts = self._step[0]
         if hasattr(experts, "hold_step"):  # an expert cache: its slots are held between the step's graphs
             logits = ggml_step.decode_step_paged(
@@ -91,24 +93,40 @@ class GgmlDecodeTransformer(Transformer):
             )
         else:
             logits = ggml_step.decode_step(weights, x, buffers, pos)
-        cache.length[:] = [pos + 1] * len(buffers)
-        cache.mirrored[:] = [pos + 1] * len(buffers)
+        cache.length[:] = [pos + 1] * len(cache.length)
+        cache.mirrored[:] = [pos + 1] * len(cache.length)
         return logits.view(1, 1, -1)
+
+    def _kv_buffers(self, cache: KVCache, weights: ggml_step.Step, n_kv: int) -> ggml_step.Caches:
+        """The cache's buffers as the step takes them, holding n_kv positions, the values by position up to date:
+        the object of the last token while the cache neither grew nor had positions appended by another path."""
+        kept = self._caches
+        if (kept is not None and kept[0]() is cache and kept[1] == cache.generation
+                and n_kv <= kept[2].capacity and cache.mirrored == cache.length):  # fmt: skip
+            return kept[2]
+        buffers = []
+        for i, lay in enumerate(weights.layers):
+            _, hk, dh = lay.heads
+            like = torch.empty(1, hk, 0, dh)
+            cache.reserve(i, n_kv, like, like)
+            vt = cache.values_by_position(i)  # brought up to date with what other paths appended
+            buffers.append((cache.k[i][0], cache.v[i][0], vt[0]))
+        caches = ggml_step.Caches(buffers)
+        self._caches = (weakref.ref(cache), cache.generation, caches)  # not kept alive by this
+        return caches
 
     def _weights(self) -> ggml_step.Step | None:
         """The step's weights when the experts are GGUF banks of one SwiGLU, every expert resident (slot = expert
         id) or an expert cache on the CPU whose slots a token's experts always fit, and nothing asks for the eager
         path (hooks, masked routers, a libggml routing in another order); else None."""
-        moes = [b.ffn for b in self.layers if type(b.ffn) is MoE]
+        moes = self._moes
         if moes:
             experts = moes[0].experts
-            if any(m.experts is not experts for m in moes):
+            if any(m.experts is not experts or m.router.absent is not None for m in moes):
                 return None
             if type(experts) is not ResidentExperts and not (
                 hasattr(experts, "hold_step") and experts.step_fits()
             ):
-                return None
-            if any(m.router.absent is not None for m in moes):
                 return None
             if ggml_library.simd_form() != ("AVX-512" if ggml_routing.avx512() else "AVX2"):
                 return None
@@ -116,11 +134,13 @@ class GgmlDecodeTransformer(Transformer):
             experts = None
         if any(self._hooks):
             return None
-        if self._step[0] is not experts:
-            self._step = (experts, self._gather(experts))
-        return self._step[1]
+        table = self.embed.read_rows is None if type(self.embed) is BlockEmbedding else True
+        if self._step[0] is not experts or self._step[1] != table:
+            self._step = (experts, table, self._gather(experts, table))
+        return self._step[2]
 
-    def _gather(self, experts) -> ggml_step.Step | None:
+    def _gather(self, experts, table: bool) -> ggml_step.Step | None:
+        """The step's weights; table: the graph looks the token's row up in the embedding table."""
         c, out = self.config, []
         for block in self.layers:
             a, ffn = block.attn, block.ffn
@@ -152,7 +172,12 @@ class GgmlDecodeTransformer(Transformer):
                 a.qk_norm, *qk, (a.h, a.hk, a.dh), (a.rope_dims, a.rope_base), a.scale, _norm(block.ffn_norm),
                 ffn_step,
             ))  # fmt: skip
-        return ggml_step.step(out, _norm(self.norm), _matrix(self.lm_head))
+        embed = None
+        if table and type(self.embed) is BlockEmbedding:
+            embed = ggml_step.Table(self.embed.qtype, self.embed.blocks)
+        elif table:  # float32 rows (_fits)
+            embed = ggml_step.Table(int(Q.F32), self.embed.weight.detach().view(torch.uint8))
+        return ggml_step.step(out, _norm(self.norm), _matrix(self.lm_head), embed)
 
 
 def swap_ggml_decode(model: Transformer) -> bool:
@@ -162,5 +187,10 @@ def swap_ggml_decode(model: Transformer) -> bool:
         return False
     model.__class__ = GgmlDecodeTransformer
     model._hooks = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
-    model._step = (object(), None)  # (the experts object the layers were gathered for, the layers)
+    model._moes = [b.ffn for b in model.layers if type(b.ffn) is MoE]
+    # (the experts object the layers were gathered for, whether the graph embeds, the step's weights)
+    model._step = (object(), None, None)
+    model._caches = (
+        None  # (the KV cache, its generation, its buffers as the step took them at the last token)
+    )
     return True
