@@ -141,6 +141,23 @@ def test_prefetch_never_evicts_its_own_layer_and_counts_hits():
     assert s["prefetch_hits"] == 1 and s["hits"] == 1 and s["prefetch_reads"] == 2
 
 
+def test_a_fill_reads_each_layer_its_share_and_its_guesses_go_first():
+    """A fill at load reads every free slot: each layer its share of its lowest-numbered experts. They count as
+    guesses (a first use is a prefetch hit), and a layer's misses take the place of its own unused ones before
+    another layer's, whatever the policy ranks."""
+    c = _cache(5, policy="lru")
+    c.pin(1, 7)
+    done = []
+    assert c.fill(done.append) == 4 and sum(done) == 4
+    assert set(c.resident()) == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 7)}
+    assert all(c.views[c.res.slot[(1, e)]]["gate"][0, 0].item() == 100 + e for e in (0, 1))
+    c.release_held(0, c.acquire(0, [0, 2]))
+    assert set(c.resident()) == {(0, 0), (0, 2), (1, 0), (1, 1), (1, 7)}  # (0, 1) went, not layer 1's
+    s = c.stats()
+    assert (s["prefetch_reads"], s["prefetch_hits"], s["evictions"], s["prefetch_wasted"]) == (4, 1, 1, 1)
+    assert c.fill() == 0  # nothing free
+
+
 def test_pins_survive_and_release_drops():
     c = _cache(4, policy="lru")
     c.pin(0, 7)

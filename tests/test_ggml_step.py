@@ -149,3 +149,14 @@ def test_a_read_that_fails_inside_the_paged_step_graph_is_raised_and_holds_nothi
         reference = KVCache(model.config.num_layers)
         model(IDS[:, :i], cache=reference)
         assert torch.equal(again, model(IDS[:, i : i + 1], cache=reference))
+
+
+def test_a_fill_at_load_changes_what_is_read_not_the_logits():
+    """Experts read into every slot at load (ExpertCache.fill): fewer misses while decoding, the same logits."""
+    runs = []
+    for fill in (False, True):
+        engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory="30%", fill=fill)
+        runs.append((decode(engine.model, 8, 20), engine.experts.stats()))
+    (cold, cold_stats), (filled, filled_stats) = runs
+    assert all(torch.equal(a, b) for a, b in zip(cold, filled))
+    assert filled_stats["prefetch_hits"] > 0 and filled_stats["misses"] < cold_stats["misses"]

@@ -125,7 +125,7 @@ def test_plan_json_gives_the_run_it_predicted(tiny, capsys):
     p = json.loads(capsys.readouterr().out)
     assert p["traced_tokens"] == 3 and p["run_tokens"] == 8 and p["temperature"] == 1.0 and p["seed"] == 2
     command = shlex.split(p["run_command"])
-    assert command[:3] == ["moepager", "run", path] and "--no-prefetch" in command
+    assert command[:3] == ["moepager", "run", path] and "--no-prefetch" in command and "--no-fill" in command
     assert main([*command[1:], "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert len(record["token_ids"]) == 8 and record["stats"]["experts"]["capacity"] == p["cache_experts"]

@@ -3,6 +3,7 @@ of time, the models found here."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import MoepagerError
@@ -52,6 +53,8 @@ def add_serve(sub) -> None:
     s.add_argument(
         "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
     )
+    s.add_argument("--fill", action=argparse.BooleanOptionalAction, help="read experts into the whole expert "
+                   "cache at load, in large reads, as llama.cpp reads its mapped file (default: under --memory-limit)")  # fmt: skip
     s.add_argument(
         "--kv-memory",
         help="RAM for each sequence's KV cache (e.g. 64MiB); older blocks spill to disk (default: all in RAM)",

@@ -16,6 +16,7 @@ from ..model.config import ModelConfig
 from ..model.decoder import weight_storages
 from ..model.moe import MoE, NotResident, grouped, switch_glu
 from ..system.process_memory import page_out_libraries, unique_bytes
+from ..system.progress import progress_bar
 from .cache import ExpertCache
 from .hot_set import load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
@@ -329,9 +330,11 @@ def embedding_from_file(model, source) -> None:
 
 
 def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
-                policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None):  # fmt: skip
+                policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None,
+                fill: bool | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
-    dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts)."""
+    dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts). fill: read
+    experts into the cache's free slots now (ExpertCache.fill; None: when a memory_limit is given)."""
     import warnings
 
     from ..model.moe import MoE
@@ -365,9 +368,22 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
         experts.pin(layer, e)
     if hot_set is not None:
         experts.load_hot_set(hot_set)
+    if fill or (fill is None and memory_limit is not None):
+        fill_cache(cache)
     if memory_limit is not None and device.type == "cpu":
         page_out_libraries()  # what building the cache faulted in (the run maps back what it runs: LIBRARY_PAGES)
     return experts
+
+
+def fill_cache(cache: ExpertCache) -> None:
+    """ExpertCache.fill with a progress bar where it reads more than FILL_BAR_BYTES."""
+    room = len(cache.res.free)
+    with progress_bar(total=room, unit="expert", desc="filling the expert cache",
+                      enabled=room * cache.slot_bytes >= FILL_BAR_BYTES) as bar:  # fmt: skip
+        cache.fill(bar.update)
+
+
+FILL_BAR_BYTES = 1 << 30
 
 
 def render_stats(stats: dict) -> str:

@@ -4,8 +4,6 @@ cache and the offline replay of traces."""
 
 from __future__ import annotations
 
-import itertools
-
 from .policies import Policy, victims_by_loop
 
 Key = tuple[int, int]  # (layer, expert)
@@ -39,16 +37,24 @@ class Residency:
     def _may_evict(self, may_evict=None):
         return self.evictable if may_evict is None else (lambda k: self.evictable(k) and may_evict(k))
 
+    def _stale(self, ok, incoming: Key | None):
+        """Guesses never used, which go first (nothing says they will be), those of incoming's layer before the
+        others: a layer's misses then take the place of its own guesses, and each layer keeps its share of what a
+        fill at load read (ExpertCache.fill) until its own steps have used or replaced it."""
+        keys = [k for k in self.unranked if ok(k)]
+        if incoming is None:
+            return keys
+        return [k for k in keys if k[0] == incoming[0]] + [k for k in keys if k[0] != incoming[0]]
+
     def victim(self, may_evict=None, incoming: Key | None = None) -> Key | None:
         ok = self._may_evict(may_evict)
-        # a guess that was never used goes first: nothing says it will be
-        stale = next((k for k in self.unranked if ok(k)), None)
+        stale = next(iter(self._stale(ok, incoming)), None)
         return stale if stale is not None else self.policy.victim(ok, incoming)
 
     def victims(self, n: int, may_evict=None, incoming: Key | None = None) -> list[Key]:
         """Up to n victims chosen in one pass, as n calls of victim (each evicting its choice) would give."""
         ok = self._may_evict(may_evict)
-        stale = list(itertools.islice((k for k in self.unranked if ok(k)), n))
+        stale = self._stale(ok, incoming)[:n]
         if len(stale) == n:
             return stale
         # unranked keys are unknown to the policy (it never saw them used), so it cannot pick them again

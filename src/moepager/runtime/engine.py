@@ -287,7 +287,7 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
 
         expert_dtype = None if experts_dtype else dtype  # converted experts are kept as converted, as below
         experts = build_paged(net, ckpt, dev, expert_dtype, paging.expert_memory, paging.memory_limit, paging.policy,
-                              paging.prefetch, list(paging.pins), paging.hot_set, paging.max_context)  # fmt: skip
+                              paging.prefetch, list(paging.pins), paging.hot_set, paging.max_context, paging.fill)  # fmt: skip
     else:
         # experts_dtype, when given, is kept
         experts = resident_experts(ckpt, dev, None if experts_dtype else dtype)

@@ -20,6 +20,7 @@ class PagingOptions:
     memory_limit: int | str | None = None  # a whole-process budget; the experts get what the rest leaves
     policy: str | object | None = None  # eviction policy: lru, lfu, nextuse (the default) or an object
     prefetch: bool = True  # read the next layer's likely experts ahead
+    fill: bool | None = None  # read experts into the whole expert cache at load (None: under memory_limit)
     pins: tuple[tuple[int, int], ...] = ()  # (layer, expert) pairs never evicted
     hot_set: str | Path | None = None  # a file of (layer, expert) pairs to pin
     max_context: int | None = None  # the context memory_limit plans the KV cache for (default 4096)

@@ -1,7 +1,8 @@
 """`moepager plan`: the speed a memory budget gives, predicted from the start of the very run it describes.
 
-Owns the prediction. It loads the model exactly as `moepager run --memory-limit LIMIT --no-prefetch` will (the
-same footprint, the same expert cache, the same policy), then generates the first `trace_tokens` tokens of that
+Owns the prediction. It loads the model exactly as `moepager run --memory-limit LIMIT --no-prefetch --no-fill` will
+(the same footprint, the same expert cache, the same policy, the cache empty at the start: a fill at load is not
+modelled), then generates the first `trace_tokens` tokens of that
 run: the same prompt, temperature and seed, so the same tokens and routing (output is exact). From them:
 - time to first token: the prefill, measured as the run will pay it: its compute and its reads into the cold
   cache (the prefill is measured, not modelled: it is the run's own first step);
@@ -131,7 +132,7 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
     limit = parse_bytes(memory, what="--memory")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = load(model, device=device, dtype=dtype, memory_limit=limit, prefetch=False,
+        engine = load(model, device=device, dtype=dtype, memory_limit=limit, prefetch=False, fill=False,
                       max_context=max_context, record_trace=True)  # fmt: skip
     note = next((str(w.message) for w in caught if "leaves room for a context" in str(w.message)), None)
     paged, cfg = engine.experts, engine.config
@@ -189,7 +190,7 @@ def run_command(p: Plan) -> str:
     model = f" {p.model}" if p.model else ""
     sampling = "" if p.temperature <= 0 else f" --temperature {p.temperature:g}"
     sampling += "" if p.seed is None or p.temperature <= 0 else f" --seed {p.seed}"
-    return (f"moepager run{model} --memory-limit {p.memory} --max-context {p.context} --no-prefetch "
+    return (f"moepager run{model} --memory-limit {p.memory} --max-context {p.context} --no-prefetch --no-fill "
             f"--max-tokens {p.run_tokens}{sampling} {p.prompt_flag}")  # fmt: skip
 
 
