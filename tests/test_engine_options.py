@@ -40,12 +40,13 @@ def test_the_command_line_builds_them_in_one_place():
     assert o.kv.kv_memory == "8MiB" and o.kv.prefill_chunk == 512 and o.speculation.speculate == "self"
     serve = build_parser().parse_args(["serve", "m", "--memory-limit", "1GiB"])  # serve has fewer flags
     _, s = engine_options(serve, "m")
-    assert s.paging.memory_limit == "1GiB" and s.paging.prefetch and s.paging.pins == ()
+    assert s.paging.memory_limit == "1GiB" and s.paging.prefetch is None and s.paging.pins == ()
     assert o.paging.fill is None and s.paging.fill is None  # the default: a fill under a memory limit only
     for command in ("run", "serve"):
-        for flag, fill in (("--fill", True), ("--no-fill", False)):
+        for flag, field, value in (("--fill", "fill", True), ("--no-fill", "fill", False),
+                                   ("--prefetch", "prefetch", True), ("--no-prefetch", "prefetch", False)):  # fmt: skip
             _, f = engine_options(build_parser().parse_args([command, "m", flag]), "m")
-            assert f.paging.fill is fill
+            assert getattr(f.paging, field) is value
 
 
 def test_load_takes_the_object_or_the_flat_names_alike(tiny):

@@ -107,7 +107,7 @@ def test_a_paged_decode_step_is_its_layers_bit_for_bit(
     monkeypatch.setattr(ggml_step, "decode_step_paged", lambda *a: calls.append(1) or paged_step(*a))
     runs = []
     for in_graphs in (True, False):
-        engine = moepager.load(FIXTURES / f"{name}.gguf", expert_memory=budget)
+        engine = moepager.load(FIXTURES / f"{name}.gguf", expert_memory=budget, prefetch=True)
         if not in_graphs:
             engine.model.__class__ = Transformer
         runs.append((decode(engine.model, 8, 70, then=5), _counters(engine.experts.stats())))

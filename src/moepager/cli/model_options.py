@@ -89,7 +89,7 @@ def parse_pins(text: str | None) -> list[tuple[int, int]]:
 def paging_options(args) -> dict:
     """The engine's paging options from a command's flags (flat names: runtime/options.py)."""
     return {"expert_memory": args.expert_memory, "memory_limit": args.memory_limit, "policy": args.policy,
-            "prefetch": not args.no_prefetch, "fill": getattr(args, "fill", None), "pins": parse_pins(getattr(args, "pin", None)),
+            "prefetch": args.prefetch, "fill": getattr(args, "fill", None), "pins": parse_pins(getattr(args, "pin", None)),
             "hot_set": getattr(args, "hot_set", None), "record_trace": getattr(args, "trace", None) is not None,
             "max_context": args.max_context}  # fmt: skip
 
@@ -129,9 +129,8 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default: nextuse)"
     )
-    r.add_argument(
-        "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
-    )
+    r.add_argument("--prefetch", action=argparse.BooleanOptionalAction, help="read the next layer's likely "
+                   "experts ahead, in the background (default: where a GPU computes; on the CPU every core computes)")  # fmt: skip
     r.add_argument("--fill", action=argparse.BooleanOptionalAction, help="read experts into the whole expert "
                    "cache at load, in large reads, as llama.cpp reads its mapped file (default: under --memory-limit)")  # fmt: skip
     r.add_argument("--pin", help="experts never evicted, as LAYER:EXPERT pairs: 0:3,1:7 (default: none)")

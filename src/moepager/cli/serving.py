@@ -50,9 +50,8 @@ def add_serve(sub) -> None:
     s.add_argument(
         "--policy", choices=["lru", "lfu", "nextuse"], help="expert eviction policy (default: nextuse)"
     )
-    s.add_argument(
-        "--no-prefetch", action="store_true", help="do not read the next layer's likely experts ahead"
-    )
+    s.add_argument("--prefetch", action=argparse.BooleanOptionalAction, help="read the next layer's likely "
+                   "experts ahead, in the background (default: where a GPU computes; on the CPU every core computes)")  # fmt: skip
     s.add_argument("--fill", action=argparse.BooleanOptionalAction, help="read experts into the whole expert "
                    "cache at load, in large reads, as llama.cpp reads its mapped file (default: under --memory-limit)")  # fmt: skip
     s.add_argument(

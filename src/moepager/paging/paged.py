@@ -330,7 +330,7 @@ def embedding_from_file(model, source) -> None:
 
 
 def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
-                policy=None, prefetch: bool = True, pins=(), hot_set=None, max_context: int | None = None,
+                policy=None, prefetch: bool | None = None, pins=(), hot_set=None, max_context: int | None = None,
                 fill: bool | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts). fill: read
@@ -356,6 +356,8 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
                         device, dtype, policy, limit=limit)  # fmt: skip
     cache.footprint = footprint
     cache.memory_limit = None if memory_limit is None else total  # the whole-process limit, as given
+    if prefetch is None:  # PagingOptions.prefetch
+        prefetch = cache.device.type == "cuda"
     routers = {
         b.ffn.layer: (lambda x, r=b.ffn.router: r(x)[1]) for b in model.layers if isinstance(b.ffn, MoE)
     }

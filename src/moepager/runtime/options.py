@@ -19,7 +19,9 @@ class PagingOptions:
     expert_memory: int | str | None = None  # bytes for routed experts ("512MiB", 1234) or a share ("25%")
     memory_limit: int | str | None = None  # a whole-process budget; the experts get what the rest leaves
     policy: str | object | None = None  # eviction policy: lru, lfu, nextuse (the default) or an object
-    prefetch: bool = True  # read the next layer's likely experts ahead
+    # read the next layer's likely experts ahead (None: where a GPU computes; on the CPU the compute takes every
+    # core, and reads made ahead took more from it than they saved: benchmarks/real_scale.md, "Prefetch")
+    prefetch: bool | None = None
     fill: bool | None = None  # read experts into the whole expert cache at load (None: under memory_limit)
     pins: tuple[tuple[int, int], ...] = ()  # (layer, expert) pairs never evicted
     hot_set: str | Path | None = None  # a file of (layer, expert) pairs to pin
