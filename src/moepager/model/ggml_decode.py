@@ -14,8 +14,6 @@ through it unchanged.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
@@ -100,10 +98,9 @@ class GgmlDecodeTransformer(Transformer):
     def _kv_buffers(self, cache: KVCache, weights: ggml_step.Step, n_kv: int) -> ggml_step.Caches:
         """The cache's buffers as the step takes them, holding n_kv positions, the values by position up to date:
         the object of the last token while the cache neither grew nor had positions appended by another path."""
-        kept = self._caches
-        if (kept is not None and kept[0]() is cache and kept[1] == cache.generation
-                and n_kv <= kept[2].capacity and cache.mirrored == cache.length):  # fmt: skip
-            return kept[2]
+        kept = cache.step_view
+        if kept is not None and n_kv <= kept.capacity and cache.mirrored == cache.length:
+            return kept
         buffers = []
         for i, lay in enumerate(weights.layers):
             _, hk, dh = lay.heads
@@ -111,9 +108,8 @@ class GgmlDecodeTransformer(Transformer):
             cache.reserve(i, n_kv, like, like)
             vt = cache.values_by_position(i)  # brought up to date with what other paths appended
             buffers.append((cache.k[i][0], cache.v[i][0], vt[0]))
-        caches = ggml_step.Caches(buffers)
-        self._caches = (weakref.ref(cache), cache.generation, caches)  # not kept alive by this
-        return caches
+        cache.step_view = ggml_step.Caches(buffers)
+        return cache.step_view
 
     def _weights(self) -> ggml_step.Step | None:
         """The step's weights when the experts are GGUF banks of one SwiGLU, every expert resident (slot = expert
@@ -190,7 +186,4 @@ def swap_ggml_decode(model: Transformer) -> bool:
     model._moes = [b.ffn for b in model.layers if type(b.ffn) is MoE]
     # (the experts object the layers were gathered for, whether the graph embeds, the step's weights)
     model._step = (object(), None, None)
-    model._caches = (
-        None  # (the KV cache, its generation, its buffers as the step took them at the last token)
-    )
     return True

@@ -167,7 +167,9 @@ class KVCache:
         # positions of them are up to date
         self.vt: list[torch.Tensor | None] = [None] * num_layers  # [B, Hk, Dv, capacity]
         self.mirrored = [0] * num_layers
-        self.generation = 0  # counts new buffers: a caller keeping views of them knows when they are stale
+        # what a one-graph decode step made of these buffers (model/ggml_decode.py), dropped whenever they change:
+        # kept here, it lives and dies with them
+        self.step_view = None
 
     @property
     def seq_len(self) -> int:
@@ -198,7 +200,7 @@ class KVCache:
             new_k[:, :, :n] = buf_k[:, :, :n]
             new_v[:, :, :n] = self.v[layer][:, :, :n]
         self.k[layer], self.v[layer] = new_k, new_v
-        self.generation += 1
+        self.step_view = None
 
     def truncate(self, n: int) -> None:
         """Keep only the first n positions (a conversation reusing the prefix it shares with the cache)."""
@@ -219,7 +221,7 @@ class KVCache:
         if vt is None or vt.shape[-1] != v.shape[2]:  # the values' buffer grew
             vt = self.vt[layer] = v.new_zeros(*v.shape[:2], v.shape[3], v.shape[2])
             self.mirrored[layer] = 0
-            self.generation += 1
+            self.step_view = None
         m = self.mirrored[layer]
         if m < n:
             vt[..., m:n] = v[:, :, m:n].transpose(2, 3)
