@@ -216,6 +216,21 @@ def test_logits_are_llama_cpps_bit_for_bit(monkeypatch, tmp_path, quant):
     assert torch.equal(paged.logits([ids])[0], theirs)
 
 
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_K_M"])
+def test_a_prompt_in_waves_gives_the_resident_logits_bit_for_bit(monkeypatch, tmp_path, quant):
+    """At 30% of the experts a 24-token prompt runs each layer in waves. llama.cpp's graph adds a token's experts
+    in one order; a sum per wave added them in another, and the Q4_K_M file's logits differed in one position
+    (3.6e-7). The waves keep each (token, expert) output and add them in llama.cpp's order once all are in."""
+    monkeypatch.setitem(
+        synth_gguf.SHAPES, "two", dataclasses.replace(synth_gguf.SHAPES["qwen3-64x4"], layers=2)
+    )
+    path = synth_gguf.synth_gguf(tmp_path / "two.gguf", "two", quant, progress_bar=False)
+    resident = moepager.load(path)
+    ids = resident.tokenizer.encode(TEXT)[:24]
+    paged = moepager.load(path, expert_memory="30%", prefetch=False)
+    assert torch.equal(paged.logits([ids])[0], resident.logits([ids])[0])
+
+
 @pytest.fixture
 def gpt_oss(monkeypatch):
     """GPT-OSS-20B's layer at 2 layers and 6 experts, its window cut to 8 tokens so a short text passes it."""

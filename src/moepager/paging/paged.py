@@ -14,12 +14,23 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.decoder import weight_storages
-from ..model.moe import MoE, NotResident, grouped, switch_glu
+from ..model.moe import MoE, NotResident, grouped, sum_in_order, switch_glu
 from ..system.process_memory import page_out_libraries, unique_bytes
 from ..system.progress import progress_bar
 from .cache import ExpertCache
 from .hot_set import load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
+
+
+def _other_slots(slots: torch.Tensor, size: int) -> torch.Tensor:
+    """slots [N, K], -1 for pairs of another wave -> each -1 a slot of the bank that its token does not use: the
+    pair's output is dropped, and ggml's mul_mat_id takes an expert at most once a token (its row lists hold one
+    entry per token and expert: a slot twice in a token's row wrote past them)."""
+    rows = []
+    for row in slots.tolist():
+        free = (s for s in range(size) if s not in row)
+        rows.append([s if s >= 0 else next(free) for s in row])
+    return torch.tensor(rows, dtype=slots.dtype)
 
 
 class PagedExperts:
@@ -43,7 +54,8 @@ class PagedExperts:
             raise NotResident(f"layer {layer}: a draft needed an expert that is not resident")
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, pending)
-        y, first = None, True
+        y, pairs, first = None, None, True
+        bank = self.cache.banks[layer]
         while pending:  # one wave when the layer's experts fit; more when they do not
             guess = None
             if first and self.prefetcher is not None:
@@ -53,14 +65,20 @@ class PagedExperts:
             self._slot_of[list(held)] = torch.tensor(list(held.values()), device=self._slot_of.device)
             slots = self._slot_of[ids]  # [N, K]; -1: not in this wave
             if first and len(held) == len(pending):
-                y = switch_glu(self.cache.banks[layer], x, ids, slots, weights, self.config)
+                y = switch_glu(bank, x, ids, slots, weights, self.config)
+            elif bank.fused_swiglu(self.config):
+                # llama.cpp's graph in waves: each wave's (token, expert) outputs kept, summed in llama.cpp's order
+                # once all are in (a sum per wave adds them in another order: other bits)
+                wave = (slots >= 0)[..., None]
+                part = bank.swiglu_pairs(x, _other_slots(slots, bank.size), self.config)  # [N, K, D]
+                pairs = part if pairs is None else torch.where(wave, part, pairs)
             else:  # waves: each sums its own experts into y
-                part = grouped(self.cache.banks[layer], x, ids, slots, weights, self.config)
+                part = grouped(bank, x, ids, slots, weights, self.config)
                 y = part if y is None else y + part
             first = False
             self.cache.release_held(layer, held)
             pending = [e for e in pending if e not in held]
-        return y
+        return y if pairs is None else sum_in_order(pairs, weights)
 
     # what a caller that computes a layer's experts itself needs (model/ggml_decode.py: a token's graph, whose
     # host node at each router holds that layer's experts): the bank, and one token's experts held in it for a
