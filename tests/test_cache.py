@@ -10,6 +10,7 @@ import torch
 from moepager.errors import MoepagerError
 from moepager.model.config import ModelConfig
 from moepager.paging.cache import ExpertCache
+from moepager.paging.paged import fill_cache
 from moepager.paging.prefetch import WINDOW, RouterPrefetcher
 from moepager.system.sizes import parse_bytes
 
@@ -148,14 +149,14 @@ def test_a_fill_reads_each_layer_its_share_and_its_guesses_go_first():
     c = _cache(5, policy="lru")
     c.pin(1, 7)
     done = []
-    assert c.fill(done.append) == 4 and sum(done) == 4
+    assert fill_cache(c) is None and c.res.free == []
+    assert c.fill([(0, 5)], done.append) == 0 and done == []  # nothing free
     assert set(c.resident()) == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 7)}
     assert all(c.views[c.res.slot[(1, e)]]["gate"][0, 0].item() == 100 + e for e in (0, 1))
     c.release_held(0, c.acquire(0, [0, 2]))
     assert set(c.resident()) == {(0, 0), (0, 2), (1, 0), (1, 1), (1, 7)}  # (0, 1) went, not layer 1's
     s = c.stats()
     assert (s["prefetch_reads"], s["prefetch_hits"], s["evictions"], s["prefetch_wasted"]) == (4, 1, 1, 1)
-    assert c.fill() == 0  # nothing free
 
 
 def test_pins_survive_and_release_drops():

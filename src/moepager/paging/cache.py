@@ -367,21 +367,12 @@ class ExpertCache:
                 del self.queued[key]
         self._fill(batch, True)
 
-    def fill(self, progress=None) -> int:
-        """Read experts into every free slot now, as llama.cpp's mapped file is read whole when a model loads: each
-        MoE layer its share of the slots, its lowest-numbered experts, so that a layer's experts are read in a few
-        large reads (the file's neighbours share one) instead of one small read each as decoding misses them. They
-        come as guesses: never used yet, they are the first to go when a step needs a slot. progress(n): n more
-        experts read. Returns how many were read."""
-        by_layer: dict[int, list[Key]] = {}
-        for key in sorted(self.source.expert_keys()):
-            by_layer.setdefault(key[0], []).append(key)
+    def fill(self, keys: list[Key], progress=None) -> int:
+        """Read keys (not resident) into free slots now, FILL_BATCH at a time (neighbours in the file share reads),
+        as guesses: never used yet, they are the first to go when a step needs a slot. progress(n): n more read.
+        Returns how many were read."""
         with self.lock:
-            share, extra = divmod(len(self.res.free), max(1, len(by_layer)))
-            keys = []
-            for i, layer_keys in enumerate(by_layer.values()):
-                keys += [k for k in layer_keys if k not in self.res.slot][: share + (i < extra)]
-            claimed = self._claim(keys)
+            claimed = self._claim([k for k in keys if k not in self.res.slot][: len(self.res.free)])
             for key, _ in claimed:
                 self.res.hold(key)
                 self.res.unranked[key] = None
@@ -507,8 +498,7 @@ _DONE = _Done()
 # is what this disk needs for full speed with sub-MiB spans (1 thread of 164 KiB reads: 0.74 GB/s, 2: 1.1),
 # and with four batches half of a layer's guesses are still queued, so cancellable, while the rest read.
 PREFETCH_BATCHES = 4
-# experts per read call of a fill at load: a layer's neighbours share ~1.5 MiB reads (as fast as larger ones here,
-# ../shared/MACHINE.md), and the reading thread's staging stays at a batch's bytes, no more than a prefill step's
+# a fill's experts per read call: ~1.5 MiB reads (as fast as larger ones, MACHINE.md), staging of a prefill step's size
 FILL_BATCH = 16
 PREFETCH_THREADS = 2
 

@@ -352,7 +352,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
                 fill: bool | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts). fill: read
-    experts into the cache's free slots now (ExpertCache.fill; None: when a memory_limit is given)."""
+    experts into the cache's free slots now (fill_cache; None: when a memory_limit is given)."""
     import warnings
 
     from ..model.moe import MoE
@@ -396,11 +396,19 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
 
 
 def fill_cache(cache: ExpertCache) -> None:
-    """ExpertCache.fill with a progress bar where it reads more than FILL_BAR_BYTES."""
+    """Read experts into every free slot now, as llama.cpp's mapped file is read whole when a model loads: each MoE
+    layer its share of the slots, its lowest-numbered experts, so that a layer's experts come in a few large reads
+    instead of one small read each as decoding misses them (ExpertCache.fill). A progress bar past FILL_BAR_BYTES."""
+    by_layer: dict[int, list] = {}
+    for key in sorted(cache.source.expert_keys()):
+        if key not in cache.res.slot:
+            by_layer.setdefault(key[0], []).append(key)
     room = len(cache.res.free)
-    with progress_bar(total=room, unit="expert", desc="filling the expert cache",
+    share, extra = divmod(room, max(1, len(by_layer)))
+    keys = [k for i, layer in enumerate(by_layer.values()) for k in layer[: share + (i < extra)]]
+    with progress_bar(total=len(keys), unit="expert", desc="filling the expert cache",
                       enabled=room * cache.slot_bytes >= FILL_BAR_BYTES) as bar:  # fmt: skip
-        cache.fill(bar.update)
+        cache.fill(keys, bar.update)
 
 
 FILL_BAR_BYTES = 1 << 30

@@ -40,7 +40,7 @@ class Residency:
     def _stale(self, ok, incoming: Key | None):
         """Guesses never used, which go first (nothing says they will be), those of incoming's layer before the
         others: a layer's misses then take the place of its own guesses, and each layer keeps its share of what a
-        fill at load read (ExpertCache.fill) until its own steps have used or replaced it."""
+        fill at load read (paged.py fill_cache) until its own steps have used or replaced it."""
         keys = [k for k in self.unranked if ok(k)]
         if incoming is None:
             return keys
