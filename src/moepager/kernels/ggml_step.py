@@ -133,8 +133,8 @@ class Caches:
         self.buffers = buffers
         self.capacity = min((min(k.shape[1], vt.shape[2]) for k, _, vt in buffers), default=0)
         self.strides = tuple((k.stride(0), v.stride(0), vt.stride(0), vt.stride(1)) for k, v, vt in buffers)
-        # per layer: keys, values by position, and the bytes from each buffer's start to position p's entry (p
-        # times this): of keys, values and values by position
+        # per layer: the addresses of keys, values and values by position, and the bytes a position takes in keys
+        # and in values (in values by position, 4: positions are its rows' elements)
         self.bases = [(k.data_ptr(), v.data_ptr(), vt.data_ptr(), k.stride(1) * 4, v.stride(1) * 4)
                       for k, v, vt in buffers]  # fmt: skip
 
