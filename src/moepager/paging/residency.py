@@ -4,6 +4,8 @@ cache and the offline replay of traces."""
 
 from __future__ import annotations
 
+import itertools
+
 from .policies import Policy, victims_by_loop
 
 Key = tuple[int, int]  # (layer, expert)
@@ -40,21 +42,22 @@ class Residency:
     def _stale(self, ok, incoming: Key | None):
         """Guesses never used, which go first (nothing says they will be), those of incoming's layer before the
         others: a layer's misses then take the place of its own guesses, and each layer keeps its share of what a
-        fill at load read (paged.py fill_cache) until its own steps have used or replaced it."""
-        keys = [k for k in self.unranked if ok(k)]
-        if incoming is None:
-            return keys
-        return [k for k in keys if k[0] == incoming[0]] + [k for k in keys if k[0] != incoming[0]]
+        fill at load read (paged.py fill_cache) until its own steps have used or replaced it. Lazy: a step takes
+        the few it needs of what may be thousands after a fill."""
+        layer = None if incoming is None else incoming[0]
+        if layer is not None:
+            yield from (k for k in self.unranked if k[0] == layer and ok(k))
+        yield from (k for k in self.unranked if (layer is None or k[0] != layer) and ok(k))
 
     def victim(self, may_evict=None, incoming: Key | None = None) -> Key | None:
         ok = self._may_evict(may_evict)
-        stale = next(iter(self._stale(ok, incoming)), None)
+        stale = next(self._stale(ok, incoming), None)
         return stale if stale is not None else self.policy.victim(ok, incoming)
 
     def victims(self, n: int, may_evict=None, incoming: Key | None = None) -> list[Key]:
         """Up to n victims chosen in one pass, as n calls of victim (each evicting its choice) would give."""
         ok = self._may_evict(may_evict)
-        stale = self._stale(ok, incoming)[:n]
+        stale = list(itertools.islice(self._stale(ok, incoming), n))
         if len(stale) == n:
             return stale
         # unranked keys are unknown to the policy (it never saw them used), so it cannot pick them again
