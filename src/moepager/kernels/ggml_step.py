@@ -153,15 +153,19 @@ class Caches:
         return out
 
 
-def _first(weights: Step, x: torch.Tensor) -> torch.Tensor:
-    """The graph's first input: the token id (int32 [1]) where the graph embeds it, else its row float32 [1, D]."""
+def _inputs(
+    weights: Step, x: torch.Tensor, caches: Caches | list, pos: int
+) -> tuple[torch.Tensor, Caches, int]:
+    """What both steps take -> (the graph's first input: the token id, int32 [1], where the graph embeds it, else
+    its row, float32 [1, D]; the cache buffers as Caches; the cached positions the step attends over)."""
+    caches = caches if isinstance(caches, Caches) else Caches(caches)
     if weights.embed is None:
-        return activations(x)
+        return activations(x), caches, caches.positions(pos)
     if x.dtype != torch.int32 or x.shape != (1,):
         raise ValueError(
             f"a step that embeds its token takes its id as int32 [1], not {x.dtype} {list(x.shape)}"
         )
-    return x
+    return x, caches, caches.positions(pos)
 
 
 def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: int):
@@ -259,9 +263,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
     -> logits [1, V], appending each layer's key and value at pos to its cache buffers (a Caches, or its list of
     buffers), which hold at least cached_positions(pos + 1) positions."""
     layers = weights.layers
-    x = _first(weights, x)
-    caches = caches if isinstance(caches, Caches) else Caches(caches)
-    n_kv = caches.positions(pos)
+    x, caches, n_kv = _inputs(weights, x, caches, pos)
 
     def build(base, ctx):
         def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
@@ -365,9 +367,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
     of its own); else None. The other nodes are decode_step's on the same operands (a slot's rows are its
     expert's), so the logits are decode_step's bit for bit."""
     layers = weights.layers
-    x = _first(weights, x)
-    caches = caches if isinstance(caches, Caches) else Caches(caches)
-    n_kv = caches.positions(pos)
+    x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
     ahead = dict(itertools.pairwise(routers)) if guesses else {}
     made = []

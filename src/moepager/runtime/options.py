@@ -20,7 +20,7 @@ class PagingOptions:
     memory_limit: int | str | None = None  # a whole-process budget; the experts get what the rest leaves
     policy: str | object | None = None  # eviction policy: lru, lfu, nextuse (the default) or an object
     # read the next layer's likely experts ahead (None: where a GPU computes; on the CPU the compute takes every
-    # core, and reads made ahead took more from it than they saved: benchmarks/real_scale.md, "Prefetch")
+    # core, and reads made ahead took more from it than they saved: benchmarks/real_scale.md, "Fill at load, prefetch off on the CPU")
     prefetch: bool | None = None
     fill: bool | None = None  # read experts into the whole expert cache at load (None: under memory_limit)
     pins: tuple[tuple[int, int], ...] = ()  # (layer, expert) pairs never evicted
