@@ -159,6 +159,33 @@ def test_a_fill_reads_each_layer_its_share_and_its_guesses_go_first():
     assert (s["prefetch_reads"], s["prefetch_hits"], s["evictions"], s["prefetch_wasted"]) == (4, 1, 1, 1)
 
 
+@pytest.mark.parametrize("policy", ["lru", "nextuse"])
+def test_steps_whose_experts_are_all_here_take_the_short_path_with_the_same_outcome(policy, monkeypatch):
+    """A layer step whose experts are all resident is held and counted in one pass (_hold_resident): the same
+    slots, counters, uses and later evictions as the full pass gives, over steps that hit, miss, and use a fill's
+    guesses."""
+    import random
+
+    def run(short: bool) -> tuple:
+        if not short:
+            monkeypatch.setattr(ExpertCache, "_hold_resident", lambda self, layer, experts: None)
+        c = _cache(7, policy=policy)
+        fill_cache(c)
+        rng, slots = random.Random(0), []
+        for step in range(60):
+            layer = step % LAYERS
+            held = c.acquire(layer, sorted(rng.sample(range(4 if step % 5 else EXPERTS), K)))
+            slots.append(sorted(held.items()))
+            c.release_held(layer, held)
+        monkeypatch.undo()
+        s = {k: v for k, v in c.stats().items() if k not in ("layers", "read_s", "wait_s")}  # not timings
+        return slots, s, dict(c.uses), dict(c.res.slot), dict(c.evicted)
+
+    short, full = run(True), run(False)
+    assert short[1]["hits"] > 0 and short[1]["prefetch_hits"] > 0 and short[1]["misses"] > 0
+    assert short == full
+
+
 def test_pins_survive_and_release_drops():
     c = _cache(4, policy="lru")
     c.pin(0, 7)

@@ -28,3 +28,30 @@ class CacheStats:
         # a prefetch hit still cost a disk read (ahead of time): only true hits count toward the hit rate
         d["hit_rate"] = self.hits / used if used else 0.0
         return d
+
+
+def summary(cache) -> dict:
+    """An ExpertCache's counters summed over its layers, each layer's own (with the bytes it holds), and its
+    sizes and settings. The caller holds the cache's lock."""
+    total, per_layer = CacheStats(), {}
+    for layer in sorted(cache.layer_stats):
+        total.add(cache.layer_stats[layer])
+        per_layer[str(layer)] = cache.layer_stats[layer].as_dict()
+        per_layer[str(layer)]["resident_bytes"] = (
+            sum(k[0] == layer for k in cache.res.slot) * cache.slot_bytes
+        )
+    out = total.as_dict()
+    out.update(
+        resident_bytes=len(cache.res.slot) * cache.slot_bytes,
+        peak_resident_bytes=cache.peak_resident_bytes,
+        allocated_bytes=cache.capacity * cache.slot_bytes,
+        budget_bytes=cache.budget_bytes,
+        total_expert_bytes=cache.total_bytes,
+        slot_bytes=cache.slot_bytes,
+        capacity=cache.capacity,
+        pinned=len(cache.res.pinned),
+        policy=getattr(cache.policy, "name", type(cache.policy).__name__),
+        device=str(cache.device),
+        layers=per_layer,
+    )
+    return out
