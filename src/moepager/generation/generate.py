@@ -69,7 +69,11 @@ class Timings:
 def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """logits [B, V] -> the distribution `sample` draws from [B, V] (float32): temperature, then top-k, then
     top-p. Speculative sampling compares the target's and the draft's through this same function."""
-    logits = logits.float() / p.temperature  # [B, V], a copy of its own: the filters below write into it
+    logits = logits.float()  # [B, V]
+    if p.temperature != 1.0:
+        logits = logits / p.temperature  # a copy of its own: the filters below write into it
+    elif p.top_k > 0 or p.top_p < 1.0:
+        logits = logits.clone()  # else only read: at temperature 1 a plain draw copies nothing
     if p.top_k > 0:
         kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits.masked_fill_(logits < kth, float("-inf"))
@@ -94,7 +98,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     torch.multinomial spent ~1 ms on a 49152-token vocabulary (a tenth of a decoded token of a small model),
     this ~0.05 ms. A weight of 0 is never drawn: its running sum equals the one before it, and the draw stays
     strictly below the total."""
-    cdf = probs.double().cumsum(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     total = cdf[..., -1:]
     u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=probs.device)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
