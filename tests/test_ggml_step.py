@@ -2,13 +2,15 @@
 layers computed one by one (GgmlBlock, three graphs a layer), bit for bit, and the eager path wherever the
 step graph does not apply."""
 
+import platform
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import moepager
-from moepager.kernels import ggml_library, ggml_routing, ggml_step
+from moepager.kernels import ggml, ggml_library, ggml_routing, ggml_step
 from moepager.model.decoder import Transformer
 from moepager.model.ggml_decode import GgmlDecodeTransformer
 from moepager.model.layers import KVCache
@@ -160,3 +162,26 @@ def test_a_fill_at_load_changes_what_is_read_not_the_logits():
     (cold, cold_stats), (filled, filled_stats) = runs
     assert all(torch.equal(a, b) for a, b in zip(cold, filled))
     assert filled_stats["prefetch_hits"] > 0 and filled_stats["misses"] < cold_stats["misses"]
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="the native entry is x86-64 Linux code"
+)
+def test_only_ggml_s_first_thread_enters_a_host_node(routing_in_the_librarys_order, monkeypatch):
+    """A host node's native entry (kernels/host_entry.py) returns on ggml's other threads before Python: the
+    node's Python function sees the first thread only, where without the entry it sees every thread, and the
+    logits are the same bits."""
+    monkeypatch.setattr(ggml, "SMALL_WORK", 0)  # the tiny model's graphs on two threads, not the caller's one
+    monkeypatch.setattr(ggml, "_threads", lambda: 2)
+    node = ggml_step._Holds._node
+    runs = []
+    for entry in (True, False):
+        if not entry:
+            monkeypatch.setattr(ggml_step, "first_thread_only", lambda fn: fn)
+        seen = set()
+        monkeypatch.setattr(ggml_step._Holds, "_node", lambda self, *a: seen.add(a[3:5]) or node(self, *a))
+        engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory="30%")
+        runs.append((decode(engine.model, 8, 12), seen))
+    (logits, seen), (plain_logits, plain_seen) = runs
+    assert seen == {(0, 2)} and plain_seen == {(0, 2), (1, 2)}
+    assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))

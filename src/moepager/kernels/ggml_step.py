@@ -40,6 +40,7 @@ from .ggml_float import (
     softmax_topk_nodes,
 )
 from .ggml_library import F32, I32, HostFn, set_data, set_strides
+from .host_entry import first_thread_only
 
 
 class Dense(NamedTuple):
@@ -287,8 +288,8 @@ _kept: set[int] = set()  # ggml's threads that keep a Python thread state
 
 
 def _keep_thread_state() -> None:
-    """Keep this thread's Python thread state from one host node to the next. ggml's other threads come back into
-    Python at every host node, only to return; a thread Python did not start gets a new thread state for each
+    """Keep this thread's Python thread state from one host node to the next. Where a host node has no native
+    entry (kernels/host_entry.py), ggml's other threads come back into Python at every host node, only to return; a thread Python did not start gets a new thread state for each
     such call and loses it after, which cost 18-42 us a node on 2 threads (1.6 us kept): ~0.3 ms of a 3 ms token
     on the small Q4_0 file. One more PyGILState_Ensure that is never released keeps it."""
     thread = threading.get_ident()
@@ -305,7 +306,8 @@ class _Holds:
     node of this layer comes after them). Made once per graph; hold and release are set per call."""
 
     def __init__(self):
-        self.fn = HostFn(self._node)  # kept alive as long as the graph that calls it
+        # kept alive as long as the graph that calls it; only ggml's first thread enters Python where it can
+        self.fn = first_thread_only(HostFn(self._node))
         self.ids: dict[int, ctypes.Array] = {}  # layer -> its router's top K (a view of the argsort's buffer)
         self.guess: dict[int, ctypes.Array] = {}  # layer -> the next router's top K on its experts' input
         self.slots: dict[int, ctypes.Array] = {}  # layer -> where the host put its experts (its output)
