@@ -338,12 +338,10 @@ class _Holds:
             return
         layer = layer or 0  # a null userdata is layer 0
         try:
-            if self.held is not None:
-                self.release(*self.held)
-                self.held = None
+            done, self.held = self.held, None  # the previous layer's, let go of by hold first
             ids = list(self.ids[layer])
             guess = self.guess.get(layer)
-            self.slots[layer][:] = self.hold(layer, ids, None if guess is None else list(guess))
+            self.slots[layer][:] = self.hold(layer, ids, None if guess is None else list(guess), done)
             self.held = (layer, ids)
         except BaseException as e:  # raised once the graph returns (its result is dropped)
             self.error = e
@@ -363,8 +361,9 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
     """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache), still
     one graph a token: at each router a host node (_Holds) turns the router's ids into slots.
 
-    hold(i, ids, guess) -> the slots of layer i's experts `ids` (a list) once they are in the bank; release(i, ids)
-    once their products are done. guesses: each MoE layer's graph also applies the next MoE layer's router to its
+    hold(i, ids, guess, done) -> the slots of layer i's experts `ids` (a list) once they are in the bank, after
+    letting go of done, the previous MoE layer's (i, ids), whose products are done (None at the first);
+    release(i, ids) lets go of the last one's after the graph. guesses: each MoE layer's graph also applies the next MoE layer's router to its
     experts' input, and `guess` is that router's top K (what paging/prefetch.py guesses, made here without a call
     of its own); else None. The other nodes are decode_step's on the same operands (a slot's rows are its
     expert's), so the logits are decode_step's bit for bit."""

@@ -31,7 +31,7 @@ from ..model.config import ModelConfig
 from ..model.moe import ExpertBank, ExpertWeights, bank_spec
 from ..sources.contract import expert_formats
 from ..system.sizes import format_bytes, parse_bytes
-from .cache_stats import CacheStats, summary
+from .cache_stats import CacheStats, activity, summary
 from .policies import Policy, make_policy
 from .residency import Residency
 
@@ -193,9 +193,6 @@ class ExpertCache:
             if key in self.res.slot:
                 self.res.release(key)
 
-    def _track_peak(self) -> None:
-        self.peak_resident_bytes = max(self.peak_resident_bytes, len(self.res.slot) * self.slot_bytes)
-
     def _claim(self, keys: list[Key], may_evict=None) -> list[tuple[Key, int]]:
         """Slots for as many of keys (none resident) as can be had, in order. Holds the lock."""
         got = self.res.claim_many(keys, may_evict)
@@ -206,28 +203,32 @@ class ExpertCache:
                 if evicted in self.prefetched:
                     self.prefetched.discard(evicted)
                     self._stats(evicted[0]).prefetch_wasted += 1
-        self._track_peak()
+        self.peak_resident_bytes = max(self.peak_resident_bytes, len(self.res.slot) * self.slot_bytes)
         return [(key, slot) for key, slot, _ in got]
 
     # -------------------------------------------------------------------------------- layer steps
 
-    def acquire(self, layer: int, experts: Iterable[int], before_wait=None) -> dict[int, int]:
+    def acquire(self, layer: int, experts: Iterable[int], before_wait=None, done=None) -> dict[int, int]:
         """Make experts of `layer` resident and hold them until `release_held`. Returns {expert: slot} of
         as many as fit (every requested expert that is resident, then misses in order while a slot can be
         had): call again with the rest after releasing, so a layer whose experts exceed the budget runs in
         waves.
         `before_wait` runs once this step's slots are claimed and its reads started, if they all fit (prefetch
-        goes there: it overlaps this step's reads and compute, never takes their slots).
+        goes there: it overlaps this step's reads and compute, never takes their slots). `done`: (layer,
+        experts) to release_held first, in the same pass (a decoded token's previous layer).
 
         The misses go to the source in at most io_threads batches of neighbouring keys, one per reading thread
         (the first in this thread), so a step costs a few large reads, not one small read and handoff per
         expert."""
         experts = list(experts)
-        if before_wait is None:
-            with self.lock:
-                held = self._hold_resident(layer, experts)
-            if held is not None:
-                return held
+        if done is not None and self.device.type == "cuda":  # its slots' events: release_held's
+            done = self.release_held(*done)
+        with self.lock:
+            if done is not None:
+                self._let_go(*done)
+            held = self._hold_resident(layer, experts) if before_wait is None else None
+        if held is not None:
+            return held
         while True:
             held, reads, waits = self._reserve(layer, experts)
             if held:
@@ -356,10 +357,13 @@ class ExpertCache:
             event = torch.cuda.Event()
             event.record()
         with self.lock:
-            for e in experts:
-                self.res.drop((layer, e))
-                if event is not None:
-                    self._slot_events[self.res.slot[(layer, e)]] = event
+            self._let_go(layer, experts, event)
+
+    def _let_go(self, layer: int, experts: Iterable[int], event=None) -> None:
+        for e in experts:
+            self.res.drop((layer, e))
+            if event is not None:
+                self._slot_events[self.res.slot[(layer, e)]] = event
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Start background reads of guessed experts. A guess takes a free slot, a stale guess's slot, or the
@@ -472,13 +476,8 @@ class ExpertCache:
             return summary(self)
 
     def activity(self) -> dict:
-        """Per expert, as copies taken under the lock: the cumulative counters (uses, demand_reads,
-        prefetch_reads, evicted: {key: n}) and the sets now (resident, pinned, prefetched and not used yet)."""
         with self.lock:
-            return {"uses": dict(self.uses), "demand_reads": dict(self.demand_reads),
-                    "prefetch_reads": dict(self.prefetch_reads), "evicted": dict(self.evicted),
-                    "resident": set(self.res.slot), "pinned": set(self.res.pinned),
-                    "prefetched": self.prefetched | set(self.queued)}  # fmt: skip
+            return activity(self)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -55,3 +55,12 @@ def summary(cache) -> dict:
         layers=per_layer,
     )
     return out
+
+
+def activity(cache) -> dict:
+    """Per expert, as copies (the caller holds the cache's lock): the cumulative counters (uses, demand_reads,
+    prefetch_reads, evicted: {key: n}) and the sets now (resident, pinned, prefetched and not used yet)."""
+    return {"uses": dict(cache.uses), "demand_reads": dict(cache.demand_reads),
+            "prefetch_reads": dict(cache.prefetch_reads), "evicted": dict(cache.evicted),
+            "resident": set(cache.res.slot), "pinned": set(cache.res.pinned),
+            "prefetched": cache.prefetched | set(cache.queued)}  # fmt: skip

@@ -95,17 +95,18 @@ class PagedExperts:
         """Whether hold_step wants the caller's guess of the next MoE layer's experts (prefetch is on)."""
         return self.prefetcher is not None
 
-    def hold_step(self, layer: int, ids: list[int], guess: list[int] | None = None) -> list[int]:
+    def hold_step(self, layer: int, ids: list[int], guess: list[int] | None = None, done=None) -> list[int]:
         """The slots of one token's experts `ids` of `layer`, read in where missing and held until release_step:
         what __call__ does before it computes. guess: the next MoE layer's router's picks on this layer's
-        experts' input (prefetch.py's guess, made by the caller), read in the background."""
+        experts' input (prefetch.py's guess, made by the caller), read in the background. done: (layer, ids)
+        of the token's previous MoE layer, its products finished, let go of first (release_step's)."""
         pending = sorted(set(ids))
         start = None
         if self.prefetcher is not None:
             self.prefetcher.observe(layer, pending)
             if guess is not None:
                 start = lambda: self.prefetcher.start_guess(layer, guess)  # noqa: E731
-        held = self.cache.acquire(layer, pending, before_wait=start)
+        held = self.cache.acquire(layer, pending, before_wait=start, done=done)
         if len(held) < len(pending):
             self.cache.release_held(layer, held)
             raise RuntimeError(
