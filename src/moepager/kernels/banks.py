@@ -106,6 +106,14 @@ class GgufBank(MatrixBank):
         if self.layout:
             ggml_repack.repack(self.qtype, self.layout, self.raw[slot])
 
+    def land(self, slot: int, source: torch.Tensor) -> bool:
+        """The file's bytes of slot `slot` (uint8, e.g. a read's staging) put in this bank's layout straight from
+        there, where this bank repacks them; False where it keeps the file's rows (the caller copies them)."""
+        if not self.layout or source.numel() != self.raw[slot].numel():
+            return False
+        ggml_repack.repack(self.qtype, self.layout, self.raw[slot], source)
+        return True
+
     def apply(self, x, slot):
         ids = torch.full((x.shape[0], 1), slot, dtype=torch.int32)
         return ggml.mul_mat_id(self.qtype, self.raw, x, ids, self.layout)[:, 0].to(x.dtype)

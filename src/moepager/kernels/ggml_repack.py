@@ -95,9 +95,10 @@ def _copy(rows: torch.Tensor) -> torch.Tensor:
     return buffer[:n].view(rows.shape).copy_(rows)
 
 
-def repack(qtype: int, layout: int, rows: torch.Tensor) -> None:
+def repack(qtype: int, layout: int, rows: torch.Tensor, source: torch.Tensor | None = None) -> None:
     """rows uint8 [R, row bytes] of `qtype`, contiguous on the CPU, rearranged in place into `layout` (from a
-    copy: ggml's repack reads every block of 8 rows before it writes them)."""
+    copy: ggml's repack reads every block of 8 rows before it writes them). source: the same bytes elsewhere
+    (contiguous, e.g. a read's staging), rearranged from there into rows, whatever rows holds: no copy."""
     r, row_bytes = rows.shape
     qk, block_bytes = GGML_QUANT_SIZES[Q(qtype)]
     if rows.dtype != torch.uint8 or not rows.is_contiguous() or row_bytes % block_bytes:
@@ -108,7 +109,12 @@ def repack(qtype: int, layout: int, rows: torch.Tensor) -> None:
         raise ValueError(
             f"{Q(qtype).name} [{r}, {row_bytes} bytes] has another layout than the one asked for"
         )
-    source = _copy(rows)
+    if source is None:
+        source = _copy(rows)
+    elif source.numel() != rows.numel() or not source.is_contiguous():
+        raise ValueError(
+            f"{Q(qtype).name} rows to repack come from {source.numel()} bytes, not {rows.numel()}"
+        )
     g = library()
     ctx = g.base.ggml_init(InitParams(g.base.ggml_tensor_overhead(), None, True))
     try:

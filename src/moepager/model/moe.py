@@ -196,11 +196,19 @@ class ExpertBank:
             ]
         return self._slots
 
-    def repack_slot(self, slot: int) -> None:
-        """Slot `slot` was just filled (with an expert of this bank's layer): its blocks into llama.cpp's layout."""
-        for m in self.matrices.values():
-            if isinstance(m, GgufBank):
+    def repack_slot(self, slot: int, landed: set[str] | frozenset[str] = frozenset()) -> None:
+        """Slot `slot` was just filled (with an expert of this bank's layer): its blocks into llama.cpp's layout,
+        but for the parts `land` put there already."""
+        for part, m in self.matrices.items():
+            if isinstance(m, GgufBank) and part not in landed:
                 m.repack_slot(slot)
+
+    def land(self, slot: int, name: str, source: torch.Tensor) -> bool:
+        """Tensor `name` of slot `slot`'s expert, as the file holds it (uint8, e.g. a read's staging), put in the
+        slot in its bank's layout straight from there: True where its bank repacks blocks, else False (the
+        caller copies it: the slot then holds it as read)."""
+        m = self.matrices.get(name)
+        return isinstance(m, GgufBank) and m.land(slot, source)
 
     @property
     def nbytes(self) -> int:

@@ -156,16 +156,27 @@ class ExpertCache:
                 self.loading.pop(key, None)
 
     def _read_into_slots(self, batch: list[tuple[Key, int]]) -> None:
+        landed = [
+            set() for _ in batch
+        ]  # tensors repacked straight from the read's staging: one copy less each
+
+        def land(i: int, name: str, source: torch.Tensor) -> bool:
+            (layer, _), slot = batch[i]
+            if not self.banks[layer].land(slot, name, source):
+                return False
+            landed[i].add(name)
+            return True
+
         if self.direct and hasattr(self.source, "read_experts"):  # one call: the source merges neighbours
-            self.source.read_experts([k for k, _ in batch], [self.views[s] for _, s in batch])
+            self.source.read_experts([k for k, _ in batch], [self.views[s] for _, s in batch], land)
         else:
             for key, slot in batch:
                 if self.direct:
                     self.source.read_expert(*key, out=self.views[slot])
                 else:
                     self._read_staged(key, slot)
-        for (layer, _), slot in batch:
-            self.banks[layer].repack_slot(slot)
+        for i, ((layer, _), slot) in enumerate(batch):
+            self.banks[layer].repack_slot(slot, landed[i])
 
     def _read_staged(self, key: Key, slot: int) -> None:
         """Through this thread's staging set: another dtype in the slots, or slots on a GPU."""
@@ -484,17 +495,8 @@ class ExpertCache:
         self.prefetch_pool.shutdown(wait=True)
 
 
-class _Done:
-    """Stands in the loading table for a demand read: the reading thread itself waits on it."""
-
-    def exception(self):
-        return None
-
-    def result(self):
-        return None
-
-
-_DONE = _Done()
+_DONE = Future()  # stands in the loading table for a demand read: the reading thread itself waits on it
+_DONE.set_result(None)
 # A layer's guesses go in PREFETCH_BATCHES batches read by PREFETCH_THREADS threads: two requests in flight
 # is what this disk needs for full speed with sub-MiB spans (1 thread of 164 KiB reads: 0.74 GB/s, 2: 1.1),
 # and with four batches half of a layer's guesses are still queued, so cancellable, while the rest read.

@@ -216,18 +216,25 @@ class Checkpoint:
         raw = {p.part: _tensor(v, p.dtype, p.shape) for p, v in zip(parts, views)}
         return {name: t.clone() for name, t in decode_expert(raw).items()}
 
-    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
-        """Fill each out with its expert, reading all of them together (see ModelSource.read_experts)."""
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights], land=None) -> None:
+        """Fill each out with its expert, reading all of them together (see BatchedSource.read_experts)."""
         as_stored, decoded = [], []
-        for key, out in zip(keys, outs):
+        for j, (key, out) in enumerate(zip(keys, outs)):
             parts = self.experts[key]
             ok = all(takes_bytes(out.get(p.part), p.dtype, p.shape) for p in parts)
-            (as_stored if ok else decoded).append((parts, out))
-        if as_stored:  # canonical tensors: each lands in its destination piece by piece
-            ranges = [(p.file, p.offset, p.nbytes) for parts, _ in as_stored for p in parts]
-            dests = [flat_bytes(out[p.part]) for parts, out in as_stored for p in parts]
+            if ok:
+                as_stored.append((j, parts, out))
+            else:
+                decoded.append((parts, out))
+        if as_stored:  # canonical tensors: each lands in its destination piece by piece (or is offered whole)
+            ranges = [(p.file, p.offset, p.nbytes) for _, parts, _ in as_stored for p in parts]
+            dests = [(j, p.part, flat_bytes(out[p.part])) for j, parts, out in as_stored for p in parts]
             for i, pos, view in self.reader.read_pieces(ranges):
-                copy_piece(dests[i], pos, view)
+                j, name, dest = dests[i]
+                if land is not None and pos == 0 and len(view) == ranges[i][2]:
+                    if land(j, name, torch.frombuffer(view, dtype=torch.uint8)):
+                        continue
+                copy_piece(dest, pos, view)
         sizes = [sum(_align_up(p.nbytes, RAW_ALIGN) for p in parts) for parts, _ in decoded]
         for group in bounded_groups(decoded, sizes, self.reader.chunk_bytes):  # bounds the scratch buffer
             self._read_decoded(group)

@@ -46,9 +46,13 @@ class BatchedSource(ModelSource, Protocol):
     """Optional: a ModelSource whose experts can be fetched together (Checkpoint, StoreSource). The expert
     cache uses read_experts when a source has it and one read_expert call per expert otherwise."""
 
-    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights], land=None) -> None:
         """Fill outs[i] in place with expert keys[i], as read_expert(*keys[i], out=outs[i]) would, in as few
         large reads as the layout allows (neighbouring experts share one request, staging stays bounded).
+
+        land(i, name, view) -> bool, if given, is offered each tensor of outs[i] taken as stored that arrives
+        whole in one staging view (uint8): True means the caller has put it into outs[i] itself (an expert
+        cache repacking blocks straight from the staging, model/moe.py ExpertBank.land), so it is not copied.
 
         Destinations that are contiguous CPU tensors of the stored dtype and shape (e.g. slots of a bigger
         bank) take the stored bytes directly; others are decoded and copied. On an error (a checksum mismatch

@@ -453,19 +453,27 @@ class GgufSource:
                 out[part] = layers
         return out
 
-    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
-        """Fill each out with its expert, reading all of them together (see ModelSource.read_experts): blocks
-        land in their flat slot buffers piece by piece; experts with float parts go one by one."""
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights], land=None) -> None:
+        """Fill each out with its expert, reading all of them together (see BatchedSource.read_experts): blocks
+        land in their flat slot buffers piece by piece (or are offered to `land` whole); experts with float
+        parts go one by one."""
         whole, one_by_one = [], []
-        for key, out in zip(keys, outs):
+        for j, (key, out) in enumerate(zip(keys, outs)):
             parts = self.experts[key]
             flat = all(self._expert_blocks(p, q) and out[p].dtype == torch.uint8 and out[p].dim() == 1
                        for p, (_, _, q, _) in parts.items())  # fmt: skip
-            (whole if flat else one_by_one).append((key, out))
-        ranges = [(self.path, off, n) for key, _ in whole for off, n, _, _ in self.experts[key].values()]
-        dests = [out[p] for key, out in whole for p in self.experts[key]]
+            if flat:
+                whole.append((j, key, out))
+            else:
+                one_by_one.append((key, out))
+        ranges = [(self.path, off, n) for _, key, _ in whole for off, n, _, _ in self.experts[key].values()]
+        dests = [(j, p, out[p]) for j, key, out in whole for p in self.experts[key]]
         for i, pos, view in self.reader.read_pieces(ranges):
-            copy_piece(dests[i], pos, view)
+            j, part, dest = dests[i]
+            if land is not None and pos == 0 and len(view) == ranges[i][2]:
+                if land(j, part, torch.frombuffer(view, dtype=torch.uint8)):
+                    continue
+            copy_piece(dest, pos, view)
         for key, out in one_by_one:
             self.read_expert(*key, out=out)
 

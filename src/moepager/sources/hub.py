@@ -329,10 +329,10 @@ class RemoteSource:
         finally:
             self.mirror.release([(layer, expert)], used=True)
 
-    def read_experts(self, keys: list[Key], outs: list[ExpertWeights]) -> None:
+    def read_experts(self, keys: list[Key], outs: list[ExpertWeights], land=None) -> None:
         self._ensure(keys)
         try:
-            self.local.read_experts(keys, outs)
+            self.local.read_experts(keys, outs, land)
         finally:
             self.mirror.release(keys, used=True)
 

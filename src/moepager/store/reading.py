@@ -138,12 +138,12 @@ class StoreSource:
                   for t in layout.tensors}  # fmt: skip
         return expert_from_tensors(stored, layout.encoding)
 
-    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights]) -> None:
-        """Fill each out with its expert, reading all of them together (see ModelSource.read_experts).
+    def read_experts(self, keys: list[tuple[int, int]], outs: list[ExpertWeights], land=None) -> None:
+        """Fill each out with its expert, reading all of them together (see BatchedSource.read_experts).
         Experts lie back to back in experts.bin, so a layer's misses merge into a few large reads; each
         expert's crc32 is folded over its pieces as they pass."""
         as_stored, decoded = [], []
-        for key, out in zip(keys, outs):
+        for j, (key, out) in enumerate(zip(keys, outs)):
             if key not in self.manifest.experts:
                 raise MoepagerError(f"{self.path}: no expert {key[1]} in layer {key[0]}")
             entry = self.manifest.experts[key]
@@ -151,12 +151,14 @@ class StoreSource:
             ok = layout.encoding in AS_STORED and all(takes_bytes(out.get(t.name), t.dtype, t.shape)
                                                       for t in layout.tensors)  # fmt: skip
             if ok:
-                dests = [(t.offset, t.offset + t.nbytes, flat_bytes(out[t.name])) for t in layout.tensors]
-                as_stored.append((key, dests))
+                dests = [
+                    (t.offset, t.offset + t.nbytes, flat_bytes(out[t.name]), t.name) for t in layout.tensors
+                ]
+                as_stored.append((j, key, dests))
             else:
                 decoded.append((key, out))
         if as_stored:
-            self._read_as_stored(as_stored)
+            self._read_as_stored(as_stored, land)
         sizes = [align_up(self.manifest.experts[k].nbytes) for k, _ in decoded]
         for group in bounded_groups(decoded, sizes, self.reader.chunk_bytes):  # bounds the scratch buffer
             self._read_decoded(group)
@@ -175,14 +177,20 @@ class StoreSource:
                     raise self._mismatch(*keys[i])  # `out` holds damaged bytes: the caller must drop it
             yield i, pos, view
 
-    def _read_as_stored(self, items: list[tuple[tuple[int, int], list]]) -> None:
-        """Experts whose stored tensors are their in-memory ones: each piece lands in its destinations."""
-        for i, pos, view in self._pieces([k for k, _ in items]):
-            end = pos + len(view)
-            for a, b, dst in items[i][1]:
+    def _read_as_stored(self, items: list[tuple[int, tuple[int, int], list]], land=None) -> None:
+        """Experts whose stored tensors are their in-memory ones: each piece lands in its destinations (a tensor
+        whole in one piece is offered to `land` first)."""
+        for i, pos, view in self._pieces([k for _, k, _ in items]):
+            j, end = items[i][0], pos + len(view)
+            for a, b, dst, name in items[i][2]:
                 lo, hi = max(a, pos), min(b, end)
-                if lo < hi:
-                    copy_piece(dst, lo - a, view[lo - pos : hi - pos])
+                if lo >= hi:
+                    continue
+                piece = view[lo - pos : hi - pos]
+                if land is not None and (lo, hi) == (a, b):
+                    if land(j, name, torch.frombuffer(piece, dtype=torch.uint8)):
+                        continue
+                copy_piece(dst, lo - a, piece)
 
     def _read_decoded(self, items: list[tuple[tuple[int, int], ExpertWeights]]) -> None:
         """Experts to transform (int4 codes to this machine's layout) or asked for in another dtype or
