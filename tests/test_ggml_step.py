@@ -185,3 +185,22 @@ def test_only_ggml_s_first_thread_enters_a_host_node(routing_in_the_librarys_ord
     (logits, seen), (plain_logits, plain_seen) = runs
     assert seen == {(0, 2)} and plain_seen == {(0, 2), (1, 2)}
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
+
+
+def test_experts_read_into_the_cache_are_repacked_straight_from_the_read(monkeypatch):
+    """A miss's blocks go from the read's staging into their slot in llama.cpp's layout (ExpertBank.land): none
+    is copied into a slot as read first, and the logits are those of every expert resident."""
+    from moepager.kernels import ggml_repack
+    from moepager.sources import gguf
+
+    copied, landed, copy, land = [], [], gguf.copy_piece, ggml_repack.repack
+    monkeypatch.setattr(gguf, "copy_piece", lambda *a: copied.append(1) or copy(*a))
+    monkeypatch.setattr(ggml_repack, "repack", lambda *a: landed.append(len(a) == 4) or land(*a))
+    path = FIXTURES / "qwen3_moe.q4_0.gguf"
+    paged = moepager.load(path, expert_memory="30%")
+    if not paged.experts.cache.banks[0].down.layout:
+        pytest.skip("llama.cpp keeps this file's rows as they are on this CPU: nothing to repack")
+    landed.clear(), copied.clear()  # the dense weights read and repacked at load
+    logits = decode(paged.model, 8, 12)
+    assert paged.experts.stats()["misses"] > 0 and landed and all(landed) and not copied
+    assert all(torch.equal(a, b) for a, b in zip(logits, decode(moepager.load(path).model, 8, 12)))
