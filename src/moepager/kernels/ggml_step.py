@@ -289,9 +289,10 @@ _kept: set[int] = set()  # ggml's threads that keep a Python thread state
 
 def _keep_thread_state() -> None:
     """Keep this thread's Python thread state from one host node to the next. Where a host node has no native
-    entry (kernels/host_entry.py), ggml's other threads come back into Python at every host node, only to return; a thread Python did not start gets a new thread state for each
-    such call and loses it after, which cost 18-42 us a node on 2 threads (1.6 us kept): ~0.3 ms of a 3 ms token
-    on the small Q4_0 file. One more PyGILState_Ensure that is never released keeps it."""
+    entry (kernels/host_entry.py), ggml's other threads come back into Python at every host node, only to return;
+    a thread Python did not start gets a new thread state for each such call and loses it after, which cost 18-42
+    us a node on 2 threads (1.6 us kept): ~0.3 ms of a 3 ms token on the small Q4_0 file. One more
+    PyGILState_Ensure that is never released keeps it."""
     thread = threading.get_ident()
     if thread not in _kept:
         _kept.add(thread)
@@ -363,10 +364,10 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
 
     hold(i, ids, guess, done) -> the slots of layer i's experts `ids` (a list) once they are in the bank, after
     letting go of done, the previous MoE layer's (i, ids), whose products are done (None at the first);
-    release(i, ids) lets go of the last one's after the graph. guesses: each MoE layer's graph also applies the next MoE layer's router to its
-    experts' input, and `guess` is that router's top K (what paging/prefetch.py guesses, made here without a call
-    of its own); else None. The other nodes are decode_step's on the same operands (a slot's rows are its
-    expert's), so the logits are decode_step's bit for bit."""
+    release(i, ids) lets go of the last one's after the graph. guesses: each MoE layer's graph also applies the
+    next MoE layer's router to its experts' input, and `guess` is that router's top K (what paging/prefetch.py
+    guesses, made here without a call of its own); else None. The other nodes are decode_step's on the same
+    operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]

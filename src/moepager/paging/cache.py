@@ -156,9 +156,8 @@ class ExpertCache:
                 self.loading.pop(key, None)
 
     def _read_into_slots(self, batch: list[tuple[Key, int]]) -> None:
-        landed = [
-            set() for _ in batch
-        ]  # tensors repacked straight from the read's staging: one copy less each
+        # tensors repacked straight from the read's staging (one copy less each), per key of the batch
+        landed = [set() for _ in batch]
 
         def land(i: int, name: str, source: torch.Tensor) -> bool:
             (layer, _), slot = batch[i]
@@ -232,8 +231,9 @@ class ExpertCache:
         (the first in this thread), so a step costs a few large reads, not one small read and handoff per
         expert."""
         experts = list(experts)
-        if done is not None and self.device.type == "cuda":  # its slots' events: release_held's
-            done = self.release_held(*done)
+        if done is not None and self.device.type == "cuda":  # its slots get events: release_held's way
+            self.release_held(*done)
+            done = None
         with self.lock:
             if done is not None:
                 self._let_go(*done)
