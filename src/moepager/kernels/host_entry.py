@@ -7,9 +7,10 @@ first thread holds while it runs the node, so they sleep on it and are woken onc
 file under a 400 MiB limit (8 nodes a token, 2 threads) that cost ~0.5 ms of a 4.3-4.7 ms token
 (benchmarks/real_scale.md).
 
-The entry is 17 bytes of x86-64 code in a page of its own (written, then made read-only and executable): it
-tests `ith`, the fourth argument (ecx in the System V calling convention), returns where it is not 0, and else
-jumps to the ctypes callback, which returns to ggml itself. Elsewhere (another architecture or operating system,
+The entry is 21 bytes of x86-64 code in a page of its own (written, then made read-only and executable): it
+marks itself a branch target (endbr64, a no-op where the CPU does not track indirect branches), tests `ith`, the
+fourth argument (ecx in the System V calling convention), returns where it is not 0, and else jumps to the ctypes
+callback, which returns to ggml itself. Elsewhere (another architecture or operating system,
 or a system that refuses executable memory) the callback is used as it is: every thread enters it.
 """
 
@@ -28,6 +29,7 @@ def first_thread_only(fn):
     if sys.platform != "linux" or platform.machine() != "x86_64":
         return fn
     code = (
+        b"\xf3\x0f\x1e\xfa"  # endbr64                 a landing pad where indirect branches are tracked
         b"\x85\xc9"  # test ecx, ecx                    ith
         b"\x75\x0c"  # jne  +12 (the ret)
         b"\x48\xb8" + struct.pack("<Q", ctypes.cast(fn, ctypes.c_void_p).value)  # movabs rax, fn
