@@ -191,10 +191,10 @@ def test_experts_read_into_the_cache_are_repacked_straight_from_the_read(monkeyp
     """A miss's blocks go from the read's staging into their slot in llama.cpp's layout (ExpertBank.land): none
     is copied into a slot as read first, and the logits are those of every expert resident."""
     from moepager.kernels import ggml_repack
-    from moepager.sources import gguf
+    from moepager.system import direct_reader
 
-    copied, landed, copy, land = [], [], gguf.copy_piece, ggml_repack.repack
-    monkeypatch.setattr(gguf, "copy_piece", lambda *a: copied.append(1) or copy(*a))
+    copied, landed, copy, land = [], [], direct_reader.copy_piece, ggml_repack.repack
+    monkeypatch.setattr(direct_reader, "copy_piece", lambda *a: copied.append(1) or copy(*a))
     monkeypatch.setattr(ggml_repack, "repack", lambda *a: landed.append(len(a) == 4) or land(*a))
     path = FIXTURES / "qwen3_moe.q4_0.gguf"
     paged = moepager.load(path, expert_memory="30%")

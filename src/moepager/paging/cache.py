@@ -293,13 +293,18 @@ class ExpertCache:
             return None
         st = self._stats(layer)
         for key in keys:
-            self.res.hold(key)
-            if key in self.prefetched:
-                st.prefetch_hits += 1
-                self.prefetched.discard(key)
-            else:
-                st.hits += 1
+            self._hold_hit(key, st)
         return self._used(layer, experts)
+
+    def _hold_hit(self, key: Key, st: CacheStats) -> None:
+        """A resident (or arriving) expert held for its step and counted: a prefetch hit where a guess brought it
+        and this is its first use, else a hit. Holds the lock."""
+        self.res.hold(key)
+        if key in self.prefetched or key in self.loading:
+            st.prefetch_hits += 1
+            self.prefetched.discard(key)
+        else:
+            st.hits += 1
 
     def _used(self, layer: int, held: list[int]) -> dict[int, int]:
         """The end of a step's acquire: its experts counted as used -> {expert: slot}. Holds the lock."""
@@ -343,15 +348,10 @@ class ExpertCache:
             for e in experts:  # protect what is already here before claiming anything
                 key = (layer, e)
                 if key in self.res.slot and e not in held:
-                    self.res.hold(key)
+                    self._hold_hit(key, st)
                     held.add(e)
                     if key in self.loading:
                         waits.append(self.loading[key])
-                    if key in self.prefetched or key in self.loading:
-                        st.prefetch_hits += 1
-                        self.prefetched.discard(key)
-                    else:
-                        st.hits += 1
             misses = [(layer, e) for e in experts if (layer, e) not in self.res.slot]
             for key, slot in self._claim(misses):
                 self.res.hold(key)

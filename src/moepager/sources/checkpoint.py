@@ -25,6 +25,7 @@ from ..system.direct_reader import (
     bounded_groups,
     copy_piece,
     flat_bytes,
+    offer_or_copy,
     takes_bytes,
 )
 from ..system.safetensors import TensorInfo, read_index, read_tensor
@@ -230,11 +231,7 @@ class Checkpoint:
             ranges = [(p.file, p.offset, p.nbytes) for _, parts, _ in as_stored for p in parts]
             dests = [(j, p.part, flat_bytes(out[p.part])) for j, parts, out in as_stored for p in parts]
             for i, pos, view in self.reader.read_pieces(ranges):
-                j, name, dest = dests[i]
-                if land is not None and pos == 0 and len(view) == ranges[i][2]:
-                    if land(j, name, torch.frombuffer(view, dtype=torch.uint8)):
-                        continue
-                copy_piece(dest, pos, view)
+                offer_or_copy(land, *dests[i], pos, view, ranges[i][2])
         sizes = [sum(_align_up(p.nbytes, RAW_ALIGN) for p in parts) for parts, _ in decoded]
         for group in bounded_groups(decoded, sizes, self.reader.chunk_bytes):  # bounds the scratch buffer
             self._read_decoded(group)

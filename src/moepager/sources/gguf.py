@@ -29,7 +29,7 @@ from ..kernels.ggml import MUL_MAT_TYPES
 from ..model.compact import LATENT_PARTS
 from ..model.config import config_from_hf
 from ..model.moe import ExpertWeights
-from ..system.direct_reader import CHUNK, DirectReader, copy_piece
+from ..system.direct_reader import CHUNK, DirectReader, copy_piece, offer_or_copy
 from .gguf_file import dequantize, read_header
 
 # llama.cpp name (after "blk.N.") -> moepager name (after "layers.N."); the one table for GGUF names
@@ -469,11 +469,7 @@ class GgufSource:
         ranges = [(self.path, off, n) for _, key, _ in whole for off, n, _, _ in self.experts[key].values()]
         dests = [(j, p, out[p]) for j, key, out in whole for p in self.experts[key]]
         for i, pos, view in self.reader.read_pieces(ranges):
-            j, part, dest = dests[i]
-            if land is not None and pos == 0 and len(view) == ranges[i][2]:
-                if land(j, part, torch.frombuffer(view, dtype=torch.uint8)):
-                    continue
-            copy_piece(dest, pos, view)
+            offer_or_copy(land, *dests[i], pos, view, ranges[i][2])
         for key, out in one_by_one:
             self.read_expert(*key, out=out)
 

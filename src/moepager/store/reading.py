@@ -25,6 +25,7 @@ from ..system.direct_reader import (
     bounded_groups,
     copy_piece,
     flat_bytes,
+    offer_or_copy,
     takes_bytes,
 )
 from ..system.safetensors import read_bytes, read_header, read_tensor
@@ -184,13 +185,8 @@ class StoreSource:
             j, end = items[i][0], pos + len(view)
             for a, b, dst, name in items[i][2]:
                 lo, hi = max(a, pos), min(b, end)
-                if lo >= hi:
-                    continue
-                piece = view[lo - pos : hi - pos]
-                if land is not None and (lo, hi) == (a, b):
-                    if land(j, name, torch.frombuffer(piece, dtype=torch.uint8)):
-                        continue
-                copy_piece(dst, lo - a, piece)
+                if lo < hi:
+                    offer_or_copy(land, j, name, dst, lo - a, view[lo - pos : hi - pos], b - a)
 
     def _read_decoded(self, items: list[tuple[tuple[int, int], ExpertWeights]]) -> None:
         """Experts to transform (int4 codes to this machine's layout) or asked for in another dtype or

@@ -293,6 +293,17 @@ def copy_piece(dst: torch.Tensor, pos: int, view: memoryview) -> None:
     np.copyto(dst.numpy()[pos : pos + len(view)], np.frombuffer(view, dtype=np.uint8))
 
 
+def offer_or_copy(
+    land, i: int, name: str, dst: torch.Tensor, pos: int, view: memoryview, nbytes: int
+) -> None:
+    """A piece of expert i's tensor `name` (nbytes long) into dst from byte `pos` (copy_piece), unless the view holds
+    the whole tensor and `land` (a BatchedSource.read_experts caller's, or None) takes it from there."""
+    if land is not None and pos == 0 and len(view) == nbytes:
+        if land(i, name, torch.frombuffer(view, dtype=torch.uint8)):
+            return
+    copy_piece(dst, pos, view)
+
+
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's bytes as a flat uint8 view of the same memory."""
     return t.view(-1).view(torch.uint8)
