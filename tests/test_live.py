@@ -165,6 +165,32 @@ def test_resident_experts_have_no_heat_map(tiny):
     )
 
 
+def test_a_client_that_skips_events_still_sees_what_happened_in_them(paged_dir):
+    """A client too slow for LIVE_HZ gets the newest event, its heat map merged with the one it skipped."""
+    import asyncio
+
+    from moepager.generation.batching import Scheduler
+    from moepager.serving.live import LiveFeed
+
+    engine = moepager.load(paged_dir, expert_memory="25%")
+    feed = LiveFeed(engine, Scheduler(engine), "tiny", interval=0.05)
+
+    async def slow_client() -> tuple[dict, dict]:
+        events = feed.subscribe()
+        first = await anext(events)
+        # decoding on the loop's thread: the feed ticks only afterwards, the first tick with the misses, then
+        # ticks with none while this client does not read
+        engine.generate([1, 2, 3], max_new_tokens=16, temperature=1.0, seed=3, stop_ids=[])
+        await asyncio.sleep(0.5)
+        got = await anext(events)
+        await events.aclose()
+        return first, got
+
+    first, got = asyncio.run(slow_client())
+    assert got["seq"] >= first["seq"] + 3  # events were skipped
+    assert "m" in "".join(got["heat"]["rows"])  # the decode's misses, drawn in an event it skipped
+
+
 # ------------------------------------------------------------------------------------------------ moepager top
 
 

@@ -175,7 +175,7 @@ class LiveFeed:
     # -------------------------------------------------------------------------------- broadcast
 
     async def subscribe(self) -> AsyncIterator[dict]:
-        """Events from now on, at most LIVE_HZ a second; a slow client skips events rather than queueing them."""
+        """Events from now on, at most LIVE_HZ a second; a slow client skips events rather than queueing them, and sees their heat map in the next (merge_heat)."""
         q: asyncio.Queue = asyncio.Queue(maxsize=1)
         self._clients.add(q)
         if self._ticker is None or self._ticker.done():
@@ -190,12 +190,31 @@ class LiveFeed:
         while self._clients:
             event = self.snapshot()
             for q in list(self._clients):
-                if q.full():  # the client has not taken the last one: it gets the newest instead
-                    q.get_nowait()
-                q.put_nowait(event)
+                mine = event
+                if (
+                    q.full()
+                ):  # the client has not taken the last one: it gets the newest, with the skipped map in it
+                    mine = {**event, "heat": merge_heat(q.get_nowait()["heat"], event["heat"])}
+                q.put_nowait(mine)
             await asyncio.sleep(self.interval)
         self._window.clear()  # a later client starts a fresh window
         self._activity = None
+
+
+def merge_heat(skipped: dict | None, newer: dict | None) -> dict | None:
+    """The heat map since the event before `skipped`: what happened in either, the first listed state winning.
+
+    `r`, `p` and `.` say where an expert is now, so they come from `newer` alone; `m`, `f`, `h` and `e` say what
+    happened since the event before, so a client that never saw `skipped` still sees them."""
+    if skipped is None or newer is None:
+        return newer
+    rank = {s: i for i, s in enumerate(STATES)}
+
+    def cell(old: str, new: str) -> str:
+        return old if old in "mfhe" and rank[old] < rank[new] else new
+
+    rows = ["".join(map(cell, a, b)) for a, b in zip(skipped["rows"], newer["rows"], strict=True)]
+    return {**newer, "rows": rows}
 
 
 def _nbytes(experts) -> int:
