@@ -291,27 +291,28 @@ class ExpertCache:
         slot, loading = self.res.slot, self.loading
         if self.queued or not all(k in slot and k not in loading for k in keys):
             return None
-        st = self._stats(layer)
-        for key in keys:
-            self._hold_hit(key, st)
+        self._hold_hits(keys, self._stats(layer))
         return self._used(layer, experts)
 
-    def _hold_hit(self, key: Key, st: CacheStats) -> None:
-        """A resident (or arriving) expert held for its step and counted: a prefetch hit where a guess brought it
-        and this is its first use, else a hit. Holds the lock."""
-        self.res.hold(key)
-        if key in self.prefetched or key in self.loading:
-            st.prefetch_hits += 1
-            self.prefetched.discard(key)
-        else:
-            st.hits += 1
+    def _hold_hits(self, keys: list[Key], st: CacheStats) -> None:
+        """Resident (or arriving) experts held for their step and counted: a prefetch hit where a guess brought
+        one and this is its first use, else a hit. Holds the lock."""
+        self.res.hold_many(keys)
+        prefetched, loading = self.prefetched, self.loading
+        for key in keys:
+            if key in prefetched or key in loading:
+                st.prefetch_hits += 1
+                prefetched.discard(key)
+            else:
+                st.hits += 1
 
     def _used(self, layer: int, held: list[int]) -> dict[int, int]:
         """The end of a step's acquire: its experts counted as used -> {expert: slot}. Holds the lock."""
+        self.res.used_step(layer, held)
+        uses, slot = self.uses, self.res.slot
         for e in held:
-            self.res.used((layer, e))
-            self.uses[(layer, e)] = self.uses.get((layer, e), 0) + 1
-        return {e: self.res.slot[(layer, e)] for e in held}
+            uses[(layer, e)] = uses.get((layer, e), 0) + 1
+        return {e: slot[(layer, e)] for e in held}
 
     def _abandon(self, layer: int, held: list[int], unread: list[tuple[Key, int]], futures: list) -> None:
         """The step failed: let its other reads land, then let go of what the step still holds, so no expert
@@ -348,7 +349,7 @@ class ExpertCache:
             for e in experts:  # protect what is already here before claiming anything
                 key = (layer, e)
                 if key in self.res.slot and e not in held:
-                    self._hold_hit(key, st)
+                    self._hold_hits([key], st)
                     held.add(e)
                     if key in self.loading:
                         waits.append(self.loading[key])
@@ -371,10 +372,10 @@ class ExpertCache:
             self._let_go(layer, experts, event)
 
     def _let_go(self, layer: int, experts: Iterable[int], event=None) -> None:
-        for e in experts:
-            self.res.drop((layer, e))
-            if event is not None:
-                self._slot_events[self.res.slot[(layer, e)]] = event
+        keys = [(layer, e) for e in experts]
+        self.res.drop_many(keys)
+        for key in keys if event is not None else ():
+            self._slot_events[self.res.slot[key]] = event
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Start background reads of guessed experts. A guess takes a free slot, a stale guess's slot, or the

@@ -32,6 +32,12 @@ class Policy(Protocol):
         """key was used by the current layer step (after it was loaded, on a miss)."""
         ...
 
+    def access_step(self, layer: int, experts: list[int]) -> None:
+        """The keys (layer, e) of one layer step used, in order: `access` of each, which a policy may do at once
+        (a decoded token calls this at every MoE layer)."""
+        for e in experts:
+            self.access((layer, e))
+
     def remove(self, key: Key) -> None:
         """key left the cache."""
         ...
@@ -166,6 +172,20 @@ class NextUse(Policy):
         self.resident[key] = self.step
         self.by_layer.setdefault(key[0], {})[key] = None
         self.ranked.pop(key[0], None)
+
+    def access_step(self, layer, experts):
+        # access of each key in one pass: one layer, so one _enter, one run count and one ranking dropped
+        self._enter(layer)
+        runs, counts, resident, step = self.runs[layer], self.counts, self.resident, self.step
+        mine = self.by_layer.setdefault(layer, {})
+        for e in experts:
+            key = (layer, e)
+            long, short, at = counts.get(key, (0.0, 0.0, runs))
+            age = runs - at
+            counts[key] = (long * self.d_long**age + 1.0, short * self.d_short**age + 1.0, runs)
+            resident[key] = step
+            mine[key] = None
+        self.ranked.pop(layer, None)
 
     def remove(self, key):
         if key in self.resident:

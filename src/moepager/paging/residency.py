@@ -36,6 +36,20 @@ class Residency:
         else:
             del self.in_use[key]
 
+    def hold_many(self, keys: list[Key]) -> None:
+        in_use = self.in_use
+        for key in keys:
+            in_use[key] = in_use.get(key, 0) + 1
+
+    def drop_many(self, keys: list[Key]) -> None:
+        in_use = self.in_use
+        for key in keys:
+            n = in_use[key] - 1
+            if n:
+                in_use[key] = n
+            else:
+                del in_use[key]
+
     def _may_evict(self, may_evict=None):
         return self.evictable if may_evict is None else (lambda k: self.evictable(k) and may_evict(k))
 
@@ -104,3 +118,13 @@ class Residency:
     def used(self, key: Key) -> None:
         self.unranked.pop(key, None)
         self.policy.access(key)
+
+    def used_step(self, layer: int, experts: list[int]) -> None:
+        """used((layer, e)) for each of a layer step's experts, in order."""
+        for e in experts:
+            self.unranked.pop((layer, e), None)
+        if hasattr(self.policy, "access_step"):
+            self.policy.access_step(layer, experts)
+        else:  # a policy object that does not subclass Policy
+            for e in experts:
+                self.policy.access((layer, e))
