@@ -284,9 +284,8 @@ class ExpertCache:
 
     def _hold_resident(self, layer: int, experts: list[int]) -> dict[int, int] | None:
         """The common step, every expert here and none arriving nor any guess queued, held and counted in one
-        pass: {expert: slot}; else None, for _reserve. A decoded token takes this path at each layer, inside
-        its step graph where the other threads wait: the full pass cost ~0.6 ms a token on the small Q4_0 file
-        (benchmarks/real_scale.md). Holds the lock."""
+        pass: {expert: slot}; else None, for _reserve. A decoded token takes this path at each layer, inside its
+        step graph where the other threads wait (benchmarks/real_scale.md). Holds the lock."""
         keys = [(layer, e) for e in experts]
         slot, loading = self.res.slot, self.loading
         if self.queued or not all(k in slot and k not in loading for k in keys):
