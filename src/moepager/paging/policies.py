@@ -194,16 +194,23 @@ class NextUse(Policy):
             if cached is not None:  # the others keep their waits and order: drop the key, do not re-rank
                 self.ranked[key[0]] = (cached[0], [wk for wk in cached[1] if wk[1] != key])
 
-    def _wait(self, key, ahead: int = 0) -> float:
-        """Expected layer steps from its layer's next run to its next use (a tie: the older waits longer);
-        ahead = 1 counts a run of its layer that has started but not reached the policy yet."""
-        long, short = self._decayed(key, ahead)
+    def _waits(self, layer, keys, ahead: int = 0) -> list[float]:
+        """Expected layer steps from the next run of `layer` to each of its keys' next use (a tie: the older waits
+        longer); ahead = 1 counts a run of the layer that has started but not reached the policy yet. The layer's
+        terms once, then a few products a key: a miss ranks every resident key of each layer that ran since."""
+        runs, counts, resident = self.runs.get(layer, 0), self.counts, self.resident
         # a count decayed per step over the same decayed count of steps: a probability per step of its layer
-        seen = max(self.runs.get(key[0], 0) + ahead, 1)
-        p_long = long * (1 - self.d_long) / (1 - self.d_long ** min(seen, 100_000))
-        p = self.w * short * (1 - self.d_short) + (1 - self.w) * p_long
+        norm = 1 - self.d_long ** min(max(runs + ahead, 1), 100_000)
         n = max(len(self.pos), 1)
-        return n * (1.0 / max(min(p, 1.0), 1e-6) - 1.0) - 1e-9 * self.resident[key]
+        d_long, d_short, w = self.d_long, self.d_short, self.w
+        long_rate, short_rate, long_w = 1 - d_long, 1 - d_short, 1 - w
+        out = []
+        for key in keys:
+            long, short, at = counts.get(key, (0.0, 0.0, runs))
+            age = runs + ahead - at
+            p = w * (short * d_short**age) * short_rate + long_w * (long * d_long**age * long_rate / norm)
+            out.append(n * (1.0 / max(min(p, 1.0), 1e-6) - 1.0) - 1e-9 * resident[key])
+        return out
 
     def _dist(self, layer, here) -> int:
         """Layer steps from a step of `here` until `layer` runs again (1 for the next layer, n for `here`)."""
@@ -214,6 +221,9 @@ class NextUse(Policy):
         # a step of `here` that has not reached access() yet: its keys outside that step just missed a chance
         return int(layer == here != self.layer)
 
+    def _wait(self, key, ahead: int = 0) -> float:
+        return self._waits(key[0], [key], ahead)[0]
+
     def _expected_next_use(self, key, here) -> float:
         return self._dist(key[0], here) + self._wait(key, self._ahead(key[0], here))
 
@@ -221,7 +231,8 @@ class NextUse(Policy):
         # a layer's order only changes when it runs or one of its keys is used or leaves
         cached = self.ranked.get(layer)
         if cached is None or cached[0] != ahead:
-            waits = [(self._wait(k, ahead), k) for k in self.by_layer[layer]]
+            keys = list(self.by_layer[layer])
+            waits = zip(self._waits(layer, keys, ahead), keys)
             cached = self.ranked[layer] = (ahead, sorted(waits, key=lambda wk: -wk[0]))
         return cached[1]
 
