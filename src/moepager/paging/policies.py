@@ -159,22 +159,11 @@ class NextUse(Policy):
         self.runs[layer] = self.runs.get(layer, 0) + 1
         self.ranked.pop(layer, None)  # its keys aged
 
-    def _decayed(self, key, ahead: int = 0) -> tuple[float, float]:
-        runs = self.runs.get(key[0], 0)
-        long, short, at = self.counts.get(key, (0.0, 0.0, runs))
-        age = runs + ahead - at
-        return long * self.d_long**age, short * self.d_short**age
-
     def access(self, key):
-        self._enter(key[0])
-        long, short = self._decayed(key)
-        self.counts[key] = (long + 1.0, short + 1.0, self.runs[key[0]])
-        self.resident[key] = self.step
-        self.by_layer.setdefault(key[0], {})[key] = None
-        self.ranked.pop(key[0], None)
+        self.access_step(key[0], [key[1]])
 
     def access_step(self, layer, experts):
-        # access of each key in one pass: one layer, so one _enter, one run count and one ranking dropped
+        # one layer's keys in one pass: one _enter, one run count and one ranking dropped
         self._enter(layer)
         runs, counts, resident, step = self.runs[layer], self.counts, self.resident, self.step
         mine = self.by_layer.setdefault(layer, {})

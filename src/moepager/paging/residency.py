@@ -27,21 +27,17 @@ class Residency:
         return key not in self.in_use and key not in self.pinned
 
     def hold(self, key: Key) -> None:
-        self.in_use[key] = self.in_use.get(key, 0) + 1
+        self.hold_many((key,))
 
     def drop(self, key: Key) -> None:
-        n = self.in_use[key] - 1
-        if n:
-            self.in_use[key] = n
-        else:
-            del self.in_use[key]
+        self.drop_many((key,))
 
-    def hold_many(self, keys: list[Key]) -> None:
+    def hold_many(self, keys) -> None:
         in_use = self.in_use
         for key in keys:
             in_use[key] = in_use.get(key, 0) + 1
 
-    def drop_many(self, keys: list[Key]) -> None:
+    def drop_many(self, keys) -> None:
         in_use = self.in_use
         for key in keys:
             n = in_use[key] - 1

@@ -175,7 +175,8 @@ class LiveFeed:
     # -------------------------------------------------------------------------------- broadcast
 
     async def subscribe(self) -> AsyncIterator[dict]:
-        """Events from now on, at most LIVE_HZ a second; a slow client skips events rather than queueing them, and sees their heat map in the next (merge_heat)."""
+        """Events from now on, at most LIVE_HZ a second; a slow client skips events rather than queueing them,
+        and sees their heat map in the next (merge_heat)."""
         q: asyncio.Queue = asyncio.Queue(maxsize=1)
         self._clients.add(q)
         if self._ticker is None or self._ticker.done():
@@ -191,9 +192,7 @@ class LiveFeed:
             event = self.snapshot()
             for q in list(self._clients):
                 mine = event
-                if (
-                    q.full()
-                ):  # the client has not taken the last one: it gets the newest, with the skipped map in it
+                if q.full():  # the client has not taken the last one: the newest replaces it, keeping its map
                     mine = {**event, "heat": merge_heat(q.get_nowait()["heat"], event["heat"])}
                 q.put_nowait(mine)
             await asyncio.sleep(self.interval)
