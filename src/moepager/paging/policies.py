@@ -3,12 +3,14 @@
 A policy only ranks keys. The cache (residency.py, Residency) owns what is resident, what is in use and what is
 pinned, and asks the policy for victims among the keys it may evict. A new policy is one class with
 `access`, `remove` and `victim`; register it in POLICIES to make it reachable by name. Subclassing Policy adds
-`victims` (several at once) as a loop over `victim`; a policy that can rank in one pass overrides it.
+`victims` (several at once) as a loop over `victim`, and `access_step` (a step's uses at once) as a loop over
+`access`; a policy that can do either in one pass overrides it.
 
-Keys are (layer, expert). The cache calls `access` once per layer step for every expert that step uses
-(hit or miss), `remove` when a key leaves the cache, and `victims(n, evictable, incoming)` (or `victim`) when
-it needs slots for a layer step's misses (`incoming` is one of them), before that step's `access` calls.
-`victims(n, ...)` must equal n calls of `victim`, each followed by `remove` of the key it chose.
+Keys are (layer, expert). The cache calls `access_step(layer, experts)` once per layer step with every expert that
+step uses (hit or miss), in order: `access` of each; `remove` when a key leaves the cache; and
+`victims(n, evictable, incoming)` (or `victim`) when it needs slots for a layer step's misses (`incoming` is one of
+them), before that step's accesses. `victims(n, ...)` must equal n calls of `victim`, each followed by `remove` of
+the key it chose.
 """
 
 from __future__ import annotations
