@@ -10,8 +10,8 @@ file under a 400 MiB limit (8 nodes a token, 2 threads) that cost ~0.5 ms of a 4
 The entry is 21 bytes of x86-64 code in a page of its own (written, then made read-only and executable): it
 marks itself a branch target (endbr64, a no-op where the CPU does not track indirect branches), tests `ith`, the
 fourth argument (ecx in the System V calling convention), returns where it is not 0, and else jumps to the ctypes
-callback, which returns to ggml itself. Elsewhere (another architecture or operating system,
-or a system that refuses executable memory) the callback is used as it is: every thread enters it.
+callback, which returns to ggml itself. Elsewhere (another architecture or operating system, or a system that
+refuses executable memory) the callback is used as it is: every thread enters it.
 """
 
 from __future__ import annotations

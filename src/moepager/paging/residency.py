@@ -112,8 +112,7 @@ class Residency:
         self.free.append(self.evict(key))
 
     def used(self, key: Key) -> None:
-        self.unranked.pop(key, None)
-        self.policy.access(key)
+        self.used_step(key[0], [key[1]])
 
     def used_step(self, layer: int, experts: list[int]) -> None:
         """used((layer, e)) for each of a layer step's experts, in order."""
