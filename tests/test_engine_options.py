@@ -37,7 +37,7 @@ def test_the_command_line_builds_them_in_one_place():
     source, o = engine_options(args, "m")
     assert source == "m" and o.dtype == "float32"
     assert o.paging.expert_memory == "25%" and o.paging.pins == ((0, 1), (2, 3)) and not o.paging.prefetch
-    assert o.kv.kv_memory == "8MiB" and o.kv.prefill_chunk == 512 and o.speculation.speculate == "self"
+    assert o.kv.kv_memory == "8MiB" and o.kv.prefill_chunk is None and o.speculation.speculate == "self"
     serve = build_parser().parse_args(["serve", "m", "--memory-limit", "1GiB"])  # serve has fewer flags
     _, s = engine_options(serve, "m")
     assert s.paging.memory_limit == "1GiB" and s.paging.prefetch is None and s.paging.pins == ()

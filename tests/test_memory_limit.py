@@ -38,6 +38,42 @@ def test_peak_stays_within_what_the_limit_planned(tiny):
     assert r["peak"] <= r["planned"] + r["experts"], r
 
 
+# a prompt that fills the planned context, prefilled under the limit: its chunks' activations and ggml's graphs
+# for them are what the limit's buffers hold
+LONG_PROMPT = """
+import json, sys
+import psutil
+import moepager
+from moepager.system.process_memory import unique_bytes
+e = moepager.load(sys.argv[1], memory_limit=sys.argv[2], max_context=512, prefetch=False)
+open("/proc/self/clear_refs", "w").write("5")
+for _ in e.stream(list(range(100, 590)), 8, temperature=1.0, seed=0, stop_ids=[]):
+    pass
+c = e.experts.cache
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+shared = psutil.Process().memory_info().rss - unique_bytes()
+print(json.dumps({"planned": c.footprint["total"], "experts": c.stats()["allocated_bytes"], "peak": hwm - shared,
+                  "chunk": e.kv.prefill_chunk}))
+"""
+
+
+def test_a_prompt_as_long_as_the_planned_context_stays_within_the_limit(tmp_path, monkeypatch):
+    """The small Q4_0 file's shape (16 heads, a 490-token prompt at 512 positions of context), two layers: unbounded,
+    its prefill chunk's attention graph alone held ~40 MiB, and ggml kept each chunk's graphs."""
+    import dataclasses
+
+    from moepager.synth import gguf as synth_gguf
+
+    shape = dataclasses.replace(synth_gguf.SHAPES["qwen3-64x4"], layers=2)
+    monkeypatch.setitem(synth_gguf.SHAPES, "two-layer", shape)
+    path = synth_gguf.synth_gguf(tmp_path / "m.gguf", "two-layer", "Q4_0", progress_bar=False)
+    out = subprocess.run([sys.executable, "-c", LONG_PROMPT, str(path), "1GiB"], capture_output=True, text=True,
+                         timeout=300, check=True)  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["chunk"] < 490, r  # the limit chose the chunk
+    assert r["peak"] <= r["planned"] + r["experts"], r
+
+
 # a library and a weights file of the same bytes, each mapped read-only and read through by the child alone (the
 # parent, pytest, maps torch's libraries too: pages two processes map are never dropped)
 LIBRARIES = """

@@ -145,7 +145,12 @@ def add_model_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--kv-memory", help="RAM for the KV cache (e.g. 64MiB); older blocks spill to disk beyond it "
                    "(default: all in RAM)")  # fmt: skip
     r.add_argument("--kv-spill-dir", help="folder for the KV spill file (default: the system temp folder)")
-    r.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per forward pass")
+    r.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prompt tokens per forward pass (default: 512, or under "
+        "--memory-limit the chunk its buffers hold)",
+    )
     add_speculation(r)
     add_ray(r)
     add_remote_options(r)

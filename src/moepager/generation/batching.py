@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..model.layers import KVCache
-from .generate import SamplingParams, sample
+from .generate import SamplingParams, prefill, sample
 from .sampling import LogitsProcessor, prompt_logprobs
 
 if TYPE_CHECKING:  # a type only: generation sits below the engine that builds it
@@ -159,7 +159,14 @@ class Scheduler:
         t0 = time.perf_counter()
         prompt = torch.tensor(seq.prompt, dtype=torch.long, device=device)
         whole = seq.prompt_logprobs is not None  # every position's logits, not only the last
-        logits = model(prompt[None], seq.cache, last_only=not whole)[0]  # [T or 1, V]
+        # in the engine's chunks, as a stream prefills: a memory limit plans the activations of one
+        chunk = self.engine.kv.prefill_chunk if hasattr(self.engine, "kv") else len(seq.prompt)
+        if whole:
+            parts = [model(prompt[None, i : i + chunk], seq.cache, last_only=False)[0]
+                     for i in range(0, len(seq.prompt), chunk)]  # fmt: skip
+            logits = torch.cat(parts)  # [T, V]
+        else:
+            logits = prefill(model, prompt, seq.cache, chunk)  # [1, V]
         if whole:
             seq.on_event(
                 ("prompt_logprobs", prompt_logprobs(logits[:-1], seq.prompt[1:], seq.prompt_logprobs))

@@ -182,6 +182,15 @@ def clear_graphs() -> None:
     _graph_bytes = 0
 
 
+def limit_cached_graph_bytes(n: int) -> None:
+    """Keep the cached graphs' buffers to n bytes from now on (the bound only goes down; the newest graph is
+    kept whatever its size): a process under a memory limit planned them as a prefill chunk's activations."""
+    global _CACHED_GRAPH_BYTES, _graph_bytes
+    _CACHED_GRAPH_BYTES = min(_CACHED_GRAPH_BYTES, n)
+    while len(_graphs) > 1 and _graph_bytes > _CACHED_GRAPH_BYTES:
+        _graph_bytes -= _graphs.popitem(last=False)[1].nbytes
+
+
 def sleep_between_calls() -> None:
     """Let ggml's threads sleep between products from now on (a process that reads experts from disk)."""
     global _poll

@@ -14,6 +14,7 @@ import torch
 
 from ..model.config import ModelConfig
 from ..model.decoder import weight_storages
+from ..model.kvcache import KVOptions
 from ..model.moe import MoE, NotResident, grouped, sum_in_order, switch_glu
 from ..system.process_memory import page_out_libraries, unique_bytes
 from ..system.progress import progress_bar
@@ -204,6 +205,8 @@ FIRST_FORWARD_PER_LAYER = 4 * 2**20
 LIBRARY_PAGES = 24 * 2**20
 MIN_FITTED_CONTEXT = 256  # below this a fitted context is no use: the limit is refused instead
 DEFAULT_CONTEXT = 4096
+DEFAULT_PREFILL_CHUNK = KVOptions.prefill_chunk  # prompt tokens per forward where no memory limit bounds them
+MIN_PREFILL_CHUNK = 16
 
 
 def _kv_bytes_per_token(c: ModelConfig, itemsize: int, values_by_position: bool = False) -> int:
@@ -224,14 +227,39 @@ def fixed_buffers(c: ModelConfig) -> int:
 
 
 def _activation_bytes_per_token(c: ModelConfig) -> int:
-    """fp32 activations a prefill chunk holds per token."""
+    """What a position of context is charged for activations when a limit chooses the context (fit_context)."""
     return 16 * c.hidden_size * 4
 
 
-def dense_footprint(model, config: ModelConfig, device: torch.device, max_context: int) -> dict:
+def prefill_bytes_per_token(c: ModelConfig, context: int) -> int:
+    """fp32 bytes one prompt token holds while its prefill chunk runs at up to `context` positions: the hidden
+    vectors a layer passes along, attention's projections and its scores and their softmax over the context, the
+    routed experts' gate, up and product rows and outputs, and a shared expert's or dense MLP's. On the small Q4_0
+    file (16 heads) its 490-token chunk's attention graph held 84 KiB a token and its experts' 31 KiB."""
+    attention = 2 * c.num_heads * (context + c.head_dim) + 2 * c.num_kv_heads * c.head_dim
+    experts = c.top_k * (6 * c.moe_intermediate_size + c.hidden_size)
+    dense = 3 * max(c.shared_expert_size, c.intermediate_size)
+    return 4 * (8 * c.hidden_size + attention + experts + dense)
+
+
+def limited_prefill_chunk(c: ModelConfig, context: int) -> int:
+    """The prompt tokens per forward under a memory limit: the largest power of two (16 to DEFAULT_PREFILL_CHUNK)
+    whose activations (prefill_bytes_per_token) fit what the context is charged for them. Unbounded, a 490-token
+    chunk of the small Q4_0 file peaked 34 MiB past a 400 MiB limit's plan, and a 240-token prompt thrashed
+    under a 400 MiB cgroup cap; in chunks of 64 it peaked 55 MiB below the plan, prefilling as fast."""
+    room = _activation_bytes_per_token(c) * context // prefill_bytes_per_token(c, context)
+    chunk = MIN_PREFILL_CHUNK
+    while chunk * 2 <= min(room, DEFAULT_PREFILL_CHUNK):
+        chunk *= 2
+    return chunk
+
+
+def dense_footprint(model, config: ModelConfig, device: torch.device, max_context: int,
+                    prefill_chunk: int | None = None) -> dict:  # fmt: skip
     """What the process needs besides the expert cache, measured after the dense weights are loaded:
     the runtime and dense weights (RSS, or allocated GPU memory for CUDA), the KV cache at max_context
-    (its buffers grow by doubling up to it), and working buffers."""
+    (its buffers grow by doubling up to it), and working buffers: those of any context, and the activations of a
+    prefill chunk of `prefill_chunk` tokens (None: limited_prefill_chunk)."""
     if device.type == "cuda":
         process = torch.cuda.memory_allocated(device)
     else:
@@ -251,13 +279,16 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
     kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize, by_position)
     per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs
     kv = kv_per_token * max_context
-    buffers = fixed_buffers(config) + _activation_bytes_per_token(config) * max_context
+    chunk = prefill_chunk or limited_prefill_chunk(config, max_context)
+    activations = prefill_bytes_per_token(config, max_context) * min(chunk, max_context)
+    buffers = fixed_buffers(config) + activations
     return {"process": process, "kv_cache": kv, "buffers": buffers, "total": process + kv + buffers,
-            "context": max_context, "context_bytes_per_token": per_token}  # fmt: skip
+            "context": max_context, "context_bytes_per_token": per_token, "prefill_chunk": chunk,
+            "activation_bytes": activations}  # fmt: skip
 
 
 def fit_context(limit: int, model, config: ModelConfig, device: torch.device, max_context: int | None,
-                min_experts: int) -> tuple[dict, str | None]:  # fmt: skip
+                min_experts: int, prefill_chunk: int | None = None) -> tuple[dict, str | None]:  # fmt: skip
     """The footprint under a whole-process limit, and a note when the context was lowered to fit.
 
     max_context given: refused (naming the context that fits) unless it fits with min_experts bytes of experts.
@@ -270,7 +301,7 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
     from ..system.sizes import format_bytes
 
     wanted = min(max_context or DEFAULT_CONTEXT, config.max_position_embeddings)
-    footprint = dense_footprint(model, config, device, wanted)
+    footprint = dense_footprint(model, config, device, wanted, prefill_chunk)
     if limit >= footprint["total"] + min_experts:
         return footprint, None
     room = limit - footprint["process"] - fixed_buffers(config) - min_experts
@@ -282,8 +313,19 @@ def fit_context(limit: int, model, config: ModelConfig, device: torch.device, ma
         note = (f"memory_limit {format_bytes(limit)} leaves room for a context of {context} tokens beside the "
                 f"expert cache, not {wanted}: the KV cache is planned for {context} (--max-context chooses, up to "
                 f"{fits})")  # fmt: skip
-        return dense_footprint(model, config, device, context), note
+        footprint = dense_footprint(model, config, device, context, prefill_chunk)
+        if limit >= footprint["total"] + min_experts:
+            return footprint, note
     need = footprint["total"] + min_experts
+    if prefill_chunk is not None:  # the chunk asked for is what does not fit: say which does
+        spare = limit - min_experts - (footprint["total"] - footprint["activation_bytes"])
+        chunk = max(0, spare) // prefill_bytes_per_token(config, footprint["context"])
+        if chunk >= 1:
+            raise MoepagerError(
+                f"--prefill-chunk {prefill_chunk}: its activations at a context of {footprint['context']} tokens "
+                f"({format_bytes(footprint['activation_bytes'])}) do not fit memory_limit {format_bytes(limit)} "
+                f"beside the model; give --prefill-chunk {chunk} or less, or leave it out"
+            )
     if fits >= MIN_FITTED_CONTEXT:
         fix = f"at this limit the context can be at most {fits} tokens (--max-context {fits}), or raise the limit "
         fix += f"to {format_bytes(need)}"
@@ -350,10 +392,13 @@ def embedding_from_file(model, source) -> None:
 
 def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, expert_memory=None, memory_limit=None,
                 policy=None, prefetch: bool | None = None, pins=(), hot_set=None, max_context: int | None = None,
-                fill: bool | None = None):  # fmt: skip
+                fill: bool | None = None, prefill_chunk: int | None = None):  # fmt: skip
     """The engine's paging path: an ExpertCache in the budget, with the model's routers for prefetch.
     dtype: the experts' compute dtype; None keeps the source's (converted or quantized experts). fill: read
-    experts into the cache's free slots now (fill_cache; None: when a memory_limit is given)."""
+    experts into the cache's free slots now (fill_cache; None: when a memory_limit is given). prefill_chunk: the
+    prompt tokens per forward asked for; under a memory_limit the footprint plans the one it runs (None: the
+    chunk its buffers hold, limited_prefill_chunk), and ggml keeps no more cached graphs than that chunk's
+    activations (a long prompt's chunks each built graphs of their own, which stayed)."""
     import warnings
 
     from ..model.moe import MoE
@@ -366,11 +411,15 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
     if memory_limit is not None:
         total = parse_bytes(memory_limit, what="memory_limit")
         footprint, note = fit_context(
-            total, model, config, device, max_context, min_expert_bytes(source, config, dtype)
+            total, model, config, device, max_context, min_expert_bytes(source, config, dtype), prefill_chunk
         )
         if note:
             warnings.warn(note, stacklevel=3)
         limit = total - footprint["total"]
+        if device.type == "cpu":
+            from ..kernels import ggml
+
+            ggml.limit_cached_graph_bytes(footprint["activation_bytes"])
     cache = ExpertCache(source, config, expert_memory if expert_memory is not None else (None if limit is None else "100%"),
                         device, dtype, policy, limit=limit)  # fmt: skip
     cache.footprint = footprint

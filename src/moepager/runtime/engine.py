@@ -287,7 +287,8 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
 
         expert_dtype = None if experts_dtype else dtype  # converted experts are kept as converted, as below
         experts = build_paged(net, ckpt, dev, expert_dtype, paging.expert_memory, paging.memory_limit, paging.policy,
-                              paging.prefetch, list(paging.pins), paging.hot_set, paging.max_context, paging.fill)  # fmt: skip
+                              paging.prefetch, list(paging.pins), paging.hot_set, paging.max_context, paging.fill,
+                              o.kv.prefill_chunk)  # fmt: skip
     else:
         # experts_dtype, when given, is kept
         experts = resident_experts(ckpt, dev, None if experts_dtype else dtype)
@@ -297,7 +298,9 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
 
         recorder = TraceRecorder(experts, ckpt.config)
     net.set_experts(recorder or experts)
-    kv = KVOptions(_kv_bytes(o.kv.kv_memory), o.kv.kv_block_size, o.kv.kv_spill_dir, o.kv.prefill_chunk)
+    footprint = getattr(getattr(experts, "cache", None), "footprint", None)  # a memory limit chose the chunk
+    chunk = footprint["prefill_chunk"] if footprint else o.kv.prefill_chunk or KVOptions.prefill_chunk
+    kv = KVOptions(_kv_bytes(o.kv.kv_memory), o.kv.kv_block_size, o.kv.kv_spill_dir, chunk)
     engine = Engine(net, experts, tokenizer, ckpt.path, dev, kv)
     engine.trace = recorder.trace if recorder else None
     engine.rss_before_weights = rss_before_weights

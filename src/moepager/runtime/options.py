@@ -41,12 +41,13 @@ class PagingOptions:
 @dataclass(frozen=True)
 class KVSettings:
     """The KV cache: at most kv_memory of it in RAM, in blocks of kv_block_size positions, older blocks spilled
-    to a file in kv_spill_dir; prefill_chunk bounds the prompt tokens per forward pass."""
+    to a file in kv_spill_dir; prefill_chunk bounds the prompt tokens per forward pass (None: 512, or under a
+    memory_limit the chunk whose activations its buffers hold)."""
 
     kv_memory: int | str | None = None  # None: all in RAM
     kv_block_size: int = 256
     kv_spill_dir: str | None = None  # None: the system's temporary folder
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None
 
 
 @dataclass(frozen=True)

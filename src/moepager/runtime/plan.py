@@ -44,6 +44,7 @@ class Plan:
     embedding_from_file: bool  # the token embedding's rows are read from the file as looked up, not held
     kv_bytes: int  # KV cache at `context` tokens
     buffer_bytes: int  # activations and allocator slack
+    prefill_chunk: int  # prompt tokens per forward: the chunk whose activations the buffers hold
     staging_bytes: int  # the cache's read staging buffers (0 when reads land in the slots)
     expert_budget_bytes: int  # what the limit leaves the expert cache
     slot_bytes: int  # one expert in the cache
@@ -168,7 +169,8 @@ def plan(model: str, memory: str | int, max_context: int | None = None, device: 
         dtype=str(engine.model.norm.weight.dtype).removeprefix("torch."), context=fp["context"], context_note=note,
         runtime_bytes=max(0, fp["process"] - dense), dense_bytes=min(dense, fp["process"]),
         embedding_from_file=getattr(engine.model.embed, "read_rows", None) is not None,
-        kv_bytes=fp["kv_cache"], buffer_bytes=fp["buffers"], staging_bytes=cache.staging_bytes,
+        kv_bytes=fp["kv_cache"], buffer_bytes=fp["buffers"], prefill_chunk=fp["prefill_chunk"],
+        staging_bytes=cache.staging_bytes,
         expert_budget_bytes=cache.budget_bytes, slot_bytes=cache.slot_bytes, expert_read_bytes=read_bytes,
         cache_experts=cache.capacity, total_experts=cache.num_keys, moe_layers=cfg.num_moe_layers,
         top_k=cfg.top_k, prompt_flag=flag, prompt_tokens=len(ids), temperature=temperature, seed=seed,
@@ -202,7 +204,7 @@ def format_plan(p: Plan) -> str:
         ("dense weights", b(p.dense_bytes), "attention, norms, routers, shared experts, output head, "
          + ("the embedding's rows read from the file as tokens come" if p.embedding_from_file else "embedding")),
         (f"KV cache at {p.context} tokens", b(p.kv_bytes), "its buffers grow by doubling, up to this context"),
-        ("buffers", b(p.buffer_bytes), "activations of a prefill chunk, allocator slack"),
+        ("buffers", b(p.buffer_bytes), f"activations of a {p.prefill_chunk}-token prefill chunk, allocator slack"),
         ("expert read staging", b(p.staging_bytes), "0 when reads land straight in the cache's slots"),
         ("expert cache", b(p.cache_experts * p.slot_bytes),
          f"{p.cache_experts} of {p.total_experts} experts ({p.cache_experts / p.total_experts:.0%}) of {b(p.slot_bytes)}"),
