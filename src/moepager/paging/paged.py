@@ -195,6 +195,9 @@ class PagedExperts:
 
 
 BUFFERS_FIXED = 32 * 2**20  # allocator slack and small working tensors, whatever the context
+# of those, what ggml's cached graphs may keep under a limit where a prefill chunk's activations are less: a decode
+# step's graphs, kept from token to token (a tiny model's chunk would leave room for none)
+CACHED_GRAPHS_FIXED = 8 * 2**20
 # what the first forward adds per layer beyond the RSS measured after loading (ggml's graphs and their work
 # buffers, code its first products map): a 27-layer DeepSeek-V2-Lite file grew 68-73 MiB past a plan without
 # it, over an 8 GiB limit, and thrashed under a cgroup cap of that size
@@ -419,7 +422,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
         if device.type == "cpu":
             from ..kernels import ggml
 
-            ggml.limit_cached_graph_bytes(footprint["activation_bytes"])
+            ggml.limit_cached_graph_bytes(max(footprint["activation_bytes"], CACHED_GRAPHS_FIXED))
     cache = ExpertCache(source, config, expert_memory if expert_memory is not None else (None if limit is None else "100%"),
                         device, dtype, policy, limit=limit)  # fmt: skip
     cache.footprint = footprint
