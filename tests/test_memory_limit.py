@@ -2,10 +2,17 @@
 ~60 MiB, and the library pages they map back after the footprint dropped the cold ones) must already be in it.
 A fresh process, because in this one earlier tests have loaded those already."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
+
+import moepager
+from moepager.errors import MoepagerError
 
 # the peak is VmHWM, this process's own: ru_maxrss would carry the RSS of the (large) pytest process it was
 # forked from across the exec
@@ -57,21 +64,49 @@ print(json.dumps({"planned": c.footprint["total"], "experts": c.stats()["allocat
 """
 
 
-def test_a_prompt_as_long_as_the_planned_context_stays_within_the_limit(tmp_path, monkeypatch):
-    """The small Q4_0 file's shape (16 heads, a 490-token prompt at 512 positions of context), two layers: unbounded,
-    its prefill chunk's attention graph alone held ~40 MiB, and ggml kept each chunk's graphs."""
-    import dataclasses
-
+@pytest.fixture(scope="module")
+def two_layer_gguf(tmp_path_factory):
+    """The small Q4_0 file's shape (16 heads, D=512, 64 experts), two layers."""
     from moepager.synth import gguf as synth_gguf
 
     shape = dataclasses.replace(synth_gguf.SHAPES["qwen3-64x4"], layers=2)
-    monkeypatch.setitem(synth_gguf.SHAPES, "two-layer", shape)
-    path = synth_gguf.synth_gguf(tmp_path / "m.gguf", "two-layer", "Q4_0", progress_bar=False)
-    out = subprocess.run([sys.executable, "-c", LONG_PROMPT, str(path), "1GiB"], capture_output=True, text=True,
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(synth_gguf.SHAPES, "two-layer", shape)
+        return synth_gguf.synth_gguf(
+            tmp_path_factory.mktemp("gguf") / "m.gguf", "two-layer", "Q4_0", progress_bar=False
+        )
+
+
+def test_a_prompt_as_long_as_the_planned_context_stays_within_the_limit(two_layer_gguf):
+    """A 490-token prompt at 512 positions of context: unbounded, its prefill chunk's attention graph alone held
+    ~40 MiB, and ggml kept each chunk's graphs."""
+    out = subprocess.run([sys.executable, "-c", LONG_PROMPT, str(two_layer_gguf), "1GiB"], capture_output=True, text=True,
                          timeout=300, check=True)  # fmt: skip
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["chunk"] < 490, r  # the limit chose the chunk
     assert r["peak"] <= r["planned"] + r["experts"], r
+
+
+def test_a_prefill_chunk_the_limit_cannot_hold_is_refused_naming_one_it_can(two_layer_gguf):
+    def load(
+        limit, chunk=None
+    ):  # the engine, or the error's message (its traceback, which holds a model, let go)
+        try:
+            return moepager.load(two_layer_gguf, memory_limit=limit, max_context=512, prefill_chunk=chunk)
+        except MoepagerError as e:
+            return str(e)
+
+    limit = 64 * 2**20 + load("1GiB").experts.cache.footprint["total"]
+    message = load(limit, 512)
+    fits = re.fullmatch(
+        r"--prefill-chunk 512: .* give --prefill-chunk (\d+) or less, or leave it out", message
+    )
+    assert fits and 64 <= int(fits.group(1)) < 512, message
+    chunk = (
+        int(fits.group(1)) // 2
+    )  # the process is measured again: room for what the refused load left behind
+    engine = load(limit, chunk)
+    assert engine.kv.prefill_chunk == chunk == engine.experts.cache.footprint["prefill_chunk"]
 
 
 # a library and a weights file of the same bytes, each mapped read-only and read through by the child alone (the
