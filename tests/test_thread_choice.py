@@ -56,23 +56,30 @@ def test_products_of_one_thread_only_or_a_single_core_choose_nothing():
     assert choice.windows == 0
 
 
-def test_switching_counts_changes_no_result(monkeypatch):
+def test_switching_counts_changes_no_result_and_builds_no_graph_again(monkeypatch):
     engine = moepager.load(str(QWEN3_Q4_0))
     prompt = list(range(10, 30))
+    built, init = [], ggml._Graph.__init__
+    monkeypatch.setattr(ggml._Graph, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
 
     def run():
         ggml.clear_graphs()
+        built.clear()
         out = engine.generate(prompt, max_new_tokens=12, temperature=1.0, seed=5)
         with torch.inference_mode():
             logits = engine.model(torch.tensor([prompt]))
-        return out, logits
+        return out, logits, len(built)
+
+    def counts():
+        return {threads for graph in ggml._graphs.values() for threads, _ in graph.plans}
 
     monkeypatch.setattr(ggml, "SMALL_WORK", 0)  # the fixture's tiny products count as large ones
     monkeypatch.setattr(ggml, "_cores", threading.local())
     ggml._cores.choice = ThreadChoice(2, window_s=float("inf"))  # two threads throughout
     fixed = run()
-    assert {key[-2] for key in ggml._graphs} == {2}
+    assert counts() == {2}
     ggml._cores.choice = ThreadChoice(2, window_s=0.0, probes=(1, 1))  # a window per product, each a probe
     switching = run()
-    assert {key[-2] for key in ggml._graphs} == {1, 2}  # both counts computed
+    assert counts() == {1, 2}  # both counts computed
     assert fixed[0] == switching[0] and torch.equal(fixed[1], switching[1])
+    assert switching[2] == fixed[2]  # a graph computed at both counts was built once

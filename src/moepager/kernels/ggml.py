@@ -65,13 +65,15 @@ SMALL_WORK = 1 << 20  # weight bytes below which a product runs on the calling t
 
 
 class _Graph:
-    """One product as a ggml graph: its tensors' data pointers are patched at each call."""
+    """One product as a ggml graph: its tensors' data pointers are patched at each call. Built once whatever
+    the thread count: a count's plan (its work size and thread pool) is made when a call first asks for it
+    (a step graph of a small model took ~5 ms to build; a plan, microseconds)."""
 
-    def __init__(self, build, threads: int, measured: int, nodes: int = 0):
+    def __init__(self, build, measured: int, nodes: int = 0):
         g = self.g = library()
         nodes = max(nodes, _NODES)
         # weight bytes a call counts toward choosing the thread count (0: not measured)
-        self.threads, self.measured = threads, measured
+        self.measured = measured
         size = g.base.ggml_tensor_overhead() * nodes + g.base.ggml_graph_overhead_custom(nodes, False)
         self.ctx = g.base.ggml_init(InitParams(size, None, True))
         # inputs and output are patched per call; intermediate nodes (if any) get buffers of their own here.
@@ -83,12 +85,25 @@ class _Graph:
         outs = self.out if isinstance(self.out, tuple) else (self.out,)  # a graph may have several outputs
         for out in (*(rest[1] if len(rest) > 1 else ()), *outs):
             g.base.ggml_build_forward_expand(self.graph, out)
-        self.plan = g.cpu.ggml_graph_plan(self.graph, threads, g.pool(threads, _poll))
         self.nbytes = sum(t.numel() * t.element_size() for t in self.scratch)
+        self.plans: dict[tuple[int, int], tuple] = {}  # (threads, polling) -> (plan, compute)
+        self.on = None
 
-        # the data pointer fields patched per call (inputs, then the output), and the call's fixed arguments
+        # the data pointer fields patched per call (inputs, then the output)
         self.fields = [ctypes.c_void_p.from_address(t + DATA_OFFSET) for t in (*self.inputs, *outs)]
-        self.compute = functools.partial(g.cpu.ggml_graph_compute, self.graph, ctypes.byref(self.plan))
+
+    def run_on(self, threads: int) -> None:
+        """Compute the next calls on `threads` threads (with the polling level set now). Two calling threads
+        that choose different counts may swap plans between this and the call: a count changes speed only."""
+        if self.on == (threads, _poll):
+            return
+        self.on = threads, _poll
+        if self.on not in self.plans:
+            plan = self.g.cpu.ggml_graph_plan(self.graph, threads, self.g.pool(threads, _poll))
+            compute = functools.partial(self.g.cpu.ggml_graph_compute, self.graph, ctypes.byref(plan))
+            self.plans[self.on] = plan, compute
+        self.threads = threads
+        self.plan, self.compute = self.plans[self.on]
 
     def __call__(self, out, *inputs: torch.Tensor | int):
         """Computes into out (a tensor, or a tuple of them for a graph of several outputs) and returns it. An
@@ -204,18 +219,18 @@ def cached_graph(key: tuple, build, work_bytes: int, tokens: int, check, nodes: 
     so a cached graph's arguments passed it already (a decode step pays no checks). The thread count is
     chosen by the speed of one-token products (a sequence's decode step: like for like from window to window)."""
     threads = _threads() if work_bytes >= SMALL_WORK else 1
-    key = (*key, threads, _poll)
     global _graph_bytes
     graph = _graphs.get(key)
     if graph is None:
         check()
         measured = work_bytes if work_bytes >= SMALL_WORK and tokens == 1 else 0
-        graph = _graphs[key] = _Graph(build, threads, measured, nodes)
+        graph = _graphs[key] = _Graph(build, measured, nodes)
         _graph_bytes += graph.nbytes
         while len(_graphs) > 1 and (len(_graphs) > _CACHED_GRAPHS or _graph_bytes > _CACHED_GRAPH_BYTES):
             _graph_bytes -= _graphs.popitem(last=False)[1].nbytes
     else:
         _graphs.move_to_end(key)
+    graph.run_on(threads)
     return graph
 
 
