@@ -121,6 +121,31 @@ def test_a_paged_decode_step_is_its_layers_bit_for_bit(
     assert all(torch.equal(a, b) for a, b in zip(graphs, layers))
 
 
+@pytest.mark.parametrize("budget", [None, "30%"])
+def test_one_step_graph_attends_over_every_n_kv_its_cache_holds(budget, routing_in_the_librarys_order):
+    """Past each 64 positions the step graph is reshaped, not built again (ggml_step.Window): from position 70
+    to 299 and back from 100 its logits are the layers' own bit for bit, every expert resident or paged, from two
+    builds: n_kv 128 in the prompt's cache buffers (140 positions), then 192 to 320 and 128 again in the buffers
+    they grew to (384)."""
+    ids = torch.randint(3, 128, (1, 300), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for in_graphs in (True, False):
+        ggml.clear_graphs()
+        engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory=budget)
+        if not in_graphs:
+            engine.model.__class__ = Transformer
+        cache = KVCache(engine.model.config.num_layers)
+        with torch.no_grad():
+            out = [engine.model(ids[:, :70], cache=cache)]
+            out += [engine.model(ids[:, i : i + 1], cache=cache) for i in range(70, 300)]
+            cache.truncate(100)  # a conversation going back: n_kv 128 again, in the grown buffers
+            out += [engine.model(ids[:, i : i + 1], cache=cache) for i in range(200, 240)]
+        runs.append(out)
+        steps = [key for key in ggml._graphs if "step" in key[0]]
+        assert len(steps) == (2 if in_graphs else 0)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_a_read_that_fails_inside_the_paged_step_graph_is_raised_and_holds_nothing(
     routing_in_the_librarys_order, monkeypatch
 ):

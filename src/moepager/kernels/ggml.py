@@ -105,6 +105,12 @@ class _Graph:
         self.threads = threads
         self.plan, self.compute = self.plans[self.on]
 
+    def replan(self) -> None:
+        """Plan again at the current count after nodes changed their extent (a plan's work size follows it)."""
+        threads, self.on = self.threads, None
+        self.plans.clear()
+        self.run_on(threads)
+
     def __call__(self, out, *inputs: torch.Tensor | int):
         """Computes into out (a tensor, or a tuple of them for a graph of several outputs) and returns it. An
         input is a tensor or an address."""

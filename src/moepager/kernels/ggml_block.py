@@ -140,21 +140,23 @@ def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matri
 
 
 def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float,
-                        o: Matrix, res: int, norm: Norm, router: torch.Tensor | None, owned: bool = False
-                        ) -> tuple[int, int, int, int | None]:  # fmt: skip
+                        o: Matrix, res: int, norm: Norm, router: torch.Tensor | None, owned: bool = False,
+                        room: int = 0) -> tuple[int, int, int, int | None, tuple[int, int]]:  # fmt: skip
     """attention_output's nodes: q qa [Dh, H, T] of `shape` (T, H, Dh) over the cache's ka, va (ggml_float's
     cache_nodes) with mask m, the residual res [D, T] -> (q's view, which an input qa patches too; hidden [D, T],
     normed [D, T] and the router's logits [E, T] (or None): outputs without buffers, or (owned) each in a buffer
-    of its own)."""
+    of its own; the scores and their softmax [n_kv, T, H]). room: the positions the scores' buffers hold (at
+    least n_kv), so that the graph may attend over more later (kernels/ggml_step.py's Window)."""
     t, h, dh = shape
     d = norm.weight.numel()
+    room = max(room, n_kv)
     # one set of attention buffers per graph: ggml runs a graph's nodes one after another, so the layers of a
     # decode step (kernels/ggml_step.py) take turns with them (at 4096 positions, 48 layers' own were ~50 MiB)
-    key = ("attention", t, h, dh, n_kv)
+    key = ("attention", t, h, dh, room)
     if key not in own.reused:
-        own.reused[key] = [torch.empty(h, t, n_kv), torch.empty(h, t, n_kv), torch.empty(h, t, dh)]
+        own.reused[key] = [torch.empty(h, t, room), torch.empty(h, t, room), torch.empty(h, t, dh)]
         own.scratch += own.reused[key]
-    qp, attn, _ = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale, own.reused[key])
+    qp, attn, _, scores = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale, own.reused[key])
     flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
     hidden = base.ggml_add(ctx, res, product(base, ctx, own, o, flat, t))
     if owned:
@@ -166,7 +168,7 @@ def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape
         logits = base.ggml_mul_mat(ctx, w, normed)
         if owned:
             own(logits, t, router.shape[0])
-    return qp, hidden, normed, logits
+    return qp, hidden, normed, logits, scores
 
 
 def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
@@ -188,7 +190,7 @@ def attention_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         ka, va = cache_nodes(base, ctx, keys, values, n_kv)
         m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
         res = base.ggml_new_tensor_2d(ctx, F32, d, t)
-        qp, *outs = attention_out_nodes(
+        qp, *outs, _ = attention_out_nodes(
             base, ctx, own, qa, ka, va, m, q.shape, n_kv, scale, o, res, norm, router
         )
         return (qa, qp, ka, va, m, res), tuple(x for x in outs if x is not None), own.scratch

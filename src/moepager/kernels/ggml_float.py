@@ -193,7 +193,7 @@ def attention_nodes(base, ctx, qa: int, ka: int, va: int, m: int, shape: tuple, 
                     buffers: list[torch.Tensor] | None = None):  # fmt: skip
     """The nodes of `attention` of q qa [Dh, H, T] (of `shape` (T, H, Dh)) over cache_nodes ka, va with the mask
     m [n_kv, T] -> (q's permuted view, the output [Dh, H, T] (no buffer yet), the intermediate nodes' buffers:
-    `buffers` if given, [H, T, n_kv] twice and [H, T, Dh])."""
+    `buffers` if given, [H, T, n_kv] twice and [H, T, Dh]; the scores and their softmax, [n_kv, T, H])."""
     t, h, dh = shape
     # a view of an input takes its data when made: it is patched per call with the input it views
     qp = base.ggml_permute(ctx, qa, 0, 2, 1, 3)
@@ -204,7 +204,7 @@ def attention_nodes(base, ctx, qa: int, ka: int, va: int, m: int, shape: tuple, 
     for node, buf in zip((kq, probs, kqv), scratch):
         set_data(node, buf.data_ptr())
     out = base.ggml_cont(ctx, base.ggml_permute(ctx, kqv, 0, 2, 1, 3))  # [Dh, H, T]
-    return qp, out, scratch
+    return qp, out, scratch, (kq, probs)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, scale: float) -> torch.Tensor:
@@ -221,7 +221,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, vt: torch.Tensor, start: int, sc
         qa = base.ggml_new_tensor_3d(ctx, F32, dh, h, t)
         ka, va = cache_nodes(base, ctx, k, vt, n_kv)
         m = base.ggml_new_tensor_2d(ctx, F32, n_kv, t)
-        qp, out, scratch = attention_nodes(base, ctx, qa, ka, va, m, q.shape, n_kv, scale)
+        qp, out, scratch, _ = attention_nodes(base, ctx, qa, ka, va, m, q.shape, n_kv, scale)
         return (qa, qp, ka, va, m), out, scratch
 
     key = ("attn", q.shape, k.shape[0], n_kv, k.stride(0), vt.stride(0), vt.stride(1), scale)

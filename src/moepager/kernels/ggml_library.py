@@ -26,6 +26,7 @@ _MAX_THREADS = 512  # GGML_MAX_N_THREADS, the size of the thread pool's cpu mask
 # struct ggml_tensor (ggml.h, ggml 0.20): type, buffer, ne[4], nb[4], op, op_params[16], flags, src[10],
 # view_src, view_offs, data, name[64], then extra. Checked against ggml_get_data when the library loads.
 BUFFER_OFFSET = 8
+_NE_OFFSET = 16
 _NB_OFFSET = 48
 DATA_OFFSET = 248
 EXTRA_OFFSET = 320
@@ -191,7 +192,9 @@ class Library:
         self.base.ggml_log_set(_log, None)
         self.cpu.ggml_cpu_init()
         self.pools: dict[tuple[int, int], int] = {}
-        self.lock = threading.Lock()  # one graph computes at a time: graphs and pools are shared
+        # one graph computes at a time: graphs and pools are shared (reentrant: a step graph is reshaped, then
+        # called, under one hold)
+        self.lock = threading.RLock()
         self._check_layout()
 
     def describe(self) -> str:
@@ -249,6 +252,16 @@ def simd_form() -> str:
     sums 16 or 8 values per vector)."""
     cpu = library().cpu
     return "AVX-512" if cpu.ggml_cpu_has_avx512() else "AVX2" if cpu.ggml_cpu_has_avx2() else ""
+
+
+def set_extent(tensor: int, dim: int, n: int, contiguous: bool = False) -> None:
+    """Set a float32 ggml tensor's ne[dim] to n, and for a `contiguous` one its byte strides nb[1..3] with it (a
+    view's strides stay): a built graph's node given another extent, for the next plan and call."""
+    ne = (_I64 * 4).from_address(tensor + _NE_OFFSET)
+    ne[dim] = n
+    if contiguous:
+        nb = (ctypes.c_size_t * 4).from_address(tensor + _NB_OFFSET)
+        nb[1:] = [4 * ne[0], 4 * ne[0] * ne[1], 4 * ne[0] * ne[1] * ne[2]]
 
 
 def set_strides(tensor: int, *nb: int) -> None:

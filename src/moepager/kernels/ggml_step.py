@@ -39,7 +39,7 @@ from .ggml_float import (
     sigmoid_gate_nodes,
     softmax_topk_nodes,
 )
-from .ggml_library import F32, I32, HostFn, set_data, set_strides
+from .ggml_library import F32, I32, HostFn, set_data, set_extent, set_strides
 from .host_entry import first_thread_only
 
 
@@ -154,6 +154,36 @@ class Caches:
         return out
 
 
+class Window:
+    """A step graph's nodes whose extent is n_kv, the cached positions it attends over: the mask [n_kv, 1] and per
+    layer the keys [Dh, n_kv, Hk] and values by position [n_kv, Dh, Hk] (views of the cache buffers), the scores
+    and their softmax [n_kv, 1, H] (in buffers that hold the cache's capacity). One graph serves every n_kv its
+    cache buffers hold, these reshaped when n_kv changes: built again at each 64 positions instead, a small
+    model's step graph cost ~5 ms, 3 builds in a run of 129 tokens."""
+
+    def __init__(self, n_kv: int):
+        self.n_kv, self.mask = n_kv, 0
+        self.views: list[tuple[int, int]] = []
+        self.scores: list[int] = []
+
+    def fit(self, graph, n_kv: int) -> None:
+        """Before a call of `graph` at n_kv: this window, if its build made it, becomes the graph's; the graph's
+        is reshaped to n_kv and planned again where it differs."""
+        if self.mask:
+            graph.window = self
+        window = graph.window
+        if window.n_kv == n_kv:
+            return
+        set_extent(window.mask, 0, n_kv, contiguous=True)
+        for keys, values in window.views:
+            set_extent(keys, 1, n_kv)
+            set_extent(values, 0, n_kv)
+        for node in window.scores:
+            set_extent(node, 0, n_kv, contiguous=True)
+        window.n_kv = n_kv
+        graph.replan()
+
+
 def _inputs(
     weights: Step, x: torch.Tensor, caches: Caches | list, pos: int
 ) -> tuple[torch.Tensor, Caches, int]:
@@ -169,9 +199,11 @@ def _inputs(
     return x, caches, caches.positions(pos)
 
 
-def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: int):
+def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, window: Window, room: int):
     """A layer's attention over its cache (this position's key and value written into it), then its FFN norm
-    and, for a MoE layer, the router's logits -> (inputs, cache writes, hidden, normed, logits or None)."""
+    and, for a MoE layer, the router's logits -> (inputs, cache writes, hidden, normed, logits or None). Its nodes
+    of extent n_kv go to the window; room: the positions the cache buffers hold."""
+    n_kv = window.n_kv
     k, v, vt = bufs
     n_heads, hk, dh = lay.heads
     qr, kr, vy = attention_in_nodes(base, ctx, own, h, at, 1, lay.attn_norm, lay.q, lay.k, lay.v, lay.qk_norm,
@@ -189,8 +221,11 @@ def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, n_kv: 
     )
     ka, va = cache_nodes(base, ctx, k, vt, n_kv)
     router = lay.ffn.router if isinstance(lay.ffn, Experts) else None
-    _, hidden, normed, logits = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, n_heads, dh), n_kv,
-                                                    lay.scale, lay.o, h, lay.ffn_norm, router, owned=True)  # fmt: skip
+    _, hidden, normed, logits, scores = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, n_heads, dh), n_kv,
+                                                            lay.scale, lay.o, h, lay.ffn_norm, router, owned=True,
+                                                            room=room)  # fmt: skip
+    window.views.append((ka, va))
+    window.scores += scores
     return [ka, va, *cpys], list(cpys), hidden, normed, logits
 
 
@@ -233,14 +268,15 @@ def _nodes(layers: list[Layer]) -> int:
     return sum(200 + 2 * (lay.ffn.top_k if isinstance(lay.ffn, Experts) else 0) for lay in layers) + 32
 
 
-def _step_nodes(base, ctx, weights: Step, caches: Caches, n_kv: int, experts):
+def _step_nodes(base, ctx, weights: Step, caches: Caches, window: Window, experts):
     """A decode step's graph (cached_graph's build): the token's row (looked up by its id where the step has the
-    table), each layer's attention over its cache, then its FFN; for a MoE layer experts(i, own, logits, normed)
-    -> (weights node, slots node) gives what its products take."""
+    table), each layer's attention over its cache (the window's n_kv positions), then its FFN; for a MoE layer
+    experts(i, own, logits, normed) -> (weights node, slots node) gives what its products take."""
     layers, norm, head = weights.layers, weights.norm, weights.head
     d = norm.weight.shape[0]
     own = Owner()
-    at, m = base.ggml_new_tensor_1d(ctx, I32, 1), base.ggml_new_tensor_2d(ctx, F32, n_kv, 1)
+    at, m = base.ggml_new_tensor_1d(ctx, I32, 1), base.ggml_new_tensor_2d(ctx, F32, window.n_kv, 1)
+    window.mask = m
     if weights.embed is None:
         a = h = base.ggml_new_tensor_2d(ctx, F32, d, 1)
     else:
@@ -249,7 +285,9 @@ def _step_nodes(base, ctx, weights: Step, caches: Caches, n_kv: int, experts):
         h = own(base.ggml_get_rows(ctx, table, a), 1, d)
     inputs, writes = [a, at, m], []
     for i, (lay, bufs) in enumerate(zip(layers, caches.buffers)):
-        ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, n_kv)
+        ins, cpys, hidden, normed, logits = _attention(
+            base, ctx, own, lay, bufs, h, at, m, window, caches.capacity
+        )
         w, slots = experts(i, own, logits, normed) if isinstance(lay.ffn, Experts) else (None, None)
         y = _ffn(base, ctx, own, lay.ffn, normed, d, slots, w)
         h = own(base.ggml_add(ctx, hidden, y), 1, d)
@@ -265,16 +303,19 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
     buffers), which hold at least cached_positions(pos + 1) positions."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
+    window = Window(n_kv)
 
     def build(base, ctx):
         def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
             return _route(base, ctx, own, layers[i].ffn, logits)[:2]
 
-        return _step_nodes(base, ctx, weights, caches, n_kv, experts)
+        return _step_nodes(base, ctx, weights, caches, window, experts)
 
-    key = ("step", weights.serial, n_kv, caches.strides)
+    key = ("step", weights.serial, caches.strides)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
-    return _call(graph, weights, x, caches, pos, n_kv)
+    with graph.g.lock:  # another thread may call this graph at another n_kv
+        window.fit(graph, n_kv)
+        return _call(graph, weights, x, caches, pos, n_kv)
 
 
 def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int, n_kv: int) -> torch.Tensor:
@@ -372,7 +413,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
     ahead = dict(itertools.pairwise(routers)) if guesses else {}
-    made = []
+    made, window = [], Window(n_kv)
 
     def build(base, ctx):
         host = _Holds()
@@ -392,15 +433,17 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
                 guess = (order, buffer, nxt.top_k)
             return w, host.node(base, ctx, own, i, ids, ids_buffer, layers[i].ffn.top_k, guess)
 
-        return _step_nodes(base, ctx, weights, caches, n_kv, experts)
+        return _step_nodes(base, ctx, weights, caches, window, experts)
 
-    key = ("paged step", weights.serial, n_kv, caches.strides, guesses)
+    key = ("paged step", weights.serial, caches.strides, guesses)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 4 * len(routers))
     if made:
         graph.host = made[0]
-    host = graph.host
-    host.hold, host.release = hold, release
-    try:
-        return _call(graph, weights, x, caches, pos, n_kv)
-    finally:
-        host.end()
+    with graph.g.lock:  # another thread may call this graph at another n_kv, with other holds
+        host = graph.host
+        host.hold, host.release = hold, release
+        window.fit(graph, n_kv)
+        try:
+            return _call(graph, weights, x, caches, pos, n_kv)
+        finally:
+            host.end()
