@@ -34,7 +34,6 @@ from .ggml_block import (
 from .ggml_float import (
     cache_nodes,
     cached_positions,
-    causal_mask,
     check_cache,
     sigmoid_gate_nodes,
     softmax_topk_nodes,
@@ -138,6 +137,11 @@ class Caches:
         # and in values (in values by position, 4: positions are its rows' elements)
         self.bases = [(k.data_ptr(), v.data_ptr(), vt.data_ptr(), k.stride(1) * 4, v.stride(1) * 4)
                       for k, v, vt in buffers]  # fmt: skip
+        # a step's position and mask, made without a torch op (each cost tens of us after a graph call): the
+        # position written into a buffer of these buffers' sequence, the mask a window of zeros then -inf
+        self.position = torch.zeros(1, dtype=torch.int32)
+        self._position = ctypes.c_int32.from_address(self.position.data_ptr())
+        self.masks = torch.cat([torch.zeros(self.capacity), torch.full((self.capacity,), float("-inf"))])
 
     def positions(self, pos: int) -> int:
         """The cached positions a step at `pos` attends over (a multiple of KV_PAD), which the buffers hold."""
@@ -145,6 +149,12 @@ class Caches:
         if n_kv > self.capacity:
             raise ValueError(f"cache buffers of {self.capacity} positions do not hold {n_kv}")
         return n_kv
+
+    def at(self, pos: int) -> tuple[torch.Tensor, int]:
+        """The step at pos's position input, int32 [1], and the address of its mask [n_kv]: 0 over positions up
+        to pos, -inf past it (positions past the capacity never read)."""
+        self._position.value = pos
+        return self.position, self.masks.data_ptr() + 4 * (self.capacity - pos - 1)
 
     def addresses(self, pos: int) -> list[int]:
         """Per layer: its keys and values-by-position buffers, and the places this position's writes go."""
@@ -158,8 +168,8 @@ class Window:
     """A step graph's nodes whose extent is n_kv, the cached positions it attends over: the mask [n_kv, 1] and per
     layer the keys [Dh, n_kv, Hk] and values by position [n_kv, Dh, Hk] (views of the cache buffers), the scores
     and their softmax [n_kv, 1, H] (in buffers that hold the cache's capacity). One graph serves every n_kv its
-    cache buffers hold, these reshaped when n_kv changes: built again at each 64 positions instead, a small
-    model's step graph cost ~5 ms, 3 builds in a run of 129 tokens."""
+    cache buffers hold, these reshaped when n_kv changes, where it was built again at each 64 positions (~5 ms a
+    build on the small Q4_0 file: 3 of them in a run of 129 tokens)."""
 
     def __init__(self, n_kv: int):
         self.n_kv, self.mask = n_kv, 0
@@ -319,8 +329,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
 
 
 def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int, n_kv: int) -> torch.Tensor:
-    positions = torch.tensor([pos], dtype=torch.int32)
-    mask = causal_mask(1, n_kv, pos)
+    positions, mask = caches.at(pos)
     out = torch.empty(1, weights.head.blocks.shape[0])
     return graph(out, x, positions, mask, *caches.addresses(pos))
 
