@@ -141,12 +141,12 @@ def attention_inputs(x: torch.Tensor, norm: Norm, q: Matrix, k: Matrix, v: Matri
 
 def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float,
                         o: Matrix, res: int, norm: Norm, router: torch.Tensor | None, owned: bool = False,
-                        room: int = 0) -> tuple[int, int, int, int | None, tuple[int, int]]:  # fmt: skip
+                        room: int = 0) -> tuple[int, int, int, int | None, tuple]:  # fmt: skip
     """attention_output's nodes: q qa [Dh, H, T] of `shape` (T, H, Dh) over the cache's ka, va (ggml_float's
     cache_nodes) with mask m, the residual res [D, T] -> (q's view, which an input qa patches too; hidden [D, T],
     normed [D, T] and the router's logits [E, T] (or None): outputs without buffers, or (owned) each in a buffer
-    of its own; the scores and their softmax [n_kv, T, H]). room: the positions the scores' buffers hold (at
-    least n_kv), so that the graph may attend over more later (kernels/ggml_step.py's Window)."""
+    of its own; the scores and their softmax [n_kv, T, H], each with its buffer). room: the positions the scores'
+    buffers hold (at least n_kv), so that the graph may attend over more later (kernels/ggml_step.py's Window)."""
     t, h, dh = shape
     d = norm.weight.numel()
     room = max(room, n_kv)
@@ -157,6 +157,7 @@ def attention_out_nodes(base, ctx, own, qa: int, ka: int, va: int, m: int, shape
         own.reused[key] = [torch.empty(h, t, room), torch.empty(h, t, room), torch.empty(h, t, dh)]
         own.scratch += own.reused[key]
     qp, attn, _, scores = attention_nodes(base, ctx, qa, ka, va, m, shape, n_kv, scale, own.reused[key])
+    scores = tuple(zip(scores, own.reused[key]))
     flat = base.ggml_reshape_2d(ctx, own(attn, t, h, dh), h * dh, t)
     hidden = base.ggml_add(ctx, res, product(base, ctx, own, o, flat, t))
     if owned:

@@ -183,10 +183,15 @@ def cache_nodes(base, ctx, k: torch.Tensor, vt: torch.Tensor, n_kv: int) -> tupl
     positions in rows [n_kv, Dh, Hk], as llama.cpp's V cache (their data is patched per call)."""
     hk, _, dh = k.shape
     ka = base.ggml_new_tensor_3d(ctx, F32, dh, n_kv, hk)
-    set_strides(ka, dh * 4, k.stride(0) * 4)
     va = base.ggml_new_tensor_3d(ctx, F32, n_kv, dh, hk)
-    set_strides(va, vt.stride(1) * 4, vt.stride(0) * 4)
+    cache_strides(ka, va, k, vt)
     return ka, va
+
+
+def cache_strides(ka: int, va: int, k: torch.Tensor, vt: torch.Tensor) -> None:
+    """cache_nodes' strides over k and vt (they follow the buffers' capacity)."""
+    set_strides(ka, k.stride(1) * 4, k.stride(0) * 4)
+    set_strides(va, vt.stride(1) * 4, vt.stride(0) * 4)
 
 
 def attention_nodes(base, ctx, qa: int, ka: int, va: int, m: int, shape: tuple, n_kv: int, scale: float,

@@ -33,6 +33,7 @@ from .ggml_block import (
 )
 from .ggml_float import (
     cache_nodes,
+    cache_strides,
     cached_positions,
     check_cache,
     sigmoid_gate_nodes,
@@ -165,33 +166,62 @@ class Caches:
 
 
 class Window:
-    """A step graph's nodes whose extent is n_kv, the cached positions it attends over: the mask [n_kv, 1] and per
-    layer the keys [Dh, n_kv, Hk] and values by position [n_kv, Dh, Hk] (views of the cache buffers), the scores
-    and their softmax [n_kv, 1, H] (in buffers that hold the cache's capacity). One graph serves every n_kv its
-    cache buffers hold, these reshaped when n_kv changes, where it was built again at each 64 positions (~5 ms a
-    build on the small Q4_0 file: 3 of them in a run of 129 tokens)."""
+    """A step graph's nodes that follow its KV cache buffers: the mask [n_kv, 1], and per layer the keys [Dh, n_kv,
+    Hk] and values by position [n_kv, Dh, Hk] over the buffers, the views this position's writes go to (strided
+    by the buffers' capacity), the scores and their softmax [n_kv, 1, H] (in buffers of `room` positions). One
+    graph serves every n_kv and capacity of the caches it is called with, these reshaped and strided again where
+    they differ: it was built again at each 64 positions and whenever the buffers grew (~5 ms a build on the
+    small Q4_0 file: 3 of them in a run of 129 tokens)."""
 
-    def __init__(self, n_kv: int):
-        self.n_kv, self.mask = n_kv, 0
-        self.views: list[tuple[int, int]] = []
-        self.scores: list[int] = []
+    def __init__(self, n_kv: int, caches: Caches):
+        self.n_kv, self.strides, self.room, self.mask = n_kv, caches.strides, caches.capacity, 0
+        self.layers: list[tuple[int, ...]] = []  # per layer: its three cache writes, keys, values
+        self.scores: list[tuple[int, torch.Tensor]] = []  # (node, its buffer)
 
-    def fit(self, graph, n_kv: int) -> None:
-        """Before a call of `graph` at n_kv: this window, if its build made it, becomes the graph's; the graph's
-        is reshaped to n_kv and planned again where it differs."""
+    def fit(self, graph, caches: Caches, n_kv: int) -> None:
+        """Before a call of `graph`: this window, if its build made it, becomes the graph's; the graph's is laid
+        over these caches and reshaped to n_kv (then planned again: a softmax's work grows with it)."""
         if self.mask:
             graph.window = self
         window = graph.window
+        if window.strides != caches.strides:
+            for (*writes, keys, values), (k, v, vt) in zip(window.layers, caches.buffers):
+                _write_strides(*writes, k, v, vt)
+                cache_strides(keys, values, k, vt)
+            window.strides = caches.strides
+            if caches.capacity > window.room:
+                window._widen(caches.capacity)
         if window.n_kv == n_kv:
             return
         set_extent(window.mask, 0, n_kv, contiguous=True)
-        for keys, values in window.views:
+        for *_, keys, values in window.layers:
             set_extent(keys, 1, n_kv)
             set_extent(values, 0, n_kv)
-        for node in window.scores:
+        for node, _ in window.scores:
             set_extent(node, 0, n_kv, contiguous=True)
         window.n_kv = n_kv
         graph.replan()
+
+    def _widen(self, room: int) -> None:
+        """Score buffers of `room` positions in place of the smaller ones the nodes had (H x room floats twice,
+        not counted in the graph's bytes: a decode step's are a few KiB to a few MiB)."""
+        wider: dict[int, torch.Tensor] = {}
+        for i, (node, buffer) in enumerate(self.scores):
+            if buffer.data_ptr() not in wider:
+                wider[buffer.data_ptr()] = buffer.new_empty(*buffer.shape[:-1], room)
+            self.scores[i] = node, wider[buffer.data_ptr()]
+            set_data(node, self.scores[i][1].data_ptr())
+        self.room = room
+
+
+def _write_strides(k_at: int, v_at: int, vt_at: int, k, v, vt) -> None:
+    """The strides of a layer's writes at one position into its buffers k, v [Hk, capacity, Dh] and vt [Hk, Dh,
+    capacity]: keys and values [Dh, Hk, 1], values by position [1, Hk * Dh] (a copy node is a view of its
+    destination, made with the strides the destination had then)."""
+    hk = k.shape[0]
+    set_strides(k_at, k.stride(0) * 4, k.stride(0) * hk * 4)
+    set_strides(v_at, v.stride(0) * 4, v.stride(0) * hk * 4)
+    set_strides(vt_at, vt.stride(1) * 4)
 
 
 def _inputs(
@@ -209,10 +239,10 @@ def _inputs(
     return x, caches, caches.positions(pos)
 
 
-def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, window: Window, room: int):
+def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, window: Window):
     """A layer's attention over its cache (this position's key and value written into it), then its FFN norm
     and, for a MoE layer, the router's logits -> (inputs, cache writes, hidden, normed, logits or None). Its nodes
-    of extent n_kv go to the window; room: the positions the cache buffers hold."""
+    that follow the cache buffers go to the window."""
     n_kv = window.n_kv
     k, v, vt = bufs
     n_heads, hk, dh = lay.heads
@@ -220,10 +250,8 @@ def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, window
                                     lay.q_norm, lay.k_norm, lay.heads, lay.rope, owned=True)  # fmt: skip
     # the cache writes: views at this step's position, whose addresses each call patches
     k_at, v_at = (base.ggml_new_tensor_3d(ctx, F32, dh, hk, 1) for _ in range(2))
-    set_strides(k_at, k.stride(0) * 4, k.stride(0) * hk * 4)
-    set_strides(v_at, v.stride(0) * 4, v.stride(0) * hk * 4)
     vt_at = base.ggml_new_tensor_2d(ctx, F32, 1, hk * dh)  # one position of each (head, dim) row
-    set_strides(vt_at, vt.stride(1) * 4)
+    _write_strides(k_at, v_at, vt_at, k, v, vt)
     cpys = (
         base.ggml_cpy(ctx, kr, k_at),
         base.ggml_cpy(ctx, base.ggml_reshape_3d(ctx, vy, dh, hk, 1), v_at),
@@ -233,8 +261,8 @@ def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, window
     router = lay.ffn.router if isinstance(lay.ffn, Experts) else None
     _, hidden, normed, logits, scores = attention_out_nodes(base, ctx, own, qr, ka, va, m, (1, n_heads, dh), n_kv,
                                                             lay.scale, lay.o, h, lay.ffn_norm, router, owned=True,
-                                                            room=room)  # fmt: skip
-    window.views.append((ka, va))
+                                                            room=window.room)  # fmt: skip
+    window.layers.append((*cpys, ka, va))
     window.scores += scores
     return [ka, va, *cpys], list(cpys), hidden, normed, logits
 
@@ -295,9 +323,7 @@ def _step_nodes(base, ctx, weights: Step, caches: Caches, window: Window, expert
         h = own(base.ggml_get_rows(ctx, table, a), 1, d)
     inputs, writes = [a, at, m], []
     for i, (lay, bufs) in enumerate(zip(layers, caches.buffers)):
-        ins, cpys, hidden, normed, logits = _attention(
-            base, ctx, own, lay, bufs, h, at, m, window, caches.capacity
-        )
+        ins, cpys, hidden, normed, logits = _attention(base, ctx, own, lay, bufs, h, at, m, window)
         w, slots = experts(i, own, logits, normed) if isinstance(lay.ffn, Experts) else (None, None)
         y = _ffn(base, ctx, own, lay.ffn, normed, d, slots, w)
         h = own(base.ggml_add(ctx, hidden, y), 1, d)
@@ -313,7 +339,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
     buffers), which hold at least cached_positions(pos + 1) positions."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
-    window = Window(n_kv)
+    window = Window(n_kv, caches)
 
     def build(base, ctx):
         def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
@@ -321,10 +347,10 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
 
         return _step_nodes(base, ctx, weights, caches, window, experts)
 
-    key = ("step", weights.serial, caches.strides)
+    key = ("step", weights.serial)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
     with graph.g.lock:  # another thread may call this graph at another n_kv
-        window.fit(graph, n_kv)
+        window.fit(graph, caches, n_kv)
         return _call(graph, weights, x, caches, pos, n_kv)
 
 
@@ -422,7 +448,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
     ahead = dict(itertools.pairwise(routers)) if guesses else {}
-    made, window = [], Window(n_kv)
+    made, window = [], Window(n_kv, caches)
 
     def build(base, ctx):
         host = _Holds()
@@ -444,14 +470,14 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
 
         return _step_nodes(base, ctx, weights, caches, window, experts)
 
-    key = ("paged step", weights.serial, caches.strides, guesses)
+    key = ("paged step", weights.serial, guesses)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 4 * len(routers))
     if made:
         graph.host = made[0]
     with graph.g.lock:  # another thread may call this graph at another n_kv, with other holds
         host = graph.host
         host.hold, host.release = hold, release
-        window.fit(graph, n_kv)
+        window.fit(graph, caches, n_kv)
         try:
             return _call(graph, weights, x, caches, pos, n_kv)
         finally:
