@@ -29,7 +29,9 @@ def ggml_op(op: str, rows: np.ndarray) -> np.ndarray:
         return (x,), fn(ctx, x, DESC) if op == "argsort" else fn(ctx, x)
 
     out = torch.empty(n, e, dtype=torch.int32 if op == "argsort" else torch.float32)
-    ggml._Graph(build, 1, 0)(out, torch.from_numpy(np.ascontiguousarray(rows)))
+    graph = ggml._Graph(build, 0)
+    graph.run_on(1)
+    graph(out, torch.from_numpy(np.ascontiguousarray(rows)))
     return out.numpy()
 
 
