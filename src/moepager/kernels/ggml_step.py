@@ -351,10 +351,10 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
     with graph.g.lock:  # another thread may call this graph at another n_kv
         window.fit(graph, caches, n_kv)
-        return _call(graph, weights, x, caches, pos, n_kv)
+        return _call(graph, weights, x, caches, pos)
 
 
-def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int, n_kv: int) -> torch.Tensor:
+def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int) -> torch.Tensor:
     positions, mask = caches.at(pos)
     out = torch.empty(1, weights.head.blocks.shape[0])
     return graph(out, x, positions, mask, *caches.addresses(pos))
@@ -479,6 +479,6 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
         host.hold, host.release = hold, release
         window.fit(graph, caches, n_kv)
         try:
-            return _call(graph, weights, x, caches, pos, n_kv)
+            return _call(graph, weights, x, caches, pos)
         finally:
             host.end()
