@@ -21,9 +21,9 @@ IDS = torch.randint(3, 128, (1, 90), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture
 def routing_in_the_librarys_order(monkeypatch):
-    """Route in the loaded libggml's own float order, as llama.cpp built for this CPU would: the step graph
-    routes inside ggml, so it runs only where moepager does not emulate another form (the wheel's AVX2 build on
-    an AVX-512 CPU)."""
+    """Route in the loaded libggml's own float order, as llama.cpp built for this CPU would: every token through the
+    step graph, where moepager would otherwise emulate another form (the wheel's AVX2 build on an AVX-512 CPU)
+    for the tokens whose routers nearly tie."""
     monkeypatch.setattr(ggml_routing, "avx512", lambda: ggml_library.simd_form() == "AVX-512")
 
 
@@ -74,7 +74,7 @@ def test_a_decode_step_in_one_graph_is_its_layers_bit_for_bit(name, routing_in_t
 
 
 def test_the_step_graph_steps_aside(routing_in_the_librarys_order, steps, monkeypatch):
-    """A batch, a hook, and a libggml whose routing moepager emulates run the layers instead."""
+    """A batch and a hook run the layers instead."""
     engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf")
     model = engine.model
     decode(model, 4, 2)
@@ -84,9 +84,39 @@ def test_the_step_graph_steps_aside(routing_in_the_librarys_order, steps, monkey
     handle = model.layers[1].ffn.register_forward_hook(lambda *a: None)
     decode(model, 4, 2)
     handle.remove()
-    monkeypatch.setattr(ggml_routing, "avx512", lambda: ggml_library.simd_form() != "AVX-512")
     decode(model, 4, 2)
-    assert len(steps) == 2
+    assert len(steps) == 4
+
+
+@pytest.mark.parametrize("name, close", [("qwen3_moe.q4_0", 1.0), ("moefy.q4_0", None)])
+@pytest.mark.parametrize("budget", [None, "30%"])
+def test_a_step_in_another_float_form_hands_near_ties_to_the_layers(name, close, budget, monkeypatch):
+    """Where llama.cpp's float form for this CPU is not the library's (emulated here on any CPU), a decoded token is
+    still one graph, and one whose router nearly ties is computed again by the layers, which route its close rows
+    in that form (ggml_routing.softmax_topk): the logits are the layers' own bit for bit, resident and paged. Every
+    token ties where CLOSE takes every row; on the default model's file (router logits within 2^-16) some do."""
+    monkeypatch.setattr(ggml_routing, "avx512", lambda: ggml_library.simd_form() != "AVX-512")
+    if close is not None:
+        monkeypatch.setattr(ggml_routing, "CLOSE", close)
+    calls, emulated = {"decode_step": [], "decode_step_paged": []}, []
+    for fn, made in calls.items():
+        step = getattr(ggml_step, fn)
+        monkeypatch.setattr(ggml_step, fn, lambda *a, step=step, made=made: made.append(step(*a)) or made[-1])
+    soft_max = ggml_routing.soft_max
+    monkeypatch.setattr(ggml_routing, "soft_max", lambda *a: emulated.append(1) or soft_max(*a))
+    runs = []
+    for in_graphs in (True, False):
+        engine = moepager.load(
+            FIXTURES / f"{name}.gguf", **({} if budget is None else {"expert_memory": budget})
+        )
+        if not in_graphs:
+            engine.model.__class__ = Transformer
+        runs.append(decode(engine.model, 8, 30))
+    made = calls["decode_step" if budget is None else "decode_step_paged"]
+    handed = sum(logits is None for logits in made)
+    assert len(made) == 30 and emulated
+    assert handed == 30 if close is not None else 0 < handed < 30
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def _counters(stats: dict) -> dict:

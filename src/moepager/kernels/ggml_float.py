@@ -81,11 +81,11 @@ def softmax_topk_nodes(base, ctx, a: int, n: int, e: int, k: int, normalize: boo
     return base.ggml_div(ctx, weights, total), top, scratch
 
 
-def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk(logits: torch.Tensor, k: int, normalize: bool, ranked: bool = False):
     """Router logits float32 [N, E] -> (weights [N, K] float32, ids [N, K] int64) in one graph, as llama.cpp's
     build_moe_ffn picks them: ggml_soft_max, the first K of ggml_argsort (std::sort, descending), their
     probabilities by ggml_get_rows, and (normalize) divided by ggml_sum_rows (float64, in order) clamped to
-    2^-14."""
+    2^-14. ranked: also every probability [N, E] and their descending order [N, E] (int64)."""
     x = activations(logits)
     n, e = x.shape
 
@@ -96,6 +96,8 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
 
     graph = cached_graph(("topk", x.shape, k, normalize), build, 0, n, lambda: None, nodes=24)
     weights = graph(torch.empty(n, k), x)
+    if ranked:
+        return weights, graph.scratch[1][:, :k].long(), graph.scratch[0].clone(), graph.scratch[1].long()
     return weights, graph.scratch[1][:, :k].long()
 
 

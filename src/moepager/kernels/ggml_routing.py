@@ -162,10 +162,24 @@ def avx512() -> bool:
     return "avx512f" in flags and "avx512dq" in flags
 
 
-# Two probabilities closer than this (relative) may order differently in torch's softmax and ggml's (each is
+# Two probabilities closer than this (relative) may order differently in ggml's AVX2 and AVX-512 softmax (each is
 # within a few float32 ulps, 2^-24 each, of the exact value): only rows with such a pair in their first K+1 are
-# recomputed in ggml's order
+# recomputed in the other form's order
 CLOSE = 1e-6
+
+
+def emulated() -> bool:
+    """Whether the loaded libggml computes a softmax in another float form than llama.cpp built for this CPU (the
+    wheel's AVX2 build on an AVX-512 CPU): then the rows whose order could differ are routed here (softmax_topk)."""
+    from . import ggml_library
+
+    return ggml_library.simd_form() != ("AVX-512" if avx512() else "AVX2")
+
+
+def close(top):
+    """Descending probabilities [..., K+1] (torch or numpy) -> whether each row holds two so close that the two
+    float forms could order them otherwise [...]."""
+    return (top[..., :-1] * (1 - CLOSE) <= top[..., 1:]).any(-1)
 
 
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,32 +187,29 @@ def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.T
     the first K of a descending std::sort, and (normalize) the K weights divided by their sum (ggml_sum_rows:
     in float64, in order; clamped to 2^-14).
 
-    When the loaded libggml computes in the form llama.cpp built for this CPU does (kernels/ggml_library.py
-    prefers llama.cpp's own library), all of it runs in ggml as llama.cpp's graph runs it, in one call
-    (ggml_float.softmax_topk). Otherwise torch's softmax and
-    topk, which pick the same experts wherever the first K+1 probabilities are not close (on a trained router
-    nearly every row); the others (the default model's: ~20% of rows) are computed here as ggml computes them.
-    Emulating every row cost a third of a small Q4_0 model's decode speed."""
-    from . import ggml_float, ggml_library
+    All of it runs in ggml as llama.cpp's graph runs it, in one call (ggml_float.softmax_topk; kernels/ggml_library.py
+    prefers llama.cpp's own library). Where that library's float form is not the one llama.cpp built for this CPU
+    takes (`emulated`), the rows whose first K+1 probabilities are close (on a trained router nearly none; the
+    default model's: ~20% of rows) are computed again here as llama.cpp's form computes them. The others are
+    ggml's, as a decode step's graph computes them (kernels/ggml_step.py, which hands a token with a close row to
+    this path). Emulating every row cost a third of a small Q4_0 model's decode speed."""
+    from . import ggml_float
 
     x = logits.detach().float().cpu()
-    if ggml_library.simd_form() == ("AVX-512" if avx512() else "AVX2"):
+    if not emulated():
         weights, ids = ggml_float.softmax_topk(x, k, normalize)
         return weights.to(logits.device), ids.to(logits.device)
+    weights, ids, probs, order = ggml_float.softmax_topk(x, k, normalize, ranked=True)
     kk = min(k + 1, x.shape[-1])
-    probs = torch.softmax(x, dim=-1)
-    top, ids = torch.topk(probs, kk, dim=-1)  # descending
-    rows = (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(dim=-1).nonzero().flatten()
-    exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512())) if len(rows) else None
-    weights, ids = top[:, :k], ids[:, :k]
+    rows = close(probs.gather(1, order[:, :kk])).nonzero().flatten()
     if len(rows):
-        weights, ids = weights.clone(), ids.clone()
+        exact = torch.from_numpy(soft_max(x[rows].numpy(), avx512()))
         top, picked = torch.topk(exact, kk, dim=-1)
         tied = (top[:, 1:] == top[:, :-1]).any(dim=-1)
         for i, row in enumerate(rows.tolist()):
             ids[row] = torch.tensor(std_sort_desc(exact[i].numpy())[:k]) if tied[i] else picked[i, :k]
             weights[row] = exact[i, ids[row]]
-    if normalize:
-        total = weights.double().cumsum(-1)[:, -1:].float().clamp(min=2.0**-14)
-        weights = weights / total
+            if normalize:
+                total = weights[row].double().cumsum(-1)[-1:].float().clamp(min=2.0**-14)
+                weights[row] = weights[row] / total
     return weights.to(logits.device), ids.to(logits.device)

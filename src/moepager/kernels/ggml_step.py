@@ -18,8 +18,10 @@ import itertools
 import threading
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from . import ggml_routing
 from .ggml import activations, cached_graph, swiglu_experts_nodes, swiglu_mlp_nodes, weight_tensor
 from .ggml_block import (
     Matrix,
@@ -177,6 +179,13 @@ class Window:
         self.n_kv, self.strides, self.room, self.mask = n_kv, caches.strides, caches.capacity, 0
         self.layers: list[tuple[int, ...]] = []  # per layer: its three cache writes, keys, values
         self.scores: list[tuple[int, torch.Tensor]] = []  # (node, its buffer)
+        # per router: its probabilities [E] and their descending order [E] (the nodes' buffers), K+1
+        self.routes: list[tuple[np.ndarray, np.ndarray, int]] = []
+
+    def close(self) -> bool:
+        """After a call: whether a router's first K+1 probabilities hold two that llama.cpp's float form for this
+        CPU could order otherwise than the library did (ggml_routing.close)."""
+        return any(ggml_routing.close(p[order[:n]]) for p, order, n in self.routes)
 
     def fit(self, graph, caches: Caches, n_kv: int) -> None:
         """Before a call of `graph`: this window, if its build made it, becomes the graph's; the graph's is laid
@@ -267,12 +276,13 @@ def _attention(base, ctx, own, lay: Layer, bufs, h: int, at: int, m: int, window
     return [ka, va, *cpys], list(cpys), hidden, normed, logits
 
 
-def _route(base, ctx, own, ffn: Experts, logits: int) -> tuple[int, int, torch.Tensor]:
+def _route(base, ctx, own, ffn: Experts, logits: int, window: Window) -> tuple[int, int, torch.Tensor]:
     """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1], the buffer whose first K int32
     values are the ids)."""
     e, kk = ffn.router.shape[0], ffn.top_k
     picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize)
     own.scratch += scratch
+    window.routes.append((scratch[0].numpy()[0], scratch[1].numpy()[0], min(kk + 1, e)))
     return base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1), ids, scratch[1]
 
 
@@ -333,17 +343,20 @@ def _step_nodes(base, ctx, weights: Step, caches: Caches, window: Window, expert
     return tuple(inputs), out, own.scratch, writes
 
 
-def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int) -> torch.Tensor:
+def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int,
+                check: bool = False) -> torch.Tensor | None:  # fmt: skip
     """x, the token at position pos: its id int32 [1] where weights.embed is given, else its row float32 [1, D]
     -> logits [1, V], appending each layer's key and value at pos to its cache buffers (a Caches, or its list of
-    buffers), which hold at least cached_positions(pos + 1) positions."""
+    buffers), which hold at least cached_positions(pos + 1) positions. check: None where a router's probabilities
+    are close (Window.close): the caller routes that token in llama.cpp's form for this CPU
+    (ggml_routing.softmax_topk), writing over what this step wrote at pos."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     window = Window(n_kv, caches)
 
     def build(base, ctx):
         def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
-            return _route(base, ctx, own, layers[i].ffn, logits)[:2]
+            return _route(base, ctx, own, layers[i].ffn, logits, window)[:2]
 
         return _step_nodes(base, ctx, weights, caches, window, experts)
 
@@ -351,7 +364,8 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int)
     graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers))
     with graph.g.lock:  # another thread may call this graph at another n_kv
         window.fit(graph, caches, n_kv)
-        return _call(graph, weights, x, caches, pos)
+        logits = _call(graph, weights, x, caches, pos)
+        return None if check and graph.window.close() else logits
 
 
 def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int) -> torch.Tensor:
@@ -434,7 +448,7 @@ class _Holds:
 
 
 def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int, hold, release,
-                      guesses: bool = False) -> torch.Tensor:  # fmt: skip
+                      guesses: bool = False, check: bool = False) -> torch.Tensor | None:  # fmt: skip
     """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache), still
     one graph a token: at each router a host node (_Holds) turns the router's ids into slots.
 
@@ -443,7 +457,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
     release(i, ids) lets go of the last one's after the graph. guesses: each MoE layer's graph also applies the
     next MoE layer's router to its experts' input, and `guess` is that router's top K (what paging/prefetch.py
     guesses, made here without a call of its own); else None. The other nodes are decode_step's on the same
-    operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit."""
+    operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit; check: as there."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
@@ -455,7 +469,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
         made.append(host)
 
         def experts(i, own, logits, normed):
-            w, ids, ids_buffer = _route(base, ctx, own, layers[i].ffn, logits)
+            w, ids, ids_buffer = _route(base, ctx, own, layers[i].ffn, logits, window)
             guess = None
             if i in ahead:  # the next router on this layer's experts' input, its experts in order of logits
                 nxt = layers[ahead[i]].ffn
@@ -479,6 +493,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
         host.hold, host.release = hold, release
         window.fit(graph, caches, n_kv)
         try:
-            return _call(graph, weights, x, caches, pos)
+            logits = _call(graph, weights, x, caches, pos)
         finally:
             host.end()
+        return None if check and graph.window.close() else logits

@@ -7,9 +7,9 @@ scaling or masked experts) to SwiGLU experts, with or without a shared expert (B
 dense BlockMLP; with a GgmlRMSNorm and a BlockLinear output head. Transformer.forward stays the definition: a
 call that is not one token of one sequence in a plain KVCache, whose experts are neither every expert resident
 in GGUF banks nor a CPU expert cache a token's experts fit (waves, a trace recorder, Ray), while any module
-carries a hook or a router masks experts, or where the
-loaded libggml routes in another float order than llama.cpp built for this CPU (kernels/ggml_routing.py), goes
-through it unchanged.
+carries a hook or a router masks experts, goes through it unchanged. Where the loaded libggml computes a softmax in
+another float form than llama.cpp built for this CPU (the wheel's AVX2 build on an AVX-512 CPU), a token whose
+router nearly ties goes through it too, after the step: kernels/ggml_routing.py routes it in llama.cpp's form.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-from ..kernels import ggml_block, ggml_float, ggml_library, ggml_routing, ggml_step
+from ..kernels import ggml_block, ggml_float, ggml_routing, ggml_step
 from .compact import BlockEmbedding, BlockLinear, BlockMLP, GgmlBlock, GgmlRMSNorm, GgmlRouter, GgmlSharedGate
 from .decoder import Transformer
 from .layers import KVCache
@@ -84,13 +84,22 @@ class GgmlDecodeTransformer(Transformer):
                 return super().forward(ids, cache, last_only)
             x = torch.tensor([token], dtype=torch.int32)
         buffers = self._kv_buffers(cache, weights, ggml_float.cached_positions(pos + 1))
-        experts = self._step[0]
+        experts, check = self._step[0], ggml_routing.emulated()
         if hasattr(experts, "hold_step"):  # an expert cache: its slots are held between the step's graphs
             logits = ggml_step.decode_step_paged(
-                weights, x, buffers, pos, experts.hold_step, experts.release_step, experts.step_guesses()
+                weights,
+                x,
+                buffers,
+                pos,
+                experts.hold_step,
+                experts.release_step,
+                experts.step_guesses(),
+                check,
             )
         else:
-            logits = ggml_step.decode_step(weights, x, buffers, pos)
+            logits = ggml_step.decode_step(weights, x, buffers, pos, check)
+        if logits is None:  # a router nearly tied: the layers route it as llama.cpp's form for this CPU would
+            return super().forward(ids, cache, last_only)
         cache.length[:] = [pos + 1] * len(cache.length)
         cache.mirrored[:] = [pos + 1] * len(cache.length)
         return logits.view(1, 1, -1)
@@ -114,7 +123,7 @@ class GgmlDecodeTransformer(Transformer):
     def _weights(self) -> ggml_step.Step | None:
         """The step's weights when the experts are GGUF banks of one SwiGLU, every expert resident (slot = expert
         id) or an expert cache on the CPU whose slots a token's experts always fit, and nothing asks for the eager
-        path (hooks, masked routers, a libggml routing in another order); else None."""
+        path (hooks, masked routers); else None."""
         moes = self._moes
         if moes:
             experts = moes[0].experts
@@ -123,8 +132,6 @@ class GgmlDecodeTransformer(Transformer):
             if type(experts) is not ResidentExperts and not (
                 hasattr(experts, "hold_step") and experts.step_fits()
             ):
-                return None
-            if ggml_library.simd_form() != ("AVX-512" if ggml_routing.avx512() else "AVX2"):
                 return None
         else:
             experts = None
