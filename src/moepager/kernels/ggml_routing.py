@@ -176,10 +176,11 @@ def emulated() -> bool:
     return ggml_library.simd_form() != ("AVX-512" if avx512() else "AVX2")
 
 
-def close(top):
-    """Descending probabilities [..., K+1] (torch or numpy) -> whether each row holds two so close that the two
-    float forms could order them otherwise [...]."""
-    return (top[..., :-1] * (1 - CLOSE) <= top[..., 1:]).any(-1)
+def close(top: torch.Tensor) -> torch.Tensor:
+    """Descending probabilities [N, K+1] -> whether each row holds two so close that the two float forms could
+    order them otherwise [N]. In float64, as a step graph's Python tests its routers (ggml_step.Window.close)."""
+    top = top.double()
+    return (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(-1)
 
 
 def softmax_topk(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
