@@ -179,7 +179,8 @@ class Window:
         self.layers: list[tuple[int, ...]] = []  # per layer: its three cache writes, keys, values
         self.scores: list[tuple[int, torch.Tensor]] = []  # (node, its buffer)
         # the routers' probabilities [routers, E] and their descending order, a row each (the nodes' buffers)
-        self.routers, self.probs, self.order, self.top = routers, torch.empty(0), torch.empty(0), 0
+        self.routers, self.routes, self.top = routers, 0, 0  # routers, those built, their K+1
+        self.probs = self.order = torch.empty(0)
         self.views: tuple[ctypes.Array, ctypes.Array] | None = None  # the two, flat, as Python reads them
 
     def ranked(self, e: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +190,9 @@ class Window:
                 torch.empty(self.routers, e),
                 torch.empty(self.routers, e, dtype=torch.int32),
             )
-            self.top, self.routes = top, 0
+            self.top = top
         if (e, top) != (self.probs.shape[1], self.top):
-            raise ValueError(f"a router of {e} experts picking {top - 1} in a step of {self.probs.shape[1]} and {self.top - 1}")  # fmt: skip
+            raise ValueError(f"routers of {self.probs.shape[1]} and {e} experts (or another K) in one step")
         self.routes += 1
         return self.probs[self.routes - 1 : self.routes], self.order[self.routes - 1 : self.routes]
 
@@ -199,7 +200,7 @@ class Window:
         """After a call: whether a router's first K+1 probabilities hold two that llama.cpp's float form for this
         CPU could order otherwise than the library did: ggml_routing.close's test, in Python floats. Python
         right after a graph runs on caches the weights went through: numpy's and torch's calls here took
-        100-250 us a token on the small Q4_0 file, this loop ~10."""
+        100-250 us a token on the small Q4_0 file, this loop ~20."""
         if not self.top:
             return False
         if self.views is None:
