@@ -198,24 +198,14 @@ class Window:
 
     def close(self) -> bool:
         """After a call: whether a router's first K+1 probabilities hold two that llama.cpp's float form for this
-        CPU could order otherwise than the library did: ggml_routing.close's test, in Python floats. Python
-        right after a graph runs on caches the weights went through: numpy's and torch's calls here took
-        100-250 us a token on the small Q4_0 file, this loop ~20."""
+        CPU could order otherwise than the library did (ggml_routing.any_close)."""
         if not self.top:
             return False
         if self.views is None:
             n = self.probs.numel()
             probs = (ctypes.c_float * n).from_address(self.probs.data_ptr())
             self.views = probs, (ctypes.c_int32 * n).from_address(self.order.data_ptr())
-        (probs, order), e, scale = self.views, self.probs.shape[1], 1 - ggml_routing.CLOSE
-        for row in range(0, len(probs), e):
-            before = probs[row + order[row]]
-            for i in range(row + 1, row + self.top):
-                p = probs[row + order[i]]
-                if before * scale <= p:
-                    return True
-                before = p
-        return False
+        return ggml_routing.any_close(*self.views, self.probs.shape[1], self.top)
 
     def fit(self, graph, caches: Caches, n_kv: int) -> None:
         """Before a call of `graph`: this window, if its build made it, becomes the graph's; the graph's is laid
