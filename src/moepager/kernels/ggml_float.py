@@ -59,13 +59,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     )
 
 
-def softmax_topk_nodes(base, ctx, a: int, n: int, e: int, k: int, normalize: bool, ranked=None):
+def softmax_topk_nodes(base, ctx, a: int, n: int, e: int, k: int, normalize: bool):
     """softmax_topk's nodes over logits a [E, N] -> (the weights [1, K, N] or [K, N], without a buffer of their
-    own; the ids, an int32 view [K, N]; the intermediate nodes' buffers, the order [N, E] second). ranked: the
-    buffers the probabilities (float32 [N, E]) and their order (int32 [N, E]) go to, else new ones."""
+    own; the ids, an int32 view [K, N]; the intermediate nodes' buffers, the order [N, E] second)."""
     probs = base.ggml_soft_max(ctx, a)
-    ranked = ranked or (torch.empty(n, e), torch.empty(n, e, dtype=torch.int32))
-    scratch = list(ranked)  # probabilities, their order
+    scratch = [torch.empty(n, e), torch.empty(n, e, dtype=torch.int32)]  # probabilities, their order
     set_data(probs, scratch[0].data_ptr())  # intermediate nodes get buffers before views are made of them
     order = base.ggml_argsort(ctx, probs, 1)  # GGML_SORT_ORDER_DESC
     set_data(order, scratch[1].data_ptr())

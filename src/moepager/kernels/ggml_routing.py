@@ -183,16 +183,16 @@ def close(top: torch.Tensor) -> torch.Tensor:
     return (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(-1)
 
 
-def any_close(probs, order, e: int, top: int) -> bool:
-    """Whether any row of probabilities (float32 [N, E], flat) holds a close pair (`close`) among its first `top` in
-    their descending order (int32 [N, E], flat), both read as Python floats and ints (ctypes arrays). Python right
-    after a graph runs on caches the weights went through: numpy's and torch's calls for this took 100-250 us a
-    decoded token on a small Q4_0 file, this loop ~20."""
+def any_close(rows) -> bool:
+    """Whether any of rows, each (probabilities [E], their descending order [E], K+1) read as Python floats and
+    ints (ctypes arrays), holds a close pair (`close`) among its first K+1. Python right after a graph runs on
+    caches the weights went through: numpy's and torch's calls for this took 100-250 us a decoded token on a small
+    Q4_0 file, this loop ~20."""
     scale = 1 - CLOSE
-    for row in range(0, len(probs), e):
-        before = probs[row + order[row]]
-        for i in range(row + 1, row + top):
-            p = probs[row + order[i]]
+    for probs, order, top in rows:
+        before = probs[order[0]]
+        for i in range(1, top):
+            p = probs[order[i]]
             if before * scale <= p:
                 return True
             before = p

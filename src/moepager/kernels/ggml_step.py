@@ -174,38 +174,18 @@ class Window:
     they differ: it was built again at each 64 positions and whenever the buffers grew (~5 ms a build on the
     small Q4_0 file: 3 of them in a run of 129 tokens)."""
 
-    def __init__(self, n_kv: int, caches: Caches, routers: int):
+    def __init__(self, n_kv: int, caches: Caches):
         self.n_kv, self.strides, self.room, self.mask = n_kv, caches.strides, caches.capacity, 0
         self.layers: list[tuple[int, ...]] = []  # per layer: its three cache writes, keys, values
         self.scores: list[tuple[int, torch.Tensor]] = []  # (node, its buffer)
-        # the routers' probabilities [routers, E] and their descending order, a row each (the nodes' buffers)
-        self.routers, self.routes, self.top = routers, 0, 0  # routers, those built, their K+1
-        self.probs = self.order = torch.empty(0)
-        self.views: tuple[ctypes.Array, ctypes.Array] | None = None  # the two, flat, as Python reads them
-
-    def ranked(self, e: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """At the build: the next router's rows [1, E] of the probabilities and their order; top: its K+1."""
-        if not self.top:
-            self.probs, self.order = (
-                torch.empty(self.routers, e),
-                torch.empty(self.routers, e, dtype=torch.int32),
-            )
-            self.top = top
-        if (e, top) != (self.probs.shape[1], self.top):
-            raise ValueError(f"routers of {self.probs.shape[1]} and {e} experts (or another K) in one step")
-        self.routes += 1
-        return self.probs[self.routes - 1 : self.routes], self.order[self.routes - 1 : self.routes]
+        # per router: its probabilities [E] and their descending order [E] as Python reads them (views of the
+        # nodes' buffers), its K+1
+        self.routes: list[tuple[ctypes.Array, ctypes.Array, int]] = []
 
     def close(self) -> bool:
         """After a call: whether a router's first K+1 probabilities hold two that llama.cpp's float form for this
         CPU could order otherwise than the library did (ggml_routing.any_close)."""
-        if not self.top:
-            return False
-        if self.views is None:
-            n = self.probs.numel()
-            probs = (ctypes.c_float * n).from_address(self.probs.data_ptr())
-            self.views = probs, (ctypes.c_int32 * n).from_address(self.order.data_ptr())
-        return ggml_routing.any_close(*self.views, self.probs.shape[1], self.top)
+        return ggml_routing.any_close(self.routes)
 
     def fit(self, graph, caches: Caches, n_kv: int) -> None:
         """Before a call of `graph`: this window, if its build made it, becomes the graph's; the graph's is laid
@@ -300,9 +280,11 @@ def _route(base, ctx, own, ffn: Experts, logits: int, window: Window) -> tuple[i
     """The router's softmax and top K -> (weights node [1, K, 1], ids node [K, 1], the buffer whose first K int32
     values are the ids)."""
     e, kk = ffn.router.shape[0], ffn.top_k
-    ranked = window.ranked(e, min(kk + 1, e))
-    picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize, ranked)
+    picked, ids, scratch = softmax_topk_nodes(base, ctx, logits, 1, e, kk, ffn.normalize)
     own.scratch += scratch
+    probs = (ctypes.c_float * e).from_address(scratch[0].data_ptr())
+    order = (ctypes.c_int32 * e).from_address(scratch[1].data_ptr())
+    window.routes.append((probs, order, min(kk + 1, e)))
     return base.ggml_reshape_3d(ctx, own(picked, kk), 1, kk, 1), ids, scratch[1]
 
 
@@ -372,7 +354,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int,
     (ggml_routing.softmax_topk), writing over what this step wrote at pos."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
-    window = Window(n_kv, caches, sum(isinstance(lay.ffn, Experts) for lay in layers))
+    window = Window(n_kv, caches)
 
     def build(base, ctx):
         def experts(i, own, logits, normed):  # slot = expert id: the router's ids pick the slots
@@ -482,7 +464,7 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
     ahead = dict(itertools.pairwise(routers)) if guesses else {}
-    made, window = [], Window(n_kv, caches, len(routers))
+    made, window = [], Window(n_kv, caches)
 
     def build(base, ctx):
         host = _Holds()

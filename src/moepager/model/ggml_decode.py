@@ -86,16 +86,8 @@ class GgmlDecodeTransformer(Transformer):
         buffers = self._kv_buffers(cache, weights, ggml_float.cached_positions(pos + 1))
         experts, check = self._step[0], ggml_routing.emulated()
         if hasattr(experts, "hold_step"):  # an expert cache: its slots are held between the step's graphs
-            logits = ggml_step.decode_step_paged(
-                weights,
-                x,
-                buffers,
-                pos,
-                experts.hold_step,
-                experts.release_step,
-                experts.step_guesses(),
-                check,
-            )
+            holds = experts.hold_step, experts.release_step, experts.step_guesses()
+            logits = ggml_step.decode_step_paged(weights, x, buffers, pos, *holds, check)
         else:
             logits = ggml_step.decode_step(weights, x, buffers, pos, check)
         if logits is None:  # a router nearly tied: the layers route it as llama.cpp's form for this CPU would
