@@ -9,6 +9,7 @@ import torch
 
 from moepager.errors import MoepagerError
 from moepager.model.config import ModelConfig
+from moepager.model.decoder import Transformer
 from moepager.paging.cache import ExpertCache
 from moepager.paging.paged import fill_cache
 from moepager.paging.prefetch import WINDOW, RouterPrefetcher
@@ -328,6 +329,8 @@ def test_random_guesses_stop_being_read(tiny):
         warnings.simplefilter("ignore")
         engine = moepager.load(path, expert_memory="50%", prefetch=True)
         plain = moepager.load(path, expert_memory="50%", prefetch=False)
+    for e in (engine, plain):  # the layers, where the prefetcher's routers guess (a step graph's are nodes)
+        e.model.__class__ = Transformer
     pf = engine.experts.prefetcher
     bad = torch.Generator().manual_seed(0)
     pf.routers = {

@@ -11,6 +11,7 @@ from tiny_models import VOCAB
 import moepager
 from moepager.generation.batching import Scheduler, Sequence
 from moepager.generation.generate import SamplingParams
+from moepager.kernels.ggml_float import cached_positions
 from moepager.model.kvcache import BlockKVCache
 from moepager.model.layers import KVCache
 
@@ -186,19 +187,24 @@ def test_mla_caches_one_latent_per_position(engines, family):
 
 def test_a_planned_context_bounds_the_buffers(tiny):
     """Under a memory limit the cache's buffers grow by doubling up to the planned context and no further (the
-    plan counts its K/V once), past it only to what is asked; the tokens are those of an unbounded cache."""
+    plan counts its K/V once), past it only to what is asked (the decode step's graph: the planned context's
+    multiple of KV_PAD, which the plan counts); the tokens are those of an unbounded cache."""
     path, _ = tiny("qwen3_moe")
     engine = moepager.load(path, memory_limit="1GiB", max_context=100, prefetch=False)
     cache = engine.new_cache()
     assert engine.planned_context() == cache.max_positions == 100
+    c = engine.config  # keys, values and values by position, float32, each layer's and one layer's again
+    assert engine.experts.cache.footprint["kv_cache"] == 128 * 3 * c.num_kv_heads * c.head_dim * 4 * (
+        c.num_layers + 1
+    )
     prompt = list(range(3, 40))
     got = list(engine.stream(prompt, 63, temperature=1.0, seed=1, stop_ids=[], cache=cache))
-    assert cache.k[0].shape[2] == 100 and cache.seq_len == 99
+    assert cache.k[0].shape[2] == cached_positions(100) == 128 and cache.seq_len == 99
     unbounded = KVCache(engine.config.num_layers)
     assert got == list(engine.stream(prompt, 63, temperature=1.0, seed=1, stop_ids=[], cache=unbounded))
     assert (
         unbounded.k[0].shape[2] > 100
     )  # doubled past the planned context (the prompt in the limit's chunks)
     k = torch.zeros(1, engine.config.num_kv_heads, 1, engine.config.head_dim)
-    cache.reserve(0, 101, k, k)
-    assert cache.k[0].shape[2] == 101
+    cache.reserve(0, 129, k, k)
+    assert cache.k[0].shape[2] == 129

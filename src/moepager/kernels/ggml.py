@@ -169,6 +169,14 @@ def _threads() -> int:
     return choice.current
 
 
+def torch_threads() -> None:
+    """The calling thread's torch ops get back the cores a block product gave ggml's pool (_threads), for work
+    that is torch's (a float32 checkpoint's prefill through its layers); the next block product takes them again."""
+    choice = getattr(_cores, "choice", None)
+    if choice is not None and torch.get_num_threads() != choice.cores:
+        torch.set_num_threads(choice.cores)
+
+
 def _release_openmp_workers() -> None:
     """End the OpenMP worker threads this thread's earlier torch ops started. Idle, they wait for the next
     parallel region, spinning under OMP_WAIT_POLICY=ACTIVE, on the very cores ggml's pool computes on: a

@@ -166,6 +166,9 @@ def avx512() -> bool:
 # within a few float32 ulps, 2^-24 each, of the exact value): only rows with such a pair in their first K+1 are
 # recomputed in the other form's order
 CLOSE = 1e-6
+# a float32 checkpoint's decode step (kernels/ggml_step.py) takes its router's product in ggml's order of sums,
+# not torch's: probabilities this close are routed by the model's layers, in torch's order, as the reference does
+TORCH_CLOSE = 1e-4
 
 
 def emulated() -> bool:
@@ -183,12 +186,12 @@ def close(top: torch.Tensor) -> torch.Tensor:
     return (top[:, :-1] * (1 - CLOSE) <= top[:, 1:]).any(-1)
 
 
-def any_close(rows) -> bool:
+def any_close(rows, closeness: float = CLOSE) -> bool:
     """Whether any of rows, each (probabilities [E], their descending order [E], K+1) read as Python floats and
-    ints (ctypes arrays), holds a close pair (`close`) among its first K+1. Python right after a graph runs on
+    ints (ctypes arrays), holds a pair within `closeness` (relative; CLOSE: `close`'s) among its first K+1. Python right after a graph runs on
     caches the weights went through: numpy's and torch's calls for this took 100-250 us a decoded token on a small
     Q4_0 file, this loop ~20."""
-    scale = 1 - CLOSE
+    scale = 1 - closeness
     for probs, order, top in rows:
         before = probs[order[0]]
         for i in range(1, top):

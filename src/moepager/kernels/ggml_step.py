@@ -182,10 +182,10 @@ class Window:
         # nodes' buffers), its K+1
         self.routes: list[tuple[ctypes.Array, ctypes.Array, int]] = []
 
-    def close(self) -> bool:
-        """After a call: whether a router's first K+1 probabilities hold two that llama.cpp's float form for this
-        CPU could order otherwise than the library did (ggml_routing.any_close)."""
-        return ggml_routing.any_close(self.routes)
+    def close(self, closeness: float) -> bool:
+        """After a call: whether a router's first K+1 probabilities hold two within `closeness` of each other
+        (ggml_routing.any_close), which another float form could order otherwise than the library did."""
+        return ggml_routing.any_close(self.routes, closeness)
 
     def fit(self, graph, caches: Caches, n_kv: int) -> None:
         """Before a call of `graph`: this window, if its build made it, becomes the graph's; the graph's is laid
@@ -346,12 +346,12 @@ def _step_nodes(base, ctx, weights: Step, caches: Caches, window: Window, expert
 
 
 def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int,
-                check: bool = False) -> torch.Tensor | None:  # fmt: skip
+                check: float = 0.0) -> torch.Tensor | None:  # fmt: skip
     """x, the token at position pos: its id int32 [1] where weights.embed is given, else its row float32 [1, D]
     -> logits [1, V], appending each layer's key and value at pos to its cache buffers (a Caches, or its list of
     buffers), which hold at least cached_positions(pos + 1) positions. check: None where a router's probabilities
-    are close (Window.close): the caller routes that token in llama.cpp's form for this CPU
-    (ggml_routing.softmax_topk), writing over what this step wrote at pos."""
+    are within this relative closeness (Window.close; 0: never): the caller routes that token as its reference
+    does (ggml_routing.softmax_topk for llama.cpp's form on this CPU), writing over what this step wrote at pos."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     window = Window(n_kv, caches)
@@ -367,7 +367,7 @@ def decode_step(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int,
     with graph.g.lock:  # another thread may call this graph at another n_kv
         window.fit(graph, caches, n_kv)
         logits = _call(graph, weights, x, caches, pos)
-        return None if check and graph.window.close() else logits
+        return None if check and graph.window.close(check) else logits
 
 
 def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int) -> torch.Tensor:
@@ -450,7 +450,7 @@ class _Holds:
 
 
 def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int, hold, release,
-                      guesses: bool = False, check: bool = False) -> torch.Tensor | None:  # fmt: skip
+                      guesses: bool = False, check: float = 0.0) -> torch.Tensor | None:  # fmt: skip
     """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache), still
     one graph a token: at each router a host node (_Holds) turns the router's ids into slots.
 
@@ -498,4 +498,4 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
             logits = _call(graph, weights, x, caches, pos)
         finally:
             host.end()
-        return None if check and graph.window.close() else logits
+        return None if check and graph.window.close(check) else logits

@@ -276,12 +276,15 @@ def dense_footprint(model, config: ModelConfig, device: torch.device, max_contex
         # pages another process maps too are that one's
         dropped = page_out_libraries()
         process = unique_bytes() + (LIBRARY_PAGES if dropped else 0)
+    from ..kernels import ggml_float
     from ..model.compact import GgmlAttention
+    from ..model.ggml_decode import GgmlDecodeTransformer
 
-    by_position = any(isinstance(m, GgmlAttention) for m in model.modules())
+    by_position = isinstance(model, GgmlDecodeTransformer) or any(isinstance(m, GgmlAttention) for m in model.modules())  # fmt: skip
     kv_per_token = _kv_bytes_per_token(config, model.norm.weight.dtype.itemsize, by_position)
     per_token = kv_per_token + _activation_bytes_per_token(config)  # what each position of context costs
-    kv = kv_per_token * max_context
+    # llama.cpp's attention (GgmlAttention, a step graph) runs over, and keeps, a multiple of KV_PAD positions
+    kv = kv_per_token * (ggml_float.cached_positions(max_context) if by_position else max_context)
     chunk = prefill_chunk or limited_prefill_chunk(config, max_context)
     activations = prefill_bytes_per_token(config, max_context) * min(chunk, max_context)
     buffers = fixed_buffers(config) + activations
