@@ -199,10 +199,11 @@ class GgmlDecodeTransformer(Transformer):
         return logits.view(1, 1, -1)
 
     def _ties_often(self) -> bool:
-        """Whether half or more of the first TIE_TRIAL steps or more went to the layers after all (routers that
-        nearly tie on most tokens, as a moefied model's near-uniform ones do): its tokens then go there at once."""
+        """Whether the first two steps, or half or more of TIE_TRIAL steps or more, went to the layers after all
+        (routers that nearly tie on most tokens, as a moefied model's near-uniform ones do, where a step costs a
+        token's time for nothing): its tokens then go there at once."""
         steps, handed = self._steps
-        return steps >= TIE_TRIAL and 2 * handed >= steps
+        return handed == steps >= 2 or (steps >= TIE_TRIAL and 2 * handed >= steps)
 
     def _kv_buffers(self, cache: KVCache, weights: ggml_step.Step, n_kv: int) -> ggml_step.Caches:
         """The cache's buffers as the step takes them, holding n_kv positions, the values by position up to date:
