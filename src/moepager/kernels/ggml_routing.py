@@ -188,9 +188,9 @@ def close(top: torch.Tensor) -> torch.Tensor:
 
 def any_close(rows, closeness: float = CLOSE) -> bool:
     """Whether any of rows, each (probabilities [E], their descending order [E], K+1) read as Python floats and
-    ints (ctypes arrays), holds a pair within `closeness` (relative; CLOSE: `close`'s) among its first K+1. Python right after a graph runs on
-    caches the weights went through: numpy's and torch's calls for this took 100-250 us a decoded token on a small
-    Q4_0 file, this loop ~20."""
+    ints (ctypes arrays), holds a pair within `closeness` (relative; CLOSE is `close`'s) among its first K+1.
+    Python right after a graph runs on caches the weights went through: numpy's and torch's calls for this took
+    100-250 us a decoded token on a small Q4_0 file, this loop ~20."""
     scale = 1 - closeness
     for probs, order, top in rows:
         before = probs[order[0]]

@@ -38,7 +38,7 @@ from .layers import MLP, Attention, KVCache, RMSNorm
 from .moe import MoE, ResidentExperts, Router, SharedGate
 
 F32 = int(Q.F32)
-TIE_TRIAL = 8  # steps a model runs before _ties_often may send its tokens straight to the layers
+TIE_TRIAL = 8  # from this many steps on, half of them handed to the layers sends the rest there (_ties_often)
 _LINEARS = (nn.Linear, MatvecLinear, SharedGate)  # a float32 checkpoint's products (SharedGate: its gate's)
 
 
@@ -116,12 +116,13 @@ def _float_fits(model: Transformer) -> bool:
         norms = [block.attn_norm, block.ffn_norm] + ([a.q_norm, a.k_norm] if a.qk_norm == "head" else [])
         mats = [a.q_proj, a.k_proj, a.v_proj, a.o_proj]
         if type(ffn) is MoE:
+            router = ffn.router
             if (
-                type(ffn.router) is not Router
-                or ffn.router.bias is not None
-                or ffn.router.e_score_correction_bias is not None
+                type(router) is not Router
+                or router.bias is not None
+                or router.e_score_correction_bias is not None
             ):
-                return False  # fmt: skip
+                return False
             if ffn.shared is not None and (type(ffn.shared) is not MLP or type(ffn.shared_gate) not in (SharedGate, type(None))):  # fmt: skip
                 return False
             dense = [ffn.shared] if ffn.shared is not None else []
@@ -151,10 +152,8 @@ def _expert_banks(bank, c) -> tuple[tuple, tuple, tuple] | None:
     gate_up, down = m.get("gate_up"), m.get("down")
     if type(gate_up) is not FloatBank or type(down) is not FloatBank or bank.gate_up_bias is not None:
         return None
-    if bank.down_bias is not None or not all(
-        b.w.dtype == torch.float32 and b.w.device.type == "cpu" for b in (gate_up, down)
-    ):
-        return None  # fmt: skip
+    if bank.down_bias is not None or any(b.w.dtype != torch.float32 or b.w.device.type != "cpu" for b in (gate_up, down)):  # fmt: skip
+        return None
     rows = gate_up.w.view(torch.uint8)  # [S, 2I, D * 4]: gate's rows, then up's
     i = rows.shape[1] // 2
     return (F32,) * 3, (rows[:, :i], rows[:, i:], down.w.view(torch.uint8)), (0, 0, 0)
@@ -289,7 +288,6 @@ def swap_ggml_decode(model: Transformer) -> bool:
     # (the experts object the layers were gathered for, whether the graph embeds, the step's weights)
     model._step = (object(), None, None)
     model._steps = [0, 0]  # steps run, and of those handed to the layers (near ties)
-    model._torch_layers = (
-        type(model.lm_head) is not BlockLinear
-    )  # a float32 checkpoint: its layers are torch's
+    # a float32 checkpoint: torch computes its layers (a prompt, a batch, a token whose routers nearly tie)
+    model._torch_layers = type(model.lm_head) is not BlockLinear
     return True
