@@ -2,6 +2,7 @@
 layers computed one by one (GgmlBlock, three graphs a layer), bit for bit, and the eager path wherever the
 step graph does not apply."""
 
+import ctypes
 import platform
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import moepager
-from moepager.kernels import ggml, ggml_library, ggml_routing, ggml_step
+from moepager.kernels import ggml, ggml_library, ggml_routing, ggml_step, host_entry, host_nodes
 from moepager.model.decoder import Transformer
 from moepager.model.ggml_decode import GgmlDecodeTransformer
 from moepager.model.layers import KVCache
@@ -231,18 +232,89 @@ def test_only_ggml_s_first_thread_enters_a_host_node(routing_in_the_librarys_ord
     logits are the same bits."""
     monkeypatch.setattr(ggml, "SMALL_WORK", 0)  # the tiny model's graphs on two threads, not the caller's one
     monkeypatch.setattr(ggml, "_threads", lambda: 2)
-    node = ggml_step._Holds._node
+    node = host_nodes.Holds._node
     runs = []
     for entry in (True, False):
         if not entry:
-            monkeypatch.setattr(ggml_step, "first_thread_only", lambda fn: fn)
+            monkeypatch.setattr(host_nodes, "first_thread_only", lambda fn: fn)
+            monkeypatch.setattr(host_nodes, "enter_on_missing", lambda fn, *a: fn)
         seen = set()
-        monkeypatch.setattr(ggml_step._Holds, "_node", lambda self, *a: seen.add(a[3:5]) or node(self, *a))
+        monkeypatch.setattr(host_nodes.Holds, "_node", lambda self, *a: seen.add(a[3:5]) or node(self, *a))
         engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory="30%")
         runs.append((decode(engine.model, 8, 12), seen))
     (logits, seen), (plain_logits, plain_seen) = runs
     assert seen == {(0, 2)} and plain_seen == {(0, 2), (1, 2)}
     assert all(torch.equal(a, b) for a, b in zip(logits, plain_logits))
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="the native entry is x86-64 Linux code"
+)
+def test_the_native_entry_enters_python_only_where_a_slot_was_not_found():
+    """host_entry.enter_on_missing: ggml's first thread enters the node's function where one of its k slots is
+    negative (not in the cache's table), with ggml's arguments as they came; other threads never."""
+    seen = []
+    fn = ggml_library.HostFn(lambda dst, a, b, ith, nth, layer: seen.append((dst, a, b, ith, nth, layer)))
+    slots = (ctypes.c_int32 * 3)(4, 0, 7)
+    entry = host_entry.enter_on_missing(fn, ctypes.addressof(slots), 3)
+    entry(1, 2, 3, 0, 2, 5)
+    assert seen == []  # every slot found
+    for missing in range(3):
+        slots[missing] = -1
+        entry(1, 2, 3, 0, 2, 5)
+        entry(1, 2, 3, 1, 2, 5)  # not the first thread
+        slots[missing] = missing
+    assert seen == [(1, 2, 3, 0, 2, 5)] * 3
+    one = (ctypes.c_int32 * 1)(-1)
+    host_entry.enter_on_missing(fn, ctypes.addressof(one), 1)(None, None, None, 0, 1, None)
+    assert seen[-1] == (None, None, None, 0, 1, None) and len(seen) == 4
+
+
+@pytest.mark.parametrize("budget", ["100%", "30%"])
+def test_a_token_whose_experts_are_all_cached_runs_no_python_inside_its_graph(
+    budget, routing_in_the_librarys_order, monkeypatch
+):
+    """Prefetch off (the CPU's default): the step graph looks each router's ids up in the cache's slot table and
+    its host node enters Python only at a layer whose experts are not all there. The logits are the layers' own
+    bit for bit, and the cache ends as the layers' path leaves it (the same hits, misses, evictions, uses and
+    experts resident: the policy saw the same steps in the same order); so it does where the native entry is
+    missing and every node enters Python."""
+    node, entered = host_nodes.Holds._node, []
+
+    def counted(self, *a):
+        if not a[3]:  # ggml's first thread
+            entered.append(a[5] or 0)
+        return node(self, *a)
+
+    monkeypatch.setattr(host_nodes.Holds, "_node", counted)
+    runs = []
+    for path in ("table", "no native entry", "layers"):
+        if path == "no native entry":
+            monkeypatch.setattr(host_nodes, "enter_on_missing", lambda fn, *a: fn)
+        ggml.clear_graphs()
+        engine = moepager.load(FIXTURES / "qwen3_moe.q4_0.gguf", expert_memory=budget)
+        if path == "layers":
+            engine.model.__class__ = Transformer
+        assert engine.experts.prefetcher is None
+        logits, entries = [], []
+        for _ in range(2):  # a second conversation: with room for all, every expert is in the cache by then
+            entered.clear()
+            misses = engine.experts.stats()["misses"]
+            logits += decode(engine.model, 8, 40)
+            entries.append((len(entered), engine.experts.stats()["misses"] - misses))
+        state = (
+            _counters(engine.experts.stats()),
+            sorted(engine.experts.resident()),
+            engine.experts.cache.uses,
+        )
+        runs.append((logits, state, entries))
+    (table, state, entries), (plain, plain_state, plain_entries), layers = runs
+    steps = 40 * sum(1 for lay in engine.model.layers if hasattr(lay.ffn, "router"))
+    assert all(n == steps for n, _ in plain_entries)
+    assert all(n <= misses for n, misses in entries)  # each node entered had an expert to read
+    assert entries[1][0] == 0 if budget == "100%" else entries[1][0] > 0
+    assert state == plain_state == layers[1]
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(table, plain, layers[0]))
 
 
 def test_experts_read_into_the_cache_are_repacked_straight_from_the_read(monkeypatch):

@@ -133,7 +133,7 @@ def cmd_replay(args) -> None:
 
 
 def cmd_stats(args) -> None:
-    from ..paging.paged import render_stats
+    from ..paging.cache_stats import render_stats
 
     try:
         record = json.loads(open(args.record).read())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import threading
 from typing import NamedTuple
 
 import torch
@@ -40,8 +39,8 @@ from .ggml_float import (
     sigmoid_gate_nodes,
     softmax_topk_nodes,
 )
-from .ggml_library import F32, I32, HostFn, set_data, set_extent, set_strides
-from .host_entry import first_thread_only
+from .ggml_library import F32, I32, set_data, set_extent, set_strides
+from .host_nodes import Holds
 
 
 class Dense(NamedTuple):
@@ -376,99 +375,31 @@ def _call(graph, weights: Step, x: torch.Tensor, caches: Caches, pos: int) -> to
     return graph(out, x, positions, mask, *caches.addresses(pos))
 
 
-_kept: set[int] = set()  # ggml's threads that keep a Python thread state
-
-
-def _keep_thread_state() -> None:
-    """Keep this thread's Python thread state from one host node to the next. Where a host node has no native
-    entry (kernels/host_entry.py), ggml's other threads come back into Python at every host node, only to return;
-    a thread Python did not start gets a new thread state for each such call and loses it after, which cost 18-42
-    us a node on 2 threads (1.6 us kept): ~0.3 ms of a 3 ms token on the small Q4_0 file. One more
-    PyGILState_Ensure that is never released keeps it."""
-    thread = threading.get_ident()
-    if thread not in _kept:
-        _kept.add(thread)
-        ctypes.pythonapi.PyGILState_Ensure()
-
-
-class _Holds:
-    """The host's part of a paged step graph: a node at each MoE layer (ggml_map_custom2 over the router's ids and
-    the guess) where ggml's first thread calls back into Python while the others wait at the barrier after it.
-    There the host holds the layer's experts in the cache (reading those missing) and writes their slots for the
-    products that follow, and lets go of the previous MoE layer's experts, whose products are done by then (every
-    node of this layer comes after them). Made once per graph; hold and release are set per call."""
-
-    def __init__(self):
-        # kept alive as long as the graph that calls it; only ggml's first thread enters Python where it can
-        self.fn = first_thread_only(HostFn(self._node))
-        self.ids: dict[int, ctypes.Array] = {}  # layer -> its router's top K (a view of the argsort's buffer)
-        self.guess: dict[int, ctypes.Array] = {}  # layer -> the next router's top K on its experts' input
-        self.slots: dict[int, ctypes.Array] = {}  # layer -> where the host put its experts (its output)
-        self.hold = self.release = self.held = self.error = None
-
-    def node(self, base, ctx, own, layer: int, ids: int, ids_buffer: torch.Tensor, k: int,
-             guess: tuple[int, torch.Tensor, int] | None) -> int:  # fmt: skip
-        """The host node of `layer`: its router's ids (int32 [K, 1], whose values are ids_buffer's first K) ->
-        the slots [K, 1]. guess: (the argsort node, its buffer, the next layer's K) or None."""
-        address = lambda t, n: (ctypes.c_int32 * n).from_address(t.data_ptr())  # noqa: E731
-        self.ids[layer] = address(ids_buffer, k)
-        after = ids  # the node's second source: the guess where there is one, so that it is computed before
-        if guess is not None:
-            after, buffer, k_next = guess
-            self.guess[layer] = address(buffer, k_next)
-        slots = base.ggml_map_custom2(ctx, ids, after, self.fn, 1, layer)
-        buffer = torch.zeros(k, dtype=torch.int32)  # slot 0 until the host writes: a valid index
-        own.scratch.append(buffer)
-        set_data(slots, buffer.data_ptr())
-        self.slots[layer] = address(buffer, k)
-        return slots
-
-    def _node(self, dst, a, b, ith, nth, layer) -> None:
-        if ith:  # ggml calls every thread's part: the others return
-            _keep_thread_state()
-            return
-        if self.error is not None:
-            return
-        layer = layer or 0  # a null userdata is layer 0
-        try:
-            done, self.held = self.held, None  # the previous layer's, let go of by hold first
-            ids = list(self.ids[layer])
-            guess = self.guess.get(layer)
-            self.slots[layer][:] = self.hold(layer, ids, None if guess is None else list(guess), done)
-            self.held = (layer, ids)
-        except BaseException as e:  # raised once the graph returns (its result is dropped)
-            self.error = e
-
-    def end(self) -> None:
-        """After the graph: the last MoE layer's experts let go; an error of a host node raised."""
-        held, error, release = self.held, self.error, self.release
-        self.hold = self.release = self.held = self.error = None
-        if held is not None:
-            release(*held)
-        if error is not None:
-            raise error
-
-
-def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int, hold, release,
-                      guesses: bool = False, check: float = 0.0) -> torch.Tensor | None:  # fmt: skip
+def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos: int, host,
+                      check: float = 0.0) -> torch.Tensor | None:  # fmt: skip
     """decode_step where each MoE layer's experts are slots of a bank holding some of them (an expert cache), still
-    one graph a token: at each router a host node (_Holds) turns the router's ids into slots.
+    one graph a token: at each router a host node (host_nodes.Holds) turns the router's ids into slots.
 
-    hold(i, ids, guess, done) -> the slots of layer i's experts `ids` (a list) once they are in the bank, after
-    letting go of done, the previous MoE layer's (i, ids), whose products are done (None at the first);
-    release(i, ids) lets go of the last one's after the graph. guesses: each MoE layer's graph also applies the
-    next MoE layer's router to its experts' input, and `guess` is that router's top K (what paging/prefetch.py
-    guesses, made here without a call of its own); else None. The other nodes are decode_step's on the same
-    operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit; check: as there."""
+    host, the cache's step side (paging/paged.py PagedExperts): hold_step(i, ids, guess, done) -> the slots of
+    layer i's experts `ids` (a list) once they are in the bank, after letting go of done, the previous entered MoE
+    layer's (i, ids), whose products are done (None at the first); release_step(i, ids) lets go of the last one's
+    after the graph; step_table(i) -> the slot of each of layer i's experts (int32 [E], -1 where a step must ask
+    hold_step) or None (always ask); step_found(i, ids): layer i's experts were all found in its table;
+    step_guesses(): each MoE layer's graph also applies the next MoE layer's router to its experts' input, and
+    `guess` is that router's top K (what paging/prefetch.py guesses, made here without a call of its own), else
+    None; `stepping`: a lock the graph holds, under which nothing else evicts. The other nodes are decode_step's
+    on the same operands (a slot's rows are its expert's), so the logits are decode_step's bit for bit; check: as
+    there."""
     layers = weights.layers
     x, caches, n_kv = _inputs(weights, x, caches, pos)
     routers = [i for i, lay in enumerate(layers) if isinstance(lay.ffn, Experts)]
+    guesses = host.step_guesses()
     ahead = dict(itertools.pairwise(routers)) if guesses else {}
     made, window = [], Window(n_kv, caches)
 
     def build(base, ctx):
-        host = _Holds()
-        made.append(host)
+        holds = Holds()
+        made.append(holds)
 
         def experts(i, own, logits, normed):
             w, ids, ids_buffer = _route(base, ctx, own, layers[i].ffn, logits, window)
@@ -482,20 +413,23 @@ def decode_step_paged(weights: Step, x: torch.Tensor, caches: Caches | list, pos
                 own.scratch.append(buffer)
                 set_data(order, buffer.data_ptr())
                 guess = (order, buffer, nxt.top_k)
-            return w, host.node(base, ctx, own, i, ids, ids_buffer, layers[i].ffn.top_k, guess)
+            slots = holds.node(
+                base, ctx, own, i, ids, ids_buffer, layers[i].ffn.top_k, guess, host.step_table(i)
+            )
+            return w, slots
 
         return _step_nodes(base, ctx, weights, caches, window, experts)
 
     key = ("paged step", weights.serial, guesses)
-    graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 4 * len(routers))
+    graph = cached_graph(key, build, weights.work, 1, lambda: None, nodes=_nodes(layers) + 8 * len(routers))
     if made:
         graph.host = made[0]
-    with graph.g.lock:  # another thread may call this graph at another n_kv, with other holds
-        host = graph.host
-        host.hold, host.release = hold, release
+    with graph.g.lock, host.stepping:  # another thread may call this graph at another n_kv, with other holds
+        holds = graph.host
+        holds.hold, holds.release, holds.found = host.hold_step, host.release_step, host.step_found
         window.fit(graph, caches, n_kv)
         try:
             logits = _call(graph, weights, x, caches, pos)
         finally:
-            host.end()
+            holds.end()
         return None if check and graph.window.close(check) else logits

@@ -184,9 +184,8 @@ class GgmlDecodeTransformer(Transformer):
             check = ggml_routing.TORCH_CLOSE
         else:
             check = ggml_routing.CLOSE if ggml_routing.emulated() else 0.0
-        if hasattr(experts, "hold_step"):  # an expert cache: its slots are held between the step's graphs
-            holds = experts.hold_step, experts.release_step, experts.step_guesses()
-            logits = ggml_step.decode_step_paged(weights, x, buffers, pos, *holds, check)
+        if hasattr(experts, "hold_step"):  # an expert cache: the step graph asks it for slots at each router
+            logits = ggml_step.decode_step_paged(weights, x, buffers, pos, experts, check)
         else:
             logits = ggml_step.decode_step(weights, x, buffers, pos, check)
         self._steps[0] += 1

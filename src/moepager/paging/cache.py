@@ -2,9 +2,10 @@
 
 Owns the budget (parsing, the minimum working set), the slots (allocated once, reused on every miss), which
 expert sits in which slot (Residency), what may not be evicted (experts in use by the current layer, experts
-being read, pins), the reads themselves (demand reads and background prefetch reads), and the stats (their
-counters: cache_stats.py). Which expert to evict is the policy's choice (policies.py). What to prefetch is
-prefetch.py's; how experts are computed is model/moe.py's.
+being read, pins), the reads themselves (demand reads and background prefetch reads; how their bytes land in a
+slot: slot_reads.py), each layer's slot table that a decoded token's graph looks its experts up in, and the
+stats (their counters: cache_stats.py). Which expert to evict is the policy's choice (policies.py). What to
+prefetch is prefetch.py's; how experts are computed is model/moe.py's.
 
 Reads go in batches: a layer step claims all its slots at once (one pass of the policy), then hands its
 misses to the source in at most io_threads batches of neighbouring experts (ModelSource.read_experts, which
@@ -28,12 +29,13 @@ import torch
 from ..errors import MoepagerError
 from ..kernels import hugepages
 from ..model.config import ModelConfig
-from ..model.moe import ExpertBank, ExpertWeights, bank_spec
+from ..model.moe import ExpertBank, bank_spec
 from ..sources.contract import expert_formats
 from ..system.sizes import format_bytes, parse_bytes
 from .cache_stats import CacheStats, activity, summary
 from .policies import Policy, make_policy
 from .residency import Residency
+from .slot_reads import SlotReads
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -90,13 +92,16 @@ class ExpertCache:
         # one view of the slots per layer: block-quantized experts may differ in type from layer to layer
         self.banks = {layer: ExpertBank(spec, storage, layer) for layer in layers}
         self.views = self.banks[layers[0]].slots
-        # a read lands straight in the slot when the slot has the source's dtype and lives in RAM
-        self.pin_staging = pin
-        self._staging = threading.local()
-        self._slot_events: dict[int, torch.cuda.Event] = {}
+        self.reads = SlotReads(source, self.banks, self.direct, self.shapes, self.src_dtype, self.device)
 
         self.lock = threading.Lock()
+        # held by a layer step (acquire) and by a decode step's graph across all its layers (decode_step_paged),
+        # so that nothing evicts an expert a graph found in `tables` before its products ran
+        self.stepping = threading.RLock()
+        # per layer, each expert's slot once its bytes are in it, else -1: what a decode step's graph looks up
+        self.tables = {layer: torch.full((config.num_experts,), -1, dtype=torch.int32) for layer in layers}
         self.res = Residency(capacity, make_policy(policy))
+        self.res.on_evict = self._unlisted
         self.policy = self.res.policy
         # key -> its read in flight (_DONE: read by the step that wants it)
         self.loading: dict[Key, Future] = {}
@@ -121,22 +126,13 @@ class ExpertCache:
             self.layer_stats[layer] = CacheStats()
         return self.layer_stats[layer]
 
-    def _staging_buffers(self) -> ExpertWeights:
-        buf = getattr(self._staging, "buf", None)
-        if buf is None:  # one set per reading thread, allocated on its first read
-            buf = {n: torch.empty(s, dtype=self.src_dtype[n], pin_memory=self.pin_staging)
-                   for n, s in self.shapes.items()}  # fmt: skip
-            self._staging.buf = buf
-            self._staging.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        return buf
-
     def _fill(self, batch: list[tuple[Key, int]], prefetch: bool) -> None:
         """Read a batch of keys into their slots. Runs in any thread, without the lock."""
         if not batch:
             return
         t0 = time.perf_counter()
         try:
-            self._read_into_slots(batch)
+            self.reads.read(batch)
         except BaseException:
             with self.lock:
                 self._drop_failed(batch)
@@ -154,43 +150,8 @@ class ExpertCache:
                     self.prefetched.add(key)
                     self.res.drop(key)
                 self.loading.pop(key, None)
-
-    def _read_into_slots(self, batch: list[tuple[Key, int]]) -> None:
-        # tensors repacked straight from the read's staging (one copy less each), per key of the batch
-        landed = [set() for _ in batch]
-
-        def land(i: int, name: str, source: torch.Tensor) -> bool:
-            (layer, _), slot = batch[i]
-            if not self.banks[layer].land(slot, name, source):
-                return False
-            landed[i].add(name)
-            return True
-
-        if self.direct and hasattr(self.source, "read_experts"):  # one call: the source merges neighbours
-            self.source.read_experts([k for k, _ in batch], [self.views[s] for _, s in batch], land)
-        else:
             for key, slot in batch:
-                if self.direct:
-                    self.source.read_expert(*key, out=self.views[slot])
-                else:
-                    self._read_staged(key, slot)
-        for i, ((layer, _), slot) in enumerate(batch):
-            self.banks[layer].repack_slot(slot, landed[i])
-
-    def _read_staged(self, key: Key, slot: int) -> None:
-        """Through this thread's staging set: another dtype in the slots, or slots on a GPU."""
-        staged = self.source.read_expert(*key, out=self._staging_buffers())
-        stream = self._staging.stream
-        if stream is None:
-            for n, t in staged.items():
-                self.views[slot][n].copy_(t)
-            return
-        with torch.cuda.stream(stream):
-            if (event := self._slot_events.get(slot)) is not None:
-                stream.wait_event(event)  # the slot's previous expert may still be computing
-            for n, t in staged.items():
-                self.views[slot][n].copy_(t, non_blocking=True)
-        stream.synchronize()  # staging is reused by this thread's next read
+                self.tables[key[0]][key[1]] = slot
 
     def _drop_failed(self, batch: list[tuple[Key, int]]) -> None:
         """A read failed: every slot of its batch may hold garbage, so each key leaves the cache with all its
@@ -230,6 +191,10 @@ class ExpertCache:
         The misses go to the source in at most io_threads batches of neighbouring keys, one per reading thread
         (the first in this thread), so a step costs a few large reads, not one small read and handoff per
         expert."""
+        with self.stepping:
+            return self._acquire(layer, experts, before_wait, done)
+
+    def _acquire(self, layer: int, experts: Iterable[int], before_wait, done) -> dict[int, int]:
         experts = list(experts)
         if done is not None and self.device.type == "cuda":  # its slots get events: release_held's way
             self.release_held(*done)
@@ -293,10 +258,24 @@ class ExpertCache:
         self._hold_hits(keys, self._stats(layer))
         return self._used(layer, experts)
 
+    def found(self, layer: int, experts: list[int]) -> None:
+        """A decoded token's layer step whose experts its graph found in `tables` (ggml_step.decode_step_paged),
+        after the fact: counted and shown to the policy as acquire's hits are. No hold was needed: under
+        `stepping` nothing could evict them before their products ran."""
+        with self.lock:
+            self._count_hits([(layer, e) for e in experts], self._stats(layer))
+            self._used(layer, experts)
+
+    def _unlisted(self, key: Key) -> None:
+        self.tables[key[0]][key[1]] = -1  # evicted: a graph that looks it up asks the host
+
     def _hold_hits(self, keys: list[Key], st: CacheStats) -> None:
-        """Resident (or arriving) experts held for their step and counted: a prefetch hit where a guess brought
-        one and this is its first use, else a hit. Holds the lock."""
+        """Resident (or arriving) experts held for their step and counted. Holds the lock."""
         self.res.hold_many(keys)
+        self._count_hits(keys, st)
+
+    def _count_hits(self, keys: list[Key], st: CacheStats) -> None:
+        """A prefetch hit where a guess brought one and this is its first use, else a hit. Holds the lock."""
         prefetched, loading = self.prefetched, self.loading
         for key in keys:
             if key in prefetched or key in loading:
@@ -374,7 +353,7 @@ class ExpertCache:
         keys = [(layer, e) for e in experts]
         self.res.drop_many(keys)
         for key in keys if event is not None else ():
-            self._slot_events[self.res.slot[key]] = event
+            self.reads.slot_events[self.res.slot[key]] = event
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Start background reads of guessed experts. A guess takes a free slot, a stale guess's slot, or the
@@ -383,7 +362,7 @@ class ExpertCache:
         The guesses are read in up to PREFETCH_BATCHES batches by PREFETCH_THREADS threads: the first land
         after a fraction of the reads, and a guess still queued when its layer runs is cancelled if wrong,
         or read at once with the misses if right (see _reserve)."""
-        with self.lock:
+        with self.stepping, self.lock:
             keys = [(layer, e) for e in experts if (layer, e) not in self.res.slot]
             claimed = self._claim(keys, may_evict=lambda k: k[0] != layer)
             for key, _ in claimed:
@@ -410,7 +389,7 @@ class ExpertCache:
         """Read keys (not resident) into free slots now, FILL_BATCH at a time (neighbours in the file share reads),
         as guesses: never used yet, they are the first to go when a step needs a slot. progress(n): n more read.
         Returns how many were read."""
-        with self.lock:
+        with self.stepping, self.lock:
             claimed = self._claim([k for k in keys if k not in self.res.slot][: len(self.res.free)])
             for key, _ in claimed:
                 self.res.hold(key)
@@ -434,7 +413,7 @@ class ExpertCache:
         """Drop an expert from the cache now (unpinning it). Experts in use cannot be released."""
         key = (layer, expert)
         self._wait_for(key)
-        with self.lock:
+        with self.stepping, self.lock:
             if key not in self.res.slot:
                 return
             if key in self.res.in_use:

@@ -1,4 +1,5 @@
-"""An expert cache's counters, per layer and summed: hits, misses, reads and their time, evictions and prefetch."""
+"""An expert cache's counters, per layer and summed: hits, misses, reads and their time, evictions and prefetch;
+and their table as `moepager run --stats` prints it (render_stats)."""
 
 from __future__ import annotations
 
@@ -64,3 +65,53 @@ def activity(cache) -> dict:
             "prefetch_reads": dict(cache.prefetch_reads), "evicted": dict(cache.evicted),
             "resident": set(cache.res.slot), "pinned": set(cache.res.pinned),
             "prefetched": cache.prefetched | set(cache.queued)}  # fmt: skip
+
+
+def render_stats(stats: dict) -> str:
+    """The expert cache part of `engine.stats()` (or of a `moepager run --json` record) as a table."""
+    from ..system.sizes import format_bytes
+
+    x = stats["experts"]
+    cols = ["hits", "prefetch_hits", "misses", "hit_rate", "evictions", "bytes_read", "read_s", "wait_s",
+            "resident_bytes"]  # fmt: skip
+
+    def cell(d, c):
+        v = d.get(c, 0)
+        if c.endswith("bytes") or c == "bytes_read":
+            return format_bytes(v)
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    rows = [
+        [f"layer {k}"] + [cell(v, c) for c in cols]
+        for k, v in sorted(x["layers"].items(), key=lambda i: int(i[0]))
+    ]
+    rows.append(["total"] + [cell(x, c) for c in cols])
+    head = ["", *cols]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))  # noqa: E731
+    out = [
+        f"expert cache: {x['capacity']} slots of {format_bytes(x['slot_bytes'])} = {format_bytes(x['allocated_bytes'])}"
+        f" (budget {format_bytes(x['budget_bytes'])}, all experts {format_bytes(x['total_expert_bytes'])}), "
+        f"policy {x['policy']}, {x['pinned']} pinned, peak resident {format_bytes(x['peak_resident_bytes'])}",
+        line(head),
+        *[line(r) for r in rows],
+    ]
+    if x.get("prefetch"):
+        p = x["prefetch"]
+        out.append(
+            f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads, "
+            f"off (kept missing) in layers {p.get('layers_off') or 'none'}"
+        )
+    if "tiers" in stats:  # a remote source: the network and local disk tiers under the cache
+        r, d = stats["tiers"]["remote"], stats["tiers"]["local"]
+        out.append(
+            f"remote: {format_bytes(r['bytes_fetched'])} fetched in {r['requests']} requests ({r['retries']} "
+            f"retried), {r['experts_fetched']} experts, {r['wait_s']:.2f} s waited; local disk: "
+            f"{d['experts_stored']} of {d['experts_total']} experts stored ({format_bytes(d['disk_bytes'])} "
+            f"on disk), {d['from_local']} of {d['expert_reads']} reads already local, {d['evictions']} evicted"
+        )
+    if "decode_tokens_per_s" in stats:
+        out.append(
+            f"decode {stats['decode_tokens_per_s']:.2f} tokens/s, prefill {stats['prefill_tokens_per_s']:.2f}"
+        )
+    return "\n".join(out)

@@ -118,6 +118,20 @@ class PagedExperts:
     def release_step(self, layer: int, ids: list[int]) -> None:
         self.cache.release_held(layer, set(ids))
 
+    def step_table(self, layer: int) -> torch.Tensor | None:
+        """Each of layer's experts' slot, -1 where not in the cache (int32 [E], kept up to date by the cache): a
+        step graph finds a token's experts there without calling hold_step. None with prefetch on, whose guesses
+        hold_step starts at every layer."""
+        return self.cache.tables[layer] if self.prefetcher is None else None
+
+    def step_found(self, layer: int, ids: list[int]) -> None:
+        """A step graph found layer's experts `ids` in step_table: counted as hold_step would have."""
+        self.cache.found(layer, sorted(set(ids)))
+
+    @property
+    def stepping(self):
+        return self.cache.stepping
+
     @contextmanager
     def drafting(self, model):
         """Within this block every MoE layer of `model` routes only among the experts resident now, prefetch
@@ -468,53 +482,3 @@ def fill_cache(cache: ExpertCache) -> None:
 
 
 FILL_BAR_BYTES = 1 << 30
-
-
-def render_stats(stats: dict) -> str:
-    """The expert cache part of `engine.stats()` (or of a `moepager run --json` record) as a table."""
-    from ..system.sizes import format_bytes
-
-    x = stats["experts"]
-    cols = ["hits", "prefetch_hits", "misses", "hit_rate", "evictions", "bytes_read", "read_s", "wait_s",
-            "resident_bytes"]  # fmt: skip
-
-    def cell(d, c):
-        v = d.get(c, 0)
-        if c.endswith("bytes") or c == "bytes_read":
-            return format_bytes(v)
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    rows = [
-        [f"layer {k}"] + [cell(v, c) for c in cols]
-        for k, v in sorted(x["layers"].items(), key=lambda i: int(i[0]))
-    ]
-    rows.append(["total"] + [cell(x, c) for c in cols])
-    head = ["", *cols]
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))  # noqa: E731
-    out = [
-        f"expert cache: {x['capacity']} slots of {format_bytes(x['slot_bytes'])} = {format_bytes(x['allocated_bytes'])}"
-        f" (budget {format_bytes(x['budget_bytes'])}, all experts {format_bytes(x['total_expert_bytes'])}), "
-        f"policy {x['policy']}, {x['pinned']} pinned, peak resident {format_bytes(x['peak_resident_bytes'])}",
-        line(head),
-        *[line(r) for r in rows],
-    ]
-    if x.get("prefetch"):
-        p = x["prefetch"]
-        out.append(
-            f"prefetch: precision {p['precision']:.3f}, recall {p['recall']:.3f}, {p['reads_started']} reads, "
-            f"off (kept missing) in layers {p.get('layers_off') or 'none'}"
-        )
-    if "tiers" in stats:  # a remote source: the network and local disk tiers under the cache
-        r, d = stats["tiers"]["remote"], stats["tiers"]["local"]
-        out.append(
-            f"remote: {format_bytes(r['bytes_fetched'])} fetched in {r['requests']} requests ({r['retries']} "
-            f"retried), {r['experts_fetched']} experts, {r['wait_s']:.2f} s waited; local disk: "
-            f"{d['experts_stored']} of {d['experts_total']} experts stored ({format_bytes(d['disk_bytes'])} "
-            f"on disk), {d['from_local']} of {d['expert_reads']} reads already local, {d['evictions']} evicted"
-        )
-    if "decode_tokens_per_s" in stats:
-        out.append(
-            f"decode {stats['decode_tokens_per_s']:.2f} tokens/s, prefill {stats['prefill_tokens_per_s']:.2f}"
-        )
-    return "\n".join(out)

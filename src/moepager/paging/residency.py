@@ -22,6 +22,9 @@ class Residency:
         self.in_use: dict[Key, int] = {}  # key -> holders (the current layer step, a read in flight)
         self.pinned: set[Key] = set()
         self.unranked: dict[Key, None] = {}  # loaded by a guess, never used yet: the policy has not seen them
+        self.on_evict = (
+            None  # called with each key that leaves (the expert cache forgets its slot in the table)
+        )
 
     def evictable(self, key: Key) -> bool:
         return key not in self.in_use and key not in self.pinned
@@ -105,6 +108,8 @@ class Residency:
         slot = self.slot.pop(key)
         self.policy.remove(key)
         self.unranked.pop(key, None)
+        if self.on_evict is not None:
+            self.on_evict(key)
         return slot
 
     def release(self, key: Key) -> None:
