@@ -12,10 +12,10 @@ marks itself a branch target (endbr64, a no-op where the CPU does not track indi
 fourth argument (ecx in the System V calling convention), returns where it is not 0, and else jumps to the ctypes
 callback, which returns to ggml itself. `enter_on_missing` adds a test before the jump: where the node's slots,
 which the graph looked up in the expert cache's table just before (ggml_get_rows), were all found (none
-negative), the node returns without Python, whose bookkeeping for the layer is done later (`Holds`). The code uses only
-rax and r10, which the calling convention leaves free and passes no argument in. Elsewhere (another architecture
-or operating system, or a system that refuses executable memory) the callback is used as it is: every thread
-enters it, every time.
+negative), the node returns without Python, whose bookkeeping for the layer is done later (`Holds`). The code
+uses only rax and r10, which the calling convention leaves free and passes no argument in. Elsewhere (another
+architecture or operating system, or a system that refuses executable memory) the callback is used as it is:
+every thread enters it, every time.
 """
 
 from __future__ import annotations

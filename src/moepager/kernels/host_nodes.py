@@ -66,9 +66,8 @@ class Holds:
         buffer = torch.zeros(k, dtype=torch.int32)  # slot 0 until written: a valid index
         own.scratch.append(buffer)
         source, fn = ids, self.fn
-        if (
-            table is not None
-        ):  # the slots looked up in the graph, into the buffer the node writes where it enters
+        if table is not None:
+            # the slots looked up in the graph, into the buffer the node writes where it enters
             rows = base.ggml_new_tensor_2d(ctx, I32, 1, table.numel())
             set_data(rows, table.data_ptr())
             looked = base.ggml_get_rows(ctx, rows, ids)  # [1, K, 1]

@@ -1,5 +1,5 @@
 """An expert cache's counters, per layer and summed: hits, misses, reads and their time, evictions and prefetch;
-and their table as `moepager run --stats` prints it (render_stats)."""
+and their table as `moepager stats` prints it (render_stats)."""
 
 from __future__ import annotations
 
