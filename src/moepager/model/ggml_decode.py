@@ -166,8 +166,9 @@ class GgmlDecodeTransformer(Transformer):
         self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False
     ) -> torch.Tensor:
         weights = self._weights() if ids.shape == (1, 1) and type(cache) is KVCache else None
-        if weights is None or ids.device.type != "cpu" or len(set(cache.length)) != 1 or self._ties_often():
-            if self._torch_layers and (ids.numel() > 1 or self._ties_often()):
+        ties = self._ties_often()
+        if weights is None or ids.device.type != "cpu" or len(set(cache.length)) != 1 or ties:
+            if self._torch_layers and (ids.numel() > 1 or ties):
                 ggml.torch_threads()  # a prompt or a batch through torch's ops, on the cores the step took
             return super().forward(ids, cache, last_only)
         pos = cache.seq_len

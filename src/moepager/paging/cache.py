@@ -139,7 +139,7 @@ class ExpertCache:
             raise
         share = (time.perf_counter() - t0) / len(batch)
         with self.lock:
-            for key, _ in batch:
+            for key, slot in batch:
                 st = self._stats(key[0])
                 st.read_s += share
                 st.bytes_read += self.source.expert_nbytes(*key)
@@ -150,8 +150,7 @@ class ExpertCache:
                     self.prefetched.add(key)
                     self.res.drop(key)
                 self.loading.pop(key, None)
-            for key, slot in batch:
-                self.tables[key[0]][key[1]] = slot
+                self.tables[key[0]][key[1]] = slot  # its bytes are in: a step graph may find it
 
     def _drop_failed(self, batch: list[tuple[Key, int]]) -> None:
         """A read failed: every slot of its batch may hold garbage, so each key leaves the cache with all its

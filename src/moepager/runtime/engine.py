@@ -265,10 +265,9 @@ def load(model, options: EngineOptions | None = None, **flat) -> Engine:
         repack_block_weights(net)  # before huge pages, so that a tied head's own copy moves too
     huge_page_weights(net)
     swap_matvec(net)  # fp32 CPU decode: our matvec reads weights faster than torch's sgemv
+    # a decode step as one ggml graph: a GGUF model's, or a plain float32 checkpoint's
     if dtype == torch.float32:
-        swap_ggml_decode(
-            net
-        )  # a decode step as one ggml graph: a GGUF model, or a plain float32 checkpoint's
+        swap_ggml_decode(net)
     swap_fused_decode(net)  # the other fp32 CPU decoders of the plain families: one compiled call per layer
     net.rotary.inv_freq = net.rotary.inv_freq.float()  # frequencies stay fp32, as in the reference
     net.eval()
