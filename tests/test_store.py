@@ -7,6 +7,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import assert_like_reference
@@ -21,7 +22,8 @@ from moepager.store.format import DENSE_FILE, EXPERTS_FILE, MANIFEST, read_manif
 from moepager.store.open_model import open_source
 from moepager.store.reading import StoreSource
 from moepager.store.verify import verify
-from moepager.system.direct_reader import ALIGN, DirectReader
+from moepager.system.direct_reader import ALIGN, DirectReader, aligned_buffer
+from moepager.system.native_aio import open_context
 
 PARITY_FAMILIES = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"]
 
@@ -301,6 +303,49 @@ def test_reader_direct_and_fallback_give_the_same_bytes(tmp_path, where):
         assert direct.stats()["bytes_requested"] > 0 and direct.stats()["read_seconds"] > 0
     finally:
         path.unlink()
+
+
+def test_scattered_ranges_are_read_together_through_native_aio(tmp_path, monkeypatch):
+    """An expert's tensors lie in three places of a GGUF: their reads go to the disk at once (one io_submit),
+    with the same bytes as one preadv after another, a short read at the end of the file included."""
+    if open_context() is None:
+        pytest.skip("no native AIO on this kernel or architecture")
+    path = tmp_path / "data.bin"
+    data = os.urandom(300 * ALIGN + 123)
+    path.write_bytes(data)
+    ranges = [(path, 200 * ALIGN + 5, 3 * ALIGN), (path, 7, 2 * ALIGN), (path, 100 * ALIGN, ALIGN + 1),
+              (path, len(data) - 50, 50)]  # fmt: skip
+    want = [data[off : off + n] for _, off, n in ranges]
+    reader = DirectReader()
+    assert [bytes(v) for v in reader.read_ranges(ranges)] == want
+    assert reader._aio_contexts and reader.stats()["reads"] == len(ranges)  # one request per span, together
+    monkeypatch.setenv("MOEPAGER_NO_AIO", "1")
+    plain = DirectReader()
+    assert [bytes(v) for v in plain.read_ranges(ranges)] == want and not plain._aio_contexts
+    reader.close()  # a context closed with the files: later reads go the plain way, same bytes
+    assert [bytes(v) for v in reader.read_ranges(ranges)] == want
+
+
+def test_native_aio_reads_into_aligned_buffers_and_refuses_a_bad_request(tmp_path):
+    ctx = open_context(depth=4)
+    if ctx is None:
+        pytest.skip("no native AIO on this kernel or architecture")
+    path = tmp_path / "data.bin"
+    data = os.urandom(8 * ALIGN)
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    try:
+        buf = aligned_buffer(3 * ALIGN)
+        base = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+        got = ctx.read([(fd, base, ALIGN, 5 * ALIGN), (fd, base + ALIGN, 2 * ALIGN, 0)])
+        assert got == [ALIGN, 2 * ALIGN]
+        assert bytes(buf[:ALIGN]) == data[5 * ALIGN : 6 * ALIGN] and bytes(buf[ALIGN:]) == data[: 2 * ALIGN]
+        assert ctx.read([(fd, base, ALIGN, 7 * ALIGN)] * 5) is None  # more than its depth: the caller reads
+        assert ctx.read([(-1, base, ALIGN, 0)]) is None  # a bad descriptor: io_submit refuses the batch
+    finally:
+        os.close(fd)
+        ctx.close()
+    assert ctx.read([(fd, base, ALIGN, 0)]) is None
 
 
 def _resident_pages(path: Path) -> int | None:
