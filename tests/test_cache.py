@@ -11,7 +11,7 @@ from moepager.errors import MoepagerError
 from moepager.model.config import ModelConfig
 from moepager.model.decoder import Transformer
 from moepager.paging.cache import ExpertCache
-from moepager.paging.paged import fill_cache
+from moepager.paging.guesses import fill_cache, guess_shares, reguess_from_prompt
 from moepager.paging.prefetch import WINDOW, RouterPrefetcher
 from moepager.system.sizes import parse_bytes
 
@@ -158,6 +158,39 @@ def test_a_fill_reads_each_layer_its_share_and_its_guesses_go_first():
     assert set(c.resident()) == {(0, 0), (0, 2), (1, 0), (1, 1), (1, 7)}  # (0, 1) went, not layer 1's
     s = c.stats()
     assert (s["prefetch_reads"], s["prefetch_hits"], s["evictions"], s["prefetch_wasted"]) == (4, 1, 1, 1)
+
+
+def test_guess_shares_follow_how_widely_a_prompt_spread_over_each_layer():
+    spread = [1] * 30 + [0] * 34  # 30 experts picked once each: the layer keeps finding new ones
+    narrow = [10] * 3 + [0] * 61  # the same 30 picks on 3 experts
+    shares = guess_shares({0: spread, 1: narrow, 2: [0] * 64}, room=60, top_k=2)
+    assert sum(shares.values()) == 60
+    assert shares[0] > 4 * shares[1] and shares[2] > shares[0]  # no picks at all: guessed as spread as can be
+    assert guess_shares({0: spread, 1: narrow}, room=500, top_k=2) == {
+        0: 34,
+        1: 61,
+    }  # at most its unused experts
+    assert guess_shares({0: [0, 0]}, room=0, top_k=1) == {0: 0}
+
+
+def test_the_first_prompt_places_the_fill_guesses_again_and_keeps_what_steps_used():
+    """After a fill at load, a prompt that spreads over layer 1 and keeps to one expert of layer 0: layer 0's unused
+    guesses make room for layer 1's unused experts, and what the prompt used stays."""
+    c = _cache(8, policy="lru")
+    fill_cache(c)
+    assert set(c.resident()) == {(layer, e) for layer in range(LAYERS) for e in range(4)}
+    c.release_held(0, c.acquire(0, [0]))
+    c.release_held(1, c.acquire(1, [0, 5, 6]))
+    counts = {0: [9, 0, 0, 0, 0, 0, 0, 0], 1: [3, 0, 0, 0, 0, 3, 3, 0]}
+    read = reguess_from_prompt(c, counts, top_k=K)
+    resident = set(c.resident())
+    assert {(0, 0), (1, 0), (1, 5), (1, 6)} <= resident and len(resident) == c.capacity
+    # layer 1's steps took the place of its guesses 1 and 2: they come back, lowest-numbered unused first, and
+    # layer 0 keeps one guess of three
+    assert read == 2 and resident == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (1, 5), (1, 6)}
+    guessed, free = c.guesses()
+    assert free == 0 and guessed == {(0, 1), (1, 1), (1, 2), (1, 3)}
+    assert c.views[c.res.slot[(1, 2)]]["gate"][0, 0].item() == 102
 
 
 @pytest.mark.parametrize("policy", ["lru", "nextuse"])

@@ -452,6 +452,19 @@ class ExpertCache:
         with self.lock:
             return sorted(self.res.pinned)
 
+    def guesses(self) -> tuple[set[Key], int]:
+        """(experts a guess read, fill or prefetch, that no step has used yet; free slots)."""
+        with self.lock:
+            return set(self.res.unranked), len(self.res.free)
+
+    def forget_guesses(self, keys: Iterable[Key]) -> None:
+        """Drop those of keys still unused guesses, neither held nor arriving: their slots go back to the free list."""
+        with self.stepping, self.lock:
+            for key in keys:
+                if key in self.res.unranked and self.res.evictable(key) and key not in self.loading:
+                    self.prefetched.discard(key)
+                    self.res.release(key)
+
     def _wait_for(self, key: Key) -> None:
         with self.lock:
             f = self.loading.get(key)

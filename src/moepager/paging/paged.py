@@ -17,8 +17,8 @@ from ..model.decoder import weight_storages
 from ..model.kvcache import KVOptions
 from ..model.moe import MoE, NotResident, grouped, sum_in_order, switch_glu
 from ..system.process_memory import page_out_libraries, unique_bytes
-from ..system.progress import progress_bar
 from .cache import ExpertCache
+from .guesses import fill_cache, reguess_from_prompt
 from .hot_set import load_hot_set, save_hot_set
 from .prefetch import Router, RouterPrefetcher
 
@@ -46,6 +46,7 @@ class PagedExperts:
         guessing = prefetch and routers and (cache.capacity < cache.num_keys or slow)
         self.prefetcher = RouterPrefetcher(routers, cache) if guessing else None
         self._draft_only: dict[int, set[int]] | None = None  # while drafting: the experts a layer may use
+        self._prompt_counts: dict[int, list[int]] | None = None  # the first prompt's picks, while watched
 
     def __call__(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, D], ids [N, K], weights [N, K] -> y [N, D]. One host decision per layer (which experts, which
@@ -79,7 +80,20 @@ class PagedExperts:
             first = False
             self.cache.release_held(layer, held)
             pending = [e for e in pending if e not in held]
+        if self._prompt_counts is not None and ids.shape[0] > 1:
+            self._count_prompt(layer, ids)
         return y if pairs is None else sum_in_order(pairs, weights)
+
+    def watch_first_prompt(self) -> None:
+        """After the first pass of several tokens (a prompt) has been through every MoE layer, place the cache's
+        unused guesses again by its routing (guesses.py): a fill at load guesses every layer alike."""
+        self._prompt_counts = {}
+
+    def _count_prompt(self, layer: int, ids: torch.Tensor) -> None:
+        self._prompt_counts[layer] = torch.bincount(ids.flatten(), minlength=self.config.num_experts).tolist()
+        if layer == max(self.cache.banks):
+            counts, self._prompt_counts = self._prompt_counts, None
+            reguess_from_prompt(self.cache, counts, self.config.top_k)
 
     # what a caller that computes a layer's experts itself needs (model/ggml_decode.py: a token's graph, whose
     # host node at each router holds that layer's experts): the bank, and one token's experts held in it for a
@@ -460,25 +474,7 @@ def build_paged(model, source, device: torch.device, dtype: torch.dtype | None, 
         experts.load_hot_set(hot_set)
     if fill or (fill is None and memory_limit is not None):
         fill_cache(cache)
+        experts.watch_first_prompt()
     if memory_limit is not None and device.type == "cpu":
         page_out_libraries()  # what building the cache faulted in (the run maps back what it runs: LIBRARY_PAGES)
     return experts
-
-
-def fill_cache(cache: ExpertCache) -> None:
-    """Read experts into every free slot now, as llama.cpp's mapped file is read whole when a model loads: each MoE
-    layer its share of the slots, its lowest-numbered experts, so that a layer's experts come in a few large reads
-    instead of one small read each as decoding misses them (ExpertCache.fill). A progress bar past FILL_BAR_BYTES."""
-    by_layer: dict[int, list] = {}
-    for key in sorted(cache.source.expert_keys()):
-        if key not in cache.res.slot:
-            by_layer.setdefault(key[0], []).append(key)
-    room = len(cache.res.free)
-    share, extra = divmod(room, max(1, len(by_layer)))
-    keys = [k for i, layer in enumerate(by_layer.values()) for k in layer[: share + (i < extra)]]
-    with progress_bar(total=len(keys), unit="expert", desc="filling the expert cache",
-                      enabled=room * cache.slot_bytes >= FILL_BAR_BYTES) as bar:  # fmt: skip
-        cache.fill(keys, bar.update)
-
-
-FILL_BAR_BYTES = 1 << 30

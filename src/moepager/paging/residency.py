@@ -55,7 +55,7 @@ class Residency:
     def _stale(self, ok, incoming: Key | None):
         """Guesses never used, which go first (nothing says they will be), those of incoming's layer before the
         others: a layer's misses then take the place of its own guesses, and each layer keeps its share of what a
-        fill at load read (paged.py fill_cache) until its own steps have used or replaced it. Lazy: a step takes
+        fill at load read (guesses.py fill_cache) until its own steps have used or replaced it. Lazy: a step takes
         the few it needs of what may be thousands after a fill."""
         layer = None if incoming is None else incoming[0]
         if layer is not None:
