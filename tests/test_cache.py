@@ -11,7 +11,7 @@ from moepager.errors import MoepagerError
 from moepager.model.config import ModelConfig
 from moepager.model.decoder import Transformer
 from moepager.paging.cache import ExpertCache
-from moepager.paging.guesses import fill_cache, guess_shares, reguess_from_prompt
+from moepager.paging.guesses import fill_cache, guess_targets, reguess_from_prompt
 from moepager.paging.prefetch import WINDOW, RouterPrefetcher
 from moepager.system.sizes import parse_bytes
 
@@ -160,17 +160,19 @@ def test_a_fill_reads_each_layer_its_share_and_its_guesses_go_first():
     assert (s["prefetch_reads"], s["prefetch_hits"], s["evictions"], s["prefetch_wasted"]) == (4, 1, 1, 1)
 
 
-def test_guess_shares_follow_how_widely_a_prompt_spread_over_each_layer():
+def test_guesses_move_to_the_layers_a_prompt_spread_over_only_where_that_repays_the_read():
     spread = [1] * 30 + [0] * 34  # 30 experts picked once each: the layer keeps finding new ones
     narrow = [10] * 3 + [0] * 61  # the same 30 picks on 3 experts
-    shares = guess_shares({0: spread, 1: narrow, 2: [0] * 64}, room=60, top_k=2)
-    assert sum(shares.values()) == 60
-    assert shares[0] > 4 * shares[1] and shares[2] > shares[0]  # no picks at all: guessed as spread as can be
-    assert guess_shares({0: spread, 1: narrow}, room=500, top_k=2) == {
-        0: 34,
-        1: 61,
-    }  # at most its unused experts
-    assert guess_shares({0: [0, 0]}, room=0, top_k=1) == {0: 0}
+    held, room = {0: 10, 1: 10}, {0: 24, 1: 51}
+    assert guess_targets({0: spread, 1: narrow}, held, room, free=0, top_k=2) == {0: 20, 1: 0}
+    # free slots go to the likeliest layer first, then the next; never past a layer's room
+    assert guess_targets({0: spread, 1: narrow}, held, room, free=30, top_k=2) == {0: 34, 1: 16}
+    # layers alike: nothing moves (a read as the prompt ends would cost more than it saves)
+    assert guess_targets({0: spread, 1: list(spread)}, held, {0: 24, 1: 24}, free=0, top_k=2) == held
+    assert guess_targets({0: [0] * 8, 1: [1] * 8}, {0: 0, 1: 0}, {0: 8, 1: 0}, free=3, top_k=1) == {
+        0: 3,
+        1: 0,
+    }
 
 
 def test_the_first_prompt_places_the_fill_guesses_again_and_keeps_what_steps_used():
@@ -185,12 +187,12 @@ def test_the_first_prompt_places_the_fill_guesses_again_and_keeps_what_steps_use
     read = reguess_from_prompt(c, counts, top_k=K)
     resident = set(c.resident())
     assert {(0, 0), (1, 0), (1, 5), (1, 6)} <= resident and len(resident) == c.capacity
-    # layer 1's steps took the place of its guesses 1 and 2: they come back, lowest-numbered unused first, and
-    # layer 0 keeps one guess of three
-    assert read == 2 and resident == {(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (1, 3), (1, 5), (1, 6)}
+    # layer 1's steps took the place of its guesses 1 and 2: they come back with 4, lowest-numbered unused first,
+    # in the slots of layer 0's three
+    assert read == 3 and resident == {(0, 0), *((1, e) for e in range(7))}
     guessed, free = c.guesses()
-    assert free == 0 and guessed == {(0, 1), (1, 1), (1, 2), (1, 3)}
-    assert c.views[c.res.slot[(1, 2)]]["gate"][0, 0].item() == 102
+    assert free == 0 and guessed == {(1, 1), (1, 2), (1, 3), (1, 4)}
+    assert c.views[c.res.slot[(1, 4)]]["gate"][0, 0].item() == 104
 
 
 @pytest.mark.parametrize("policy", ["lru", "nextuse"])
