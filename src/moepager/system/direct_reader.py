@@ -155,13 +155,7 @@ class DirectReader:
         total = sum(end - start for _, start, end, _ in spans)
         staging = self._staging(total)
         views: list[memoryview | None] = [None] * len(ranges)
-        dests, pos = [], 0
-        for path, start, end, _ in spans:
-            dests.append((path, start, staging[pos : pos + end - start]))
-            pos += end - start
-        t0 = time.perf_counter()
-        calls, gots = self._read_spans(dests)
-        seconds = time.perf_counter() - t0
+        gots, calls, seconds = self._read_packed(spans, staging)
         pos, moved = 0, 0
         for (path, start, end, members), got in zip(spans, gots):
             for i, off, n in members:
@@ -208,13 +202,7 @@ class DirectReader:
 
     def _read_fill(self, fill: list, staging: memoryview) -> Iterator[tuple[int, int, memoryview]]:
         """One staging buffer's worth of reads, back to back, then its pieces."""
-        dests, pos = [], 0
-        for path, lo, hi, _ in fill:
-            dests.append((path, lo, staging[pos : pos + hi - lo]))
-            pos += hi - lo
-        t0 = time.perf_counter()
-        calls, got = self._read_spans(dests)
-        seconds = time.perf_counter() - t0
+        got, calls, seconds = self._read_packed(fill, staging)
         pieces = []
         pos = 0
         for (path, lo, hi, members), n in zip(fill, got):
@@ -234,6 +222,17 @@ class DirectReader:
             s.bytes_requested += sum(len(v) for _, _, v in pieces)
             s.read_seconds += seconds
         yield from pieces
+
+    def _read_packed(self, spans: list, staging: memoryview) -> tuple[list[int], int, float]:
+        """Spans (path, aligned start, aligned end, members) read back to back into staging -> (bytes got per
+        span, requests made, seconds)."""
+        dests, pos = [], 0
+        for path, lo, hi, _ in spans:
+            dests.append((path, lo, staging[pos : pos + hi - lo]))
+            pos += hi - lo
+        t0 = time.perf_counter()
+        calls, got = self._read_spans(dests)
+        return got, calls, time.perf_counter() - t0
 
     def _read_spans(self, spans: list[tuple[Path, int, memoryview]]) -> tuple[int, list[int]]:
         """Fill each (path, aligned start, dest) -> (requests made, bytes got per span). O_DIRECT spans go to the
