@@ -169,10 +169,9 @@ def test_guesses_move_to_the_layers_a_prompt_spread_over_only_where_that_repays_
     assert guess_targets({0: spread, 1: narrow}, held, room, free=30, top_k=2) == {0: 34, 1: 16}
     # layers alike: nothing moves (a read as the prompt ends would cost more than it saves)
     assert guess_targets({0: spread, 1: list(spread)}, held, {0: 24, 1: 24}, free=0, top_k=2) == held
-    assert guess_targets({0: [0] * 8, 1: [1] * 8}, {0: 0, 1: 0}, {0: 8, 1: 0}, free=3, top_k=1) == {
-        0: 3,
-        1: 0,
-    }
+    # layer 0 saw no picks (as spread as can be), layer 1 every expert (nothing left to guess)
+    none_yet = {0: 0, 1: 0}
+    assert guess_targets({0: [0] * 8, 1: [1] * 8}, none_yet, {0: 8, 1: 0}, free=3, top_k=1) == {0: 3, 1: 0}
 
 
 def test_the_first_prompt_places_the_fill_guesses_again_and_keeps_what_steps_used():
