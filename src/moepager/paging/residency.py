@@ -5,6 +5,7 @@ cache and the offline replay of traces."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from .policies import Policy, victims_by_loop
 
@@ -22,9 +23,8 @@ class Residency:
         self.in_use: dict[Key, int] = {}  # key -> holders (the current layer step, a read in flight)
         self.pinned: set[Key] = set()
         self.unranked: dict[Key, None] = {}  # loaded by a guess, never used yet: the policy has not seen them
-        self.on_evict = (
-            None  # called with each key that leaves (the expert cache forgets its slot in the table)
-        )
+        # called with each key that leaves (the expert cache forgets its slot in the table)
+        self.on_evict: Callable[[Key], None] | None = None
 
     def evictable(self, key: Key) -> bool:
         return key not in self.in_use and key not in self.pinned
